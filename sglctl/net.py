@@ -1,0 +1,52 @@
+"""Small network helpers: free ports, port checks and waiting for an HTTP endpoint."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import httpx
+
+
+def find_free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port that was free a moment ago (the OS picks it; races are possible)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """True when nothing listens on ``host:port`` and we could bind it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def wait_for_http(
+    url: str,
+    timeout: float,
+    *,
+    interval: float = 0.05,
+    alive: object | None = None,
+) -> bool:
+    """Poll ``url`` until it answers 200 or ``timeout`` seconds pass.
+
+    ``alive``, when given, is a callable returning False once the process we wait for has
+    died, so that we stop waiting at once instead of running out the clock.
+    """
+    deadline = time.monotonic() + timeout
+    with httpx.Client(timeout=2.0) as client:
+        while time.monotonic() < deadline:
+            if alive is not None and not alive():  # type: ignore[operator]
+                return False
+            try:
+                if client.get(url).status_code == 200:
+                    return True
+            except httpx.HTTPError:
+                pass
+            time.sleep(interval)
+    return False

@@ -1,0 +1,38 @@
+"""Stop a process and every descendant it forked.
+
+SGLang's server forks scheduler and detokenizer processes; stopping only the parent leaves
+them holding GPU memory. Everything that stops a worker goes through here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+
+def terminate_tree(pid: int, timeout: float = 10.0, sig: int = signal.SIGTERM) -> int:
+    """Send ``sig`` to ``pid`` and its descendants, wait ``timeout``, then SIGKILL survivors.
+
+    Returns how many processes had to be killed. A pid that is already gone is not an error.
+    """
+    try:
+        parent = psutil.Process(pid)
+        procs = [parent, *parent.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.send_signal(sig)
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for proc in alive:
+        log.warning("pid %d did not exit within %.1fs of signal %d; killing it", proc.pid, timeout, sig)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    if alive:
+        psutil.wait_procs(alive, timeout=5)
+    return len(alive)

@@ -1,0 +1,53 @@
+"""Shared fixtures: real sglctl processes on free 127.0.0.1 ports, always stopped.
+
+``procs.sim_worker(...)`` and ``procs.router(...)`` start subprocesses and wait until they are
+healthy; everything started in a test is stopped at teardown, and the tail of each process's
+log is printed (pytest shows it only when the test failed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from sglctl.spawn import ManagedProcess, spawn, spawn_router, spawn_sim_worker
+
+
+class Procs:
+    """Starts processes for one test and remembers them for teardown."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.started: list[ManagedProcess] = []
+
+    def sim_worker(self, *extra: str, **kwargs: object) -> ManagedProcess:
+        proc = spawn_sim_worker(self.log_dir, *extra, **kwargs)  # type: ignore[arg-type]
+        self.started.append(proc)
+        return proc
+
+    def router(self, worker_urls: Sequence[str], *extra: str, **kwargs: object) -> ManagedProcess:
+        proc = spawn_router(self.log_dir, worker_urls, *extra, **kwargs)  # type: ignore[arg-type]
+        self.started.append(proc)
+        return proc
+
+    def spawn(self, name: str, args: Sequence[str], **kwargs: object) -> ManagedProcess:
+        proc = spawn(name, args, log_dir=self.log_dir, **kwargs)  # type: ignore[arg-type]
+        self.started.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.started):
+            proc.stop()
+            print(f"----- {proc.name} (pid {proc.pid}) log tail -----\n{proc.log_tail()}")
+        self.started.clear()
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Procs]:
+    launcher = Procs(tmp_path / "logs")
+    try:
+        yield launcher
+    finally:
+        launcher.stop_all()

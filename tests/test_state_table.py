@@ -1,0 +1,230 @@
+"""The shared-memory state table: layout, seqlock consistency, stale segments, lifetimes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from sglctl.state_table import (
+    RouterColumns,
+    RouterTotals,
+    StateTable,
+    StateTableError,
+    WorkerSlot,
+    WorkerState,
+    list_segments,
+)
+
+
+@pytest.fixture
+def name() -> Iterator[str]:
+    seg = f"sglctl_test_{uuid.uuid4().hex[:10]}"
+    yield seg
+    try:
+        table = StateTable.attach(seg)
+    except StateTableError:
+        return
+    table.unlink()
+    table.close()
+
+
+def _run(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=30
+    )
+
+
+def test_roundtrip_between_writer_and_reader(name: str) -> None:
+    table, stale = StateTable.create(
+        name, n_slots=4, router_url="http://127.0.0.1:30000", control_path="/tmp/c.sock", model="m"
+    )
+    assert stale == []
+    slot = WorkerSlot(
+        state=WorkerState.HEALTHY,
+        worker_id=1,
+        pid=1234,
+        restarts=2,
+        url="http://127.0.0.1:31001",
+        gpus="2,3",
+    )
+    gen0 = table.generation()
+    table.write_slot(1, slot)
+    assert table.generation() == gen0 + 1
+
+    reader = StateTable.attach(name)
+    info = reader.info()
+    assert (info.router_url, info.control_path, info.model, info.n_slots) == (
+        "http://127.0.0.1:30000",
+        "/tmp/c.sock",
+        "m",
+        4,
+    )
+    assert info.owner_pid == os.getpid() and info.owner_alive()
+    views = reader.read_slots()
+    assert [v.index for v in views] == [1]
+    assert views[0].worker == slot
+
+    reader.write_router_columns(1, RouterColumns(in_flight=3, served=10, errors=1, updated_at=5.0))
+    reader.write_router_totals(RouterTotals(pid=99, requests=10, p99_ms=12.5))
+    assert table.read_router_columns(1) == RouterColumns(3, 10, 1, 5.0)
+    assert table.read_router_totals().p99_ms == 12.5
+    # The router's columns do not disturb the supervisor's part, nor the generation.
+    assert table.read_worker(1) == slot
+    assert table.generation() == gen0 + 1
+    reader.close()
+    table.unlink()
+    table.close()
+    assert name not in list_segments()
+
+
+def test_free_slot_prefers_empty_then_removed(name: str) -> None:
+    table, _ = StateTable.create(name, n_slots=2)
+    assert table.free_slot() == 0
+    table.write_slot(0, WorkerSlot(state=WorkerState.HEALTHY, url="http://a"))
+    table.write_slot(1, WorkerSlot(state=WorkerState.REMOVED, url="http://b"))
+    assert table.free_slot() == 1
+    table.write_slot(1, WorkerSlot(state=WorkerState.HEALTHY, url="http://b"))
+    assert table.free_slot() is None
+    with pytest.raises(IndexError):
+        table.write_slot(2, WorkerSlot())
+    table.unlink()
+    table.close()
+
+
+def test_too_long_url_is_refused(name: str) -> None:
+    table, _ = StateTable.create(name, n_slots=1)
+    with pytest.raises(ValueError, match="longer than"):
+        table.write_slot(0, WorkerSlot(url="http://" + "x" * 200))
+    table.unlink()
+    table.close()
+
+
+def test_reader_never_sees_a_torn_slot(name: str) -> None:
+    """A writer process rewrites one slot as fast as it can, every field derived from one n;
+    the reader must only ever see slots whose fields agree."""
+    table, _ = StateTable.create(name, n_slots=1)
+    table.write_slot(0, WorkerSlot(state=WorkerState.STARTING, url="http://w:0"))
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                from sglctl.state_table import StateTable, WorkerSlot, WorkerState
+                t = StateTable.attach({name!r})
+                n = 0
+                while True:
+                    n += 1
+                    url = "http://w:" + "9" * (n % 50) + str(n)
+                    t.write_slot(0, WorkerSlot(state=WorkerState.HEALTHY, worker_id=n % 1000,
+                                               pid=n, restarts=n, url=url, gpus=str(n)))
+                """
+            ),
+        ]
+    )
+    try:
+        seen = set()
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline or len(seen) < 50:
+            slot = table.read_worker(0)
+            if slot.pid == 0:
+                continue
+            n = slot.pid
+            assert slot.restarts == n and slot.worker_id == n % 1000 and slot.gpus == str(n)
+            assert slot.url == "http://w:" + "9" * (n % 50) + str(n)
+            seen.add(n)
+            assert time.monotonic() < deadline + 10, "the writer never made progress"
+    finally:
+        writer.kill()
+        writer.wait()
+    table.unlink()
+    table.close()
+
+
+def test_attaching_process_exit_does_not_remove_segment(name: str) -> None:
+    # Before Python 3.13 the resource tracker unlinks segments a process merely attached to.
+    table, _ = StateTable.create(name, n_slots=1)
+    result = _run(
+        f"""
+        from sglctl.state_table import StateTable
+        t = StateTable.attach({name!r}); print(t.info().n_slots); t.close()
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "1"
+    assert "leaked" not in result.stderr
+    assert name in list_segments()
+    table.unlink()
+    table.close()
+
+
+def test_live_owner_is_refused_with_a_message(name: str) -> None:
+    table, _ = StateTable.create(name, n_slots=1, router_url="http://127.0.0.1:30000")
+    with pytest.raises(StateTableError, match=r"another `sglctl up` \(pid \d+"):
+        StateTable.create(name, n_slots=1)
+    table.unlink()
+    table.close()
+
+
+def test_stale_segment_of_a_crashed_owner_is_replaced(name: str) -> None:
+    owner = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                import sys, time
+                from sglctl.state_table import StateTable, WorkerSlot, WorkerState
+                t, _ = StateTable.create({name!r}, n_slots=2)
+                t.write_slot(0, WorkerSlot(state=WorkerState.HEALTHY, pid=4242, url="http://old:1"))
+                print("ready", flush=True)
+                time.sleep(60)
+                """
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert owner.stdout is not None
+    assert owner.stdout.readline().strip() == "ready"
+    os.kill(owner.pid, signal.SIGKILL)
+    owner.wait()
+    assert name in list_segments()
+
+    table, stale = StateTable.create(name, n_slots=3)
+    assert [s.url for s in stale] == ["http://old:1"]
+    assert stale[0].pid == 4242
+    assert table.info().owner_pid == os.getpid()
+    assert table.n_slots == 3
+    assert table.read_slots() == []
+    table.unlink()
+    table.close()
+
+
+def test_attach_missing_or_foreign_segment_fails_clearly(name: str) -> None:
+    with pytest.raises(StateTableError, match="is `sglctl up` running"):
+        StateTable.attach(name)
+    from multiprocessing import shared_memory
+
+    from sglctl.state_table import _open, _untracked
+
+    foreign = _open(name, create=True, size=4096)
+    foreign.buf[:8] = b"NOTOURS!"
+    try:
+        with pytest.raises(StateTableError, match="not an sglctl state table"):
+            StateTable.attach(name)
+        with pytest.raises(StateTableError, match="remove /dev/shm"):
+            StateTable.create(name)
+    finally:
+        assert isinstance(foreign, shared_memory.SharedMemory)
+        foreign.close()
+        with _untracked():
+            foreign.unlink()

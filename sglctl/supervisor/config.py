@@ -1,0 +1,286 @@
+"""``sglctl up``'s command line and its one typed configuration object.
+
+``sglctl up`` owns a few flags (the model, the GPU plan, the backend, supervision policy);
+every other flag belongs to the router and is handed to the router process unchanged, and
+whatever follows ``--`` goes to every worker. The router's flags are validated here, before
+anything starts, with the router's own parser -- a typo should cost a second, not the minutes
+a real model takes to load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sglctl.router.config import RouterConfig
+
+BACKENDS = ("auto", "sglang", "sim")
+DEFAULT_WORKER_BASE_PORT = 31000
+
+
+class UsageError(ValueError):
+    """A flag combination that cannot work; the message says how to fix it."""
+
+
+@dataclass
+class UpConfig:
+    """Everything ``sglctl up`` needs, built once by :func:`parse_up_args`."""
+
+    model_path: str | None = None
+    dp_size: int = 1
+    tp_size: int = 1
+    base_gpu_id: int = 0
+    worker_base_port: int = DEFAULT_WORKER_BASE_PORT
+    backend: str = "auto"
+    worker_startup_timeout_secs: float = 1800.0
+    worker_health_path: str = "/health"
+    #: How often the supervisor probes a running worker itself (0 = only watch the process).
+    worker_health_interval_secs: float = 5.0
+    #: Consecutive failed probes before a running worker is marked unhealthy.
+    worker_health_failures: int = 3
+    #: A worker unhealthy (but alive) this long is restarted (0 = never).
+    worker_unhealthy_restart_secs: float = 300.0
+    restart_initial_backoff_secs: float = 1.0
+    restart_max_backoff_secs: float = 60.0
+    #: A worker that stays healthy this long has its backoff reset to the initial value.
+    restart_reset_after_secs: float = 60.0
+    #: This many crashes within ``crash_window_secs`` and the worker is declared failed.
+    max_worker_crashes: int = 5
+    crash_window_secs: float = 300.0
+    worker_stop_timeout_secs: float = 30.0
+    max_workers: int = 64
+    run_dir: Path = field(default_factory=lambda: default_run_dir(30000))
+    log_max_bytes: int = 50 * 2**20
+    log_backups: int = 3
+
+    # Router settings the supervisor must know too (they stay in router_args as well).
+    host: str = "127.0.0.1"
+    port: int = 30000
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 29000
+    shutdown_grace_period_secs: float = 180.0
+    log_level: str = "info"
+
+    router_args: list[str] = field(default_factory=list)
+    worker_args: list[str] = field(default_factory=list)
+
+    @property
+    def router_url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
+        return f"http://{host}:{self.port}"
+
+
+def default_run_dir(port: int) -> Path:
+    """``$XDG_STATE_HOME/sglctl/runs/<time>-<port>`` (``~/.local/state`` by default)."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "state"
+    )
+    return Path(base) / "sglctl" / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{port}"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port (1-65535), got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``sglctl up``'s own flags (router flags are parsed by the router's)."""
+    d = UpConfig()
+    p = argparse.ArgumentParser(
+        prog="sglctl up",
+        description="Start one SGLang worker per GPU group, keep them alive, and route to them. "
+        "Every flag not listed here is a router flag (see `sglctl router --help`); "
+        "arguments after `--` are passed to every worker.",
+        usage="sglctl up [--model-path M] [--dp-size N] [--tp-size T] [options] "
+        "[router flags] [-- worker args]",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("workers")
+    g.add_argument(
+        "--model-path",
+        default=None,
+        help="model to serve (required for real SGLang; sim workers default to a simulated Llama)",
+    )
+    g.add_argument("--dp-size", type=_positive_int, default=d.dp_size, help="number of workers")
+    g.add_argument("--tp-size", type=_positive_int, default=d.tp_size, help="GPUs per worker")
+    g.add_argument(
+        "--base-gpu-id", type=_non_negative_int, default=d.base_gpu_id, help="first GPU to use"
+    )
+    g.add_argument(
+        "--worker-base-port",
+        type=_port,
+        default=d.worker_base_port,
+        help="worker i listens on this + i",
+    )
+    g.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=d.backend,
+        help="auto: real SGLang when NVML finds GPUs and sglang is importable, else simulated",
+    )
+    g.add_argument(
+        "--worker-startup-timeout-secs",
+        type=_non_negative_float,
+        default=d.worker_startup_timeout_secs,
+        help="how long a worker may take to answer its health check (real models load for minutes)",
+    )
+    g.add_argument(
+        "--worker-health-path", default=d.worker_health_path, help="worker health endpoint"
+    )
+    g.add_argument(
+        "--max-workers", type=_positive_int, default=d.max_workers, help="room for add-worker"
+    )
+
+    g = p.add_argument_group("supervision")
+    g.add_argument(
+        "--worker-health-interval-secs",
+        type=_non_negative_float,
+        default=d.worker_health_interval_secs,
+        help="seconds between the supervisor's own probes of a running worker (0: off)",
+    )
+    g.add_argument("--worker-health-failures", type=_positive_int, default=d.worker_health_failures)
+    g.add_argument(
+        "--worker-unhealthy-restart-secs",
+        type=_non_negative_float,
+        default=d.worker_unhealthy_restart_secs,
+        help="restart a worker that is alive but unhealthy this long (0: never)",
+    )
+    g.add_argument(
+        "--restart-initial-backoff-secs",
+        type=_non_negative_float,
+        default=d.restart_initial_backoff_secs,
+    )
+    g.add_argument(
+        "--restart-max-backoff-secs", type=_non_negative_float, default=d.restart_max_backoff_secs
+    )
+    g.add_argument(
+        "--restart-reset-after-secs",
+        type=_non_negative_float,
+        default=d.restart_reset_after_secs,
+        help="a worker healthy this long starts its backoff again from the initial value",
+    )
+    g.add_argument(
+        "--max-worker-crashes",
+        type=_positive_int,
+        default=d.max_worker_crashes,
+        help="crashes within --crash-window-secs after which a worker is declared failed",
+    )
+    g.add_argument("--crash-window-secs", type=_non_negative_float, default=d.crash_window_secs)
+    g.add_argument(
+        "--worker-stop-timeout-secs",
+        type=_non_negative_float,
+        default=d.worker_stop_timeout_secs,
+        help="how long a worker gets to exit after SIGTERM before SIGKILL",
+    )
+    g.add_argument(
+        "--run-dir",
+        default=None,
+        help="where logs and the control socket go "
+        "(default: ~/.local/state/sglctl/runs/<time>-<port>)",
+    )
+    g.add_argument(
+        "--log-max-bytes", type=_positive_int, default=d.log_max_bytes, help="per log file"
+    )
+    g.add_argument(
+        "--log-backups", type=_non_negative_int, default=d.log_backups, help="rotated files kept"
+    )
+    return p
+
+
+def split_worker_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Split at the first ``--``: (sglctl args, worker args)."""
+    args = list(argv)
+    if "--" in args:
+        cut = args.index("--")
+        return args[:cut], args[cut + 1 :]
+    return args, []
+
+
+def parse_up_args(argv: Sequence[str]) -> UpConfig:
+    """Parse ``sglctl up``'s arguments; router flags are validated by the router's parser.
+
+    Exits with a usage message (status 2) on a bad flag, like every argparse program.
+    """
+    own, worker_args = split_worker_args(argv)
+    ns, router_args = build_parser().parse_known_args(own)
+    router = _validate_router_args(router_args)
+    if "--worker-urls" in router_args:
+        raise UsageError(
+            "sglctl up starts its own workers; drop --worker-urls (or run `sglctl router "
+            "--worker-urls ...` for workers started elsewhere)"
+        )
+    port = int(router.port)
+    return UpConfig(
+        model_path=ns.model_path,
+        dp_size=ns.dp_size,
+        tp_size=ns.tp_size,
+        base_gpu_id=ns.base_gpu_id,
+        worker_base_port=ns.worker_base_port,
+        backend=ns.backend,
+        worker_startup_timeout_secs=ns.worker_startup_timeout_secs,
+        worker_health_path=ns.worker_health_path,
+        worker_health_interval_secs=ns.worker_health_interval_secs,
+        worker_health_failures=ns.worker_health_failures,
+        worker_unhealthy_restart_secs=ns.worker_unhealthy_restart_secs,
+        restart_initial_backoff_secs=ns.restart_initial_backoff_secs,
+        restart_max_backoff_secs=ns.restart_max_backoff_secs,
+        restart_reset_after_secs=ns.restart_reset_after_secs,
+        max_worker_crashes=ns.max_worker_crashes,
+        crash_window_secs=ns.crash_window_secs,
+        worker_stop_timeout_secs=ns.worker_stop_timeout_secs,
+        max_workers=max(ns.max_workers, ns.dp_size),
+        run_dir=Path(ns.run_dir) if ns.run_dir else default_run_dir(port),
+        log_max_bytes=ns.log_max_bytes,
+        log_backups=ns.log_backups,
+        host=str(router.host),
+        port=port,
+        metrics_host=str(router.metrics_host),
+        metrics_port=int(router.metrics_port),
+        shutdown_grace_period_secs=float(router.shutdown_grace_period_secs),
+        log_level=str(router.log_level),
+        router_args=list(router_args),
+        worker_args=worker_args,
+    )
+
+
+def _validate_router_args(router_args: list[str]) -> RouterConfig:
+    """Run the router's own parser over the flags we pass it (exits on a bad one).
+
+    Imported lazily: the router's config module is the one piece of the router the
+    supervisor may import (the reverse is not allowed).
+    """
+    from sglctl.router import config as router_config
+
+    cfg = router_config.parse_args([*router_args, "--state-table", "check"], prog="sglctl up")
+    if cfg.unsupported:
+        raise UsageError("; ".join(reason for _, reason in cfg.unsupported))
+    return cfg

@@ -10,6 +10,7 @@ from __future__ import annotations
 import typer
 
 from sglctl import __version__
+from sglctl.bench.cli import bench as _bench
 
 app = typer.Typer(
     name="sglctl",
@@ -22,6 +23,9 @@ app = typer.Typer(
 # Commands whose flags are the SGLang Router's (argparse, `--worker-urls A B`, `-- extra`):
 # Typer hands the raw arguments through untouched.
 PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+# `sglctl bench` keeps its Typer signature with its code; it imports only Typer up front.
+app.command("bench")(_bench)
 
 
 def _version_callback(value: bool) -> None:
@@ -37,6 +41,16 @@ def _root(
     ),
 ) -> None:
     """sglctl: run SGLang data-parallel inference on a node or a cluster."""
+
+
+@app.command("gpus")
+def _gpus(
+    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+) -> None:
+    """Show the GPUs NVML sees (index, name, memory, utilisation), or why it sees none."""
+    from sglctl.gpus import detect_gpus, render_report
+
+    render_report(detect_gpus(), as_json=as_json)
 
 
 def main() -> None:

@@ -53,6 +53,77 @@ def _gpus(
     render_report(detect_gpus(), as_json=as_json)
 
 
+@app.command("router", context_settings=PASSTHROUGH, add_help_option=False)
+def _router(ctx: typer.Context) -> None:
+    """Run the cache-aware router alone (the SGLang Router's flags; `sglctl router --help`)."""
+    from sglctl.router.main import main as router_main
+
+    router_main(ctx.args, prog="sglctl router")
+
+
+_ROUTER_OPT = typer.Option("http://127.0.0.1:30000", "--router", help="The router's base URL.")
+_API_KEY_OPT = typer.Option(None, "--api-key", help="The router's --api-key (or $SGLCTL_API_KEY).")
+
+
+def _admin_call(call: object, *args: object) -> object:
+    from sglctl.router.admin_client import AdminError
+
+    try:
+        return call(*args)  # type: ignore[operator]
+    except AdminError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command("add-worker")
+def _add_worker(
+    url: str = typer.Argument(..., help="The worker's base URL, e.g. http://127.0.0.1:31003"),
+    router: str = _ROUTER_OPT,
+    api_key: str | None = _API_KEY_OPT,
+) -> None:
+    """Add a worker to a running router (returns once the worker is healthy)."""
+    from sglctl.router import admin_client
+
+    result = _admin_call(lambda: admin_client.add_worker(router, url, api_key=api_key))
+    typer.echo(f"added {result.get('url', url)}")  # type: ignore[union-attr]
+
+
+@app.command("remove-worker")
+def _remove_worker(
+    url: str = typer.Argument(..., help="The worker's URL (or its id from list-workers)."),
+    router: str = _ROUTER_OPT,
+    api_key: str | None = _API_KEY_OPT,
+) -> None:
+    """Remove a worker from a running router; its in-flight requests finish."""
+    from sglctl.router import admin_client
+
+    result = _admin_call(lambda: admin_client.remove_worker(router, url, api_key=api_key))
+    typer.echo(f"removed {result.get('url', url)}")  # type: ignore[union-attr]
+
+
+@app.command("list-workers")
+def _list_workers(
+    router: str = _ROUTER_OPT,
+    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+    api_key: str | None = _API_KEY_OPT,
+) -> None:
+    """List a running router's workers with health, load and counters."""
+    import json
+
+    from sglctl.router import admin_client
+
+    workers = _admin_call(lambda: admin_client.list_workers(router, api_key=api_key))
+    if as_json:
+        typer.echo(json.dumps(workers, indent=2))
+        return
+    for w in workers:  # type: ignore[union-attr]
+        state = "healthy" if w.get("is_healthy") else "unhealthy"
+        typer.echo(
+            f"{w['url']}  {state}  load={w.get('load', 0)}  served={w.get('requests_total', 0)}  "
+            f"errors={w.get('errors_total', 0)}  breaker={w.get('circuit_breaker_state', '?')}"
+        )
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -1,0 +1,98 @@
+"""The inference endpoints: check the body once, admit, route, forward.
+
+``POST /generate``, ``/v1/chat/completions``, ``/v1/completions`` (and the other OpenAI
+POST endpoints a worker serves, without a routing key). The body is read under the payload
+limit and parsed once; the original bytes are what the worker receives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from sglctl.router.admission import AdmissionRejected, parse_priority
+from sglctl.router.errors import RouterError
+from sglctl.router.proxy import Finish
+from sglctl.router.request import parse_inference, read_body
+
+if TYPE_CHECKING:
+    from sglctl.router.app import Router
+
+KEYED_ROUTES = ("/generate", "/v1/chat/completions", "/v1/completions")
+UNKEYED_ROUTES = ("/v1/embeddings", "/v1/rerank", "/v1/score", "/classify", "/encode")
+DEFAULT_REQUEST_ID_HEADERS = ("x-request-id", "x-correlation-id", "x-trace-id", "request-id")
+#: Status recorded for requests whose client went away before the answer (nginx's 499).
+CLIENT_CLOSED = 499
+
+
+def routes(router: Router) -> list[Route]:
+    config = router.config
+    limit = config.max_payload_size
+    needs_text = router.policy.needs_text
+    id_headers = tuple(h.lower() for h in config.request_id_headers) or DEFAULT_REQUEST_ID_HEADERS
+    admission = router.admission
+    metrics = router.metrics
+    stats = router.stats
+
+    def forward_headers(request: Request) -> dict[str, str]:
+        headers = {"content-type": "application/json"}
+        incoming = request.headers
+        auth = incoming.get("authorization")
+        if auth is not None:
+            headers["authorization"] = auth
+        for name in id_headers:
+            value = incoming.get(name)
+            if value is not None:
+                headers[name] = value
+        return headers
+
+    async def handle(request: Request) -> Response:
+        route: str = request.scope["path"]
+        started = time.perf_counter()
+        finish = Finish()
+
+        def record(status: int, ok: bool) -> None:
+            elapsed = time.perf_counter() - started
+            metrics.observe(route, status, elapsed)
+            stats.record(elapsed, ok)
+
+        finish.add(record)
+        try:
+            body = await read_body(request, limit)
+            parsed = parse_inference(route, body, need_key=needs_text)
+            try:
+                priority = parse_priority(parsed.payload.get("priority"))
+            except ValueError as exc:
+                raise RouterError(400, str(exc)) from None
+            if admission.enabled:
+                await admission.acquire(priority)
+                finish.add(lambda status, ok: admission.release())
+            headers = forward_headers(request)
+            forwarder = router.forwarder
+            assert forwarder is not None, "router not started"
+            if config.is_pd:
+                from sglctl.router.pd import forward_pd
+
+                return await forward_pd(router, route, parsed, headers, finish)
+            return await forwarder.forward(route, body, headers, parsed.key, finish)
+        except RouterError as exc:
+            finish(exc.status, False)
+            raise
+        except AdmissionRejected as exc:
+            finish(429, False)
+            raise RouterError(
+                429, str(exc), headers={"Retry-After": str(exc.retry_after)}
+            ) from None
+        except (ClientDisconnect, asyncio.CancelledError):
+            finish(CLIENT_CLOSED, False)
+            raise
+        except Exception:
+            finish(500, False)
+            raise
+
+    return [Route(path, handle, methods=["POST"]) for path in (*KEYED_ROUTES, *UNKEYED_ROUTES)]

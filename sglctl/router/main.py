@@ -1,0 +1,119 @@
+"""Entry point: ``sglctl router ...`` and ``python -m sglctl.router ...``.
+
+Parses the flags into a :class:`~sglctl.router.config.RouterConfig`, refuses flags it cannot
+honour with one clear line, and serves the app with uvicorn (uvloop, httptools) on
+``--host/--port``, plus a second listener for ``/metrics`` on ``--metrics-host/--metrics-port``
+in the same event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from sglctl.logs import configure_logging
+from sglctl.router.config import RouterConfig, parse_args
+
+log = logging.getLogger(__name__)
+
+
+def metrics_app(render: object) -> Starlette:
+    """A tiny app that serves only ``GET /metrics`` (the ``--metrics-port`` listener)."""
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    async def metrics(request: Request) -> Response:
+        return Response(render(), media_type=CONTENT_TYPE_LATEST)  # type: ignore[operator]
+
+    return Starlette(routes=[Route("/metrics", metrics, methods=["GET"])])
+
+
+class _QuietServer(uvicorn.Server):
+    """A uvicorn server that leaves signal handling to the main listener."""
+
+    def install_signal_handlers(self) -> None:  # uvicorn < 0.29
+        pass
+
+    def capture_signals(self):  # type: ignore[no-untyped-def, override]
+        return contextlib.nullcontext()
+
+
+async def serve(config: RouterConfig) -> None:
+    """Run the router until SIGINT/SIGTERM."""
+    from sglctl.router.app import Router, create_app
+
+    router = Router(config)
+    app = create_app(router)
+    common = {"loop": "none", "http": "httptools", "access_log": False, "log_config": None}
+    main = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            lifespan="on",
+            timeout_graceful_shutdown=int(config.shutdown_grace_period_secs) or None,
+            timeout_keep_alive=75,
+            backlog=4096,
+            **common,  # type: ignore[arg-type]
+        )
+    )
+    metrics_server: uvicorn.Server | None = None
+    if config.metrics_port and config.metrics_port != config.port:
+        metrics_server = _QuietServer(
+            uvicorn.Config(
+                metrics_app(router.metrics.render),
+                host=config.metrics_host,
+                port=config.metrics_port,
+                lifespan="off",
+                **common,  # type: ignore[arg-type]
+            )
+        )
+    metrics_task = asyncio.create_task(metrics_server.serve()) if metrics_server else None
+    try:
+        await main.serve()
+    finally:
+        if metrics_server is not None and metrics_task is not None:
+            metrics_server.should_exit = True
+            await metrics_task
+    if not main.started:
+        raise SystemExit(1)
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "sglctl router") -> None:
+    """Parse ``argv`` (default ``sys.argv[1:]``) and run the router."""
+    config = parse_args(argv, prog=prog)
+    configure_logging(config.log_level, config.log_dir, name="router")
+    if config.unsupported:
+        _, reason = config.unsupported[0]
+        print(f"error: {reason}", file=sys.stderr)
+        raise SystemExit(2)
+    if config.is_pd:
+        try:
+            import sglctl.router.pd  # noqa: F401
+        except ImportError:
+            print(
+                "error: prefill/decode disaggregation (--pd-disaggregation / --mode pd) is not "
+                "implemented by this sglctl build",
+                file=sys.stderr,
+            )
+            raise SystemExit(2) from None
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop ships with uvicorn[standard]
+        runner = asyncio.run  # type: ignore[assignment]
+    with contextlib.suppress(KeyboardInterrupt):
+        runner(serve(config))
+
+
+if __name__ == "__main__":
+    main(prog="python -m sglctl.router")

@@ -1,0 +1,66 @@
+"""The one small interface every routing policy implements.
+
+Modelled on the SGLang Router's: select a worker from a list (the registry's routable workers,
+never anything else), given the request's routing key when the policy needs one; select a
+(prefill, decode) pair for PD mode, by default by selecting from each pool; hooks when workers
+come and go; an optional background task (the cache-aware tree's eviction).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sglctl.router.workers import Worker
+
+
+@dataclass(frozen=True)
+class RouteKey:
+    """What a policy may look at: the request's routing text or its token ids (or neither)."""
+
+    text: str | None = None
+    input_ids: Sequence[int] | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not self.text and not self.input_ids
+
+
+NO_KEY = RouteKey()
+
+
+class Policy:
+    """Base class: subclasses override :meth:`select` (and the hooks they need)."""
+
+    #: The ``--policy`` name, also used in metrics and ``/stats``.
+    name = "base"
+    #: Whether the router must extract the routing text from the body for this policy.
+    needs_text = False
+
+    def select(self, workers: Sequence[Worker], key: RouteKey = NO_KEY) -> Worker | None:
+        """Pick one of ``workers`` (all routable, non-empty) or None if it cannot."""
+        raise NotImplementedError
+
+    def select_pair(
+        self,
+        prefill: Sequence[Worker],
+        decode: Sequence[Worker],
+        key: RouteKey = NO_KEY,
+        decode_policy: Policy | None = None,
+    ) -> tuple[Worker, Worker] | None:
+        """PD mode: a prefill and a decode worker, by default chosen independently."""
+        p = self.select(prefill, key) if prefill else None
+        d = (decode_policy or self).select(decode, key) if decode else None
+        return (p, d) if p is not None and d is not None else None
+
+    def on_worker_added(self, worker: Worker) -> None:
+        """A worker joined the registry."""
+
+    def on_worker_removed(self, worker: Worker) -> None:
+        """A worker left the registry: forget anything kept about it."""
+
+    def flush(self) -> None:
+        """The workers' caches were flushed: forget cache state."""
+
+    async def run_background(self) -> None:
+        """A long-running maintenance task (cancelled at shutdown); none by default."""

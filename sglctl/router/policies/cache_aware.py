@@ -1,0 +1,131 @@
+"""Cache-aware routing, as the SGLang Router defines it, over the block prefix tree.
+
+For each request, among the routable workers:
+
+1. If the load is imbalanced -- ``max - min > balance_abs_threshold`` and
+   ``max > balance_rel_threshold * min``, load being requests in flight -- route to the least
+   loaded worker: a hot prefix must not pile everything onto one worker.
+2. Otherwise find the worker whose tree shares the longest prefix with the request. If
+   ``matched / request length > cache_threshold`` route there (its KV cache very likely holds
+   that prefix); else route to the worker with the smallest tree, which spreads new prefixes
+   over the workers.
+3. Either way, record the request's text under the chosen worker.
+
+A background task trims every worker's tree to ``max_tree_size`` characters every
+``eviction_interval_secs``; a removed worker's tree is dropped at once.
+
+Two deliberate refinements over the SGLang Router: ties (equal match, equal tree size) go to
+the less loaded worker instead of the first one listed, and a request with no text at all is
+routed by shortest queue (the SGLang Router would always pick the smallest tree, i.e. the same
+worker, for every such request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from operator import attrgetter
+
+from sglctl.router.policies.base import NO_KEY, Policy, RouteKey
+from sglctl.router.tree import DEFAULT_BLOCK, Prefixes, PrefixHasher, PrefixTree
+from sglctl.router.workers import Worker
+
+log = logging.getLogger(__name__)
+_load = attrgetter("in_flight")
+
+
+class CacheAwarePolicy(Policy):
+    """Longest-prefix routing with load-imbalance fallback and a size-bounded tree."""
+
+    name = "cache_aware"
+    needs_text = True
+
+    def __init__(
+        self,
+        cache_threshold: float = 0.5,
+        balance_abs_threshold: int = 32,
+        balance_rel_threshold: float = 1.0001,
+        eviction_interval_secs: float = 60.0,
+        max_tree_size: int = 16_777_216,
+        block: int = DEFAULT_BLOCK,
+    ) -> None:
+        self.cache_threshold = cache_threshold
+        self.balance_abs_threshold = balance_abs_threshold
+        self.balance_rel_threshold = balance_rel_threshold
+        self.eviction_interval_secs = eviction_interval_secs
+        self.max_tree_size = max_tree_size
+        self.hasher = PrefixHasher(block)
+        self.tree = PrefixTree(block)
+        #: Requests routed to a worker because of a prefix match, and the others; exported
+        #: as ``sglang_router_cache_hits_total`` / ``..._misses_total``.
+        self.cache_hits = 0
+        self.cache_misses = 0
+        #: Requests routed by the imbalance fallback.
+        self.balance_fallbacks = 0
+
+    def prefixes(self, key: RouteKey) -> Prefixes:
+        if key.input_ids:
+            return self.hasher.tokens(key.input_ids)
+        return self.hasher.text(key.text or "")
+
+    def is_imbalanced(self, workers: Sequence[Worker]) -> bool:
+        loads = [w.in_flight for w in workers]
+        high, low = max(loads), min(loads)
+        return high - low > self.balance_abs_threshold and high > low * self.balance_rel_threshold
+
+    def select(self, workers: Sequence[Worker], key: RouteKey = NO_KEY) -> Worker | None:
+        if not workers:
+            return None
+        if len(workers) == 1:
+            chosen = workers[0]
+            if not key.empty:
+                self.tree.insert(self.prefixes(key), chosen.url)
+            return chosen
+        if key.empty:
+            self.cache_misses += 1
+            return min(workers, key=_load)
+        prefixes = self.prefixes(key)
+        if self.is_imbalanced(workers):
+            self.balance_fallbacks += 1
+            self.cache_misses += 1
+            chosen = min(workers, key=_load)
+        else:
+            by_load = sorted(workers, key=_load)
+            best_url, matched = self.tree.match(prefixes, (w.url for w in by_load))
+            by_url = {w.url: w for w in by_load}
+            if best_url is not None and matched / prefixes.length > self.cache_threshold:
+                self.cache_hits += 1
+                chosen = by_url[best_url]
+            else:
+                self.cache_misses += 1
+                smallest = self.tree.smallest(w.url for w in by_load)
+                chosen = by_url[smallest] if smallest is not None else by_load[0]
+        self.tree.insert(prefixes, chosen.url)
+        return chosen
+
+    def on_worker_added(self, worker: Worker) -> None:
+        self.tree.add_tenant(worker.url)
+
+    def on_worker_removed(self, worker: Worker) -> None:
+        self.tree.remove_tenant(worker.url)
+
+    def flush(self) -> None:
+        self.tree.clear()
+
+    def evict_once(self) -> int:
+        evicted = self.tree.evict(self.max_tree_size)
+        if evicted:
+            log.debug("cache-aware tree: evicted %d blocks", evicted)
+        return evicted
+
+    async def run_background(self) -> None:
+        """Trim the tree every ``eviction_interval_secs`` until cancelled."""
+        if self.eviction_interval_secs <= 0:
+            return
+        while True:
+            await asyncio.sleep(self.eviction_interval_secs)
+            try:
+                self.evict_once()
+            except Exception:
+                log.exception("cache-aware tree eviction failed; will retry next interval")

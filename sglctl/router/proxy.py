@@ -1,0 +1,292 @@
+"""The forwarding loop: pick a worker, send the request, retry elsewhere, relay the answer.
+
+One request's life here:
+
+1. The policy picks among ``registry.routable()`` (minus workers this request already used up,
+   see :class:`~sglctl.router.retry.RetryAttempts`); the chosen worker's circuit breaker must
+   ``allow()`` it (in half-open it lets one probe through at a time).
+2. The original body bytes go to the worker over the shared ``httpx.AsyncClient`` (pooled,
+   keep-alive). The worker's load counter (``in_flight``) is held from here until the last
+   byte went to the client, or the client went away.
+3. A connect error, a timeout or a retryable status (:func:`~sglctl.router.retry.retryable_status`)
+   *before any byte reached the client* counts as a failure for that worker's breaker and is
+   retried on another worker after a backoff, within the retry limits and the fleet-wide
+   retry budget. Once streaming began there is no retry: a mid-stream failure ends the stream
+   (with an SSE error event for event streams) and is logged.
+4. Every other answer (2xx, and 4xx, which another worker would repeat) goes back as is:
+   event streams chunk by chunk as they arrive, other bodies whole.
+
+Errors: 503 when no worker is routable at all, 502 when every attempt failed (the last
+worker error in the message), 504 when ``--request-timeout-secs`` ran out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import anyio
+import httpx
+import orjson
+from starlette.responses import Response, StreamingResponse
+
+from sglctl.router.errors import RouterError
+from sglctl.router.policies.base import NO_KEY, Policy, RouteKey
+from sglctl.router.retry import RetryBudget, RetryPolicy, is_retryable_exception, retryable_status
+from sglctl.router.workers import Worker, WorkerRegistry
+
+log = logging.getLogger(__name__)
+
+#: Response headers passed back from the worker (hop-by-hop and length headers are not).
+_PASS_HEADERS = ("content-type", "x-request-id", "cache-control")
+#: Header naming the worker that served a request (an sglctl extension; tests and debugging).
+WORKER_HEADER = "x-sglctl-worker"
+_ERROR_TEXT_LIMIT = 300
+
+
+def _url(worker: Worker) -> str:
+    return worker.url
+
+
+@dataclass
+class Finish:
+    """Callbacks run exactly once when a request is over (last byte, error or cancel)."""
+
+    callbacks: list[Callable[[int, bool], None]] = field(default_factory=list)
+    done: bool = False
+
+    def add(self, callback: Callable[[int, bool], None]) -> None:
+        self.callbacks.append(callback)
+
+    def __call__(self, status: int, ok: bool) -> None:
+        if self.done:
+            return
+        self.done = True
+        for callback in self.callbacks:
+            try:
+                callback(status, ok)
+            except Exception:
+                log.exception("request completion callback failed")
+
+
+class _Failure(Exception):
+    """A retryable failure of one attempt at one worker."""
+
+    def __init__(self, message: str, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
+
+
+class Forwarder:
+    """Sends inference requests to workers with retries; shared by every request."""
+
+    def __init__(
+        self,
+        registry: WorkerRegistry,
+        policy: Policy,
+        client: httpx.AsyncClient,
+        retry: RetryPolicy,
+        *,
+        budget: RetryBudget | None = None,
+        request_timeout_secs: float = 1800.0,
+        connect_timeout_secs: float = 10.0,
+        on_retry: Callable[[], None] | None = None,
+    ) -> None:
+        self.registry = registry
+        self.policy = policy
+        self.client = client
+        self.retry = retry
+        self.budget = budget
+        self.request_timeout_secs = request_timeout_secs
+        self.connect_timeout_secs = connect_timeout_secs
+        self.on_retry = on_retry
+
+    # -- worker choice ---------------------------------------------------------------------
+    def choose(self, candidates: Sequence[Worker], key: RouteKey) -> Worker | None:
+        """The policy's pick among ``candidates`` whose breaker lets the request through."""
+        pool = list(candidates)
+        while pool:
+            worker = self.policy.select(pool, key)
+            if worker is None:
+                return None
+            if worker.breaker.allow():
+                return worker
+            pool.remove(worker)
+        return None
+
+    # -- the loop --------------------------------------------------------------------------
+    async def forward(
+        self,
+        path: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        key: RouteKey = NO_KEY,
+        finish: Finish | None = None,
+        method: str = "POST",
+    ) -> Response:
+        """Send ``body`` to ``path`` on a chosen worker; the answer, or raise :class:`RouterError`.
+
+        ``finish(status, ok)`` runs once when the request is completely over: at return for a
+        whole body, at the last byte (or cancellation) for a stream.
+        """
+        finish = finish or Finish()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.request_timeout_secs
+        attempts = self.retry.new_attempts()
+        if self.budget is not None:
+            self.budget.record_request()
+        last_error: str | None = None
+        while True:
+            candidates = attempts.candidates(self.registry.routable(), key=_url)
+            worker = self.choose(candidates, key) if candidates else None
+            if worker is None:
+                if last_error is None:
+                    raise RouterError(503, "no healthy worker available to serve the request")
+                raise RouterError(502, f"all attempts failed; last error: {last_error}")
+            attempts.record(worker.url)
+            try:
+                return await self._attempt(worker, method, path, body, headers, deadline, finish)
+            except _Failure as failure:
+                worker.errors_total += 1
+                worker.breaker.record_failure()
+                last_error = f"{worker.url}: {failure}"
+                remaining = deadline - loop.time()
+                if failure.timed_out or remaining <= 0:
+                    raise RouterError(
+                        504,
+                        f"request timed out after {self.request_timeout_secs:g}s ({last_error})",
+                    ) from None
+                if not attempts.can_retry() or (
+                    self.budget is not None and not self.budget.try_retry()
+                ):
+                    raise RouterError(
+                        502, f"worker request failed; last error: {last_error}"
+                    ) from None
+                log.debug("retrying after failure at %s", last_error)
+                if self.on_retry is not None:
+                    self.on_retry()
+                await asyncio.sleep(min(attempts.next_backoff(), remaining))
+
+    async def _attempt(
+        self,
+        worker: Worker,
+        method: str,
+        path: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        deadline: float,
+        finish: Finish,
+    ) -> Response:
+        loop = asyncio.get_running_loop()
+        remaining = max(deadline - loop.time(), 0.001)
+        timeout = httpx.Timeout(remaining, connect=min(self.connect_timeout_secs, remaining))
+        worker.in_flight += 1
+        worker.requests_total += 1
+        released = False
+
+        def release(status: int, ok: bool) -> None:
+            nonlocal released
+            if not released:
+                released = True
+                worker.in_flight -= 1
+
+        try:
+            request = self.client.build_request(
+                method, worker.url + path, content=body, headers=headers, timeout=timeout
+            )
+            response = await self.client.send(request, stream=True)
+        except BaseException as exc:
+            release(0, False)
+            if isinstance(exc, asyncio.CancelledError):
+                _release_probe(worker)
+                raise
+            if isinstance(exc, httpx.TimeoutException):
+                raise _Failure(_describe(exc), timed_out=loop.time() >= deadline) from None
+            if is_retryable_exception(exc):
+                raise _Failure(_describe(exc)) from None
+            if isinstance(exc, httpx.HTTPError):
+                raise RouterError(502, f"{worker.url}: {_describe(exc)}") from None
+            raise
+
+        status = response.status_code
+        if retryable_status(status):
+            try:
+                detail = (await response.aread())[:_ERROR_TEXT_LIMIT].decode(errors="replace")
+            except httpx.HTTPError:
+                detail = ""
+            finally:
+                release(status, False)
+                await response.aclose()
+            raise _Failure(f"HTTP {status}" + (f": {detail}" if detail else ""))
+
+        worker.breaker.record_success()
+        out_headers = {
+            name: response.headers[name] for name in _PASS_HEADERS if name in response.headers
+        }
+        out_headers[WORKER_HEADER] = worker.url
+        content_type = out_headers.get("content-type", "")
+        if content_type.startswith("text/event-stream"):
+            finish.add(release)
+            return StreamingResponse(
+                self._relay(worker, response, finish),
+                status_code=status,
+                headers=out_headers,
+            )
+        try:
+            content = await response.aread()
+        except BaseException as exc:
+            release(status, False)
+            await _close_quietly(response)
+            if isinstance(exc, httpx.TimeoutException):
+                raise _Failure(_describe(exc), timed_out=loop.time() >= deadline) from None
+            if is_retryable_exception(exc):
+                raise _Failure(_describe(exc)) from None
+            raise
+        release(status, True)
+        await response.aclose()
+        finish(status, status < 400)
+        return Response(content, status_code=status, headers=out_headers)
+
+    async def _relay(
+        self, worker: Worker, response: httpx.Response, finish: Finish
+    ) -> AsyncIterator[bytes]:
+        """Pass an event stream through chunk by chunk; always release the worker slot."""
+        ok = False
+        try:
+            async for chunk in response.aiter_raw():
+                yield chunk
+            ok = True
+        except httpx.HTTPError as exc:
+            worker.errors_total += 1
+            worker.breaker.record_failure()
+            log.warning("stream from %s broke after it started: %s", worker.url, _describe(exc))
+            message = f"worker {worker.url} failed mid-stream: {_describe(exc)}"
+            yield b"data: " + orjson.dumps(
+                {"error": {"message": message, "type": "bad_gateway", "code": 502}}
+            )
+            yield b"\n\n"
+        finally:
+            finish(response.status_code, ok)
+            with anyio.CancelScope(shield=True):
+                await _close_quietly(response)
+
+
+def _release_probe(worker: Worker) -> None:
+    """The request ended with no verdict (client gone): free a half-open probe slot."""
+    release = getattr(worker.breaker, "release", None)
+    if release is not None:
+        release()
+
+
+async def _close_quietly(response: httpx.Response) -> None:
+    try:
+        await response.aclose()
+    except Exception:  # closing a broken connection can fail; it is gone either way
+        log.debug("closing upstream response failed", exc_info=True)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

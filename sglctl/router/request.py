@@ -1,0 +1,190 @@
+"""Reading and checking an inference request's body, once.
+
+The body is read with the ``--max-payload-size`` cap (413 past it, even without a
+Content-Length), parsed once with orjson, and the few fields the router relies on are
+type-checked (400 with a message naming the field). The routing text comes from the same
+parse: ``text`` or ``input_ids`` (``/generate``), ``prompt`` (completions), or the
+``messages`` contents (chat). The original bytes are what gets forwarded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from starlette.requests import ClientDisconnect, Request
+
+from sglctl.router.errors import RouterError
+from sglctl.router.policies.base import NO_KEY, RouteKey
+
+
+@dataclass
+class ParsedRequest:
+    """An inference request: the raw body, its parsed JSON object and what routing needs."""
+
+    body: bytes
+    payload: dict[str, Any]
+    key: RouteKey
+    stream: bool
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) more than ``limit`` bytes without buffering them all."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise RouterError(
+                    413, f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes"
+                )
+        except ValueError:
+            raise RouterError(400, "invalid Content-Length header") from None
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RouterError(413, f"request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    if not body:
+        raise RouterError(400, "request body is empty; expected a JSON object")
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise RouterError(400, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise RouterError(400, f"request body must be a JSON object, not {_kind(payload)}")
+    return payload
+
+
+def _kind(value: object) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}.get(
+        type(value), "a number" if isinstance(value, (int, float)) else "null"
+    )
+
+
+def _bad(field: str, expected: str, value: object) -> RouterError:
+    return RouterError(400, f"field '{field}' must be {expected}, not {_kind(value)}")
+
+
+def _is_int_list(value: object) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(x, int) and not isinstance(x, bool) for x in value
+    )
+
+
+def _check_common(payload: dict[str, Any]) -> bool:
+    stream = payload.get("stream", False)
+    if stream is not None and not isinstance(stream, bool):
+        raise _bad("stream", "a boolean", stream)
+    for name in ("sampling_params", "stream_options"):
+        value = payload.get(name)
+        if value is not None and not isinstance(value, dict):
+            raise _bad(name, "an object", value)
+    for name in ("max_tokens", "max_completion_tokens", "n"):
+        value = payload.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise _bad(name, "an integer", value)
+    for name in ("temperature", "top_p"):
+        value = payload.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise _bad(name, "a number", value)
+    return bool(stream)
+
+
+def _generate_key(payload: dict[str, Any]) -> RouteKey:
+    text = payload.get("text")
+    ids = payload.get("input_ids")
+    if text is not None:
+        if isinstance(text, str):
+            return RouteKey(text=text)
+        if isinstance(text, list) and all(isinstance(t, str) for t in text):
+            # A batch: route it by its first prompt (the whole batch goes to one worker).
+            return RouteKey(text=text[0]) if text else NO_KEY
+        raise _bad("text", "a string or a list of strings", text)
+    if ids is not None:
+        if _is_int_list(ids):
+            return RouteKey(input_ids=ids)
+        if isinstance(ids, list) and all(_is_int_list(x) for x in ids):
+            return RouteKey(input_ids=ids[0]) if ids else NO_KEY
+        raise _bad("input_ids", "a list of integers (or a list of such lists)", ids)
+    if payload.get("input_embeds") is None:
+        raise RouterError(400, "one of 'text', 'input_ids' or 'input_embeds' is required")
+    return NO_KEY
+
+
+def _completion_key(payload: dict[str, Any]) -> RouteKey:
+    prompt = payload.get("prompt")
+    if isinstance(prompt, str):
+        return RouteKey(text=prompt)
+    if _is_int_list(prompt):
+        return RouteKey(input_ids=prompt)
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        return RouteKey(text=prompt[0])
+    if isinstance(prompt, list) and prompt and all(_is_int_list(p) for p in prompt):
+        return RouteKey(input_ids=prompt[0])
+    if prompt is None:
+        raise RouterError(400, "field 'prompt' is required")
+    raise _bad("prompt", "a string, a list of strings or a list of token ids", prompt)
+
+
+def _message_text(content: object, index: int) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict):
+                raise _bad(f"messages[{index}].content[]", "an object", part)
+            text = part.get("text")
+            if isinstance(text, str):
+                parts.append(text)
+        return "".join(parts)
+    raise _bad(f"messages[{index}].content", "a string or a list of parts", content)
+
+
+def _chat_key(payload: dict[str, Any]) -> RouteKey:
+    messages = payload.get("messages")
+    if messages is None:
+        raise RouterError(400, "field 'messages' is required")
+    if not isinstance(messages, list) or not messages:
+        raise RouterError(400, "field 'messages' must be a non-empty array of message objects")
+    texts = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise _bad(f"messages[{i}]", "an object", message)
+        role = message.get("role")
+        if not isinstance(role, str):
+            raise _bad(f"messages[{i}].role", "a string", role)
+        texts.append(_message_text(message.get("content"), i))
+    return RouteKey(text="\n".join(texts))
+
+
+_KEYS = {
+    "/generate": _generate_key,
+    "/v1/completions": _completion_key,
+    "/v1/chat/completions": _chat_key,
+}
+
+
+def parse_inference(route: str, body: bytes, *, need_key: bool = True) -> ParsedRequest:
+    """Check an inference body for ``route`` and extract its routing key."""
+    payload = parse_json_object(body)
+    stream = _check_common(payload)
+    extract = _KEYS.get(route)
+    key = extract(payload) if extract is not None else NO_KEY
+    return ParsedRequest(body, payload, key if need_key else NO_KEY, stream)
+
+
+def routing_text(messages: Sequence[dict[str, Any]]) -> str:
+    """The text of chat ``messages`` as the router keys on it (exposed for tests/benchmarks)."""
+    return _chat_key({"messages": list(messages)}).text or ""

@@ -1,0 +1,241 @@
+"""An approximate prefix tree over request texts, one tenant per worker, in blocks.
+
+The SGLang Router keeps a character-level radix tree of the prompts it sent to each worker and
+routes a new prompt to the worker whose tree shares the longest prefix with it. Walking a
+32 KB prompt a character at a time in Python costs milliseconds, so this tree works in
+fixed-size blocks instead:
+
+- A prompt (a string, or a list of token ids) becomes a vector of *chained prefix hashes*,
+  one per block: ``H[i]`` identifies the prompt's first ``i + 1`` blocks (the last block may be
+  partial). It is computed with a few numpy operations (UTF-32 code units viewed as 64-bit
+  words, one multiply-add per word, a mix, a cumulative sum), so its cost is C-speed and
+  linear in the length.
+- Each tenant (worker) is a dict ``prefix hash -> last-use tick``. A tenant's set of prefixes
+  is prefix-closed (inserting a prompt inserts all its prefixes; eviction removes the
+  least-recently used, and ancestors are always used at least as recently as descendants), so
+  the longest match is found by a *binary search over the prefix length* with dict membership
+  probes: ``O(log(length / block))`` probes per tenant instead of a walk.
+- Sizes are counted in characters (tokens for ``input_ids``), rounded up to whole blocks, as
+  the SGLang Router counts its ``max_tree_size``; :meth:`PrefixTree.evict` trims every tenant
+  back to a bound, least recently used first.
+
+Hash collisions are possible in principle (64-bit hashes) and only cost a wrong routing guess,
+never a wrong answer: the tree is a routing hint, the worker's own cache is the truth.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BLOCK = 64
+_SEED = 0x5C1C7
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_MASK64 = (1 << 64) - 1
+_S31 = np.uint64(31)
+_S27 = np.uint64(27)
+
+
+@dataclass(frozen=True)
+class Prefixes:
+    """A prompt as block prefix hashes: ``hashes[i]`` names its first ``(i + 1)`` blocks."""
+
+    hashes: list[int]
+    #: Length of the prompt in characters (or tokens).
+    length: int
+    block: int
+
+    def matched_length(self, blocks: int) -> int:
+        """Characters covered by the first ``blocks`` blocks."""
+        return min(blocks * self.block, self.length)
+
+
+class PrefixHasher:
+    """Turns texts and token-id lists into :class:`Prefixes` at C speed (numpy)."""
+
+    def __init__(self, block: int = DEFAULT_BLOCK) -> None:
+        if block < 2 or block % 2:
+            raise ValueError(f"block size must be an even number >= 2, got {block}")
+        self.block = block
+        rng = np.random.default_rng(_SEED)
+        # Per-word multipliers inside a block (two UTF-32 code units per 64-bit word) and
+        # per-block-position multipliers for the chain; odd, so no information is lost.
+        self._word_mult = rng.integers(1, 2**63, size=block // 2, dtype=np.uint64) | np.uint64(1)
+        self._tok_mult = rng.integers(1, 2**63, size=block, dtype=np.uint64) | np.uint64(1)
+        self._pos_mult = self._positions(rng, 4096)
+        self._rng = rng
+
+    @staticmethod
+    def _positions(rng: np.random.Generator, count: int) -> np.ndarray:
+        return rng.integers(1, 2**63, size=count, dtype=np.uint64) | np.uint64(1)
+
+    def _chain(self, mixed: np.ndarray, partial: int) -> list[int]:
+        """Finish per-block values into chained prefix hashes (as Python ints for dict probes)."""
+        nb = mixed.size
+        if partial:
+            # Tell a padded partial block from a full block that happens to end in zeros.
+            mixed[-1] ^= np.uint64((partial * int(_MIX2)) & _MASK64)
+        mixed ^= mixed >> _S31
+        mixed *= _MIX1
+        mixed ^= mixed >> _S27
+        while nb > self._pos_mult.size:
+            self._pos_mult = np.concatenate(
+                [self._pos_mult, self._positions(self._rng, self._pos_mult.size)]
+            )
+        mixed *= self._pos_mult[:nb]
+        return np.cumsum(mixed, dtype=np.uint64).tolist()  # type: ignore[no-any-return]
+
+    def text(self, text: str) -> Prefixes:
+        """Prefix hashes of a string, per ``block`` characters."""
+        length = len(text)
+        if not length:
+            return Prefixes([], 0, self.block)
+        raw = text.encode("utf-32-le", "surrogatepass")
+        nb = -(-length // self.block)
+        partial = length % self.block
+        if partial:
+            raw += bytes((nb * self.block - length) * 4)
+        words = np.frombuffer(raw, dtype=np.uint64).reshape(nb, self.block // 2)
+        return Prefixes(self._chain(words @ self._word_mult, partial), length, self.block)
+
+    def tokens(self, ids: Sequence[int]) -> Prefixes:
+        """Prefix hashes of a token-id list, per ``block`` tokens."""
+        length = len(ids)
+        if not length:
+            return Prefixes([], 0, self.block)
+        nb = -(-length // self.block)
+        partial = length % self.block
+        arr = np.zeros(nb * self.block, dtype=np.uint64)
+        arr[:length] = np.asarray(ids, dtype=np.int64).astype(np.uint64)
+        mixed = arr.reshape(nb, self.block) @ self._tok_mult
+        return Prefixes(self._chain(mixed ^ np.uint64(0x70C3), partial), length, self.block)
+
+
+class _Tenant:
+    __slots__ = ("entries", "name")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        #: prefix hash -> tick of the last insert that touched it.
+        self.entries: dict[int, int] = {}
+
+
+class PrefixTree:
+    """Per-tenant prefix sets with longest-match, insert and LRU eviction."""
+
+    def __init__(self, block: int = DEFAULT_BLOCK) -> None:
+        self.block = block
+        self._tenants: dict[str, _Tenant] = {}
+        self._tick = 0
+
+    # -- tenants ---------------------------------------------------------------------------
+    def add_tenant(self, name: str) -> None:
+        self._tenants.setdefault(name, _Tenant(name))
+
+    def remove_tenant(self, name: str) -> None:
+        """Drop everything known about ``name`` (its worker left)."""
+        self._tenants.pop(name, None)
+
+    def tenants(self) -> list[str]:
+        return list(self._tenants)
+
+    def size(self, name: str) -> int:
+        """Characters (tokens) held for ``name``, in whole blocks."""
+        tenant = self._tenants.get(name)
+        return len(tenant.entries) * self.block if tenant else 0
+
+    def total_size(self) -> int:
+        return sum(len(t.entries) for t in self._tenants.values()) * self.block
+
+    # -- matching --------------------------------------------------------------------------
+    def match_blocks(self, prefixes: Prefixes, name: str) -> int:
+        """How many leading blocks of ``prefixes`` tenant ``name`` holds (binary search)."""
+        tenant = self._tenants.get(name)
+        if tenant is None or not prefixes.hashes:
+            return 0
+        entries = tenant.entries
+        hashes = prefixes.hashes
+        if hashes[-1] in entries:  # the common case of a repeated prompt: one probe
+            return len(hashes)
+        # Invariant: the first ``lo`` blocks match and the first ``hi`` blocks do not.
+        lo, hi = 0, len(hashes)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if hashes[mid - 1] in entries:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    def match(self, prefixes: Prefixes, names: Iterable[str]) -> tuple[str | None, int]:
+        """The tenant among ``names`` with the longest match, and the matched characters.
+
+        Ties go to the first name given, so callers order ``names`` by preference.
+        """
+        best: str | None = None
+        best_blocks = 0
+        for name in names:
+            blocks = self.match_blocks(prefixes, name)
+            if blocks > best_blocks:
+                best, best_blocks = name, blocks
+                if blocks == len(prefixes.hashes):
+                    break
+        return best, prefixes.matched_length(best_blocks)
+
+    def smallest(self, names: Iterable[str]) -> str | None:
+        """The tenant among ``names`` holding the least text (first wins a tie)."""
+        best: str | None = None
+        best_size = -1
+        for name in names:
+            tenant = self._tenants.get(name)
+            size = len(tenant.entries) if tenant else 0
+            if best is None or size < best_size:
+                best, best_size = name, size
+        return best
+
+    # -- updating --------------------------------------------------------------------------
+    def insert(self, prefixes: Prefixes, name: str) -> None:
+        """Record that ``name`` now holds every prefix of ``prefixes`` (and touch them)."""
+        tenant = self._tenants.get(name)
+        if tenant is None:
+            tenant = self._tenants[name] = _Tenant(name)
+        if not prefixes.hashes:
+            return
+        self._tick += 1
+        tenant.entries.update(dict.fromkeys(prefixes.hashes, self._tick))
+
+    def evict(self, max_size: int) -> int:
+        """Trim every tenant to at most ``max_size`` characters, least recently used first.
+
+        Whole insert generations (one tick) go at once: a generation's surviving entries are
+        the tail of one prompt's path, so dropping all of it keeps the tenant prefix-closed.
+        Returns the number of blocks evicted. Cost: linear in the tenant's size (numpy), run
+        from a background task every ``--eviction-interval-secs``.
+        """
+        max_blocks = max_size // self.block
+        evicted = 0
+        for tenant in self._tenants.values():
+            count = len(tenant.entries)
+            if count <= max_blocks:
+                continue
+            keys = np.fromiter(tenant.entries.keys(), dtype=np.uint64, count=count)
+            ticks = np.fromiter(tenant.entries.values(), dtype=np.int64, count=count)
+            drop = count - max_blocks
+            # The drop-th oldest tick; everything at or before it goes.
+            cutoff = np.partition(ticks, drop - 1)[drop - 1]
+            keep = ticks > cutoff
+            tenant.entries = dict(zip(keys[keep].tolist(), ticks[keep].tolist(), strict=True))
+            evicted += count - len(tenant.entries)
+            log.debug("evicted %d blocks from tenant %s", count - len(tenant.entries), tenant.name)
+        return evicted
+
+    def clear(self) -> None:
+        """Forget every prefix of every tenant (``/flush_cache``); tenants stay."""
+        for tenant in self._tenants.values():
+            tenant.entries = {}

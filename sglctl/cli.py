@@ -11,6 +11,8 @@ import typer
 
 from sglctl import __version__
 from sglctl.bench.cli import bench as _bench
+from sglctl.sim.cli import EXTRA_ARGS as _SIM_EXTRA_ARGS
+from sglctl.sim.cli import sim_worker as _sim_worker
 
 app = typer.Typer(
     name="sglctl",
@@ -26,6 +28,10 @@ PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_o
 
 # `sglctl bench` keeps its Typer signature with its code; it imports only Typer up front.
 app.command("bench")(_bench)
+
+# `sglctl sim-worker`: the simulated SGLang worker; its Typer function lives in sglctl.sim.cli
+# (which imports only Typer up front). Unknown SGLang server flags are accepted and ignored.
+app.command("sim-worker", context_settings=_SIM_EXTRA_ARGS)(_sim_worker)
 
 
 def _version_callback(value: bool) -> None:

@@ -46,9 +46,15 @@ class Router:
     """Everything a router process shares between requests."""
 
     def __init__(
-        self, config: RouterConfig, *, extra_sources: list[WorkerSourceProtocol] | None = None
+        self,
+        config: RouterConfig,
+        *,
+        extra_sources: list[WorkerSourceProtocol] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        """``transport`` replaces the network for worker calls (in-process tests)."""
         self.config = config
+        self._transport = transport
         self.started_at = time.time()
         self.registry = WorkerRegistry(self._make_breaker)
         self.policy: Policy = make_policy(config.prefill_policy or config.policy, config)
@@ -139,6 +145,7 @@ class Router:
             ),
             trust_env=False,
             follow_redirects=False,
+            transport=self._transport,
         )
         self.forwarder = Forwarder(
             self.registry,

@@ -1,0 +1,546 @@
+"""The router app in-process: errors of CONTRACT section 3, retries, admin API, metrics.
+
+Workers are tiny Starlette stubs reached through an in-memory transport, so these tests are
+fast and deterministic; tests/test_router_integration.py repeats the main paths over real
+sockets with real sim workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import httpx
+import orjson
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from sglctl.router.app import Router, create_app
+from sglctl.router.config import RouterConfig, parse_args
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@dataclass
+class Stub:
+    """A fake worker: answers /generate with its name, or fails as told."""
+
+    name: str
+    status: int = 200
+    healthy: bool = True
+    delay: float = 0.0
+    calls: int = 0
+    bodies: list[bytes] = field(default_factory=list)
+
+    def app(self) -> Starlette:
+        async def generate(request: Request) -> Response:
+            self.calls += 1
+            self.bodies.append(await request.body())
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            if self.status != 200:
+                return JSONResponse({"error": f"{self.name} broken"}, status_code=self.status)
+            return JSONResponse({"text": "ok", "worker": self.name, "meta_info": {}})
+
+        async def health(request: Request) -> Response:
+            return Response(b"", status_code=200 if self.healthy else 503)
+
+        async def info(request: Request) -> Response:
+            return JSONResponse({"model_path": "stub-model", "worker": self.name})
+
+        return Starlette(
+            routes=[
+                Route("/generate", generate, methods=["POST"]),
+                Route("/v1/completions", generate, methods=["POST"]),
+                Route("/v1/chat/completions", generate, methods=["POST"]),
+                Route("/health", health),
+                Route("/health_generate", health),
+                Route("/get_model_info", info),
+                Route("/get_server_info", info),
+                Route("/v1/models", info),
+                Route("/flush_cache", health, methods=["POST"]),
+            ]
+        )
+
+
+class HostTransport(httpx.AsyncBaseTransport):
+    """Routes each request to the stub whose name is the URL's host; others refuse."""
+
+    def __init__(self, stubs: dict[str, Stub]) -> None:
+        self.apps = {name: httpx.ASGITransport(app=stub.app()) for name, stub in stubs.items()}
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        app = self.apps.get(request.url.host)
+        if app is None:
+            raise httpx.ConnectError("connection refused", request=request)
+        return await app.handle_async_request(request)
+
+
+@dataclass
+class Harness:
+    router: Router
+    client: httpx.AsyncClient
+    stubs: dict[str, Stub]
+
+
+def make_config(workers: list[str], *flags: str) -> RouterConfig:
+    argv = [
+        "--disable-health-check",
+        "--retry-initial-backoff-ms",
+        "1",
+        "--retry-max-backoff-ms",
+        "5",
+    ]
+    if workers:
+        argv += ["--worker-urls", *workers]
+    return parse_args([*argv, *flags])
+
+
+@pytest.fixture
+def harness() -> Callable[..., object]:
+    """``async with harness(["a", "b"], *flags) as h``: stubs a, b behind a started router."""
+    import contextlib
+
+    @contextlib.asynccontextmanager
+    async def build(names: list[str], *flags: str, extra: list[str] = ()) -> AsyncIterator[Harness]:  # type: ignore[assignment]
+        stubs = {n: Stub(n) for n in [*names, *extra]}
+        config = make_config([f"http://{n}" for n in names], *flags)
+        router = Router(config, transport=HostTransport(stubs))
+        app = create_app(router)
+        await router.start()
+        try:
+            async with httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://router"
+            ) as client:
+                yield Harness(router, client, stubs)
+        finally:
+            await router.stop()
+
+    return build
+
+
+def error_of(response: httpx.Response) -> dict[str, object]:
+    body = response.json()
+    assert set(body) == {"error"}, body
+    assert set(body["error"]) == {"message", "type", "code"}, body
+    assert body["error"]["code"] == response.status_code
+    return body["error"]  # type: ignore[no-any-return]
+
+
+# -- happy path -----------------------------------------------------------------------------
+async def test_generate_is_forwarded_byte_for_byte(harness) -> None:
+    async with harness(["a"]) as h:
+        raw = b'{"text": "hello",   "sampling_params": {"max_new_tokens": 4}}'
+        r = await h.client.post("/generate", content=raw)
+        assert r.status_code == 200
+        assert r.json()["worker"] == "a"
+        assert r.headers["x-sglctl-worker"] == "http://a"
+        assert h.stubs["a"].bodies == [raw]
+
+
+async def test_openai_routes_and_info_endpoints(harness) -> None:
+    async with harness(["a"]) as h:
+        chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        assert (await h.client.post("/v1/chat/completions", json=chat)).status_code == 200
+        assert (await h.client.post("/v1/completions", json={"prompt": "hi"})).status_code == 200
+        assert (await h.client.get("/v1/models")).json()["model_path"] == "stub-model"
+        assert (await h.client.get("/get_model_info")).json()["model_path"] == "stub-model"
+        info = (await h.client.get("/get_server_info")).json()
+        assert info["router"]["workers"] == 1
+        assert info["router"]["name"] == "sglctl"
+        assert (await h.client.get("/health_generate")).status_code == 200
+
+
+# -- errors (CONTRACT section 3) ------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("path", "body", "needle"),
+    [
+        ("/generate", b"{not json", "not valid JSON"),
+        ("/generate", b"[1, 2]", "JSON object"),
+        ("/generate", b"", "empty"),
+        ("/generate", b'{"text": 5}', "'text'"),
+        ("/generate", b'{"input_ids": ["a"]}', "'input_ids'"),
+        ("/generate", b'{"text": "x", "stream": "yes"}', "'stream'"),
+        ("/generate", b'{"text": "x", "sampling_params": [1]}', "'sampling_params'"),
+        ("/generate", b'{"sampling_params": {}}', "required"),
+        ("/v1/chat/completions", b'{"messages": "hi"}', "'messages'"),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": 3}]}', "content"),
+        ("/v1/completions", b'{"prompt": {"a": 1}}', "'prompt'"),
+        ("/v1/completions", b'{"prompt": "x", "max_tokens": "ten"}', "'max_tokens'"),
+        ("/generate", b'{"text": "x", "priority": 1.5}', "priority"),
+    ],
+)
+async def test_bad_input_is_400_and_never_reaches_a_worker(
+    harness, path: str, body: bytes, needle: str
+) -> None:
+    async with harness(["a"]) as h:
+        r = await h.client.post(path, content=body)
+        assert r.status_code == 400
+        error = error_of(r)
+        assert needle in str(error["message"])
+        assert error["type"] == "invalid_request_error"
+        assert h.stubs["a"].calls == 0
+
+
+async def test_payload_over_limit_is_413(harness) -> None:
+    async with harness(["a"], "--max-payload-size", "1000") as h:
+        r = await h.client.post("/generate", json={"text": "x" * 2000})
+        assert r.status_code == 413
+        error_of(r)
+
+        async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: counted while read
+            for _ in range(10):
+                yield b" " * 200
+
+        r = await h.client.post("/generate", content=chunks())
+        assert r.status_code == 413
+        assert h.stubs["a"].calls == 0
+
+
+async def test_unknown_path_404_and_wrong_method_405(harness) -> None:
+    async with harness(["a"]) as h:
+        r = await h.client.get("/no/such/path")
+        assert r.status_code == 404
+        assert error_of(r)["type"] == "not_found_error"
+        r = await h.client.get("/generate")
+        assert r.status_code == 405
+        error_of(r)
+
+
+async def test_no_worker_is_503(harness) -> None:
+    async with harness([]) as h:
+        r = await h.client.post("/generate", json={"text": "x"})
+        assert r.status_code == 503
+        assert "no healthy worker" in str(error_of(r)["message"])
+        assert (await h.client.get("/health")).status_code == 503
+        ready = await h.client.get("/readiness")
+        assert ready.status_code == 503
+        assert ready.json() == {"status": "not_ready", "healthy_workers": 0, "total_workers": 0}
+        assert (await h.client.get("/liveness")).status_code == 200
+
+
+async def test_unhealthy_workers_are_503(harness) -> None:
+    async with harness(["a"]) as h:
+        h.router.registry.get("http://a").health_ok = False  # type: ignore[union-attr]
+        assert (await h.client.post("/generate", json={"text": "x"})).status_code == 503
+
+
+async def test_all_workers_failing_is_502_with_last_error(harness) -> None:
+    async with harness(["a", "b"]) as h:
+        for stub in h.stubs.values():
+            stub.status = 500
+        r = await h.client.post("/generate", json={"text": "x"})
+        assert r.status_code == 502
+        message = str(error_of(r)["message"])
+        assert "HTTP 500" in message and "broken" in message
+        # Retried on both workers, bounded: 1 + max_total_retries attempts at most.
+        calls = h.stubs["a"].calls + h.stubs["b"].calls
+        assert h.stubs["a"].calls >= 1 and h.stubs["b"].calls >= 1
+        assert calls <= 1 + h.router.config.max_total_retries
+        metrics = (await h.client.get("/metrics")).text
+        assert "sglang_router_retries_total" in metrics
+        assert 'sglang_router_requests_total{route="/generate",status="502"} 1.0' in metrics
+
+
+async def test_failure_is_retried_on_another_worker(harness) -> None:
+    async with harness(["a", "b"], "--policy", "round_robin") as h:
+        h.stubs["a"].status = 503
+        for _ in range(4):
+            r = await h.client.post("/generate", json={"text": "x"})
+            assert r.status_code == 200
+            assert r.json()["worker"] == "b"
+
+
+async def test_unreachable_worker_is_retried_elsewhere(harness) -> None:
+    async with harness(["a"], "--policy", "round_robin", extra=[]) as h:
+        h.router.registry.add("http://gone")  # no stub: connection refused
+        for _ in range(4):
+            assert (await h.client.post("/generate", json={"text": "x"})).json()["worker"] == "a"
+        assert h.router.registry.get("http://gone").errors_total >= 1  # type: ignore[union-attr]
+
+
+async def test_worker_4xx_passes_through_without_retry(harness) -> None:
+    async with harness(["a", "b"]) as h:
+        for stub in h.stubs.values():
+            stub.status = 400
+        r = await h.client.post("/generate", json={"text": "x"})
+        assert r.status_code == 400
+        assert h.stubs["a"].calls + h.stubs["b"].calls == 1
+
+
+async def test_disable_retries(harness) -> None:
+    async with harness(["a", "b"], "--disable-retries") as h:
+        for stub in h.stubs.values():
+            stub.status = 500
+        assert (await h.client.post("/generate", json={"text": "x"})).status_code == 502
+        assert h.stubs["a"].calls + h.stubs["b"].calls == 1
+
+
+async def test_circuit_breaker_takes_a_failing_worker_out(harness) -> None:
+    async with harness(["a", "b"], "--cb-failure-threshold", "2", "--policy", "round_robin") as h:
+        h.stubs["a"].status = 500
+        for _ in range(6):
+            assert (await h.client.post("/generate", json={"text": "x"})).status_code == 200
+        workers = {w["url"]: w for w in (await h.client.get("/workers")).json()["workers"]}
+        assert workers["http://a"]["circuit_breaker_state"] == "open"
+        calls_before = h.stubs["a"].calls
+        for _ in range(4):
+            await h.client.post("/generate", json={"text": "x"})
+        assert h.stubs["a"].calls == calls_before
+
+
+async def test_queue_full_is_429_with_retry_after(harness) -> None:
+    async with harness(["a"], "--max-concurrent-requests", "1", "--queue-size", "0") as h:
+        h.stubs["a"].delay = 0.3
+        slow = asyncio.create_task(h.client.post("/generate", json={"text": "x"}))
+        deadline = asyncio.get_running_loop().time() + 5
+        while h.router.admission.active == 0:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.005)
+        r = await h.client.post("/generate", json={"text": "y"})
+        assert r.status_code == 429
+        assert int(r.headers["retry-after"]) >= 1
+        error_of(r)
+        assert (await slow).status_code == 200
+
+
+async def test_queue_timeout_is_429(harness) -> None:
+    async with harness(
+        ["a"], "--max-concurrent-requests", "1", "--queue-size", "5", "--queue-timeout-secs", "0.05"
+    ) as h:
+        h.stubs["a"].delay = 0.5
+        slow = asyncio.create_task(h.client.post("/generate", json={"text": "x"}))
+        deadline = asyncio.get_running_loop().time() + 5
+        while h.router.admission.active == 0:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.005)
+        r = await h.client.post("/generate", json={"text": "y"})
+        assert r.status_code == 429
+        assert "retry-after" in r.headers
+        await slow
+
+
+# -- admin ----------------------------------------------------------------------------------
+async def test_admin_add_list_remove(harness) -> None:
+    async with harness(["a"], extra=["b"]) as h:
+        r = await h.client.post("/add_worker", params={"url": "http://b"})
+        assert r.status_code == 200
+        assert r.json()["status"] == "ok" and r.json()["url"] == "http://b"
+        assert (await h.client.post("/add_worker", params={"url": "http://b"})).status_code == 409
+        assert (await h.client.get("/list_workers")).json() == {"urls": ["http://a", "http://b"]}
+        loads = (await h.client.get("/get_loads")).json()
+        assert loads == {
+            "workers": [{"worker": "http://a", "load": 0}, {"worker": "http://b", "load": 0}]
+        }
+        items = (await h.client.get("/workers")).json()["workers"]
+        for item in items:
+            for field_name in ("url", "id", "is_healthy", "load", "requests_total", "errors_total"):
+                assert field_name in item
+            assert item["circuit_breaker_state"] == "closed"
+        assert (
+            await h.client.post("/remove_worker", params={"url": "http://b"})
+        ).status_code == 200
+        r = await h.client.post("/remove_worker", params={"url": "http://b"})
+        assert r.status_code == 404
+        error_of(r)
+
+
+async def test_admin_0_3_2_style_workers_api(harness) -> None:
+    async with harness(["a"], extra=["b"]) as h:
+        r = await h.client.post("/workers", json={"url": "http://b"})
+        assert r.status_code == 200
+        worker_id = r.json()["id"]
+        assert (await h.client.get(f"/workers/{worker_id}")).json()["url"] == "http://b"
+        assert (await h.client.delete(f"/workers/{worker_id}")).status_code == 200
+        assert (await h.client.delete("/workers/http://a")).status_code == 200
+        assert (await h.client.get("/list_workers")).json() == {"urls": []}
+
+
+async def test_add_unreachable_worker_fails_with_a_message(harness) -> None:
+    async with harness(
+        ["a"], "--worker-startup-timeout-secs", "0.2", "--worker-startup-check-interval", "0.05"
+    ) as h:
+        r = await h.client.post("/add_worker", params={"url": "http://nowhere:1234"})
+        assert r.status_code == 503
+        assert "health check" in str(error_of(r)["message"])
+        assert (await h.client.post("/add_worker", params={"url": "ftp://x"})).status_code == 400
+        assert (await h.client.post("/add_worker")).status_code == 400
+
+
+async def test_api_key_guards_admin_calls(harness) -> None:
+    async with harness(["a"], "--api-key", "s3cret", extra=["b"]) as h:
+        r = await h.client.post("/add_worker", params={"url": "http://b"})
+        assert r.status_code == 401
+        error_of(r)
+        wrong = {"authorization": "Bearer nope"}
+        assert (await h.client.post("/flush_cache", headers=wrong)).status_code == 401
+        good = {"authorization": "Bearer s3cret"}
+        assert (
+            await h.client.post("/add_worker", params={"url": "http://b"}, headers=good)
+        ).status_code == 200
+        assert (await h.client.get("/list_workers")).status_code == 200  # reading needs no key
+
+
+async def test_flush_cache_fans_out_and_clears_the_tree(harness) -> None:
+    async with harness(["a", "b"]) as h:
+        await h.client.post("/generate", json={"text": "some prompt " * 20})
+        assert h.router.policy.tree.total_size() > 0  # type: ignore[attr-defined]
+        r = await h.client.post("/flush_cache")
+        assert r.json()["status"] == "success"
+        assert r.json()["workers_flushed"] == 2
+        assert h.router.policy.tree.total_size() == 0  # type: ignore[attr-defined]
+
+
+async def test_set_available_takes_effect_for_the_next_request(harness) -> None:
+    async with harness(["a", "b"]) as h:
+        h.router.registry.set_available("http://a", False)
+        for _ in range(5):
+            assert (await h.client.post("/generate", json={"text": "x"})).json()["worker"] == "b"
+
+
+async def test_metrics_and_stats(harness) -> None:
+    async with harness(["a"]) as h:
+        prompt = "cached prompt " * 20
+        for _ in range(3):
+            await h.client.post("/generate", json={"text": prompt})
+        text = (await h.client.get("/metrics")).text
+        for name in (
+            'sglang_router_requests_total{route="/generate",status="200"} 3.0',
+            "sglang_router_request_duration_seconds_bucket",
+            'sglang_router_worker_pending_requests{worker="http://a"} 0.0',
+            'sglang_router_worker_healthy{worker="http://a"} 1.0',
+            'sglang_router_circuit_breaker_state{worker="http://a"} 0.0',
+            "sglang_router_cache_hits_total",
+            "sglang_router_cache_misses_total",
+            "sglang_router_retries_total",
+        ):
+            assert name in text, name
+        stats = (await h.client.get("/stats")).json()
+        assert stats["requests_total"] == 3
+        assert stats["errors_total"] == 0
+        assert stats["workers"] == 1 and stats["healthy_workers"] == 1
+        assert stats["policy"] == "cache_aware"
+        for name in ("requests_per_second", "latency_p50_ms", "latency_p99_ms"):
+            assert stats[name] >= 0
+
+
+async def test_load_is_counted_while_in_flight(harness) -> None:
+    async with harness(["a"]) as h:
+        h.stubs["a"].delay = 0.3
+        task = asyncio.create_task(h.client.post("/generate", json={"text": "x"}))
+        deadline = asyncio.get_running_loop().time() + 5
+        while True:
+            loads = (await h.client.get("/get_loads")).json()["workers"]
+            if loads[0]["load"] == 1:
+                break
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.01)
+        await task
+        assert (await h.client.get("/get_loads")).json()["workers"][0]["load"] == 0
+
+
+def test_config_from_both_flag_generations() -> None:
+    documented = parse_args(
+        ["--worker-urls", "http://a/", "--metrics-port", "9", "--max-total-retries", "2"]
+    )
+    assert documented.worker_urls == ["http://a"]
+    assert documented.metrics_port == 9 and documented.max_total_retries == 2
+    aliases = parse_args(
+        ["--prometheus-port", "9", "--prometheus-host", "0.0.0.0", "--retry-max-retries", "2"]
+    )
+    assert (
+        aliases.metrics_port == 9
+        and aliases.metrics_host == "0.0.0.0"
+        and aliases.max_total_retries == 2
+    )
+    pd = parse_args(
+        [
+            "--pd-disaggregation",
+            "--prefill",
+            "http://p1",
+            "9000",
+            "--prefill",
+            "http://p2",
+            "--decode",
+            "http://d",
+        ]
+    )
+    assert pd.is_pd and [(p.url, p.bootstrap_port) for p in pd.prefill_servers] == [
+        ("http://p1", 9000),
+        ("http://p2", None),
+    ]
+    assert pd.decode_urls == ["http://d"]
+    mode = parse_args(["--mode", "pd", "--prefill-urls", "http://p", "--decode-urls", "http://d"])
+    assert mode.is_pd
+
+
+def test_config_defaults_match_the_contract() -> None:
+    c = parse_args([])
+    assert (c.host, c.port, c.policy) == ("127.0.0.1", 30000, "cache_aware")
+    assert (c.cache_threshold, c.balance_abs_threshold, c.balance_rel_threshold) == (
+        0.5,
+        32,
+        1.0001,
+    )
+    assert (c.eviction_interval_secs, c.max_tree_size, c.max_payload_size) == (
+        60,
+        16777216,
+        10485760,
+    )
+    assert (c.max_worker_retries, c.max_total_retries, c.retry_initial_backoff_ms) == (3, 6, 50)
+    assert (c.cb_failure_threshold, c.cb_success_threshold, c.cb_timeout_duration_secs) == (
+        10,
+        3,
+        60,
+    )
+    assert (
+        c.health_check_timeout_secs,
+        c.health_failure_threshold,
+        c.health_success_threshold,
+    ) == (5, 3, 2)
+    assert (c.max_concurrent_requests, c.queue_size, c.queue_timeout_secs) == (-1, 100, 60)
+    assert c.metrics_port == 29000 and c.worker_startup_timeout_secs == 600
+    assert c.unsupported == []
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--service-discovery", "--selector", "app=sglang"],
+        ["--k8s-namespace", "default"],
+        ["--policy", "manual"],
+        ["--dp-aware"],
+        ["--model-path", "meta-llama/Llama-3-8B"],
+        ["--enable-igw"],
+    ],
+)
+def test_unsupported_flags_are_reported_not_ignored(flags: list[str]) -> None:
+    assert parse_args(flags).unsupported
+
+
+def test_bad_flag_values_are_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    for flags in (
+        ["--policy", "nope"],
+        ["--cache-threshold", "2"],
+        ["--prefill", "http://p"],
+        ["--max-tree-size", "0"],
+    ):
+        with pytest.raises(SystemExit):
+            parse_args(flags)
+
+
+async def test_orjson_body_shapes(harness) -> None:
+    async with harness(["a"]) as h:
+        r = await h.client.post("/generate", content=orjson.dumps({"text": ["a", "b"]}))
+        assert r.status_code == 200
+        r = await h.client.post("/generate", content=orjson.dumps({"input_ids": [[1, 2], [3]]}))
+        assert r.status_code == 200

@@ -149,11 +149,13 @@ def test_ideal_stops_at_the_first_unseen_segment() -> None:
         req(1, ("a", 10), ("c", 10), ("b", 10)),  # hits a only; b sits under a different parent
         req(2, ("a", 10), ("c", 10), ("b", 5)),  # hits all three (partial b counts its 5 tokens)
         req(3, ("x", 10), ("a", 10)),  # a at another position is not a prefix hit
+        req(4, ("y", 4)),  # only the 4 tokens sent of y are cached ...
+        req(5, ("y", 10), ("a", 10)),  # ... so the chain breaks inside y: 4 hit tokens
     ]
     ideal = ideal_hit_ratio(reqs)
-    assert ideal.hit_tokens == 10 + 25
-    assert ideal.input_tokens == 20 + 30 + 25 + 20
-    assert (ideal.hit_blocks, ideal.blocks) == (1 + 3, 2 + 3 + 3 + 2)
+    assert ideal.hit_tokens == 10 + 25 + 4
+    assert ideal.input_tokens == 20 + 30 + 25 + 20 + 4 + 20
+    assert (ideal.hit_blocks, ideal.blocks) == (1 + 3 + 1, 2 + 3 + 3 + 2 + 1 + 2)
     assert ideal_hit_ratio([]).token_weighted == 0.0
 
 

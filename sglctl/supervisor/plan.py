@@ -221,3 +221,41 @@ def suggest_port(start: int, count: int, is_free: PortCheck = port_is_free) -> i
             return candidate
         candidate += 100
     return start
+
+
+@dataclass
+class WorkerFactory:
+    """Builds specs for workers added at run time (``sglctl add-worker --local``).
+
+    A new worker takes the first ``tp_size`` GPUs of the pool that no live worker holds and
+    the first free port above every port in use.
+    """
+
+    backend: str
+    model: str
+    tp_size: int
+    gpu_pool: list[int]
+    extra: list[str]
+    is_free: PortCheck = port_is_free
+
+    def make(
+        self, worker_id: int, used_ports: set[int], used_gpus: set[int], base_port: int
+    ) -> WorkerSpec:
+        gpu_ids: tuple[int, ...] = ()
+        if self.backend == "sglang":
+            free = [g for g in self.gpu_pool if g not in used_gpus]
+            if len(free) < self.tp_size:
+                listing = ",".join(map(str, free)) or "none"
+                raise PlanError(
+                    f"no free GPU for another worker: it needs {self.tp_size}, "
+                    f"{len(free)} of {len(self.gpu_pool)} are free ({listing})"
+                )
+            gpu_ids = tuple(free[: self.tp_size])
+        port = max([base_port - 1, *used_ports]) + 1
+        while port <= 65535 and (port in used_ports or not self.is_free(WORKER_HOST, port)):
+            port += 1
+        if port > 65535:
+            raise PlanError("no free port left for another worker")
+        return make_worker_spec(
+            worker_id, self.backend, self.model, port, gpu_ids, self.tp_size, self.extra
+        )

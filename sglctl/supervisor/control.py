@@ -1,0 +1,188 @@
+"""The control path into a running ``sglctl up``: add or remove a managed worker.
+
+Why a separate channel: the router's admin API can add a worker that is already running
+somewhere, but only the supervisor can *start* one (on a free GPU) or stop one for good --
+a worker removed only from the router would be restarted and re-announced by the
+supervisor's table. So ``sglctl add-worker --local`` and ``sglctl remove-worker`` on a
+managed worker talk to the supervisor, which then publishes the change through the
+shared-memory table like any other state change; the router follows within milliseconds.
+
+How a client finds the supervisor: the router's port names the state table
+(``sglctl_<port>``), and the table's header holds the control socket's path. The socket is
+a Unix socket in the run directory (so only users who may read the run directory may send
+commands). The protocol is one JSON object per line each way::
+
+    {"op": "add"}               -> {"ok": true, "worker_id": 3, "url": "...", "state": "healthy"}
+    {"op": "remove", "url": U}  -> {"ok": true, "url": U}
+    {"op": "list"}              -> {"ok": true, "workers": [{"worker_id", "url", "state", ...}]}
+    anything wrong              -> {"ok": false, "error": "...message..."}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from sglctl.state_table import (
+    StateTable,
+    StateTableError,
+    TableInfo,
+    list_segments,
+    segment_name_for_port,
+)
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+MAX_REQUEST_BYTES = 64 * 1024
+
+
+class ControlError(RuntimeError):
+    """No supervisor to talk to, or it refused the request (the message says why)."""
+
+
+class ControlServer:
+    """Serves the control socket on the supervisor's loop; each request runs ``handler``."""
+
+    def __init__(self, path: Path, handler: Handler) -> None:
+        self.path = path
+        self._handler = handler
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()  # left by a crashed run; the state table already vouched for it
+        self._server = await asyncio.start_unix_server(
+            self._serve, path=str(self.path), limit=MAX_REQUEST_BYTES
+        )
+        os.chmod(self.path, 0o600)
+        log.debug("control socket listening at %s", self.path)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), timeout=1.0)
+            self._server = None
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await reader.readline()
+            try:
+                request = json.loads(line)
+                if not isinstance(request, dict):
+                    raise ValueError("the request must be a JSON object")
+            except ValueError as exc:
+                reply: dict[str, Any] = {"ok": False, "error": f"bad request: {exc}"}
+            else:
+                try:
+                    reply = await self._handler(request)
+                except ControlError as exc:
+                    reply = {"ok": False, "error": str(exc)}
+                except Exception as exc:
+                    log.exception("control request %r failed", request)
+                    reply = {"ok": False, "error": f"internal error: {exc}"}
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+
+# -- client side ----------------------------------------------------------------------------
+def port_of(router_url: str) -> int:
+    """The port of ``router_url`` (``http://h:p``, ``h:p`` or a bare port)."""
+    text = router_url.strip()
+    if text.isdigit():
+        return int(text)
+    parts = urlsplit(text if "://" in text else f"http://{text}")
+    if parts.port is not None:
+        return parts.port
+    return 443 if parts.scheme == "https" else 80
+
+
+def find_local_run(router_url: str | None = None) -> TableInfo:
+    """The header of the local ``sglctl up`` run behind ``router_url``.
+
+    Without a URL: the run on port 30000, or the only run on this host.
+    """
+    if router_url:
+        names = [segment_name_for_port(port_of(router_url))]
+    else:
+        default = segment_name_for_port(30000)
+        found = list_segments()
+        names = [default] if default in found or len(found) != 1 else found
+    for name in names:
+        try:
+            with StateTable.attach(name) as table:
+                info = table.info()
+        except StateTableError:
+            continue
+        if info.owner_alive():
+            return info
+    where = f"behind {router_url}" if router_url else "on this host"
+    raise ControlError(
+        f"no running `sglctl up` {where} (looked for state table {', '.join(names) or 'sglctl_*'})"
+    )
+
+
+def call(control_path: str, request: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+    """Send one request to the supervisor and return its reply (raises ControlError)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(control_path)
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            chunks = []
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                if chunk.endswith(b"\n"):
+                    break
+    except TimeoutError as exc:
+        raise ControlError(f"the supervisor did not answer within {timeout:.0f} s") from exc
+    except OSError as exc:
+        raise ControlError(f"cannot reach the supervisor at {control_path}: {exc}") from exc
+    try:
+        reply = json.loads(b"".join(chunks))
+    except ValueError as exc:
+        raise ControlError("the supervisor sent an unreadable reply") from exc
+    if not isinstance(reply, dict):
+        raise ControlError("the supervisor sent an unreadable reply")
+    if not reply.get("ok"):
+        raise ControlError(str(reply.get("error", "request refused")))
+    return reply
+
+
+def add_local_worker(router_url: str | None = None, timeout: float = 1800.0) -> dict[str, Any]:
+    """Ask the local supervisor for one more worker; returns once it is healthy (or failed)."""
+    info = find_local_run(router_url)
+    return call(info.control_path, {"op": "add"}, timeout=timeout + 5)
+
+
+def remove_managed_worker(worker_url: str, router_url: str | None = None) -> dict[str, Any] | None:
+    """Stop a worker managed by a local ``sglctl up``; None when no local run manages it."""
+    try:
+        info = find_local_run(router_url)
+    except ControlError:
+        return None
+    managed = call(info.control_path, {"op": "list"}, timeout=10)
+    wanted = worker_url.rstrip("/")
+    if not any(w.get("url") == wanted for w in managed.get("workers", [])):
+        return None
+    return call(info.control_path, {"op": "remove", "url": wanted}, timeout=120)

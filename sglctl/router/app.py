@@ -163,7 +163,7 @@ class Router:
         if c.state_table:
             from sglctl.router.state_table_source import StateTableSource
 
-            self.sources.append(StateTableSource(c.state_table))
+            self.sources.append(StateTableSource(c.state_table, stats=self.stats))
         for source in self.sources:
             self._spawn(source.run(self.registry), f"source {type(source).__name__}")
         self._spawn(self.health.run(self.registry), "health checker")

@@ -52,7 +52,8 @@ def json_response(data: Any, status: int = 200) -> Response:
 
 
 def sim_of(request: Request) -> SimWorker:
-    return request.app.state.sim  # type: ignore[no-any-return]
+    sim: SimWorker = request.app.state.sim
+    return sim
 
 
 def meta_info(sim: SimWorker, req: SimRequest, n_tokens: int) -> dict[str, Any]:

@@ -50,7 +50,8 @@ def _json(data: Any, status: int = 200) -> Response:
 
 
 def _sim(request: Request) -> SimWorker:
-    return request.app.state.sim  # type: ignore[no-any-return]
+    sim: SimWorker = request.app.state.sim
+    return sim
 
 
 # ----- request parsing -----------------------------------------------------------------------

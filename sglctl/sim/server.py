@@ -36,6 +36,6 @@ def serve(config: SimConfig, ignored_args: list[str] | None = None) -> None:
         access_log=config.log_level == "debug",
         lifespan="on",
         # A stalled worker holds requests forever; do not let that block shutdown for long.
-        timeout_graceful_shutdown=2,
+        timeout_graceful_shutdown=1,
     )
     uvicorn.Server(uv_config).run()

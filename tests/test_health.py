@@ -227,3 +227,84 @@ def test_invalid_parameters() -> None:
         HealthChecker(interval_secs=0)
     with pytest.raises(ValueError):
         HealthChecker(timeout_secs=-1)
+
+
+# -- interrupting requests stuck on an ejected worker ------------------------------------------
+async def test_interrupt_fails_over_an_attempt_waiting_on_the_worker() -> None:
+    from sglctl.router.health import InFlightWatcher
+
+    watcher = InFlightWatcher()
+    outcome: list[str] = []
+
+    async def attempt() -> None:
+        watch = watcher.watch("http://w")
+        watch.reading = True
+        try:
+            await asyncio.Event().wait()  # a worker that never answers
+        except asyncio.CancelledError:
+            outcome.append("interrupted" if watch.interrupted() else "cancelled")
+            if outcome[-1] == "cancelled":
+                raise
+        finally:
+            watch.reading = False
+            watcher.unwatch(watch)
+        outcome.append("failed over")
+
+    task = asyncio.create_task(attempt())
+    await until_true(lambda: watcher.count("http://w") == 1)
+    assert watcher.interrupt("http://other", "x") == 0
+    assert watcher.interrupt("http://w", "ejected") == 1
+    await task  # the task was not cancelled for good: it went on
+    assert outcome == ["interrupted", "failed over"]
+    assert watcher.count("http://w") == 0
+
+
+async def test_outside_cancellation_still_propagates() -> None:
+    from sglctl.router.health import InFlightWatcher
+
+    watcher = InFlightWatcher()
+    seen: list[bool] = []
+
+    async def attempt() -> None:
+        watch = watcher.watch("http://w")
+        watch.reading = True
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            seen.append(watch.interrupted())
+            raise
+
+    task = asyncio.create_task(attempt())
+    await until_true(lambda: watcher.count("http://w") == 1)
+    task.cancel()  # the client went away
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert seen == [False]
+
+
+async def test_interrupt_while_not_reading_only_marks_the_attempt() -> None:
+    from sglctl.router.health import InFlightWatcher
+
+    watcher = InFlightWatcher()
+    gate = asyncio.Event()
+
+    async def relay() -> str | None:
+        watch = watcher.watch("http://w")
+        await gate.wait()  # "handing a chunk to the client": not reading from the worker
+        watcher.unwatch(watch)
+        return watch.reason
+
+    task = asyncio.create_task(relay())
+    await until_true(lambda: watcher.count("http://w") == 1)
+    assert watcher.interrupt("http://w", "ejected") == 1
+    assert watcher.interrupt("http://w", "again") == 0  # already marked
+    gate.set()
+    assert await task == "ejected"  # not cancelled, only told
+
+
+async def until_true(predicate: object, limit: int = 1000) -> None:
+    for _ in range(limit):
+        if predicate():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition never became true")

@@ -87,6 +87,7 @@ class Router:
             success_threshold=config.health_success_threshold,
             endpoint=config.health_check_endpoint,
             enabled=not config.disable_health_check,
+            on_change=self._on_health_change,
         )
         self.sources: list[WorkerSourceProtocol] = list(extra_sources or [])
         self.static = StaticSource(config.worker_urls, config.prefill_servers, config.decode_urls)
@@ -105,6 +106,14 @@ class Router:
             enabled=not c.disable_circuit_breaker,
             name=url,
         )
+
+    def _on_health_change(self, worker: Any, healthy: bool) -> None:
+        """An ejected worker may hold stuck requests (a hung GPU): fail them over now
+        instead of letting them wait for --request-timeout-secs."""
+        if not healthy and self.forwarder is not None:
+            self.forwarder.in_flight.interrupt(
+                worker.url, f"worker {worker.url} failed its health checks"
+            )
 
     def _on_membership(self, event: str, worker: Worker) -> None:
         policies = [self.policy, self.decode_policy] if self.decode_policy else [self.policy]

@@ -33,6 +33,7 @@ import orjson
 from starlette.responses import Response, StreamingResponse
 
 from sglctl.router.errors import RouterError
+from sglctl.router.health import InFlightWatcher, Watch
 from sglctl.router.policies.base import NO_KEY, Policy, RouteKey
 from sglctl.router.retry import RetryBudget, RetryPolicy, is_retryable_exception, retryable_status
 from sglctl.router.workers import Worker, WorkerRegistry
@@ -102,6 +103,8 @@ class Forwarder:
         self.request_timeout_secs = request_timeout_secs
         self.connect_timeout_secs = connect_timeout_secs
         self.on_retry = on_retry
+        #: Attempts in flight per worker, so that ejecting a worker can interrupt them.
+        self.in_flight = InFlightWatcher()
 
     # -- worker choice ---------------------------------------------------------------------
     def choose(self, candidates: Sequence[Worker], key: RouteKey) -> Worker | None:
@@ -146,28 +149,38 @@ class Forwarder:
                     raise RouterError(503, "no healthy worker available to serve the request")
                 raise RouterError(502, f"all attempts failed; last error: {last_error}")
             attempts.record(worker.url)
+            watch = self.in_flight.watch(worker.url)
             try:
-                return await self._attempt(worker, method, path, body, headers, deadline, finish)
-            except _Failure as failure:
-                worker.errors_total += 1
-                worker.breaker.record_failure()
-                last_error = f"{worker.url}: {failure}"
-                remaining = deadline - loop.time()
-                if failure.timed_out or remaining <= 0:
-                    raise RouterError(
-                        504,
-                        f"request timed out after {self.request_timeout_secs:g}s ({last_error})",
-                    ) from None
-                if not attempts.can_retry() or (
-                    self.budget is not None and not self.budget.try_retry()
-                ):
-                    raise RouterError(
-                        502, f"worker request failed; last error: {last_error}"
-                    ) from None
-                log.debug("retrying after failure at %s", last_error)
-                if self.on_retry is not None:
-                    self.on_retry()
-                await asyncio.sleep(min(attempts.next_backoff(), remaining))
+                return await self._attempt(
+                    worker, method, path, body, headers, deadline, finish, watch
+                )
+            except (_Failure, asyncio.CancelledError) as exc:
+                # An attempt interrupted because its worker was ejected (health checks) fails
+                # over like a connection error; any other cancellation propagates.
+                if isinstance(exc, asyncio.CancelledError) and not watch.interrupted():
+                    raise
+                failure = exc if isinstance(exc, _Failure) else _Failure(str(watch.reason))
+            finally:
+                watch.reading = False
+                if not watch.streaming:
+                    self.in_flight.unwatch(watch)
+            worker.errors_total += 1
+            worker.breaker.record_failure()
+            last_error = f"{worker.url}: {failure}"
+            remaining = deadline - loop.time()
+            if failure.timed_out or remaining <= 0:
+                raise RouterError(
+                    504,
+                    f"request timed out after {self.request_timeout_secs:g}s ({last_error})",
+                ) from None
+            if not attempts.can_retry() or (
+                self.budget is not None and not self.budget.try_retry()
+            ):
+                raise RouterError(502, f"worker request failed; last error: {last_error}") from None
+            log.debug("retrying after failure at %s", last_error)
+            if self.on_retry is not None:
+                self.on_retry()
+            await asyncio.sleep(min(attempts.next_backoff(), remaining))
 
     async def _attempt(
         self,
@@ -178,6 +191,7 @@ class Forwarder:
         headers: Mapping[str, str],
         deadline: float,
         finish: Finish,
+        watch: Watch,
     ) -> Response:
         loop = asyncio.get_running_loop()
         remaining = max(deadline - loop.time(), 0.001)
@@ -196,6 +210,7 @@ class Forwarder:
             request = self.client.build_request(
                 method, worker.url + path, content=body, headers=headers, timeout=timeout
             )
+            watch.reading = True
             response = await self.client.send(request, stream=True)
         except BaseException as exc:
             release(0, False)
@@ -229,8 +244,10 @@ class Forwarder:
         content_type = out_headers.get("content-type", "")
         if content_type.startswith("text/event-stream"):
             finish.add(release)
+            watch.reading = False
+            watch.streaming = True  # the relay owns the watch from here
             return StreamingResponse(
-                self._relay(worker, response, finish),
+                self._relay(worker, response, finish, watch),
                 status_code=status,
                 headers=out_headers,
             )
@@ -250,24 +267,49 @@ class Forwarder:
         return Response(content, status_code=status, headers=out_headers)
 
     async def _relay(
-        self, worker: Worker, response: httpx.Response, finish: Finish
+        self, worker: Worker, response: httpx.Response, finish: Finish, watch: Watch
     ) -> AsyncIterator[bytes]:
-        """Pass an event stream through chunk by chunk; always release the worker slot."""
+        """Pass an event stream through chunk by chunk; always release the worker slot.
+
+        A worker that dies or is ejected mid-stream ends the stream with an SSE error event
+        (never a retry: part of the answer already reached the client).
+        """
         ok = False
+        problem: str | None = None
+        chunks = response.aiter_raw()
+        # Starlette iterates the body in a task of its own: interrupts must cancel that one.
+        watch.task = asyncio.current_task()
         try:
-            async for chunk in response.aiter_raw():
-                yield chunk
-            ok = True
-        except httpx.HTTPError as exc:
-            worker.errors_total += 1
-            worker.breaker.record_failure()
-            log.warning("stream from %s broke after it started: %s", worker.url, _describe(exc))
-            message = f"worker {worker.url} failed mid-stream: {_describe(exc)}"
-            yield b"data: " + orjson.dumps(
-                {"error": {"message": message, "type": "bad_gateway", "code": 502}}
-            )
-            yield b"\n\n"
+            try:
+                while watch.reason is None:
+                    watch.reading = True
+                    try:
+                        chunk = await chunks.__anext__()
+                    except StopAsyncIteration:
+                        ok = True
+                        break
+                    finally:
+                        watch.reading = False
+                    yield chunk
+                else:
+                    problem = watch.reason
+            except asyncio.CancelledError:
+                if not watch.interrupted():
+                    raise
+                problem = watch.reason
+            except httpx.HTTPError as exc:
+                problem = _describe(exc)
+            if problem is not None:
+                worker.errors_total += 1
+                worker.breaker.record_failure()
+                log.warning("stream from %s broke after it started: %s", worker.url, problem)
+                message = f"worker {worker.url} failed mid-stream: {problem}"
+                yield b"data: " + orjson.dumps(
+                    {"error": {"message": message, "type": "bad_gateway", "code": 502}}
+                )
+                yield b"\n\n"
         finally:
+            self.in_flight.unwatch(watch)
             finish(response.status_code, ok)
             with anyio.CancelScope(shield=True):
                 await _close_quietly(response)

@@ -111,7 +111,10 @@ class Supervisor:
         self._signals += 1
         if self._signals == 1:
             if sig is not None:
-                log.info("received %s: shutting down (press Ctrl-C again to kill at once)", signal.Signals(sig).name)
+                log.info(
+                    "received %s: shutting down (press Ctrl-C again to kill at once)",
+                    signal.Signals(sig).name,
+                )
             self._stop.set()
         else:
             log.warning("second stop request: killing every process now")
@@ -132,11 +135,15 @@ class Supervisor:
             await self.control.start()
         for index, spec in enumerate(self.specs):
             self._add(spec, index).start()
-        pending = {asyncio.ensure_future(w.settled) for w in self.workers.values()}
+        pending: set[asyncio.Future[Any]] = {
+            asyncio.ensure_future(w.settled) for w in self.workers.values()
+        }
         stop_wait = asyncio.ensure_future(self._stop.wait())
         try:
             while pending and not self._stop.is_set():
-                _, pending = await asyncio.wait(pending | {stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                _, pending = await asyncio.wait(
+                    pending | {stop_wait}, return_when=asyncio.FIRST_COMPLETED
+                )
                 pending.discard(stop_wait)
         finally:
             stop_wait.cancel()
@@ -144,7 +151,10 @@ class Supervisor:
             return
         healthy = [w for w in self.workers.values() if w.state == WorkerState.HEALTHY]
         if not healthy:
-            self.fatal("no worker could be started; see the log tails above and the logs in " + str(run_dir))
+            self.fatal(
+                "no worker could be started; see the log tails above and the logs in "
+                + str(run_dir)
+            )
             return
         if self.settings.router_argv is not None:
             assert self.client is not None
@@ -199,8 +209,8 @@ class Supervisor:
             ok = await worker.settled
             if not ok:
                 raise ControlError(
-                    f"worker {worker.worker_id} at {worker.url} did not start ({worker.state.label}); "
-                    f"see {worker.log.path}"
+                    f"worker {worker.worker_id} at {worker.url} did not start "
+                    f"({worker.state.label}); see {worker.log.path}"
                 )
             return {"ok": True, **self._describe(worker)}
         if op == "remove":
@@ -216,12 +226,20 @@ class Supervisor:
         async with self._lock:
             slot = self.table.free_slot()
             if slot is None:
-                raise ControlError(f"the state table is full ({self.table.n_slots} slots; see --max-workers)")
-            live = [w for w in self.workers.values() if w.state not in (WorkerState.REMOVED, WorkerState.FAILED)]
+                raise ControlError(
+                    f"the state table is full ({self.table.n_slots} slots; see --max-workers)"
+                )
+            live = [
+                w
+                for w in self.workers.values()
+                if w.state not in (WorkerState.REMOVED, WorkerState.FAILED)
+            ]
             used_ports = {w.spec.port for w in live}
             used_gpus = {g for w in live for g in w.spec.gpu_ids}
             try:
-                spec = self.factory.make(self._next_worker_id, used_ports, used_gpus, self.base_port)
+                spec = self.factory.make(
+                    self._next_worker_id, used_ports, used_gpus, self.base_port
+                )
             except PlanError as exc:
                 raise ControlError(str(exc)) from exc
             self._next_worker_id += 1
@@ -230,7 +248,9 @@ class Supervisor:
                 del self.workers[old.worker_id]
             worker = self._add(spec, slot)
             worker.start()
-            log.info("adding worker %d at %s (GPUs %s)", spec.worker_id, spec.url, spec.gpus_label or "-")
+            log.info(
+                "adding worker %d at %s (GPUs %s)", spec.worker_id, spec.url, spec.gpus_label or "-"
+            )
             return worker
 
     async def remove_worker(self, url: str) -> SupervisedWorker:
@@ -267,7 +287,9 @@ class Supervisor:
         if self.control is not None:
             await self.control.close()
         if self.router is not None:
-            log.info("stopping the router (draining for up to %.0f s)", self.settings.router_grace_period)
+            log.info(
+                "stopping the router (draining for up to %.0f s)", self.settings.router_grace_period
+            )
             await self.router.stop()
         live = [w for w in self.workers.values() if w.child is not None]
         if live:

@@ -68,6 +68,9 @@ class ChildProcess:
         self.log = logfile
         self.pid = popen.pid
         self.create_time = _create_time(popen.pid)
+        #: Resolved with the exit code the moment the child exits. Await it through
+        #: :meth:`wait` (shielded): cancelling a task that awaits a future directly would
+        #: cancel the future itself, and every other waiter with it.
         self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._reader: threading.Thread | None = None
 
@@ -110,6 +113,10 @@ class ChildProcess:
     def alive(self) -> bool:
         return not self.exited.done()
 
+    async def wait(self) -> int:
+        """The exit code, once the child has exited."""
+        return await asyncio.shield(self.exited)
+
     # -- stopping --------------------------------------------------------------------------
     async def stop(self, timeout: float) -> int:
         """SIGTERM the whole tree, SIGKILL what is left after ``timeout``; wait for the exit."""
@@ -122,7 +129,7 @@ class ChildProcess:
         # Helpers that were re-parented away from the tree (or outlived a crashed leader)
         # still carry the leader's session id.
         await asyncio.to_thread(_kill_session_leftovers, self.pid)
-        return await self.exited
+        return await self.wait()
 
     def kill_now(self) -> None:
         """SIGKILL the tree without waiting (second Ctrl-C)."""

@@ -124,7 +124,7 @@ class SupervisedRouter:
     async def _keep_alive(self) -> None:
         while not self.stopping:
             assert self.child is not None
-            code = await self.child.exited
+            code = await self.child.wait()
             if self.stopping:
                 return
             await self.child.stop(5.0)

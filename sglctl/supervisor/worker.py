@@ -303,7 +303,12 @@ class SupervisedWorker:
             self.slot.healthy_since = healthy_since
         self.table.write_slot(self.slot_index, self.slot)
         if state != previous:
-            log.info("worker %d %s -> %s %s", self.worker_id, previous.label, state.label, detail)
+            if previous == WorkerState.EMPTY:
+                log.info("worker %d %s at %s (%s)", self.worker_id, state.label, self.url, detail)
+            else:
+                log.info(
+                    "worker %d %s -> %s %s", self.worker_id, previous.label, state.label, detail
+                )
         if self.listener is not None:
             self.listener(self, state, tail or detail)
 

@@ -59,6 +59,27 @@ def _gpus(
     render_report(detect_gpus(), as_json=as_json)
 
 
+@app.command("up", context_settings=PASSTHROUGH, add_help_option=False)
+def _up(ctx: typer.Context) -> None:
+    """Start a worker per GPU group, supervise them, and route to them (`sglctl up --help`)."""
+    import sys
+
+    from sglctl.supervisor.up import run_up
+
+    raise typer.Exit(run_up(_restore_double_dash(ctx.args, sys.argv)))
+
+
+def _restore_double_dash(args: list[str], argv: list[str]) -> list[str]:
+    """Click drops the ``--`` that separates ``sglctl up``'s flags from the workers'; put it
+    back where the real command line had it."""
+    if "--" not in argv:
+        return args
+    worker_args = argv[argv.index("--") + 1 :]
+    if worker_args and args[-len(worker_args) :] != worker_args:
+        return args
+    return [*args[: len(args) - len(worker_args)], "--", *worker_args]
+
+
 @app.command("router", context_settings=PASSTHROUGH, add_help_option=False)
 def _router(ctx: typer.Context) -> None:
     """Run the cache-aware router alone (the SGLang Router's flags; `sglctl router --help`)."""

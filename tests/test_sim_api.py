@@ -321,3 +321,28 @@ def test_openai_bad_input_is_a_400_in_sglang_shape(
     data = r.json()
     assert data["object"] == "error" and data["code"] == 400 and data["type"] == "BadRequestError"
     assert data["error"]["message"] == data["message"]
+
+
+def test_health_generate_is_not_counted_as_traffic(client: httpx.Client) -> None:
+    def requests_total() -> float:
+        for line in client.get("/metrics").text.splitlines():
+            if line.startswith("sglang:num_requests_total{"):
+                return float(line.rsplit(" ", 1)[1])
+        raise AssertionError("no sglang:num_requests_total")
+
+    before = requests_total()
+    assert client.get("/health_generate").status_code == 200
+    assert requests_total() == before
+
+
+def test_python_dash_m_entry_point(procs) -> None:  # type: ignore[no-untyped-def]
+    import sys
+
+    from sglctl.net import find_free_port
+
+    port = find_free_port()
+    args = [sys.executable, "-m", "sglctl.sim", "--port", str(port), "--speedup", "100"]
+    worker = procs.spawn("sim-dash-m", args, url=f"http://127.0.0.1:{port}")
+    r = httpx.post(worker.url + "/generate", json={"text": "hi"}, timeout=5)
+    assert r.status_code == 200
+    assert r.json()["meta_info"]["completion_tokens"] == 128  # SGLang's default max_new_tokens

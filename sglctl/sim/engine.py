@@ -125,6 +125,7 @@ class Engine:
         self.generated_tokens = 0
         self._throughput_mark = (0.0, 0)
         self.gen_throughput = 0.0
+        self._memory_warned_at = float("-inf")
 
     # ----- public API ------------------------------------------------------------------------
 
@@ -179,6 +180,7 @@ class Engine:
         req.abort_reason = reason
         req.finish_time = self._now()
         req.changed.set()
+        self._wake.set()  # freed memory or a slot may let the queue move
         log.debug("aborted %s (%s)", req.rid, reason)
         if self.on_finish is not None:
             self.on_finish(req)
@@ -286,6 +288,15 @@ class Engine:
         entries = self._admit()
         if entries:
             chunks = [(req.prefilled, new) for req, new in entries]
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "prefill batch: %d reqs, %d new tokens, %d cached; running %d, waiting %d",
+                    len(entries),
+                    sum(new for _, new in entries),
+                    sum(req.cached_tokens for req, _ in entries),
+                    len(self.running),
+                    len(self.waiting),
+                )
             return _PrefillBatch(start + self.timing.prefill_seconds(chunks), entries)
         if self.running:
             step = self.timing.decode_seconds(len(self.running), self.running_context)
@@ -310,6 +321,7 @@ class Engine:
             need = req.prompt_tokens - match.length + req.plan.length
             if need > self.cache.available:
                 self.cache.unlock(match.node)
+                self._warn_memory_bound(need)
                 break  # head-of-line waits for memory, as in SGLang's FCFS policy
             self.cache.allocate(need)
             self.waiting.popleft()
@@ -325,6 +337,21 @@ class Engine:
             entries.append((req, new))
             budget -= new
         return entries
+
+    def _warn_memory_bound(self, need: int) -> None:
+        """Say (at most every 30 s) that admission waits for KV memory: the sign of an
+        overloaded worker or a --kv-cache-tokens too small for the workload."""
+        now = self._now()
+        if now - self._memory_warned_at >= 30.0:
+            self._memory_warned_at = now
+            log.warning(
+                "KV cache full: next request needs %d tokens, %d can be freed; %d running, "
+                "%d waiting",
+                need,
+                self.cache.available,
+                self.active,
+                len(self.waiting),
+            )
 
     def _complete_prefill(self, batch: _PrefillBatch) -> None:
         for req, new in batch.entries:

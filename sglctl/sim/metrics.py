@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 
 from sglctl.sim.engine import Engine, SimRequest
 
+HEALTH_CHECK_PREFIX = "HEALTH_CHECK_"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _LATENCY_BUCKETS = (
@@ -95,10 +96,14 @@ class SimMetrics:
         reg.register(_EngineGauges(engine, model_name))
 
     def first_token(self, req: SimRequest) -> None:
+        if req.rid.startswith(HEALTH_CHECK_PREFIX):
+            return
         if req.first_token_time is not None:
             self.ttft.labels(self.model_name).observe(req.first_token_time - req.arrival)
 
     def finished(self, req: SimRequest) -> None:
+        if req.rid.startswith(HEALTH_CHECK_PREFIX):
+            return  # probes are not traffic: keep per-worker request shares exact
         name = self.model_name
         if req.abort_reason is not None:
             self.num_aborted.labels(name).inc()

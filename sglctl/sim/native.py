@@ -14,6 +14,8 @@ Shapes follow SGLang's ``http_server.py`` (checked against its docs and source):
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,10 +25,11 @@ from starlette.responses import Response
 
 from sglctl.sim.engine import SimRequest
 from sglctl.sim.errors import APIError
-from sglctl.sim.metrics import CONTENT_TYPE
+from sglctl.sim.metrics import CONTENT_TYPE, HEALTH_CHECK_PREFIX
 from sglctl.sim.protocol import (
     GenerateItem,
     Sampling,
+    new_rid,
     parse_generate,
     parse_json,
     token_list,
@@ -40,6 +43,9 @@ from sglctl.sim.service import (
 )
 from sglctl.sim.streaming import DONE, EventStream, sse
 from sglctl.sim.tokenizer import decode, encode
+
+HEALTH_CHECK_TIMEOUT_S = 20.0  # SGLang's HEALTH_CHECK_TIMEOUT default
+HEALTH_POLL_S = 0.05
 
 FLUSH_MESSAGE = (
     "Cache flushed.\nPlease check backend logs for more details. "
@@ -125,15 +131,26 @@ async def health(request: Request) -> Response:
 
 
 async def health_generate(request: Request) -> Response:
-    """A one-token generation through the scheduler, as SGLang does (not fault-counted)."""
+    """SGLang's deep health check: a one-token generation through the scheduler.
+
+    As in SGLang, any output of the scheduler while we wait also proves it alive (a worker
+    saturated with long requests is healthy even if the probe waits in the queue); nothing
+    within ``HEALTH_CHECK_TIMEOUT_S`` means unhealthy: 503. Not counted by fault injection.
+    """
     sim = sim_of(request)
-    item = GenerateItem(f"HEALTH_CHECK_{sim.now():.6f}", [1], Sampling(max_new_tokens=1))
+    engine = sim.engine
+    item = GenerateItem(f"{HEALTH_CHECK_PREFIX}{new_rid()}", [1], Sampling(max_new_tokens=1))
     reqs = sim.submit([item], stream=False)
-    watcher = watch_disconnect(request.receive, lambda: sim.abort(reqs))
+    generated = engine.generated_tokens
+    deadline = sim.now() + HEALTH_CHECK_TIMEOUT_S
     try:
-        await sim.wait_all(reqs)
+        while not reqs[0].done and engine.generated_tokens == generated:
+            if sim.now() > deadline:
+                return Response(status_code=503)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(reqs[0].changed.wait(), HEALTH_POLL_S)
     finally:
-        watcher.cancel()
+        sim.abort(reqs, "health check done")
     return Response(status_code=200)
 
 

@@ -80,6 +80,25 @@ def _restore_double_dash(args: list[str], argv: list[str]) -> list[str]:
     return [*args[: len(args) - len(worker_args)], "--", *worker_args]
 
 
+@app.command("status")
+def _status(
+    router: str | None = typer.Option(
+        None, "--router", help="Router URL (default: the local `sglctl up`, else :30000)."
+    ),
+    once: bool = typer.Option(False, "--once", help="Print one frame and exit."),
+    as_json: bool = typer.Option(False, "--json", help="Print machine-readable state and exit."),
+    interval: float = typer.Option(1.0, "--interval", min=0.1, help="Seconds between frames."),
+    sample_secs: float = typer.Option(
+        1.0, "--sample-secs", min=0.0, help="With --once/--json: window for rates (0: none)."
+    ),
+    api_key: str | None = typer.Option(None, "--api-key", envvar="SGLCTL_API_KEY"),
+) -> None:
+    """Live dashboard of workers and router (local shared memory, or --router over HTTP)."""
+    from sglctl.status import run_status
+
+    raise typer.Exit(run_status(router, once, as_json, interval, sample_secs, api_key))
+
+
 @app.command("router", context_settings=PASSTHROUGH, add_help_option=False)
 def _router(ctx: typer.Context) -> None:
     """Run the cache-aware router alone (the SGLang Router's flags; `sglctl router --help`)."""

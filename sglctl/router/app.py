@@ -147,14 +147,19 @@ class Router:
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         c = self.config
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(c.request_timeout_secs, connect=10.0),
+        # One connection pool for everything the router sends to workers: unbounded
+        # connections (admission control is the place to limit concurrency), keep-alive.
+        transport = self._transport or httpx.AsyncHTTPTransport(
             limits=httpx.Limits(
-                max_connections=None, max_keepalive_connections=512, keepalive_expiry=60.0
+                max_connections=None, max_keepalive_connections=1024, keepalive_expiry=60.0
             ),
             trust_env=False,
+        )
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(c.request_timeout_secs, connect=10.0),
+            trust_env=False,
             follow_redirects=False,
-            transport=self._transport,
+            transport=transport,
         )
         self.forwarder = Forwarder(
             self.registry,
@@ -164,6 +169,7 @@ class Router:
             budget=self.retry_budget,
             request_timeout_secs=c.request_timeout_secs,
             on_retry=self.metrics.retry,
+            transport=transport,
         )
         await self.static.run(self.registry)
         # Other worker sources. With --state-table the supervisor's shared-memory table

@@ -52,7 +52,14 @@ async def serve(config: RouterConfig) -> None:
 
     router = Router(config)
     app = create_app(router)
-    common = {"loop": "none", "http": "httptools", "access_log": False, "log_config": None}
+    common = {
+        "loop": "none",
+        "http": "httptools",
+        "access_log": False,
+        "log_config": None,
+        "proxy_headers": False,
+        "server_header": False,
+    }
     main = uvicorn.Server(
         uvicorn.Config(
             app,

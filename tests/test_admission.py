@@ -230,15 +230,25 @@ def test_release_without_acquire_does_not_go_negative() -> None:
     assert controller.active == 0
 
 
-async def test_retry_after_hint_follows_the_hold_time() -> None:
+async def test_retry_after_hint_follows_the_release_rate() -> None:
     now = [0.0]
     controller = AdmissionController(
         max_concurrent=2, queue_size=10, queue_timeout_secs=60, clock=lambda: now[0]
     )
     assert controller.retry_after_hint() == 1  # nothing measured yet
-    async with controller.admit(0):
-        now[0] += 8.0
-    # 8 s per request, 2 slots, nobody queued: about 4 s to a free slot
+    await controller.acquire(0)
+    await controller.acquire(0)
+    gate = asyncio.Event()
+    waiters = [asyncio.create_task(hold(controller, 0, gate)) for _ in range(3)]
+    await until(lambda: controller.queued == 3)
+    controller.release()
+    now[0] += 2.0
+    controller.release()  # a slot frees every 2 s
+    await until(lambda: controller.queued == 1)
+    # one waiter ahead + the newcomer: about 2 x 2 s
     assert controller.retry_after_hint() == 4
-    controller.queue_timeout_secs = 2
-    assert controller.retry_after_hint() == 2  # never more than the queue timeout
+    controller.queue_timeout_secs = 3
+    assert controller.retry_after_hint() == 3  # never more than the queue timeout
+    gate.set()
+    await asyncio.gather(*waiters)
+    assert controller.active == 0

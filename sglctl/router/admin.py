@@ -50,14 +50,20 @@ def validate_worker_url(raw: object) -> str:
         raise RouterError(
             400, "a worker URL is required (query parameter 'url' or JSON field 'url')"
         )
-    url = normalize_url(raw)
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    # An explicit http(s) scheme is required here (unlike --worker-urls): a bare name would
+    # otherwise be resolved and probed, letting an admin call reach arbitrary hosts by DNS.
+    try:
+        parts = urlsplit(raw.strip())
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        raise RouterError(400, f"invalid worker URL {raw!r}") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         raise RouterError(400, f"invalid worker URL {raw!r}: expected http://host:port")
+    url = normalize_url(raw)
     try:
         parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError:
-        raise RouterError(400, f"invalid port in worker URL {raw!r}") from None
+        httpx.URL(url)  # refuses what the client could not connect to (bad IDNA host, ...)
+    except (ValueError, httpx.InvalidURL):
+        raise RouterError(400, f"invalid worker URL {raw!r}") from None
     return url
 
 

@@ -126,7 +126,8 @@ class AdmissionController:
         self._active = 0
         self._heap: list[_Waiter] = []
         self._seq = 0
-        self._hold_ewma: float | None = None
+        self._release_gap_ewma: float | None = None  # seconds between slot releases
+        self._last_release: float | None = None
         self._stats = AdmissionStats()
 
     @property
@@ -155,11 +156,9 @@ class AdmissionController:
             yield
             return
         await self.acquire(priority)
-        started = self._clock()
         try:
             yield
         finally:
-            self._observe_hold(self._clock() - started)
             self.release()
 
     async def acquire(self, priority: int = DEFAULT_PRIORITY) -> None:
@@ -200,6 +199,7 @@ class AdmissionController:
         """Give a slot back: to the best waiter if there is one, else to the pool."""
         if not self.enabled:
             return
+        self._observe_release()
         while self._heap:
             waiter = heapq.heappop(self._heap)
             if not waiter.future.done():
@@ -214,12 +214,13 @@ class AdmissionController:
     def retry_after_hint(self) -> int:
         """Seconds a refused client should wait: the time for the queue ahead to drain.
 
-        Estimated from the mean time a request holds a slot; at least 1, at most the queue
-        timeout (beyond that the answer would be 'never' anyway).
+        Estimated from the recent rate at which slots are released (which already accounts
+        for the number of slots); at least 1, at most the queue timeout (beyond that the
+        answer would be 'never' anyway).
         """
-        if self._hold_ewma is None or self.max_concurrent <= 0:
+        if self._release_gap_ewma is None or self.max_concurrent <= 0:
             return 1
-        drain = self._hold_ewma * (len(self._heap) + 1) / self.max_concurrent
+        drain = self._release_gap_ewma * (len(self._heap) + 1)
         ceiling = max(1, math.ceil(self.queue_timeout_secs))
         return int(min(max(1, math.ceil(drain)), ceiling))
 
@@ -256,8 +257,12 @@ class AdmissionController:
             return
         heapq.heapify(self._heap)
 
-    def _observe_hold(self, seconds: float) -> None:
-        if self._hold_ewma is None:
-            self._hold_ewma = seconds
-        else:
-            self._hold_ewma += 0.1 * (seconds - self._hold_ewma)
+    def _observe_release(self) -> None:
+        now = self._clock()
+        if self._last_release is not None:
+            gap = now - self._last_release
+            if self._release_gap_ewma is None:
+                self._release_gap_ewma = gap
+            else:
+                self._release_gap_ewma += 0.1 * (gap - self._release_gap_ewma)
+        self._last_release = now

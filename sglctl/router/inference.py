@@ -88,7 +88,12 @@ def routes(router: Router) -> list[Route]:
             raise RouterError(
                 429, str(exc), headers={"Retry-After": str(exc.retry_after)}
             ) from None
-        except (ClientDisconnect, asyncio.CancelledError):
+        except ClientDisconnect:
+            # The client hung up while sending its body: nobody is left to answer, and an
+            # unhandled exception would log a traceback per disconnect.
+            finish(CLIENT_CLOSED, False)
+            return Response(status_code=CLIENT_CLOSED)
+        except asyncio.CancelledError:
             finish(CLIENT_CLOSED, False)
             raise
         except Exception:

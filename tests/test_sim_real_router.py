@@ -1,0 +1,42 @@
+"""The real SGLang Router (Rust, sglang-router on PyPI) accepts sim workers as SGLang workers.
+
+Skipped when that router is not installed at ``SGLANG_ROUTER_PYTHON`` (default: the venv the
+project machine has at /work/sglang-router-venv).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from sglctl.net import find_free_port
+
+ROUTER_PYTHON = Path(os.environ.get("SGLANG_ROUTER_PYTHON", "/work/sglang-router-venv/bin/python"))
+
+pytestmark = pytest.mark.skipif(
+    not ROUTER_PYTHON.exists(), reason="the Rust sglang-router is not installed"
+)
+
+
+def test_rust_router_routes_to_sim_workers(procs) -> None:  # type: ignore[no-untyped-def]
+    workers = [procs.sim_worker("--speedup", "100") for _ in range(2)]
+    port = find_free_port()
+    args = [str(ROUTER_PYTHON), "-m", "sglang_router.launch_router", "--host", "127.0.0.1",
+            "--port", str(port), "--worker-urls", *(w.url for w in workers)]  # fmt: skip
+    router = procs.spawn("rust-router", args, url=f"http://127.0.0.1:{port}",
+                         health_path="/health", ready_timeout=60)  # fmt: skip
+    with httpx.Client(base_url=router.url, timeout=20) as c:
+        r = c.post("/generate", json={"text": "hello", "sampling_params": {"max_new_tokens": 4}})
+        assert r.status_code == 200, r.text
+        assert r.json()["meta_info"]["completion_tokens"] == 4
+        chat = {"model": "sim/Llama-3.1-8B-Instruct", "max_tokens": 3, "stream": True,
+                "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
+        with c.stream("POST", "/v1/chat/completions", json=chat) as s:
+            assert s.status_code == 200
+            events = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        assert orjson.loads(events[-2])["choices"][0]["finish_reason"] == "length"

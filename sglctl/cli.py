@@ -123,11 +123,22 @@ def _admin_call(call: object, *args: object) -> object:
 
 @app.command("add-worker")
 def _add_worker(
-    url: str = typer.Argument(..., help="The worker's base URL, e.g. http://127.0.0.1:31003"),
+    url: str | None = typer.Argument(
+        None, help="The worker's base URL, e.g. http://127.0.0.1:31003 (not with --local)"
+    ),
     router: str = _ROUTER_OPT,
     api_key: str | None = _API_KEY_OPT,
+    local: bool = typer.Option(
+        False, "--local", help="Have the local `sglctl up` start one more worker (free GPU/port)."
+    ),
 ) -> None:
     """Add a worker to a running router (returns once the worker is healthy)."""
+    if local:
+        _add_local_worker(url, router)
+        return
+    if url is None:
+        typer.echo("error: give the worker's URL, or --local to start one", err=True)
+        raise typer.Exit(2)
     from sglctl.router import admin_client
 
     result = _admin_call(lambda: admin_client.add_worker(router, url, api_key=api_key))
@@ -141,10 +152,44 @@ def _remove_worker(
     api_key: str | None = _API_KEY_OPT,
 ) -> None:
     """Remove a worker from a running router; its in-flight requests finish."""
+    if _remove_managed_worker(url, router):
+        return
     from sglctl.router import admin_client
 
     result = _admin_call(lambda: admin_client.remove_worker(router, url, api_key=api_key))
     typer.echo(f"removed {result.get('url', url)}")  # type: ignore[union-attr]
+
+
+def _add_local_worker(url: str | None, router: str) -> None:
+    """``add-worker --local``: ask the supervisor (control socket), not the router."""
+    from sglctl.supervisor.control import ControlError, add_local_worker
+
+    if url is not None:
+        typer.echo("error: --local starts a new worker; do not give a URL", err=True)
+        raise typer.Exit(2)
+    try:
+        result = add_local_worker(router)
+    except ControlError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    gpus = f" on GPU {result['gpus']}" if result.get("gpus") else ""
+    typer.echo(f"added worker {result['worker_id']} at {result['url']}{gpus} (pid {result['pid']})")
+
+
+def _remove_managed_worker(url: str, router: str) -> bool:
+    """A worker started by a local ``sglctl up`` is stopped by its supervisor (else the
+    supervisor would restart it and re-announce it to the router). False: not managed."""
+    from sglctl.supervisor.control import ControlError, remove_managed_worker
+
+    try:
+        result = remove_managed_worker(url, router)
+    except ControlError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if result is None:
+        return False
+    typer.echo(f"stopped and removed worker {result['worker_id']} at {result['url']}")
+    return True
 
 
 @app.command("list-workers")

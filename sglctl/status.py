@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -38,6 +37,7 @@ from sglctl.state_table import (
     list_segments,
     segment_name_for_port,
 )
+from sglctl.supervisor.control import is_local_host
 
 #: The router section of the table counts as live while its heartbeat is younger than this.
 ROUTER_HEARTBEAT_STALE_SECS = 5.0
@@ -265,16 +265,6 @@ def with_rates(previous: Snapshot | None, current: Snapshot) -> Snapshot:
 
 
 # -- choosing the source --------------------------------------------------------------------
-def _is_local_host(host: str) -> bool:
-    if host in ("127.0.0.1", "localhost", "0.0.0.0", "::1", "::", ""):
-        return True
-    with contextlib.suppress(OSError):
-        return host in (socket.gethostname(), socket.getfqdn()) or socket.gethostbyname(
-            host
-        ).startswith("127.")
-    return False
-
-
 def open_local_table(router_url: str | None) -> StateTable | None:
     """The table of the ``sglctl up`` run behind ``router_url`` on this host, if any.
 
@@ -282,7 +272,7 @@ def open_local_table(router_url: str | None) -> StateTable | None:
     """
     if router_url:
         parts = urlsplit(router_url if "://" in router_url else f"http://{router_url}")
-        if not _is_local_host(parts.hostname or "") or parts.port is None:
+        if not is_local_host(parts.hostname or "") or parts.port is None:
             return None
         names = [segment_name_for_port(parts.port)]
     else:

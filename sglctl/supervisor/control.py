@@ -114,12 +114,28 @@ def port_of(router_url: str) -> int:
     return 443 if parts.scheme == "https" else 80
 
 
+def is_local_host(host: str) -> bool:
+    """True for loopback, wildcard and this machine's own names."""
+    if host in ("127.0.0.1", "localhost", "0.0.0.0", "::1", "::", ""):
+        return True
+    with contextlib.suppress(OSError):
+        if host in (socket.gethostname(), socket.getfqdn()):
+            return True
+        return socket.gethostbyname(host).startswith("127.")
+    return False
+
+
 def find_local_run(router_url: str | None = None) -> TableInfo:
     """The header of the local ``sglctl up`` run behind ``router_url``.
 
     Without a URL: the run on port 30000, or the only run on this host.
     """
     if router_url:
+        host = urlsplit(router_url if "://" in router_url else f"http://{router_url}").hostname
+        if not router_url.strip().isdigit() and not is_local_host(host or ""):
+            raise ControlError(
+                f"{router_url} is not on this host; --local needs the machine it runs on"
+            )
         names = [segment_name_for_port(port_of(router_url))]
     else:
         default = segment_name_for_port(30000)

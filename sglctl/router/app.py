@@ -37,6 +37,7 @@ from sglctl.router.proxy import Forwarder
 from sglctl.router.retry import RetryBudget, RetryPolicy
 from sglctl.router.sources import StaticSource, WorkerSourceProtocol
 from sglctl.router.stats import RollingStats
+from sglctl.router.upstream import HttpxUpstream, Upstream, UpstreamPool
 from sglctl.router.workers import Breaker, Worker, WorkerRegistry
 
 log = logging.getLogger(__name__)
@@ -161,15 +162,20 @@ class Router:
             follow_redirects=False,
             transport=transport,
         )
+        # The hot path's client: sglctl's lean one, or httpx over the shared transport (always
+        # when a test injects a transport).
+        if self._transport is not None or c.upstream_client == "httpx":
+            self.upstream: Upstream = HttpxUpstream(transport)
+        else:
+            self.upstream = UpstreamPool()
         self.forwarder = Forwarder(
             self.registry,
             self.policy,
-            self.client,
+            self.upstream,
             self.retry,
             budget=self.retry_budget,
             request_timeout_secs=c.request_timeout_secs,
             on_retry=self.metrics.retry,
-            transport=transport,
         )
         await self.static.run(self.registry)
         # Other worker sources. With --state-table the supervisor's shared-memory table
@@ -204,6 +210,8 @@ class Router:
             with contextlib.suppress(BaseException):
                 await task
         self._tasks.clear()
+        if self.forwarder is not None:
+            self.forwarder.upstream.close_all()
         if self.client is not None:
             await self.client.aclose()
         log.info("router stopped")

@@ -59,6 +59,8 @@ class RouterConfig:
     worker_startup_timeout_secs: float = 600.0
     worker_startup_check_interval: float = 1.0
     state_table: str | None = None
+    #: sglctl only: the hot path's HTTP client, "native" (sglctl.router.upstream) or "httpx".
+    upstream_client: str = "native"
 
     # Prefill/decode disaggregation.
     pd_disaggregation: bool = False
@@ -162,6 +164,14 @@ def build_parser(prog: str = "sglctl router") -> argparse.ArgumentParser:
         default=None,
         metavar="NAME",
         help="sglctl only: take worker membership from the supervisor's shared-memory table NAME",
+    )
+
+    g.add_argument(
+        "--upstream-client",
+        choices=("native", "httpx"),
+        default=d.upstream_client,
+        help="sglctl only: HTTP client for forwarding requests to workers (native: sglctl's "
+        "lean keep-alive client; httpx: the httpx transport, slower at high concurrency)",
     )
 
     g = p.add_argument_group("routing policy")
@@ -457,6 +467,7 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "sglctl router") -
         worker_startup_timeout_secs=ns.worker_startup_timeout_secs,
         worker_startup_check_interval=ns.worker_startup_check_interval,
         state_table=ns.state_table,
+        upstream_client=ns.upstream_client,
         pd_disaggregation=pd,
         prefill_servers=prefill,
         decode_urls=decode,

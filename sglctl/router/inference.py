@@ -35,20 +35,17 @@ def routes(router: Router) -> list[Route]:
     limit = config.max_payload_size
     needs_text = router.policy.needs_text
     id_headers = tuple(h.lower() for h in config.request_id_headers) or DEFAULT_REQUEST_ID_HEADERS
+    passed = frozenset(h.encode("latin-1") for h in ("authorization", *id_headers))
     admission = router.admission
     metrics = router.metrics
     stats = router.stats
 
-    def forward_headers(request: Request) -> dict[str, str]:
-        headers = {"content-type": "application/json"}
-        incoming = request.headers
-        auth = incoming.get("authorization")
-        if auth is not None:
-            headers["authorization"] = auth
-        for name in id_headers:
-            value = incoming.get(name)
-            if value is not None:
-                headers[name] = value
+    def forward_headers(request: Request) -> list[tuple[bytes, bytes]]:
+        """Headers for the worker: JSON content type, the caller's credentials, request ids."""
+        headers = [(b"content-type", b"application/json")]
+        for name, value in request.scope["headers"]:  # raw, names already lower-case
+            if name in passed:
+                headers.append((name, value))
         return headers
 
     async def handle(request: Request) -> Response:
@@ -79,7 +76,9 @@ def routes(router: Router) -> list[Route]:
                 from sglctl.router.pd import forward_pd
 
                 return await forward_pd(router, route, parsed, headers, finish)
-            return await forwarder.forward(route, body, headers, parsed.key, finish)
+            query = request.scope.get("query_string")
+            target = f"{route}?{query.decode('latin-1')}" if query else route
+            return await forwarder.forward(target, body, headers, parsed.key, finish)
         except RouterError as exc:
             finish(exc.status, False)
             raise

@@ -5,9 +5,10 @@ One request's life here:
 1. The policy picks among ``registry.routable()`` (minus workers this request already used up,
    see :class:`~sglctl.router.retry.RetryAttempts`); the chosen worker's circuit breaker must
    ``allow()`` it (in half-open it lets one probe through at a time).
-2. The original body bytes go to the worker over the shared ``httpx.AsyncClient`` (pooled,
-   keep-alive). The worker's load counter (``in_flight``) is held from here until the last
-   byte went to the client, or the client went away.
+2. The original body bytes go to the worker over the shared upstream client
+   (:mod:`~sglctl.router.upstream`: pooled keep-alive connections). The worker's load
+   counter (``in_flight``) is held from here until the last byte went to the client, or the
+   client went away.
 3. A connect error, a timeout or a retryable status (:func:`~sglctl.router.retry.retryable_status`)
    *before any byte reached the client* counts as a failure for that worker's breaker and is
    retried on another worker after a backoff, within the retry limits and the fleet-wide
@@ -24,18 +25,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import anyio
-import httpx
 import orjson
 from starlette.responses import Response, StreamingResponse
 
 from sglctl.router.errors import RouterError
 from sglctl.router.health import InFlightWatcher, Watch
 from sglctl.router.policies.base import NO_KEY, Policy, RouteKey
-from sglctl.router.retry import RetryBudget, RetryPolicy, is_retryable_exception, retryable_status
+from sglctl.router.retry import RetryBudget, RetryPolicy, retryable_status
+from sglctl.router.upstream import Response as UpstreamResponse
+from sglctl.router.upstream import Upstream, UpstreamError, UpstreamTimeout
 from sglctl.router.workers import Worker, WorkerRegistry
 
 log = logging.getLogger(__name__)
@@ -87,39 +89,22 @@ class Forwarder:
         self,
         registry: WorkerRegistry,
         policy: Policy,
-        client: httpx.AsyncClient,
+        upstream: Upstream,
         retry: RetryPolicy,
         *,
         budget: RetryBudget | None = None,
         request_timeout_secs: float = 1800.0,
-        connect_timeout_secs: float = 10.0,
         on_retry: Callable[[], None] | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        """``transport`` is the shared client's connection pool: the hot path sends straight
-        to it, skipping the client's per-request cookie, auth, redirect and hook handling
-        (none of which a proxy wants) -- about a third of httpx's cost per request."""
         self.registry = registry
-        self.transport = transport
         self.policy = policy
-        self.client = client
+        self.upstream = upstream
         self.retry = retry
         self.budget = budget
         self.request_timeout_secs = request_timeout_secs
-        self.connect_timeout_secs = connect_timeout_secs
         self.on_retry = on_retry
-        self._urls: dict[str, httpx.URL] = {}
         #: Attempts in flight per worker, so that ejecting a worker can interrupt them.
         self.in_flight = InFlightWatcher()
-
-    def _url(self, url: str) -> httpx.URL:
-        """Parsed URLs, cached: parsing one costs more than the rest of building a request."""
-        parsed = self._urls.get(url)
-        if parsed is None:
-            if len(self._urls) > 4096:  # workers come and go; never grow without bound
-                self._urls.clear()
-            parsed = self._urls[url] = httpx.URL(url)
-        return parsed
 
     # -- worker choice ---------------------------------------------------------------------
     def choose(self, candidates: Sequence[Worker], key: RouteKey) -> Worker | None:
@@ -139,15 +124,16 @@ class Forwarder:
         self,
         path: str,
         body: bytes,
-        headers: Mapping[str, str],
+        headers: list[tuple[bytes, bytes]],
         key: RouteKey = NO_KEY,
         finish: Finish | None = None,
         method: str = "POST",
     ) -> Response:
         """Send ``body`` to ``path`` on a chosen worker; the answer, or raise :class:`RouterError`.
 
-        ``finish(status, ok)`` runs once when the request is completely over: at return for a
-        whole body, at the last byte (or cancellation) for a stream.
+        ``headers`` are the (lower-case name, value) pairs to pass on, besides Host and
+        Content-Length. ``finish(status, ok)`` runs once when the request is completely over:
+        at return for a whole body, at the last byte (or cancellation) for a stream.
         """
         finish = finish or Finish()
         loop = asyncio.get_running_loop()
@@ -155,6 +141,7 @@ class Forwarder:
         attempts = self.retry.new_attempts()
         if self.budget is not None:
             self.budget.record_request()
+        raw_method, raw_path = method.encode("latin-1"), path.encode("latin-1")
         last_error: str | None = None
         while True:
             candidates = attempts.candidates(self.registry.routable(), key=_url)
@@ -163,11 +150,13 @@ class Forwarder:
                 if last_error is None:
                     raise RouterError(503, "no healthy worker available to serve the request")
                 raise RouterError(502, f"all attempts failed; last error: {last_error}")
+            if attempts.total and self.on_retry is not None:
+                self.on_retry()  # counted when a retry is really sent, not when one is allowed
             attempts.record(worker.url)
             watch = self.in_flight.watch(worker.url)
             try:
                 return await self._attempt(
-                    worker, method, path, body, headers, deadline, finish, watch
+                    worker, raw_method, raw_path, body, headers, deadline, finish, watch
                 )
             except (_Failure, asyncio.CancelledError) as exc:
                 # An attempt interrupted because its worker was ejected (health checks) fails
@@ -193,29 +182,20 @@ class Forwarder:
             ):
                 raise RouterError(502, f"worker request failed; last error: {last_error}") from None
             log.debug("retrying after failure at %s", last_error)
-            if self.on_retry is not None:
-                self.on_retry()
             await asyncio.sleep(min(attempts.next_backoff(), remaining))
 
     async def _attempt(
         self,
         worker: Worker,
-        method: str,
-        path: str,
+        method: bytes,
+        path: bytes,
         body: bytes,
-        headers: Mapping[str, str],
+        headers: list[tuple[bytes, bytes]],
         deadline: float,
         finish: Finish,
         watch: Watch,
     ) -> Response:
         loop = asyncio.get_running_loop()
-        remaining = max(deadline - loop.time(), 0.001)
-        timeout = {
-            "connect": min(self.connect_timeout_secs, remaining),
-            "read": remaining,
-            "write": remaining,
-            "pool": remaining,
-        }
         worker.in_flight += 1
         worker.requests_total += 1
         released = False
@@ -227,36 +207,25 @@ class Forwarder:
                 worker.in_flight -= 1
 
         try:
-            request = httpx.Request(
-                method,
-                self._url(worker.url + path),
-                headers=headers,
-                content=body,
-                extensions={"timeout": timeout},
-            )
             watch.reading = True
-            if self.transport is not None:
-                response = await self.transport.handle_async_request(request)
-            else:
-                response = await self.client.send(request, stream=True)
+            response = await self.upstream.request(
+                worker.url, method, path, headers, body, deadline
+            )
         except BaseException as exc:
             release(0, False)
             if isinstance(exc, asyncio.CancelledError):
                 _release_probe(worker)
                 raise
-            if isinstance(exc, httpx.TimeoutException):
-                raise _Failure(_describe(exc), timed_out=loop.time() >= deadline) from None
-            if is_retryable_exception(exc):
-                raise _Failure(_describe(exc)) from None
-            if isinstance(exc, httpx.HTTPError):
-                raise RouterError(502, f"{worker.url}: {_describe(exc)}") from None
+            if isinstance(exc, UpstreamError):
+                timed_out = isinstance(exc, UpstreamTimeout) and loop.time() >= deadline
+                raise _Failure(str(exc), timed_out=timed_out) from None
             raise
 
-        status = response.status_code
+        status = response.status
         if retryable_status(status):
             try:
-                detail = (await response.aread())[:_ERROR_TEXT_LIMIT].decode(errors="replace")
-            except httpx.HTTPError:
+                detail = (await response.read())[:_ERROR_TEXT_LIMIT].decode(errors="replace")
+            except UpstreamError:
                 detail = ""
             finally:
                 release(status, False)
@@ -264,12 +233,12 @@ class Forwarder:
             raise _Failure(f"HTTP {status}" + (f": {detail}" if detail else ""))
 
         worker.breaker.record_success()
-        out_headers = {
-            name: response.headers[name] for name in _PASS_HEADERS if name in response.headers
-        }
-        out_headers[WORKER_HEADER] = worker.url
-        content_type = out_headers.get("content-type", "")
-        if content_type.startswith("text/event-stream"):
+        out_headers = {WORKER_HEADER: worker.url}
+        for name in _PASS_HEADERS:
+            value = response.header(name)
+            if value is not None:
+                out_headers[name] = value
+        if out_headers.get("content-type", "").startswith("text/event-stream"):
             finish.add(release)
             watch.reading = False
             watch.streaming = True  # the relay owns the watch from here
@@ -279,14 +248,13 @@ class Forwarder:
                 headers=out_headers,
             )
         try:
-            content = await response.aread()
+            content = await response.read()
         except BaseException as exc:
             release(status, False)
-            await _close_quietly(response)
-            if isinstance(exc, httpx.TimeoutException):
-                raise _Failure(_describe(exc), timed_out=loop.time() >= deadline) from None
-            if is_retryable_exception(exc):
-                raise _Failure(_describe(exc)) from None
+            await response.aclose()
+            if isinstance(exc, UpstreamError):
+                timed_out = isinstance(exc, UpstreamTimeout) and loop.time() >= deadline
+                raise _Failure(str(exc), timed_out=timed_out) from None
             raise
         release(status, True)
         await response.aclose()
@@ -294,7 +262,7 @@ class Forwarder:
         return Response(content, status_code=status, headers=out_headers)
 
     async def _relay(
-        self, worker: Worker, response: httpx.Response, finish: Finish, watch: Watch
+        self, worker: Worker, response: UpstreamResponse, finish: Finish, watch: Watch
     ) -> AsyncIterator[bytes]:
         """Pass an event stream through chunk by chunk; always release the worker slot.
 
@@ -303,7 +271,6 @@ class Forwarder:
         """
         ok = False
         problem: str | None = None
-        chunks = response.aiter_raw()
         # Starlette iterates the body in a task of its own: interrupts must cancel that one.
         watch.task = asyncio.current_task()
         try:
@@ -311,7 +278,7 @@ class Forwarder:
                 while watch.reason is None:
                     watch.reading = True
                     try:
-                        chunk = await chunks.__anext__()
+                        chunk = await response.__anext__()
                     except StopAsyncIteration:
                         ok = True
                         break
@@ -324,8 +291,8 @@ class Forwarder:
                 if not watch.interrupted():
                     raise
                 problem = watch.reason
-            except httpx.HTTPError as exc:
-                problem = _describe(exc)
+            except UpstreamError as exc:
+                problem = str(exc)
             if problem is not None:
                 worker.errors_total += 1
                 worker.breaker.record_failure()
@@ -337,9 +304,9 @@ class Forwarder:
                 yield b"\n\n"
         finally:
             self.in_flight.unwatch(watch)
-            finish(response.status_code, ok)
+            finish(response.status, ok)
             with anyio.CancelScope(shield=True):
-                await _close_quietly(response)
+                await response.aclose()
 
 
 def _release_probe(worker: Worker) -> None:
@@ -347,15 +314,3 @@ def _release_probe(worker: Worker) -> None:
     release = getattr(worker.breaker, "release", None)
     if release is not None:
         release()
-
-
-async def _close_quietly(response: httpx.Response) -> None:
-    try:
-        await response.aclose()
-    except Exception:  # closing a broken connection can fail; it is gone either way
-        log.debug("closing upstream response failed", exc_info=True)
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

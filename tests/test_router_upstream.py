@@ -1,0 +1,212 @@
+"""The router's lean upstream HTTP/1.1 client against raw TCP servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from sglctl.router.upstream import UpstreamError, UpstreamPool, UpstreamTimeout
+
+pytestmark = pytest.mark.anyio
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return head, await reader.readexactly(length)
+
+
+class Server:
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.server: asyncio.base_events.Server | None = None
+
+    async def __aenter__(self) -> str:
+        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.connections += 1
+            try:
+                await self.handler(reader, writer)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass
+            finally:
+                writer.close()
+
+        self.server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+def deadline(seconds: float = 5.0) -> float:
+    return asyncio.get_running_loop().time() + seconds
+
+
+async def test_content_length_and_keep_alive_reuse() -> None:
+    seen: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head, body = await read_request(reader)
+            seen.append(head + body)
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                b'content-length: 7\r\n\r\n{"a":1}'
+            )
+            await writer.drain()
+
+    server = Server(handler)
+    pool = UpstreamPool()
+    async with server as url:
+        for i in range(3):
+            r = await pool.request(
+                url, b"POST", b"/generate", [(b"x-request-id", b"r%d" % i)], b'{"q":1}', deadline()
+            )
+            assert r.status == 200
+            assert r.header("content-type") == "application/json"
+            assert await r.read() == b'{"a":1}'
+        assert server.connections == 1  # one keep-alive connection for all three
+    assert seen[0].startswith(b"POST /generate HTTP/1.1\r\n")
+    assert b"x-request-id: r0\r\n" in seen[0] and b"content-length: 7\r\n" in seen[0]
+    assert seen[0].endswith(b'{"q":1}')
+    pool.close_all()
+
+
+async def test_chunked_stream_arrives_chunk_by_chunk() -> None:
+    release = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n"
+        )
+        writer.write(b"6\r\ndata:1\r\n")
+        await writer.drain()
+        await release.wait()
+        writer.write(b"6\r\ndata:2\r\n0\r\n\r\n")
+        await writer.drain()
+
+    pool = UpstreamPool()
+    async with Server(handler) as url:
+        r = await pool.request(url, b"POST", b"/generate", [], b"{}", deadline())
+        chunks = aiter(r)
+        assert await anext(chunks) == b"data:1"  # before the server sent the rest
+        release.set()
+        assert [c async for c in chunks] == [b"data:2"]
+    pool.close_all()
+
+
+async def test_close_delimited_body() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nall of it")
+        await writer.drain()
+        writer.close()
+
+    pool = UpstreamPool()
+    async with Server(handler) as url:
+        r = await pool.request(url, b"GET", b"/", [], b"", deadline())
+        assert await r.read() == b"all of it"
+    pool.close_all()
+
+
+async def test_stale_idle_connection_is_retried_on_a_new_one() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        # Answers keep-alive, then closes the idle connection behind the client's back.
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await writer.drain()
+
+    server = Server(handler)
+    pool = UpstreamPool()
+    async with server as url:
+        for _ in range(3):
+            r = await pool.request(url, b"POST", b"/x", [], b"{}", deadline())
+            assert await r.read() == b"ok"
+            await asyncio.sleep(0.05)  # let the server's close arrive
+        assert server.connections == 3
+    pool.close_all()
+
+
+async def test_connection_refused_is_an_upstream_error() -> None:
+    async with Server(read_request) as url:  # type: ignore[arg-type]
+        pass  # closed: nothing listens on that port any more
+    with pytest.raises(UpstreamError) as info:
+        await UpstreamPool().request(url, b"POST", b"/", [], b"", deadline())
+    assert not isinstance(info.value, UpstreamTimeout)
+
+
+async def test_silent_server_times_out_at_the_deadline() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await asyncio.sleep(10)
+
+    async with Server(handler) as url:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(UpstreamTimeout):
+            await UpstreamPool().request(url, b"POST", b"/", [], b"", deadline(0.2))
+        assert loop.time() - start < 2
+
+
+async def test_worker_dying_mid_body_is_an_error() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial")
+        await writer.drain()
+        writer.close()
+
+    async with Server(handler) as url:
+        r = await UpstreamPool().request(url, b"POST", b"/", [], b"", deadline())
+        with pytest.raises(UpstreamError, match="closed the connection"):
+            await r.read()
+
+
+async def test_closing_an_unfinished_response_closes_the_connection() -> None:
+    closed = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n1\r\na\r\n")
+        await writer.drain()
+        if await reader.read(1) == b"":  # the client hung up: the worker can abort
+            closed.set()
+
+    pool = UpstreamPool()
+    async with Server(handler) as url:
+        r = await pool.request(url, b"POST", b"/", [], b"", deadline())
+        assert await anext(aiter(r)) == b"a"
+        await r.aclose()
+        await asyncio.wait_for(closed.wait(), 5)
+
+
+async def test_malformed_response_is_an_error() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+        await writer.drain()
+
+    async with Server(handler) as url:
+        with pytest.raises(UpstreamError, match="malformed"):
+            await UpstreamPool().request(url, b"POST", b"/", [], b"", deadline())
+
+
+def test_only_plain_http_urls() -> None:
+    with pytest.raises(UpstreamError):
+        UpstreamPool()._origin("https://example.com")

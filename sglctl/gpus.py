@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 
+#: ``pynvml`` or anything with the same few functions (the tests' fake).
+NvmlModule = Any
+
 
 @dataclass(frozen=True)
 class GpuInfo:
@@ -82,7 +85,7 @@ class NvmlSession:
     callers never need their own try/except around the driver.
     """
 
-    def __init__(self, nvml: ModuleType | None = None) -> None:
+    def __init__(self, nvml: NvmlModule | None = None) -> None:
         self._nvml = nvml if nvml is not None else load_nvml()
         self._open = False
         self.problem: str | None = None
@@ -148,14 +151,14 @@ class NvmlSession:
         return GpuReport(gpus=gpus)
 
 
-def _utilization(nvml: ModuleType, handle: object) -> int | None:
+def _utilization(nvml: NvmlModule, handle: object) -> int | None:
     try:
         return int(nvml.nvmlDeviceGetUtilizationRates(handle).gpu)
     except Exception:  # not supported on some boards (and in MIG mode)
         return None
 
 
-def _uuid(nvml: ModuleType, handle: object) -> str:
+def _uuid(nvml: NvmlModule, handle: object) -> str:
     try:
         return _text(nvml.nvmlDeviceGetUUID(handle))
     except Exception:
@@ -185,7 +188,7 @@ def visible_devices(env: dict[str, str] | None = None) -> list[int] | None:
         return None
 
 
-def detect_gpus(nvml: ModuleType | None = None, env: dict[str, str] | None = None) -> GpuReport:
+def detect_gpus(nvml: NvmlModule | None = None, env: dict[str, str] | None = None) -> GpuReport:
     """The GPUs sglctl may use: what NVML sees, narrowed by ``CUDA_VISIBLE_DEVICES``."""
     with NvmlSession(nvml) as session:
         report = session.snapshot()

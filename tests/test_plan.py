@@ -7,7 +7,7 @@ import sys
 import pytest
 from fakes.fake_nvml import FakeNvml, h100s
 
-from sglctl.gpus import detect_gpus
+from sglctl.gpus import GpuReport, detect_gpus
 from sglctl.supervisor.config import UsageError, parse_up_args, split_worker_args
 from sglctl.supervisor.plan import (
     PlanError,
@@ -21,7 +21,7 @@ from sglctl.supervisor.plan import (
 NO_GPU = detect_gpus(FakeNvml(init_error="NVML Shared Library Not Found"), env={})
 
 
-def gpus(n: int):  # type: ignore[no-untyped-def]
+def gpus(n: int) -> GpuReport:
     return detect_gpus(h100s(n), env={})
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -13,6 +15,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from sglctl.router.state_table_source import StateTableSource
+from sglctl.router.workers import WorkerRegistry
 from sglctl.state_table import (
     RouterColumns,
     RouterTotals,
@@ -131,7 +135,7 @@ def test_reader_never_sees_a_torn_slot(name: str) -> None:
         ]
     )
     try:
-        seen = set()
+        seen: set[int] = set()
         deadline = time.monotonic() + 1.5
         while time.monotonic() < deadline or len(seen) < 50:
             slot = table.read_worker(0)
@@ -217,6 +221,7 @@ def test_attach_missing_or_foreign_segment_fails_clearly(name: str) -> None:
     from sglctl.state_table import _open, _untracked
 
     foreign = _open(name, create=True, size=4096)
+    assert foreign.buf is not None
     foreign.buf[:8] = b"NOTOURS!"
     try:
         with pytest.raises(StateTableError, match="not an sglctl state table"):
@@ -228,3 +233,96 @@ def test_attach_missing_or_foreign_segment_fails_clearly(name: str) -> None:
         foreign.close()
         with _untracked():
             foreign.unlink()
+
+
+# -- the router-side reader -------------------------------------------------------------------
+def _source_on(name: str) -> tuple[StateTableSource, WorkerRegistry]:
+    source = StateTableSource(name)
+    source._table = StateTable.attach(name)
+    return source, WorkerRegistry()
+
+
+def test_source_follows_slot_states_into_the_registry(name: str) -> None:
+    table, _ = StateTable.create(name, n_slots=4)
+    source, registry = _source_on(name)
+    url = "http://127.0.0.1:31000"
+
+    def publish(state: WorkerState, pid: int = 10) -> None:
+        table.write_slot(0, WorkerSlot(state=state, pid=pid, url=url))
+        source.sync(registry)
+
+    publish(WorkerState.STARTING)
+    assert url not in registry
+    publish(WorkerState.HEALTHY)
+    worker = registry.get(url)
+    assert worker is not None and worker.is_routable()
+    worker.requests_total, worker.errors_total = 7, 1
+    publish(WorkerState.UNHEALTHY)
+    assert registry.get(url) is worker and not worker.is_routable()
+    publish(WorkerState.HEALTHY)
+    assert worker.is_routable()
+    publish(WorkerState.RESTARTING)  # the process died: out at once
+    assert url not in registry
+    publish(WorkerState.HEALTHY, pid=11)  # the restarted process: a fresh worker
+    fresh = registry.get(url)
+    assert fresh is not None and fresh is not worker and fresh.is_routable()
+    fresh.requests_total = 2
+    source.write_columns(registry)
+    cols = table.read_router_columns(0)
+    assert (cols.served, cols.errors) == (9, 1)  # counters carry over the restart
+    publish(WorkerState.FAILED, pid=11)
+    assert url not in registry
+    assert source._table is not None
+    source._table.close()
+    table.unlink()
+    table.close()
+
+
+def test_source_is_edge_triggered_so_admin_removal_sticks(name: str) -> None:
+    table, _ = StateTable.create(name, n_slots=4)
+    source, registry = _source_on(name)
+    table.write_slot(0, WorkerSlot(state=WorkerState.HEALTHY, pid=5, url="http://a:1"))
+    source.sync(registry)
+    registry.remove("http://a:1")  # an operator, through the admin API
+    table.write_slot(1, WorkerSlot(state=WorkerState.HEALTHY, pid=6, url="http://b:1"))
+    source.sync(registry)
+    assert [w.url for w in registry.all()] == ["http://b:1"]
+    # A slot reused for another URL drops the old worker.
+    table.write_slot(1, WorkerSlot(state=WorkerState.HEALTHY, pid=7, url="http://c:1"))
+    source.sync(registry)
+    assert [w.url for w in registry.all()] == ["http://c:1"]
+    assert source._table is not None
+    source._table.close()
+    table.unlink()
+    table.close()
+
+
+def test_source_run_reacts_within_its_poll_interval(name: str) -> None:
+    table, _ = StateTable.create(name, n_slots=2)
+    table.write_slot(0, WorkerSlot(state=WorkerState.HEALTHY, pid=5, url="http://a:1"))
+    registry = WorkerRegistry()
+
+    async def scenario() -> float:
+        task = asyncio.create_task(StateTableSource(name).run(registry))
+        try:
+            while "http://a:1" not in registry:
+                await asyncio.sleep(0.001)
+            start = time.monotonic()
+            table.write_slot(0, WorkerSlot(state=WorkerState.RESTARTING, pid=5, url="http://a:1"))
+            while "http://a:1" in registry:
+                await asyncio.sleep(0.001)
+                assert time.monotonic() - start < 5
+            took = time.monotonic() - start
+            # The router's totals reach the header too.
+            while table.read_router_totals().pid != os.getpid():
+                await asyncio.sleep(0.01)
+            return took
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    took = asyncio.run(scenario())
+    assert took < 0.1, f"{took * 1000:.0f} ms"
+    table.unlink()
+    table.close()

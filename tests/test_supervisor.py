@@ -167,7 +167,12 @@ def test_whole_tree_is_stopped_even_a_term_ignoring_worker(
     async def scenario() -> None:
         for index in (0, 1):
             pid = table.read_worker(index).pid
-            await until(lambda pid=pid: bool(psutil.Process(pid).children()), 10, "the grandchild")
+            leader = psutil.Process(pid)
+
+            def has_child(leader: psutil.Process = leader) -> bool:
+                return bool(leader.children())
+
+            await until(has_child, 10, "the grandchild")
             tree.extend([pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))])
 
     run_supervised(sup, scenario)

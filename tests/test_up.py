@@ -345,3 +345,33 @@ def test_taken_port_is_refused_with_the_flag_to_change(start_up: Callable[..., U
     assert f"port {taken} (worker 0) is already in use" in up.log()
     assert "--worker-base-port" in up.log()
     assert up.segment not in list_segments()
+
+
+def test_ctrl_c_drains_in_flight_requests_before_stopping_workers(
+    start_up: Callable[..., Up],
+) -> None:
+    up = start_up(dp_size=1, worker_args=("--speedup", "1"))
+    result: dict[str, object] = {}
+
+    def long_request() -> None:
+        body = {
+            "text": "Tell me a long story",
+            "sampling_params": {"max_new_tokens": 150, "ignore_eos": True},
+        }
+        with httpx.Client(timeout=60) as client:
+            response = client.post(up.url + "/generate", json=body)
+            result["status"] = response.status_code
+            result["tokens"] = response.json().get("meta_info", {}).get("completion_tokens")
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    with httpx.Client(timeout=5) as client:
+        poll(
+            lambda: client.get(up.url + "/stats").json()["in_flight"] == 1,
+            10,
+            "the request to be in flight",
+        )
+    assert up.interrupt() == 0
+    thread.join(timeout=60)
+    assert result == {"status": 200, "tokens": 150}, up.log()
+    up.assert_nothing_left()

@@ -544,3 +544,49 @@ async def test_orjson_body_shapes(harness) -> None:
         assert r.status_code == 200
         r = await h.client.post("/generate", content=orjson.dumps({"input_ids": [[1, 2], [3]]}))
         assert r.status_code == 200
+
+
+# -- prefill/decode disaggregation ----------------------------------------------------------
+PD_FLAGS = ("--pd-disaggregation", "--prefill", "http://p", "9000", "--decode", "http://d")
+
+
+async def test_pd_sends_both_with_bootstrap_and_answers_from_decode(harness) -> None:
+    async with harness([], *PD_FLAGS, extra=["p", "d"]) as h:
+        r = await h.client.post("/generate", json={"text": "hello pd", "sampling_params": {}})
+        assert r.status_code == 200
+        assert r.json()["worker"] == "d"
+        assert r.headers["x-sglctl-prefill-worker"] == "http://p"
+        sent_p = orjson.loads(h.stubs["p"].bodies[0])
+        sent_d = orjson.loads(h.stubs["d"].bodies[0])
+        assert sent_p == sent_d
+        assert sent_p["bootstrap_host"] == "p" and sent_p["bootstrap_port"] == 9000
+        assert isinstance(sent_p["bootstrap_room"], int)
+        assert sent_p["text"] == "hello pd"
+        roles = {
+            w["url"]: w["worker_type"] for w in (await h.client.get("/workers")).json()["workers"]
+        }
+        assert roles == {"http://p": "prefill", "http://d": "decode"}
+        loads = (await h.client.get("/get_loads")).json()["workers"]
+        assert all(item["load"] == 0 for item in loads)
+
+
+async def test_pd_batch_gets_one_room_per_prompt(harness) -> None:
+    async with harness([], *PD_FLAGS, extra=["p", "d"]) as h:
+        r = await h.client.post("/generate", json={"text": ["a", "b", "c"]})
+        assert r.status_code == 200
+        sent = orjson.loads(h.stubs["d"].bodies[0])
+        assert sent["bootstrap_host"] == ["p"] * 3
+        assert len(set(sent["bootstrap_room"])) == 3
+
+
+async def test_pd_failures(harness) -> None:
+    async with harness([], *PD_FLAGS, extra=["p", "d"]) as h:
+        h.stubs["p"].status = 500
+        r = await h.client.post("/generate", json={"text": "x"})
+        assert r.status_code == 502
+        assert "http://p" in str(error_of(r)["message"])
+        h.stubs["p"].status = 200
+        h.router.registry.get("http://d").health_ok = False  # type: ignore[union-attr]
+        r = await h.client.post("/generate", json={"text": "x"})
+        assert r.status_code == 503
+        error_of(r)

@@ -291,3 +291,29 @@ def test_unsupported_flag_fails_at_start_with_one_line() -> None:
     )
     assert result.returncode == 2
     assert "Kubernetes" in result.stderr
+
+
+def test_pd_mode_with_prefill_and_decode_sim_workers(procs) -> None:
+    prefill = procs.sim_worker(*FAST, "--role", "prefill")
+    decode = procs.sim_worker(*FAST, "--role", "decode")
+    router = procs.router(
+        [],
+        *router_flags(
+            "--pd-disaggregation", "--prefill", prefill.url, "8998", "--decode", decode.url
+        ),
+    )
+    with httpx.Client(base_url=router.url, timeout=30) as c:
+        r = c.post("/generate", json={"text": "PD hello", "sampling_params": {"max_new_tokens": 4}})
+        assert r.status_code == 200, r.text
+        assert r.headers["x-sglctl-worker"] == decode.url
+        chunks = []
+        stream_body = {
+            "text": "PD stream",
+            "stream": True,
+            "sampling_params": {"max_new_tokens": 4},
+        }
+        with c.stream("POST", "/generate", json=stream_body) as s:
+            chunks = [line for line in s.iter_lines() if line]
+        assert chunks[-1] == "data: [DONE]"
+        served = {w["url"]: w["requests_total"] for w in c.get("/workers").json()["workers"]}
+        assert served == {prefill.url: 2, decode.url: 2}

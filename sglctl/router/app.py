@@ -58,7 +58,8 @@ class Router:
         self._transport = transport
         self.started_at = time.time()
         self.registry = WorkerRegistry(self._make_breaker)
-        self.policy: Policy = make_policy(config.prefill_policy or config.policy, config)
+        prefill_policy = config.prefill_policy if config.is_pd else None
+        self.policy: Policy = make_policy(prefill_policy or config.policy, config)
         # PD mode picks the decode worker with its own policy (and its own tree, if cache-aware).
         self.decode_policy: Policy | None = (
             make_policy(config.decode_policy or config.policy, config) if config.is_pd else None

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
 
@@ -208,7 +209,7 @@ class PrefixTree:
         if not prefixes.hashes:
             return
         self._tick += 1
-        tenant.entries.update(dict.fromkeys(prefixes.hashes, self._tick))
+        tenant.entries.update(zip(prefixes.hashes, repeat(self._tick)))
 
     def evict(self, max_size: int) -> int:
         """Trim every tenant to at most ``max_size`` characters, least recently used first.

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import uvicorn
 from starlette.applications import Starlette
@@ -42,8 +42,9 @@ class _QuietServer(uvicorn.Server):
     def install_signal_handlers(self) -> None:  # uvicorn < 0.29
         pass
 
-    def capture_signals(self):  # type: ignore[no-untyped-def, override]
-        return contextlib.nullcontext()
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 async def serve(config: RouterConfig) -> None:

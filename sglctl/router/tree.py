@@ -90,7 +90,7 @@ class PrefixHasher:
                 [self._pos_mult, self._positions(self._rng, self._pos_mult.size)]
             )
         mixed *= self._pos_mult[:nb]
-        return np.cumsum(mixed, dtype=np.uint64).tolist()  # type: ignore[no-any-return]
+        return np.cumsum(mixed, dtype=np.uint64).tolist()
 
     def text(self, text: str) -> Prefixes:
         """Prefix hashes of a string, per ``block`` characters."""

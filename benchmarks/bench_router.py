@@ -10,8 +10,11 @@ Three measurements, each against a baseline taken in the same run:
    (eviction every 10k prompts, standing in for ``--eviction-interval-secs``); RSS growth
    and tree size, next to what the same prompts take with no bound.
 3. **Added latency**: one sim worker, tiny ``/generate`` requests straight to it and through
-   ``python -m sglctl.router``, at concurrency 1, 16 and 64; p50/p99 latency and requests/s.
-   Target: p50 added <= 0.5 ms at concurrency 1.
+   ``python -m sglctl.router`` (with its native upstream client, and with
+   ``--upstream-client httpx``), at concurrency 1, 16 and 64; p50/p99 latency, requests/s and
+   the router process's CPU time per request. Target: p50 added <= 0.5 ms at concurrency 1.
+   Client, router and worker share the machine's cores, so requests/s is a ratio to compare,
+   not a capacity.
 
 Everything runs on 127.0.0.1, bounded in count and time; every process started here is stopped
 at the end (also on Ctrl-C).
@@ -46,7 +49,7 @@ from sglctl.router.policies import CacheAwarePolicy, RouteKey
 from sglctl.router.workers import Worker
 from sglctl.spawn import spawn_router, spawn_sim_worker
 
-console = Console()
+console = Console(width=130)
 TENANTS = 4
 
 
@@ -103,6 +106,22 @@ def time_per_call(fn: Callable[[], object], repeat: int) -> float:
     return best
 
 
+def measure_decision(
+    policy: CacheAwarePolicy, workers: list[Worker], prompt: str, repeat: int
+) -> dict[str, float]:
+    """Per-call costs of routing ``prompt``: hash, match, insert, and the whole select()."""
+    key = RouteKey(text=prompt)
+    prefixes = policy.hasher.text(prompt)
+    names = [w.url for w in workers]
+    target = workers[1].url
+    return {
+        "hash_us": time_per_call(lambda: policy.hasher.text(prompt), repeat) * 1e6,
+        "match_us": time_per_call(lambda: policy.tree.match(prefixes, names), repeat) * 1e6,
+        "insert_us": time_per_call(lambda: policy.tree.insert(prefixes, target), repeat) * 1e6,
+        "select_us": time_per_call(lambda: policy.select(workers, key), repeat) * 1e6,
+    }
+
+
 def bench_decisions(sizes: list[int], repeat: int) -> list[dict[str, object]]:
     rng = random.Random(1)
     rows: list[dict[str, object]] = []
@@ -113,24 +132,9 @@ def bench_decisions(sizes: list[int], repeat: int) -> list[dict[str, object]]:
             policy.tree.insert(policy.hasher.text(cached), workers[1].url)
             # A new question on a cached prefix: the realistic case (long match, then a miss).
             prompt = cached[: length - 64] + random_text(rng, 64)
-            key = RouteKey(text=prompt)
-            prefixes = policy.hasher.text(prompt)
-            names = [w.url for w in workers]
-            t_hash = time_per_call(lambda p=prompt: policy.hasher.text(p), repeat)
-            t_match = time_per_call(lambda: policy.tree.match(prefixes, names), repeat)
-            t_insert = time_per_call(lambda: policy.tree.insert(prefixes, workers[1].url), repeat)
-            t_select = time_per_call(lambda k=key: policy.select(workers, k), repeat)
-            rows.append(
-                {
-                    "entries": entries,
-                    "prompt": f"{length // 1024} KB",
-                    "hash_us": t_hash * 1e6,
-                    "match_us": t_match * 1e6,
-                    "insert_us": t_insert * 1e6,
-                    "select_us": t_select * 1e6,
-                }
-            )
-        del policy, workers
+            costs = measure_decision(policy, workers, prompt, repeat)
+            rows.append({"entries": entries, "prompt": f"{length // 1024} KB", **costs})
+        policy.tree.clear()
         gc.collect()
     return rows
 
@@ -169,8 +173,13 @@ def bench_memory(prompts: int, max_tree_size: int) -> dict[str, float]:
 
 
 # -- 3. added latency ---------------------------------------------------------------------
+def cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
 async def run_load(
-    url: str, concurrency: int, total: int, label: str, bar: Progress
+    url: str, concurrency: int, total: int, label: str, bar: Progress, router_pid: int | None
 ) -> dict[str, float]:
     body = b'{"text": "Hi", "sampling_params": {"max_new_tokens": 1}}'
     latencies: list[float] = []
@@ -192,53 +201,94 @@ async def run_load(
                     raise RuntimeError(f"{label}: HTTP {r.status_code}: {r.text[:200]}")
                 bar.advance(task)
 
+        cpu_before = cpu_seconds(router_pid) if router_pid else 0.0
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
+        cpu_after = cpu_seconds(router_pid) if router_pid else 0.0
     bar.remove_task(task)
     latencies.sort()
     return {
         "p50_ms": statistics.median(latencies) * 1e3,
         "p99_ms": latencies[int(len(latencies) * 0.99) - 1] * 1e3,
         "rps": len(latencies) / elapsed,
+        "cpu_us": (cpu_after - cpu_before) / len(latencies) * 1e6,
     }
 
 
 def bench_latency(requests: int, log_dir: Path) -> list[dict[str, object]]:
-    worker = spawn_sim_worker(
-        log_dir, "--speedup", "1000", "--min-tick-ms", "0.05", "--log-level", "warning"
-    )
-    router = None
+    """Direct, through the router (native client) and through the router (httpx client)."""
+    quiet = ("--log-level", "warning")
+    worker = spawn_sim_worker(log_dir, "--speedup", "1000", "--min-tick-ms", "0.05", *quiet)
+    routers = []
     try:
-        router = spawn_router(
-            log_dir,
-            [worker.url],
-            "--metrics-port",
-            str(find_free_port()),
-            "--disable-health-check",
-            "--log-level",
-            "warning",
-        )
+        for client in ("native", "httpx"):
+            routers.append(
+                spawn_router(
+                    log_dir,
+                    [worker.url],
+                    "--metrics-port",
+                    str(find_free_port()),
+                    "--disable-health-check",
+                    "--upstream-client",
+                    client,
+                    *quiet,
+                    name=f"router-{client}",
+                )
+            )
+        targets = [("direct", worker.url, None)] + [
+            (name, r.url, r.pid) for name, r in zip(("native", "httpx"), routers, strict=True)
+        ]
         rows: list[dict[str, object]] = []
         with progress() as bar:
             for concurrency in (1, 16, 64):
-                # Interleave direct and routed rounds so that drift hits both alike.
-                direct, routed = [], []
+                # Interleave the targets, twice, so that drift on a shared machine hits all alike.
+                runs: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in targets}
                 for _ in range(2):
-                    direct.append(
-                        asyncio.run(run_load(worker.url, concurrency, requests, "direct", bar))
-                    )
-                    routed.append(
-                        asyncio.run(run_load(router.url, concurrency, requests, "router", bar))
-                    )
-                d = {k: statistics.median(r[k] for r in direct) for k in direct[0]}
-                r = {k: statistics.median(x[k] for x in routed) for k in routed[0]}
-                rows.append({"concurrency": concurrency, "direct": d, "router": r})
+                    for name, url, pid in targets:
+                        load = run_load(url, concurrency, requests, name, bar, pid)
+                        runs[name].append(asyncio.run(load))
+                row: dict[str, object] = {"concurrency": concurrency}
+                for name, results in runs.items():
+                    row[name] = {k: statistics.median(r[k] for r in results) for k in results[0]}
+                rows.append(row)
         return rows
     finally:
-        if router is not None:
+        for router in routers:
             router.stop()
         worker.stop()
+
+
+def print_latency(rows: list[dict[str, object]], requests: int) -> None:
+    table = Table(
+        title=f"3. Added latency, tiny /generate ({requests} requests a round, median of 2 rounds)"
+    )
+    for col in (
+        "conc.",
+        "target",
+        "p50",
+        "added p50",
+        "p99",
+        "req/s",
+        "vs direct",
+        "router CPU/req",
+    ):
+        table.add_column(col, justify="right")
+    for row in rows:
+        direct: dict[str, float] = row["direct"]  # type: ignore[assignment]
+        for name in ("direct", "native", "httpx"):
+            r: dict[str, float] = row[name]  # type: ignore[assignment]
+            table.add_row(
+                str(row["concurrency"]) if name == "direct" else "",
+                "direct" if name == "direct" else f"router, {name} client",
+                f"{r['p50_ms']:.2f} ms",
+                "" if name == "direct" else f"{r['p50_ms'] - direct['p50_ms']:+.2f} ms",
+                f"{r['p99_ms']:.2f} ms",
+                f"{r['rps']:.0f}",
+                f"{r['rps'] / direct['rps']:.2f}",
+                "" if name == "direct" else f"{r['cpu_us']:.0f} us",
+            )
+    console.print(table)
 
 
 def main() -> None:
@@ -294,35 +344,7 @@ def main() -> None:
     if not args.skip_latency:
         with tempfile.TemporaryDirectory(prefix="bench-router-") as tmp:
             rows = bench_latency(requests, Path(tmp))
-        table = Table(
-            title=f"3. Added latency: tiny /generate, {requests} requests per round, median of 2 rounds"
-        )
-        for col in (
-            "concurrency",
-            "direct p50",
-            "router p50",
-            "added p50",
-            "direct p99",
-            "router p99",
-            "direct req/s",
-            "router req/s",
-            "router/direct req/s",
-        ):
-            table.add_column(col, justify="right")
-        for row in rows:
-            d, r = row["direct"], row["router"]  # type: ignore[assignment]
-            table.add_row(
-                str(row["concurrency"]),
-                f"{d['p50_ms']:.2f} ms",  # type: ignore[index]
-                f"{r['p50_ms']:.2f} ms",  # type: ignore[index]
-                f"{r['p50_ms'] - d['p50_ms']:.2f} ms",  # type: ignore[index]
-                f"{d['p99_ms']:.2f} ms",  # type: ignore[index]
-                f"{r['p99_ms']:.2f} ms",  # type: ignore[index]
-                f"{d['rps']:.0f}",  # type: ignore[index]
-                f"{r['rps']:.0f}",  # type: ignore[index]
-                f"{r['rps'] / d['rps']:.2f}",  # type: ignore[index]
-            )
-        console.print(table)
+        print_latency(rows, requests)
 
 
 if __name__ == "__main__":

@@ -317,3 +317,15 @@ def test_pd_mode_with_prefill_and_decode_sim_workers(procs) -> None:
         assert chunks[-1] == "data: [DONE]"
         served = {w["url"]: w["requests_total"] for w in c.get("/workers").json()["workers"]}
         assert served == {prefill.url: 2, decode.url: 2}
+
+
+def test_client_giving_up_on_a_non_streamed_request_cancels_it_upstream(procs) -> None:
+    worker = procs.sim_worker("--speedup", "1")
+    router = procs.router([worker.url], *router_flags())
+    body = {"text": "long answer", "sampling_params": {"max_new_tokens": 2000}}  # ~13 s
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(router.url + "/generate", json=body, timeout=httpx.Timeout(30, read=0.5))
+    poll(lambda: httpx.get(router.url + "/get_loads").json()["workers"][0]["load"] == 0, timeout=5)
+    poll(lambda: httpx.get(worker.url + "/get_load").json()[0]["num_reqs"] == 0, timeout=5)
+    stats = httpx.get(router.url + "/stats").json()
+    assert stats["errors_total"] == 1

@@ -30,6 +30,34 @@ DEFAULT_REQUEST_ID_HEADERS = ("x-request-id", "x-correlation-id", "x-trace-id", 
 CLIENT_CLOSED = 499
 
 
+class DisconnectWatcher:
+    """Cancels the current task when the client disconnects (until :meth:`stop`)."""
+
+    __slots__ = ("_disconnected", "_task", "_watch")
+
+    def __init__(self, request: Request) -> None:
+        self._task = asyncio.current_task()
+        self._disconnected = False
+        self._watch = asyncio.ensure_future(self._wait(request))
+
+    async def _wait(self, request: Request) -> None:
+        # The body has been read: the next ASGI message is the disconnect.
+        message = await request.receive()
+        if message["type"] == "http.disconnect" and self._task is not None:
+            self._disconnected = True
+            self._task.cancel()
+
+    def absorb_cancel(self) -> bool:
+        """On CancelledError: True when it was our cancel (swallowed), False to re-raise."""
+        if not self._disconnected:
+            return False
+        uncancel = getattr(self._task, "uncancel", None)  # Python >= 3.11
+        return not (uncancel is not None and uncancel() > 0)
+
+    def stop(self) -> None:
+        self._watch.cancel()
+
+
 def routes(router: Router) -> list[Route]:
     config = router.config
     limit = config.max_payload_size
@@ -72,13 +100,25 @@ def routes(router: Router) -> list[Route]:
             headers = forward_headers(request)
             forwarder = router.forwarder
             assert forwarder is not None, "router not started"
-            if config.is_pd:
-                from sglctl.router.pd import forward_pd
+            # Until the answer starts, a client that hangs up cancels this task, and with it
+            # the request at the worker (a long non-streamed generation must not run on for
+            # nobody). From the first byte on, Starlette's streaming response does the same.
+            watcher = DisconnectWatcher(request)
+            try:
+                if config.is_pd:
+                    from sglctl.router.pd import forward_pd
 
-                return await forward_pd(router, route, parsed, headers, finish)
-            query = request.scope.get("query_string")
-            target = f"{route}?{query.decode('latin-1')}" if query else route
-            return await forwarder.forward(target, body, headers, parsed.key, finish)
+                    return await forward_pd(router, route, parsed, headers, finish)
+                query = request.scope.get("query_string")
+                target = f"{route}?{query.decode('latin-1')}" if query else route
+                return await forwarder.forward(target, body, headers, parsed.key, finish)
+            except asyncio.CancelledError:
+                if not watcher.absorb_cancel():
+                    raise
+                finish(CLIENT_CLOSED, False)
+                return Response(status_code=CLIENT_CLOSED)
+            finally:
+                watcher.stop()
         except RouterError as exc:
             finish(exc.status, False)
             raise

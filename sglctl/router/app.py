@@ -83,8 +83,8 @@ class Router:
         )
         self.stats = RollingStats()
         self.health = HealthChecker(
-            interval_secs=config.health_check_interval_secs or 10.0,
-            timeout_secs=config.health_check_timeout_secs or 5.0,
+            interval_secs=config.health_check_interval_secs,
+            timeout_secs=config.health_check_timeout_secs,
             failure_threshold=config.health_failure_threshold,
             success_threshold=config.health_success_threshold,
             endpoint=config.health_check_endpoint,

@@ -124,6 +124,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     value = float(text)
     if value < 0:
@@ -183,7 +190,10 @@ def build_parser(prog: str = "sglctl router") -> argparse.ArgumentParser:
     g.add_argument("--balance-abs-threshold", type=int, default=d.balance_abs_threshold)
     g.add_argument("--balance-rel-threshold", type=float, default=d.balance_rel_threshold)
     g.add_argument(
-        "--eviction-interval-secs", type=_non_negative_float, default=d.eviction_interval_secs
+        "--eviction-interval-secs",
+        type=_non_negative_float,
+        default=d.eviction_interval_secs,
+        help="seconds between trims of the cache-aware tree to --max-tree-size (0: never)",
     )
     g.add_argument(
         "--max-tree-size",
@@ -305,12 +315,12 @@ def build_parser(prog: str = "sglctl router") -> argparse.ArgumentParser:
     g = p.add_argument_group("health checks")
     g.add_argument(
         "--health-check-interval-secs",
-        type=_non_negative_float,
+        type=_positive_float,
         default=d.health_check_interval_secs,
         help="0.3.2 uses 60; 10 notices a dead worker before many requests are retried",
     )
     g.add_argument(
-        "--health-check-timeout-secs", type=_non_negative_float, default=d.health_check_timeout_secs
+        "--health-check-timeout-secs", type=_positive_float, default=d.health_check_timeout_secs
     )
     g.add_argument(
         "--health-failure-threshold", type=_positive_int, default=d.health_failure_threshold

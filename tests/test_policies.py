@@ -204,3 +204,25 @@ def test_eviction_bounds_every_tree() -> None:
         policy.select(ws, key(f"{i:05d}" + "z" * 100))
     policy.evict_once()
     assert all(policy.tree.size(w.url) <= 800 for w in ws)
+
+
+def test_background_eviction_task_trims_the_tree() -> None:
+    import asyncio
+
+    async def scenario() -> None:
+        ws = workers(2)
+        policy = CacheAwarePolicy(block=8, max_tree_size=400, eviction_interval_secs=0.01)
+        for i in range(50):
+            policy.select(ws, key(f"{i:05d}" + "y" * 100))
+        assert policy.tree.total_size() > 800
+        task = asyncio.create_task(policy.run_background())
+        try:
+            deadline = asyncio.get_running_loop().time() + 5
+            while policy.tree.total_size() > 800:
+                assert asyncio.get_running_loop().time() < deadline, "eviction never ran"
+                await asyncio.sleep(0.01)
+        finally:
+            task.cancel()
+        assert all(policy.tree.size(w.url) <= 400 for w in ws)
+
+    asyncio.run(scenario())

@@ -219,21 +219,25 @@ class PrefixTree:
         Returns the number of blocks evicted. Cost: linear in the tenant's size (numpy), run
         from a background task every ``--eviction-interval-secs``.
         """
+        return sum(self.evict_tenant(name, max_size) for name in list(self._tenants))
+
+    def evict_tenant(self, name: str, max_size: int) -> int:
+        """:meth:`evict` for one tenant (about 50 ms per 400k blocks; callers on the event
+        loop yield between tenants)."""
+        tenant = self._tenants.get(name)
         max_blocks = max_size // self.block
-        evicted = 0
-        for tenant in self._tenants.values():
-            count = len(tenant.entries)
-            if count <= max_blocks:
-                continue
-            keys = np.fromiter(tenant.entries.keys(), dtype=np.uint64, count=count)
-            ticks = np.fromiter(tenant.entries.values(), dtype=np.int64, count=count)
-            drop = count - max_blocks
-            # The drop-th oldest tick; everything at or before it goes.
-            cutoff = np.partition(ticks, drop - 1)[drop - 1]
-            keep = ticks > cutoff
-            tenant.entries = dict(zip(keys[keep].tolist(), ticks[keep].tolist(), strict=True))
-            evicted += count - len(tenant.entries)
-            log.debug("evicted %d blocks from tenant %s", count - len(tenant.entries), tenant.name)
+        if tenant is None or len(tenant.entries) <= max_blocks:
+            return 0
+        count = len(tenant.entries)
+        keys = np.fromiter(tenant.entries.keys(), dtype=np.uint64, count=count)
+        ticks = np.fromiter(tenant.entries.values(), dtype=np.int64, count=count)
+        drop = count - max_blocks
+        # The drop-th oldest tick; everything at or before it goes.
+        cutoff = np.partition(ticks, drop - 1)[drop - 1]
+        keep = ticks > cutoff
+        tenant.entries = dict(zip(keys[keep].tolist(), ticks[keep].tolist(), strict=True))
+        evicted = count - len(tenant.entries)
+        log.debug("evicted %d blocks from tenant %s", evicted, name)
         return evicted
 
     def clear(self) -> None:

@@ -125,7 +125,14 @@ class CacheAwarePolicy(Policy):
             return
         while True:
             await asyncio.sleep(self.eviction_interval_secs)
-            try:
-                self.evict_once()
-            except Exception:
-                log.exception("cache-aware tree eviction failed; will retry next interval")
+            evicted = 0
+            for name in self.tree.tenants():
+                try:
+                    evicted += self.tree.evict_tenant(name, self.max_tree_size)
+                except Exception:
+                    log.exception(
+                        "cache-aware tree eviction failed for %s; retrying next time", name
+                    )
+                await asyncio.sleep(0)  # one tenant at a time: requests run in between
+            if evicted:
+                log.debug("cache-aware tree: evicted %d blocks", evicted)

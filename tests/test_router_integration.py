@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import threading
@@ -329,3 +330,30 @@ def test_client_giving_up_on_a_non_streamed_request_cancels_it_upstream(procs) -
     poll(lambda: httpx.get(worker.url + "/get_load").json()[0]["num_reqs"] == 0, timeout=5)
     stats = httpx.get(router.url + "/stats").json()
     assert stats["errors_total"] == 1
+
+
+def test_busy_metrics_port_is_one_clear_error(procs) -> None:
+    port = find_free_port()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", port))
+        busy.listen()
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "sglctl.router",
+                "--port",
+                str(find_free_port()),
+                "--metrics-port",
+                str(port),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1
+    assert (
+        f"cannot listen for metrics (--metrics-host/--metrics-port) on 127.0.0.1:{port}"
+        in result.stderr
+    )
+    assert "Traceback" not in result.stderr

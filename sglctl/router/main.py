@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import sys
 from collections.abc import Iterator, Sequence
 
@@ -47,9 +48,38 @@ class _QuietServer(uvicorn.Server):
         yield
 
 
+class ListenError(RuntimeError):
+    """An address to listen on is unusable; the message is one line for the operator."""
+
+
+def listen(host: str, port: int, what: str) -> socket.socket:
+    """Bind ``host:port`` before anything starts, so a busy port is one clear error."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, address = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        raise ListenError(
+            f"cannot listen for {what} on {host}:{port}: {exc.strerror or exc}"
+        ) from None
+    sock.set_inheritable(True)
+    return sock
+
+
 async def serve(config: RouterConfig) -> None:
     """Run the router until SIGINT/SIGTERM."""
     from sglctl.router.app import Router, create_app
+
+    sockets = [listen(config.host, config.port, "requests (--host/--port)")]
+    metrics_sockets: list[socket.socket] = []
+    if config.metrics_port and config.metrics_port != config.port:
+        metrics_sockets.append(
+            listen(
+                config.metrics_host, config.metrics_port, "metrics (--metrics-host/--metrics-port)"
+            )
+        )
 
     router = Router(config)
     app = create_app(router)
@@ -74,7 +104,7 @@ async def serve(config: RouterConfig) -> None:
         )
     )
     metrics_server: uvicorn.Server | None = None
-    if config.metrics_port and config.metrics_port != config.port:
+    if metrics_sockets:
         metrics_server = _QuietServer(
             uvicorn.Config(
                 metrics_app(router.metrics.render),
@@ -84,9 +114,13 @@ async def serve(config: RouterConfig) -> None:
                 **common,  # type: ignore[arg-type]
             )
         )
-    metrics_task = asyncio.create_task(metrics_server.serve()) if metrics_server else None
+    metrics_task = (
+        asyncio.create_task(metrics_server.serve(sockets=metrics_sockets))
+        if metrics_server
+        else None
+    )
     try:
-        await main.serve()
+        await main.serve(sockets=sockets)
     finally:
         if metrics_server is not None and metrics_task is not None:
             metrics_server.should_exit = True
@@ -119,8 +153,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "sglctl router") -> None
         runner = uvloop.run
     except ImportError:  # pragma: no cover - uvloop ships with uvicorn[standard]
         runner = asyncio.run  # type: ignore[assignment]
-    with contextlib.suppress(KeyboardInterrupt):
-        runner(serve(config))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            runner(serve(config))
+    except ListenError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

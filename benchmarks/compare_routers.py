@@ -62,7 +62,8 @@ from sglctl.net import find_free_port  # noqa: E402
 from sglctl.spawn import ManagedProcess, spawn, spawn_router, spawn_sim_worker  # noqa: E402
 
 log = logging.getLogger("compare_routers")
-console = Console()
+# Wide tables even when the output goes to a file or a pipe (rich assumes 80 columns then).
+console = Console(width=None if sys.stdout.isatty() else 200)
 
 DEFAULT_TRACE = REPO.parent / "shared" / "traces" / "conversation_trace.jsonl"
 DEFAULT_SGLANG_VENV = REPO / "bench-out" / "sglang-router-venv"
@@ -79,28 +80,73 @@ class Settings:
     workers: int
     max_requests: int
     speedup: float
+    load_factor: float
     kv_cache_tokens: int
     stream_interval: int
     sglctl_policies: tuple[str, ...]
     sglang_policies: tuple[str, ...]
     overhead_requests: int
     overhead_workers: int
+    sglang_defaults_row: bool
+
+    @property
+    def sim_speedup(self) -> float:
+        """The sim workers' ``--speedup``: the trace runs ``load_factor`` times faster than it."""
+        return self.speedup / self.load_factor
 
 
 QUICK = Settings(
-    8, 300, 10.0, 1_500_000, 16, ("cache_aware", "round_robin"), ("cache_aware",), 300, 2
+    workers=8,
+    max_requests=300,
+    speedup=10.0,
+    load_factor=2.0,
+    kv_cache_tokens=1_500_000,
+    stream_interval=16,
+    sglctl_policies=("cache_aware", "round_robin"),
+    sglang_policies=("cache_aware",),
+    overhead_requests=300,
+    overhead_workers=2,
+    sglang_defaults_row=False,
 )
-FULL = Settings(8, 1000, 5.0, 1_500_000, 16, SGLCTL_POLICIES, SGLANG_POLICIES, 1500, 2)
+FULL = Settings(
+    workers=8,
+    max_requests=1000,
+    speedup=6.0,
+    load_factor=2.0,
+    kv_cache_tokens=1_500_000,
+    stream_interval=16,
+    sglctl_policies=SGLCTL_POLICIES,
+    sglang_policies=SGLANG_POLICIES,
+    overhead_requests=1500,
+    overhead_workers=2,
+    sglang_defaults_row=True,
+)
+# SGLang Router 0.3.2's cache-aware defaults (sglctl's own defaults are the documented ones:
+# --cache-threshold 0.5 --balance-abs-threshold 32 --balance-rel-threshold 1.0001
+# --max-tree-size 16777216); the extra row tells the implementation from the defaults.
+SGLANG_032_CACHE_AWARE_FLAGS = (
+    "--cache-threshold",
+    "0.3",
+    "--balance-abs-threshold",
+    "64",
+    "--balance-rel-threshold",
+    "1.5",
+    "--max-tree-size",
+    "67108864",
+)
 
 
 @dataclass(frozen=True)
 class RouterSpec:
     kind: str  # "sglctl" or "sglang"
     policy: str
+    flags: tuple[str, ...] = ()
+    note: str = ""
 
     @property
     def label(self) -> str:
-        return f"{'sglctl' if self.kind == 'sglctl' else 'SGLang Router'} {self.policy}"
+        name = f"{'sglctl' if self.kind == 'sglctl' else 'SGLang Router'} {self.policy}"
+        return f"{name} ({self.note})" if self.note else name
 
 
 # --- the SGLang Router's virtual environment --------------------------------------------
@@ -190,6 +236,7 @@ def start_router(
             metrics_port,
             "--log-level",
             "warning",
+            *spec.flags,
             name=f"sglctl-{spec.policy}",
         )
     else:
@@ -211,6 +258,7 @@ def start_router(
             metrics_port,
             "--log-level",
             "warn",
+            *spec.flags,
         ]
         proc = spawn(
             f"sglang-{spec.policy}",
@@ -286,13 +334,17 @@ def run_comparison(
     log_dir: Path,
 ) -> list[tuple[RouterSpec, BenchResult]]:
     specs = [RouterSpec("sglctl", p) for p in settings.sglctl_policies]
+    if settings.sglang_defaults_row and "cache_aware" in settings.sglctl_policies:
+        specs.append(
+            RouterSpec("sglctl", "cache_aware", SGLANG_032_CACHE_AWARE_FLAGS, "0.3.2 defaults")
+        )
     if sglang_python is not None:
         specs += [RouterSpec("sglang", p) for p in settings.sglang_policies]
     worker_flags = (
         "--kv-cache-tokens",
         str(settings.kv_cache_tokens),
         "--speedup",
-        str(settings.speedup),
+        str(settings.sim_speedup),
         "--stream-interval",
         str(settings.stream_interval),
         "--log-level",
@@ -434,7 +486,7 @@ def targets_report(
             checks.append(
                 (
                     "cache_aware hit ratio > SGLang Router's",
-                    f"{ca.hit_ratio:.3f} vs {sg.hit_ratio:.3f}",
+                    f"{ca.hit_ratio:.4f} vs {sg.hit_ratio:.4f}",
                     ca.hit_ratio > sg.hit_ratio,
                 )
             )
@@ -475,7 +527,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--max-requests", type=int, help="Replay the first N requests of the trace."
     )
-    parser.add_argument("--speedup", type=float, help="Sim --speedup and trace time compression.")
+    parser.add_argument("--speedup", type=float, help="Trace time compression (wall clock).")
+    parser.add_argument(
+        "--load-factor",
+        type=float,
+        help="Replay the trace this many times faster than the sims' clock (sim --speedup is "
+        "--speedup / --load-factor): 1 is the trace's own load.",
+    )
+    parser.add_argument(
+        "--no-defaults-row", action="store_true", help="Skip sglctl with SGLang 0.3.2's defaults."
+    )
     parser.add_argument("--kv-cache-tokens", type=int, help="KV cache of each sim worker (tokens).")
     parser.add_argument("--policies", help="Comma-separated sglctl policies to run.")
     parser.add_argument("--sglang-policies", help="Comma-separated SGLang Router policies to run.")
@@ -505,6 +566,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers=args.workers or base.workers,
         max_requests=args.max_requests or base.max_requests,
         speedup=args.speedup or base.speedup,
+        load_factor=args.load_factor or base.load_factor,
         kv_cache_tokens=args.kv_cache_tokens or base.kv_cache_tokens,
         stream_interval=base.stream_interval,
         sglctl_policies=tuple(args.policies.split(",")) if args.policies else base.sglctl_policies,
@@ -513,6 +575,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else base.sglang_policies,
         overhead_requests=args.overhead_requests or base.overhead_requests,
         overhead_workers=base.overhead_workers,
+        sglang_defaults_row=base.sglang_defaults_row and not args.no_defaults_row,
     )
     args.out_dir.mkdir(parents=True, exist_ok=True)
     log_dir = args.out_dir / "logs"
@@ -539,7 +602,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         title = (
             f"{workload.name}: first {len(workload.requests)} requests, "
             f"{settings.workers} sim workers, "
-            f"--kv-cache-tokens {settings.kv_cache_tokens}, --speedup {settings.speedup:g}"
+            f"--kv-cache-tokens {settings.kv_cache_tokens}, trace time / {settings.speedup:g}, "
+            f"sim --speedup {settings.sim_speedup:g} (load x{settings.load_factor:g})"
         )
         console.print(
             comparison_table([(spec.label, res.summary) for spec, res in comparison], title)

@@ -375,3 +375,25 @@ def test_ctrl_c_drains_in_flight_requests_before_stopping_workers(
     thread.join(timeout=60)
     assert result == {"status": 200, "tokens": 150}, up.log()
     up.assert_nothing_left()
+
+
+def test_killed_router_is_restarted_and_relearns_the_workers(start_up: Callable[..., Up]) -> None:
+    up = start_up(dp_size=2)
+    with up.table() as table:
+        poll(lambda: table.read_router_totals().pid != 0, 10, "the router to report its pid")
+        old = table.read_router_totals().pid
+        os.kill(old, signal.SIGKILL)
+        with httpx.Client(timeout=5) as client:
+
+            def serving() -> bool:
+                try:
+                    return client.get(up.url + "/readiness").json()["healthy_workers"] == 2
+                except (httpx.HTTPError, ValueError, KeyError):
+                    return False
+
+            poll(serving, 30, "the restarted router to serve both workers", interval=0.05)
+            assert client.post(up.url + "/generate", json={"text": "x"}).status_code == 200
+        poll(lambda: table.read_router_totals().pid not in (0, old), 10, "the new router's pid")
+    assert "the router exited" in up.log()
+    assert up.interrupt() == 0
+    up.assert_nothing_left()

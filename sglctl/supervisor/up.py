@@ -61,6 +61,7 @@ def run_up(argv: Sequence[str]) -> int:
         return 2
     config.run_dir.mkdir(parents=True, exist_ok=True)
     configure_logging(config.log_level, log_dir=str(config.run_dir), name="supervisor")
+    _log_through(console)
 
     gpus = detect_gpus()
     try:
@@ -141,6 +142,26 @@ async def _supervise(
     if code:
         console.print(f"[red]sglctl up stopped with errors; logs are in {config.run_dir}[/red]")
     return code
+
+
+def _log_through(console: Console) -> None:
+    """Send the terminal's share of the logs through ``console``, so log lines appear above
+    the live start-up display instead of tearing it (the file log stays as it is)."""
+    from rich.logging import RichHandler
+
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if type(handler) is logging.StreamHandler:
+            root.removeHandler(handler)
+            rich_handler = RichHandler(
+                console=console,
+                show_path=False,
+                markup=False,
+                rich_tracebacks=False,
+                log_time_format="%H:%M:%S",
+            )
+            rich_handler.setLevel(handler.level)
+            root.addHandler(rich_handler)
 
 
 def control_socket_path(run_dir: Path, port: int) -> Path:

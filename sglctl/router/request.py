@@ -9,12 +9,11 @@ parse: ``text`` or ``input_ids`` (``/generate``), ``prompt`` (completions), or t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 
 from sglctl.router.errors import RouterError
 from sglctl.router.policies.base import NO_KEY, RouteKey
@@ -43,14 +42,12 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise RouterError(400, "invalid Content-Length header") from None
     chunks: list[bytes] = []
     size = 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise RouterError(413, f"request body exceeds the limit of {limit} bytes")
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise
+    # A client hanging up mid-body raises ClientDisconnect; the handler answers for it.
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RouterError(413, f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
@@ -183,8 +180,3 @@ def parse_inference(route: str, body: bytes, *, need_key: bool = True) -> Parsed
     extract = _KEYS.get(route)
     key = extract(payload) if extract is not None else NO_KEY
     return ParsedRequest(body, payload, key if need_key else NO_KEY, stream)
-
-
-def routing_text(messages: Sequence[dict[str, Any]]) -> str:
-    """The text of chat ``messages`` as the router keys on it (exposed for tests/benchmarks)."""
-    return _chat_key({"messages": list(messages)}).text or ""

@@ -590,3 +590,21 @@ async def test_pd_failures(harness) -> None:
         r = await h.client.post("/generate", json={"text": "x"})
         assert r.status_code == 503
         error_of(r)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--worker-urls", "http://host:notaport"],
+        ["--worker-urls", "ftp://host:1"],
+        ["--worker-urls", "http://"],
+        ["--pd-disaggregation", "--prefill", "http://p:x", "--decode", "http://d"],
+    ],
+)
+def test_bad_worker_urls_are_usage_errors(flags: list[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(flags)
+
+
+def test_worker_urls_without_scheme_get_http() -> None:
+    assert parse_args(["--worker-urls", "127.0.0.1:8000/"]).worker_urls == ["http://127.0.0.1:8000"]

@@ -210,3 +210,22 @@ async def test_malformed_response_is_an_error() -> None:
 def test_only_plain_http_urls() -> None:
     with pytest.raises(UpstreamError):
         UpstreamPool()._origin("https://example.com")
+
+
+async def test_https_workers_go_to_the_fallback_client() -> None:
+    calls: list[str] = []
+
+    class Fallback:
+        async def request(self, base_url, method, path, headers, body, deadline):  # type: ignore[no-untyped-def]
+            calls.append(base_url)
+            return "answer"
+
+        def close_all(self) -> None:
+            calls.append("closed")
+
+    pool = UpstreamPool(fallback=Fallback())  # type: ignore[arg-type]
+    assert await pool.request("https://w:8443", b"POST", b"/", [], b"", deadline()) == "answer"
+    with pytest.raises(UpstreamError, match="invalid worker URL"):
+        await pool.request("http://w:port", b"POST", b"/", [], b"", deadline())
+    pool.close_all()
+    assert calls == ["https://w:8443", "closed"]

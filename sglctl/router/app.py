@@ -168,7 +168,7 @@ class Router:
         if self._transport is not None or c.upstream_client == "httpx":
             self.upstream: Upstream = HttpxUpstream(transport)
         else:
-            self.upstream = UpstreamPool()
+            self.upstream = UpstreamPool(fallback=HttpxUpstream(transport))
         self.forwarder = Forwarder(
             self.registry,
             self.policy,

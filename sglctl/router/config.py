@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 POLICIES = ("cache_aware", "round_robin", "random", "power_of_two", "shortest_queue")
 #: Policy names the SGLang Router knows but sglctl does not implement (rejected at start-up).
@@ -381,6 +382,23 @@ def _parse_prefill(items: list[list[str]], parser: argparse.ArgumentParser) -> l
     return servers
 
 
+def _checked_url(raw: str, flag: str, parser: argparse.ArgumentParser) -> str:
+    """A worker URL as the registry will hold it, or a usage error naming the flag."""
+    url = raw.strip()
+    if "://" not in url:
+        url = "http://" + url
+    url = url.rstrip("/")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        parser.error(f"{flag}: invalid worker URL {raw!r}")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        parser.error(f"{flag}: invalid worker URL {raw!r} (expected http://host:port)")
+    del port
+    return url
+
+
 def _unsupported(ns: argparse.Namespace) -> list[tuple[str, str]]:
     """Flags set by the user that sglctl cannot honour, each with the reason."""
     found: list[tuple[str, str]] = []
@@ -446,10 +464,11 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "sglctl router") -
     parser = build_parser(prog)
     ns = parser.parse_args(argv)
     pd = ns.mode == "pd" or ns.pd_disaggregation
-    prefill = [PrefillServer(u.rstrip("/")) for u in ns.prefill_urls] + _parse_prefill(
-        ns.prefill, parser
-    )
-    decode = [u.rstrip("/") for u in [*ns.decode_urls, *ns.decode]]
+    prefill = [
+        PrefillServer(_checked_url(p.url, "--prefill", parser), p.bootstrap_port)
+        for p in [PrefillServer(u) for u in ns.prefill_urls] + _parse_prefill(ns.prefill, parser)
+    ]
+    decode = [_checked_url(u, "--decode", parser) for u in [*ns.decode_urls, *ns.decode]]
     if pd and (not prefill or not decode):
         parser.error(
             "PD mode needs at least one prefill and one decode worker (--prefill/--decode)"
@@ -462,7 +481,7 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "sglctl router") -
     return RouterConfig(
         host=ns.host,
         port=ns.port,
-        worker_urls=[u.rstrip("/") for u in ns.worker_urls],
+        worker_urls=[_checked_url(u, "--worker-urls", parser) for u in ns.worker_urls],
         policy=ns.policy,
         prefill_policy=ns.prefill_policy,
         decode_policy=ns.decode_policy,

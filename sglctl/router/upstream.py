@@ -310,9 +310,16 @@ def _expire(waiter: asyncio.Future[None]) -> None:
 class UpstreamPool:
     """Keep-alive connections to every worker; see the module docstring."""
 
-    def __init__(self, connect_timeout: float = 10.0, keepalive_expiry: float = 60.0) -> None:
+    def __init__(
+        self,
+        connect_timeout: float = 10.0,
+        keepalive_expiry: float = 60.0,
+        fallback: Upstream | None = None,
+    ) -> None:
+        """``fallback`` serves the worker URLs this client does not speak (https)."""
         self.connect_timeout = connect_timeout
         self.keepalive_expiry = keepalive_expiry
+        self.fallback = fallback
         self._origins: dict[str, _Origin] = {}
 
     def _origin(self, base_url: str) -> _Origin:
@@ -364,12 +371,17 @@ class UpstreamPool:
         headers: list[tuple[bytes, bytes]],
         body: bytes,
         deadline: float,
-    ) -> UpstreamResponse:
+    ) -> Response:
         """Send a request to ``base_url`` + ``path``; returns once the response head arrived.
 
         ``deadline`` is on the event loop's clock and bounds everything, body reads included.
         """
-        origin = self._origin(base_url)
+        if self.fallback is not None and not base_url.startswith("http://"):
+            return await self.fallback.request(base_url, method, path, headers, body, deadline)
+        try:
+            origin = self._origin(base_url)
+        except ValueError as exc:  # a port that is not a number
+            raise UpstreamError(f"invalid worker URL {base_url!r}: {exc}") from None
         head = [b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (method, path, origin.host_header)]
         for name, value in headers:
             head.append(b"%s: %s\r\n" % (name, value))
@@ -401,6 +413,8 @@ class UpstreamPool:
         raise UpstreamError("worker closed the connection")  # pragma: no cover
 
     def close_all(self) -> None:
+        if self.fallback is not None:
+            self.fallback.close_all()
         for origin in self._origins.values():
             while origin.idle:
                 origin.idle.pop().close()

@@ -73,7 +73,9 @@ def routes(router: Router) -> list[Route]:
         return json_response(body, 200 if healthy else 503)
 
     async def health_generate(request: Request) -> Response:
-        url, _ = await get_from_worker(router, "/health_generate", config.request_timeout_secs)
+        # A one-token generation; a worker that cannot do it in a minute is not healthy.
+        timeout = min(config.request_timeout_secs, 60.0)
+        url, _ = await get_from_worker(router, "/health_generate", timeout)
         return json_response({"status": "healthy", "worker": url})
 
     async def passthrough(request: Request) -> Response:

@@ -130,6 +130,8 @@ def start_up(tmp_path: Path) -> Iterator[Callable[..., Up]]:
                         return False
 
                 poll(ready, 60, "sglctl up to serve", interval=0.05)
+                # The supervisor's own start-up is over only once it announced the endpoint.
+                poll(lambda: "sglctl is up:" in up.log(), 30, "the announcement", interval=0.05)
             up.remember_tree()
         return up
 

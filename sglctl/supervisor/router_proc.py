@@ -72,9 +72,13 @@ class SupervisedRouter:
         """Start the router and wait until it answers ``/liveness``; then keep it alive."""
         child = self._spawn()
         if not await self._wait_live(child, timeout):
-            tail = self.log.tail(40)
+            code = "still running" if child.alive() else f"exit code {child.returncode}"
             await child.stop(5.0)
-            raise RouterStartError(f"the router did not start (log: {self.log.path}):\n{tail}")
+            await asyncio.to_thread(child.drain)  # its last words (the error) come last
+            tail = self.log.tail(40)
+            raise RouterStartError(
+                f"the router did not start ({code}; log: {self.log.path}):\n{tail}"
+            )
         self._task = asyncio.create_task(self._keep_alive(), name="router")
 
     async def wait_ready(self, timeout: float) -> bool:

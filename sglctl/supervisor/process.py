@@ -120,7 +120,9 @@ class ChildProcess:
     # -- stopping --------------------------------------------------------------------------
     async def stop(self, timeout: float) -> int:
         """SIGTERM the whole tree, SIGKILL what is left after ``timeout``; wait for the exit."""
-        if self.alive():
+        # Same pid *and* start time: a pid freed by the exit and reused by a stranger in the
+        # instant before the exit future resolves must not be signalled.
+        if self.alive() and _create_time(self.pid) == self.create_time:
             killed = await asyncio.to_thread(terminate_tree, self.pid, timeout)
             if killed:
                 log.warning(
@@ -128,7 +130,7 @@ class ChildProcess:
                 )
         # Helpers that were re-parented away from the tree (or outlived a crashed leader)
         # still carry the leader's session id.
-        await asyncio.to_thread(_kill_session_leftovers, self.pid)
+        await asyncio.to_thread(_kill_session_leftovers, self.pid, self.create_time)
         return await self.wait()
 
     def kill_now(self) -> None:
@@ -138,7 +140,7 @@ class ChildProcess:
             for proc in [*parent.children(recursive=True), parent]:
                 with contextlib.suppress(psutil.NoSuchProcess):
                     proc.kill()
-        _kill_session_leftovers(self.pid)
+        _kill_session_leftovers(self.pid, self.create_time)
 
     def drain(self, timeout: float = 2.0) -> None:
         """Wait (briefly) for the last output to reach the log; call after the exit."""
@@ -176,12 +178,17 @@ def _create_time(pid: int) -> float:
         return 0.0
 
 
-def _kill_session_leftovers(session_leader: int) -> None:
+def _kill_session_leftovers(session_leader: int, leader_create_time: float) -> None:
     """SIGKILL processes still in the session of a leader that already exited.
 
     A child started with ``start_new_session`` leads session ``pid``; whatever it forked and
     left behind keeps that session id even after being re-parented, which is how we find it.
+    If the leader's pid now belongs to another process, the session id is ambiguous and
+    nothing is killed.
     """
+    current = _create_time(session_leader)
+    if current and current != leader_create_time:
+        return
     for proc in psutil.process_iter(["pid"]):
         with contextlib.suppress(psutil.Error, OSError):
             if proc.pid != session_leader and os.getsid(proc.pid) == session_leader:

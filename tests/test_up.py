@@ -399,3 +399,20 @@ def test_killed_router_is_restarted_and_relearns_the_workers(start_up: Callable[
     assert "the router exited" in up.log()
     assert up.interrupt() == 0
     up.assert_nothing_left()
+
+
+def test_ctrl_c_during_start_up_stops_everything(start_up: Callable[..., Up]) -> None:
+    # A health path the workers never pass: start-up would wait for the full timeout.
+    up = start_up("--worker-health-path", "/never-healthy", dp_size=2, wait=False)
+    poll(lambda: up.segment in list_segments(), 30, "the state table")
+    with up.table() as table:
+        poll(
+            lambda: len([v for v in table.read_slots() if v.worker.pid]) == 2,
+            30,
+            "both workers to spawn",
+        )
+        states = {v.worker.state for v in table.read_slots()}
+    assert states == {WorkerState.STARTING}
+    up.remember_tree()
+    assert up.interrupt(timeout=30) == 0, up.log()
+    up.assert_nothing_left()

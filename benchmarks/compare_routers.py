@@ -71,6 +71,8 @@ SGLANG_ROUTER_PACKAGE = "sglang-router"
 SGLCTL_POLICIES = ("cache_aware", "round_robin", "random", "power_of_two", "shortest_queue")
 SGLANG_POLICIES = ("cache_aware", "round_robin")
 OVERHEAD_CONCURRENCY = (1, 16, 64)
+# Closed-loop concurrency for a workload without timestamps (the fallback without the trace).
+UNTIMED_CONCURRENCY = 32
 
 
 @dataclass(frozen=True)
@@ -366,7 +368,7 @@ def run_comparison(
                 config = RunConfig(
                     url=router.url,
                     mode="trace" if workload.timed else "concurrency",
-                    concurrency=None if workload.timed else 32,
+                    concurrency=None if workload.timed else UNTIMED_CONCURRENCY,
                     speedup=settings.speedup,
                     worker_urls=urls,
                     label=spec.label,
@@ -602,8 +604,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         title = (
             f"{workload.name}: first {len(workload.requests)} requests, "
             f"{settings.workers} sim workers, "
-            f"--kv-cache-tokens {settings.kv_cache_tokens}, trace time / {settings.speedup:g}, "
-            f"sim --speedup {settings.sim_speedup:g} (load x{settings.load_factor:g})"
+            f"--kv-cache-tokens {settings.kv_cache_tokens}, "
+            + (
+                f"trace time / {settings.speedup:g}, sim --speedup {settings.sim_speedup:g} "
+                f"(load x{settings.load_factor:g})"
+                if workload.timed
+                else f"closed loop at concurrency {UNTIMED_CONCURRENCY}, "
+                f"sim --speedup {settings.sim_speedup:g}"
+            )
         )
         console.print(
             comparison_table([(spec.label, res.summary) for spec, res in comparison], title)

@@ -191,3 +191,19 @@ def test_report_tables_and_json() -> None:
     empty = summary_dict(summarize([], 0.0))
     assert empty["ttft_p50"] is None and empty["request_imbalance"] is None
     assert markdown_table(["a", "b"], [["1", "2"]]) == "| a | b |\n|---|---|\n| 1 | 2 |"
+
+
+def test_plot_writes_a_png_when_matplotlib_is_there(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("matplotlib")
+    from sglctl.bench.plot import plot_result
+    from sglctl.bench.runner import BenchResult, RunConfig
+    from sglctl.bench.workloads import shared_prefix_workload
+
+    results = [ok(i, 0.01 * (i + 1), 0.1 + 0.01 * i) for i in range(10)]
+    summary = summarize(results, 1.0, workers=[WorkerShare("http://127.0.0.1:1", 10, 100, 10, 5)])
+    result = BenchResult(
+        RunConfig(url="http://x", concurrency=2), shared_prefix_workload(), results, summary
+    )
+    out = tmp_path / "run.png"
+    plot_result(result, out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -7,12 +7,17 @@ Each command's implementation lives with its concern (``sglctl.sim``, ``sglctl.r
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import typer
 
 from sglctl import __version__
 from sglctl.bench.cli import bench as _bench
 from sglctl.sim.cli import EXTRA_ARGS as _SIM_EXTRA_ARGS
 from sglctl.sim.cli import sim_worker as _sim_worker
+
+T = TypeVar("T")
 
 app = typer.Typer(
     name="sglctl",
@@ -111,11 +116,12 @@ _ROUTER_OPT = typer.Option("http://127.0.0.1:30000", "--router", help="The route
 _API_KEY_OPT = typer.Option(None, "--api-key", help="The router's --api-key (or $SGLCTL_API_KEY).")
 
 
-def _admin_call(call: object, *args: object) -> object:
+def _admin_call(call: Callable[[], T]) -> T:
+    """Run one admin API call; an error the router reports becomes one line and exit 1."""
     from sglctl.router.admin_client import AdminError
 
     try:
-        return call(*args)  # type: ignore[operator]
+        return call()
     except AdminError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -142,7 +148,7 @@ def _add_worker(
     from sglctl.router import admin_client
 
     result = _admin_call(lambda: admin_client.add_worker(router, url, api_key=api_key))
-    typer.echo(f"added {result.get('url', url)}")  # type: ignore[union-attr]
+    typer.echo(f"added {result.get('url', url)}")
 
 
 @app.command("remove-worker")
@@ -157,7 +163,7 @@ def _remove_worker(
     from sglctl.router import admin_client
 
     result = _admin_call(lambda: admin_client.remove_worker(router, url, api_key=api_key))
-    typer.echo(f"removed {result.get('url', url)}")  # type: ignore[union-attr]
+    typer.echo(f"removed {result.get('url', url)}")
 
 
 def _add_local_worker(url: str | None, router: str) -> None:
@@ -207,7 +213,7 @@ def _list_workers(
     if as_json:
         typer.echo(json.dumps(workers, indent=2))
         return
-    for w in workers:  # type: ignore[union-attr]
+    for w in workers:
         state = "healthy" if w.get("is_healthy") else "unhealthy"
         typer.echo(
             f"{w['url']}  {state}  load={w.get('load', 0)}  served={w.get('requests_total', 0)}  "

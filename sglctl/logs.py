@@ -16,7 +16,9 @@ DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 LEVELS = ("debug", "info", "warning", "error")
 
 
-def configure_logging(level: str = "info", log_dir: str | None = None, name: str = "sglctl") -> None:
+def configure_logging(
+    level: str = "info", log_dir: str | None = None, name: str = "sglctl"
+) -> None:
     """Send sglctl's logs to stderr and, with ``log_dir``, to a rotated ``<name>.log`` there.
 
     Called once per process, from its entry point; library code only calls

@@ -30,7 +30,9 @@ def terminate_tree(pid: int, timeout: float = 10.0, sig: int = signal.SIGTERM) -
             proc.send_signal(sig)
     _, alive = psutil.wait_procs(procs, timeout=timeout)
     for proc in alive:
-        log.warning("pid %d did not exit within %.1fs of signal %d; killing it", proc.pid, timeout, sig)
+        log.warning(
+            "pid %d did not exit within %.1fs of signal %d; killing it", proc.pid, timeout, sig
+        )
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
     if alive:

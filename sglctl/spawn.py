@@ -77,7 +77,11 @@ def spawn(
     log_file = open(log_path, "ab")  # noqa: SIM115 - closed by ManagedProcess.stop
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     popen = subprocess.Popen(
-        list(args), stdout=log_file, stderr=subprocess.STDOUT, env=full_env, stdin=subprocess.DEVNULL
+        list(args),
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        env=full_env,
+        stdin=subprocess.DEVNULL,
     )
     proc = ManagedProcess(name, popen, url, log_path, log_file)
     if wait and not wait_for_http(url + health_path, ready_timeout, alive=proc.alive):
@@ -92,8 +96,20 @@ def spawn_sim_worker(
 ) -> ManagedProcess:
     """Start ``sglctl sim-worker`` on 127.0.0.1 (a free port unless one is given)."""
     port = port or find_free_port()
-    args = [sys.executable, "-m", "sglctl", "sim-worker", "--host", "127.0.0.1", "--port", str(port), *extra]
-    return spawn(name or f"sim-{port}", args, url=f"http://127.0.0.1:{port}", log_dir=log_dir, wait=wait)
+    args = [
+        sys.executable,
+        "-m",
+        "sglctl",
+        "sim-worker",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *extra,
+    ]
+    return spawn(
+        name or f"sim-{port}", args, url=f"http://127.0.0.1:{port}", log_dir=log_dir, wait=wait
+    )
 
 
 def spawn_router(

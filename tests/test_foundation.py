@@ -49,7 +49,10 @@ def test_terminate_tree_stops_children_too() -> None:
         assert deadline_children, "the child never started"
         terminate_tree(parent.pid, timeout=5)
         parent.wait(timeout=5)
-        assert not any(child.is_running() and child.status() != psutil.STATUS_ZOMBIE for child in deadline_children)
+        assert not any(
+            child.is_running() and child.status() != psutil.STATUS_ZOMBIE
+            for child in deadline_children
+        )
     finally:
         if parent.poll() is None:
             parent.kill()

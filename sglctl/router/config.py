@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from sglctl import argtypes
+
 POLICIES = ("cache_aware", "round_robin", "random", "power_of_two", "shortest_queue")
 #: Policy names the SGLang Router knows but sglctl does not implement (rejected at start-up).
 UNSUPPORTED_POLICIES = ("manual", "bucket")
@@ -118,27 +120,6 @@ class RouterConfig:
         return self.pd_disaggregation
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
 def build_parser(prog: str = "sglctl router") -> argparse.ArgumentParser:
     """The argparse parser with the SGLang Router's flag names (both generations)."""
     p = argparse.ArgumentParser(
@@ -155,14 +136,14 @@ def build_parser(prog: str = "sglctl router") -> argparse.ArgumentParser:
     g.add_argument("--worker-urls", nargs="*", default=[], metavar="URL", help="worker base URLs")
     g.add_argument(
         "--worker-startup-timeout-secs",
-        type=_non_negative_float,
+        type=argtypes.non_negative_float,
         default=d.worker_startup_timeout_secs,
         help="how long /add_worker waits for a new worker to pass its health check "
         "(sglang-router 0.3.2 uses 1800)",
     )
     g.add_argument(
         "--worker-startup-check-interval",
-        type=_non_negative_float,
+        type=argtypes.non_negative_float,
         default=d.worker_startup_check_interval,
         help="seconds between health probes of a starting worker (0.3.2 uses 30, which makes "
         "a fresh worker wait up to half a minute for no reason)",
@@ -192,17 +173,17 @@ def build_parser(prog: str = "sglctl router") -> argparse.ArgumentParser:
     g.add_argument("--balance-rel-threshold", type=float, default=d.balance_rel_threshold)
     g.add_argument(
         "--eviction-interval-secs",
-        type=_non_negative_float,
+        type=argtypes.non_negative_float,
         default=d.eviction_interval_secs,
         help="seconds between trims of the cache-aware tree to --max-tree-size (0: never)",
     )
     g.add_argument(
         "--max-tree-size",
-        type=_positive_int,
+        type=argtypes.positive_int,
         default=d.max_tree_size,
         help="characters kept per worker in the approximate prefix tree",
     )
-    g.add_argument("--max-payload-size", type=_positive_int, default=d.max_payload_size)
+    g.add_argument("--max-payload-size", type=argtypes.positive_int, default=d.max_payload_size)
     # Only used by the manual and bucket policies, which are rejected at start-up.
     g.add_argument("--bucket-adjust-interval-secs", type=int, default=5, help=argparse.SUPPRESS)
     g.add_argument("--max-idle-secs", type=int, default=14400, help=argparse.SUPPRESS)
@@ -264,14 +245,14 @@ def build_parser(prog: str = "sglctl router") -> argparse.ArgumentParser:
     g.add_argument("--request-id-headers", nargs="*", default=[])
     g.add_argument(
         "--request-timeout-secs",
-        type=_non_negative_float,
+        type=argtypes.non_negative_float,
         default=d.request_timeout_secs,
         help="whole-request limit; 1800 as in sglang-router 0.3.2, because the documented 90 s "
         "cuts off long generations",
     )
     g.add_argument(
         "--shutdown-grace-period-secs",
-        type=_non_negative_float,
+        type=argtypes.non_negative_float,
         default=d.shutdown_grace_period_secs,
     )
     g.add_argument("--cors-allowed-origins", nargs="*", default=[])
@@ -282,7 +263,9 @@ def build_parser(prog: str = "sglctl router") -> argparse.ArgumentParser:
     g = p.add_argument_group("admission control")
     g.add_argument("--max-concurrent-requests", type=int, default=d.max_concurrent_requests)
     g.add_argument("--queue-size", type=int, default=d.queue_size)
-    g.add_argument("--queue-timeout-secs", type=_non_negative_float, default=d.queue_timeout_secs)
+    g.add_argument(
+        "--queue-timeout-secs", type=argtypes.non_negative_float, default=d.queue_timeout_secs
+    )
     g.add_argument(
         "--rate-limit-tokens-per-second", type=int, default=None, help="not supported by sglctl"
     )
@@ -303,31 +286,41 @@ def build_parser(prog: str = "sglctl router") -> argparse.ArgumentParser:
     g.add_argument("--disable-retries", action="store_true")
 
     g = p.add_argument_group("circuit breaker")
-    g.add_argument("--cb-failure-threshold", type=_positive_int, default=d.cb_failure_threshold)
-    g.add_argument("--cb-success-threshold", type=_positive_int, default=d.cb_success_threshold)
     g.add_argument(
-        "--cb-timeout-duration-secs", type=_non_negative_float, default=d.cb_timeout_duration_secs
+        "--cb-failure-threshold", type=argtypes.positive_int, default=d.cb_failure_threshold
     )
     g.add_argument(
-        "--cb-window-duration-secs", type=_non_negative_float, default=d.cb_window_duration_secs
+        "--cb-success-threshold", type=argtypes.positive_int, default=d.cb_success_threshold
+    )
+    g.add_argument(
+        "--cb-timeout-duration-secs",
+        type=argtypes.non_negative_float,
+        default=d.cb_timeout_duration_secs,
+    )
+    g.add_argument(
+        "--cb-window-duration-secs",
+        type=argtypes.non_negative_float,
+        default=d.cb_window_duration_secs,
     )
     g.add_argument("--disable-circuit-breaker", action="store_true")
 
     g = p.add_argument_group("health checks")
     g.add_argument(
         "--health-check-interval-secs",
-        type=_positive_float,
+        type=argtypes.positive_float,
         default=d.health_check_interval_secs,
         help="0.3.2 uses 60; 10 notices a dead worker before many requests are retried",
     )
     g.add_argument(
-        "--health-check-timeout-secs", type=_positive_float, default=d.health_check_timeout_secs
+        "--health-check-timeout-secs",
+        type=argtypes.positive_float,
+        default=d.health_check_timeout_secs,
     )
     g.add_argument(
-        "--health-failure-threshold", type=_positive_int, default=d.health_failure_threshold
+        "--health-failure-threshold", type=argtypes.positive_int, default=d.health_failure_threshold
     )
     g.add_argument(
-        "--health-success-threshold", type=_positive_int, default=d.health_success_threshold
+        "--health-success-threshold", type=argtypes.positive_int, default=d.health_success_threshold
     )
     g.add_argument("--health-check-endpoint", default=d.health_check_endpoint)
     g.add_argument("--disable-health-check", action="store_true")

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sglctl import argtypes
+
 if TYPE_CHECKING:
     from sglctl.router.config import RouterConfig
 
@@ -84,34 +86,6 @@ def default_run_dir(port: int) -> Path:
     return Path(base) / "sglctl" / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{port}"
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a TCP port (1-65535), got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``sglctl up``'s own flags (router flags are parsed by the router's)."""
     d = UpConfig()
@@ -130,14 +104,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="model to serve (required for real SGLang; sim workers default to a simulated Llama)",
     )
-    g.add_argument("--dp-size", type=_positive_int, default=d.dp_size, help="number of workers")
-    g.add_argument("--tp-size", type=_positive_int, default=d.tp_size, help="GPUs per worker")
     g.add_argument(
-        "--base-gpu-id", type=_non_negative_int, default=d.base_gpu_id, help="first GPU to use"
+        "--dp-size", type=argtypes.positive_int, default=d.dp_size, help="number of workers"
+    )
+    g.add_argument(
+        "--tp-size", type=argtypes.positive_int, default=d.tp_size, help="GPUs per worker"
+    )
+    g.add_argument(
+        "--base-gpu-id",
+        type=argtypes.non_negative_int,
+        default=d.base_gpu_id,
+        help="first GPU to use",
     )
     g.add_argument(
         "--worker-base-port",
-        type=_port,
+        type=argtypes.port,
         default=d.worker_base_port,
         help="worker i listens on this + i",
     )
@@ -149,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--worker-startup-timeout-secs",
-        type=_non_negative_float,
+        type=argtypes.non_negative_float,
         default=d.worker_startup_timeout_secs,
         help="how long a worker may take to answer its health check (real models load for minutes)",
     )
@@ -157,47 +138,56 @@ def build_parser() -> argparse.ArgumentParser:
         "--worker-health-path", default=d.worker_health_path, help="worker health endpoint"
     )
     g.add_argument(
-        "--max-workers", type=_positive_int, default=d.max_workers, help="room for add-worker"
+        "--max-workers",
+        type=argtypes.positive_int,
+        default=d.max_workers,
+        help="room for add-worker",
     )
 
     g = p.add_argument_group("supervision")
     g.add_argument(
         "--worker-health-interval-secs",
-        type=_non_negative_float,
+        type=argtypes.non_negative_float,
         default=d.worker_health_interval_secs,
         help="seconds between the supervisor's own probes of a running worker (0: off)",
     )
-    g.add_argument("--worker-health-failures", type=_positive_int, default=d.worker_health_failures)
+    g.add_argument(
+        "--worker-health-failures", type=argtypes.positive_int, default=d.worker_health_failures
+    )
     g.add_argument(
         "--worker-unhealthy-restart-secs",
-        type=_non_negative_float,
+        type=argtypes.non_negative_float,
         default=d.worker_unhealthy_restart_secs,
         help="restart a worker that is alive but unhealthy this long (0: never)",
     )
     g.add_argument(
         "--restart-initial-backoff-secs",
-        type=_non_negative_float,
+        type=argtypes.non_negative_float,
         default=d.restart_initial_backoff_secs,
     )
     g.add_argument(
-        "--restart-max-backoff-secs", type=_non_negative_float, default=d.restart_max_backoff_secs
+        "--restart-max-backoff-secs",
+        type=argtypes.non_negative_float,
+        default=d.restart_max_backoff_secs,
     )
     g.add_argument(
         "--restart-reset-after-secs",
-        type=_non_negative_float,
+        type=argtypes.non_negative_float,
         default=d.restart_reset_after_secs,
         help="a worker healthy this long starts its backoff again from the initial value",
     )
     g.add_argument(
         "--max-worker-crashes",
-        type=_positive_int,
+        type=argtypes.positive_int,
         default=d.max_worker_crashes,
         help="crashes within --crash-window-secs after which a worker is declared failed",
     )
-    g.add_argument("--crash-window-secs", type=_non_negative_float, default=d.crash_window_secs)
+    g.add_argument(
+        "--crash-window-secs", type=argtypes.non_negative_float, default=d.crash_window_secs
+    )
     g.add_argument(
         "--worker-stop-timeout-secs",
-        type=_non_negative_float,
+        type=argtypes.non_negative_float,
         default=d.worker_stop_timeout_secs,
         help="how long a worker gets to exit after SIGTERM before SIGKILL",
     )
@@ -208,10 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: ~/.local/state/sglctl/runs/<time>-<port>)",
     )
     g.add_argument(
-        "--log-max-bytes", type=_positive_int, default=d.log_max_bytes, help="per log file"
+        "--log-max-bytes", type=argtypes.positive_int, default=d.log_max_bytes, help="per log file"
     )
     g.add_argument(
-        "--log-backups", type=_non_negative_int, default=d.log_backups, help="rotated files kept"
+        "--log-backups",
+        type=argtypes.non_negative_int,
+        default=d.log_backups,
+        help="rotated files kept",
     )
     return p
 

@@ -32,7 +32,14 @@ class RollingStats:
         self.requests_total += 1
         if not ok:
             self.errors_total += 1
-        self._samples.append((self._clock(), latency_secs))
+        now = self._clock()
+        samples = self._samples
+        samples.append((now, latency_secs))
+        # Drop what left the window here too, not only when someone reads /stats: unread, the
+        # deque filled to max_samples (~22 MB of tuples), which the soak showed as RSS growth.
+        horizon = now - LATENCY_WINDOW_SECS
+        while samples[0][0] < horizon:
+            samples.popleft()
 
     def snapshot(self) -> dict[str, float | int]:
         now = self._clock()

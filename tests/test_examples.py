@@ -1,0 +1,47 @@
+"""The examples in examples/ run as their docstrings say (they are documentation that must work)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from sglctl.net import find_free_port
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_openai_chat_example_runs_through_the_router(procs) -> None:  # type: ignore[no-untyped-def]
+    workers = [procs.sim_worker("--speedup", "50") for _ in range(2)]
+    router = procs.router([w.url for w in workers], "--metrics-port", str(find_free_port()))
+    run = subprocess.run(
+        [sys.executable, str(EXAMPLES / "openai_chat.py"), "--base-url", f"{router.url}/v1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "tokens" in run.stdout and "streamed: " in run.stdout
+    streamed = run.stdout.split("streamed: ", 1)[1].strip()
+    assert streamed, "the streamed answer was empty"
+
+
+def test_compare_policies_example_runs_every_policy(tmp_path: Path) -> None:
+    base = find_free_port()
+    env = {
+        **os.environ,
+        "SGLCTL": f"{sys.executable} -m sglctl",
+        "PORT": str(base),
+    }
+    run = subprocess.run(
+        ["bash", str(EXAMPLES / "compare_policies.sh")],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    for policy in ("cache_aware", "round_robin", "power_of_two"):
+        assert f"== {policy}" in run.stdout

@@ -213,6 +213,14 @@ async def main_async(args: argparse.Namespace) -> int:
         f"{(end_rss / warm_rss - 1) * 100:+.1f}%; "
         f"median of the last 20% {statistics.median(late):.1f} MiB)"
     )
+    # The curve tells a leak (keeps climbing) from a pool or cache filling up (levels off).
+    marks = [duration * k / 6 for k in range(1, 7)]
+    curve = [next((rss for t, rss in samples if t >= m - 1), samples[-1][1]) for m in marks]
+    console.print(
+        "router RSS over the run: "
+        + ", ".join(f"{m:.0f}s {rss:.1f}" for m, rss in zip(marks, curve, strict=True))
+        + " MiB"
+    )
     console.print(f"in-flight load left on workers after the run: {loads} (must be all 0)")
     console.print(f"router alive at the end: {alive}")
     return 0 if alive and unexpected == 0 and not any(loads) else 1

@@ -7,7 +7,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sglctl.net import find_free_port
+import pytest
+
+from sglctl.net import find_free_port, port_is_free
+
+
+def _free_port_block(count: int) -> int:
+    """First port of ``count`` consecutive free ports below Linux's ephemeral range (32768+),
+    where outgoing connections of other tests cannot take one between our check and use."""
+    for base in range(20000, 32000, 50):
+        if all(port_is_free("127.0.0.1", base + i) for i in range(count)):
+            return base
+    raise RuntimeError("no block of free ports between 20000 and 32000")
+
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -27,18 +39,20 @@ def test_openai_chat_example_runs_through_the_router(procs) -> None:  # type: ig
     assert streamed, "the streamed answer was empty"
 
 
+@pytest.mark.timeout(200)
 def test_compare_policies_example_runs_every_policy(tmp_path: Path) -> None:
-    base = find_free_port()
+    base = _free_port_block(6)  # router, its metrics, then four workers
     env = {
         **os.environ,
         "SGLCTL": f"{sys.executable} -m sglctl",
         "PORT": str(base),
+        "WORKER_BASE_PORT": str(base + 2),
     }
     run = subprocess.run(
         ["bash", str(EXAMPLES / "compare_policies.sh")],
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=180,
         env=env,
         cwd=tmp_path,
     )

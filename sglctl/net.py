@@ -50,3 +50,15 @@ def wait_for_http(
                 pass
             time.sleep(interval)
     return False
+
+
+def find_free_port_block(count: int, host: str = "127.0.0.1", start: int = 20000) -> int:
+    """First port of ``count`` consecutive free ports, searched below Linux's ephemeral range.
+
+    Ephemeral ports (32768 and up) are handed to outgoing connections at any moment, so a block
+    found there can lose a port between the check and its use; below it, only listeners compete.
+    """
+    for base in range(start, 32768 - count, count + 8):
+        if all(port_is_free(host, base + i) for i in range(count)):
+            return base
+    raise RuntimeError(f"no {count} consecutive free ports between {start} and 32768")

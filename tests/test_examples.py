@@ -9,17 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sglctl.net import find_free_port, port_is_free
-
-
-def _free_port_block(count: int) -> int:
-    """First port of ``count`` consecutive free ports below Linux's ephemeral range (32768+),
-    where outgoing connections of other tests cannot take one between our check and use."""
-    for base in range(20000, 32000, 50):
-        if all(port_is_free("127.0.0.1", base + i) for i in range(count)):
-            return base
-    raise RuntimeError("no block of free ports between 20000 and 32000")
-
+from sglctl.net import find_free_port, find_free_port_block
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -41,7 +31,7 @@ def test_openai_chat_example_runs_through_the_router(procs) -> None:  # type: ig
 
 @pytest.mark.timeout(200)
 def test_compare_policies_example_runs_every_policy(tmp_path: Path) -> None:
-    base = _free_port_block(6)  # router, its metrics, then four workers
+    base = find_free_port_block(6)  # router, its metrics, then four workers
     env = {
         **os.environ,
         "SGLCTL": f"{sys.executable} -m sglctl",

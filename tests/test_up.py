@@ -24,20 +24,11 @@ import httpx
 import psutil
 import pytest
 
-from sglctl.net import find_free_port, port_is_free
+from sglctl.net import find_free_port, find_free_port_block
 from sglctl.state_table import StateTable, WorkerState, list_segments, segment_name_for_port
 
 pytestmark = pytest.mark.slow
 SGLCTL = [sys.executable, "-m", "sglctl"]
-
-
-def free_port_range(count: int) -> int:
-    """A base port with ``count`` consecutive free ports."""
-    for _ in range(50):
-        base = find_free_port()
-        if base + count < 65535 and all(port_is_free("127.0.0.1", base + i) for i in range(count)):
-            return base
-    raise RuntimeError("no range of free ports")
 
 
 def poll(
@@ -103,7 +94,7 @@ def start_up(tmp_path: Path) -> Iterator[Callable[..., Up]]:
     def start(*flags: str, dp_size: int = 2, worker_args: tuple[str, ...] = ("--speedup", "50"),
               port: int | None = None, wait: bool = True) -> Up:  # fmt: skip
         port = port or find_free_port()
-        base = free_port_range(dp_size + 2)
+        base = find_free_port_block(dp_size + 2)
         run_dir = tmp_path / f"run-{port}"
         output = tmp_path / f"up-{port}.out"
         args = [

@@ -8,6 +8,7 @@ come and go; an optional background task (the cache-aware tree's eviction).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,17 +30,17 @@ class RouteKey:
 NO_KEY = RouteKey()
 
 
-class Policy:
-    """Base class: subclasses override :meth:`select` (and the hooks they need)."""
+class Policy(ABC):
+    """Base class: subclasses implement :meth:`select` (and override the hooks they need)."""
 
     #: The ``--policy`` name, also used in metrics and ``/stats``.
     name = "base"
     #: Whether the router must extract the routing text from the body for this policy.
     needs_text = False
 
+    @abstractmethod
     def select(self, workers: Sequence[Worker], key: RouteKey = NO_KEY) -> Worker | None:
         """Pick one of ``workers`` (all routable, non-empty) or None if it cannot."""
-        raise NotImplementedError
 
     def select_pair(
         self,

@@ -322,7 +322,6 @@ def render(snapshot: Snapshot) -> Group:
     table = Table(
         expand=False, header_style="bold", pad_edge=False, box=None, collapse_padding=True
     )
-    table.caption = "up: uptime  rst: restarts  busy: in-flight  hit: prefix cache hit rate"
     # Short headers: with GPUs shown the table must still fit about 100 columns.
     columns = ["id", "worker", "pid", "state", "up", "rst", "busy", "req/s", "served", "err",
                "hit"]  # fmt: skip
@@ -378,7 +377,11 @@ def render(snapshot: Snapshot) -> Group:
     model = snapshot.model + (f" ({snapshot.backend})" if snapshot.backend else "")
     stamp = time.strftime("%H:%M:%S", time.localtime(snapshot.taken_at))
     subtitle = Text(f"{summary}  |  {model}  |  {snapshot.source}  |  {stamp}", style="dim")
-    return Group(header, table, subtitle)
+    # The legend is a line of its own: as the table's caption it wrapped to the table's width.
+    legend = Text(
+        "up: uptime  rst: restarts  busy: in-flight  hit: prefix cache hit rate", style="dim"
+    )
+    return Group(header, table, legend, subtitle)
 
 
 # -- the command ----------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The real SGLang Router (Rust, sglang-router on PyPI) accepts sim workers as SGLang workers.
 
-Skipped when that router is not installed at ``SGLANG_ROUTER_PYTHON`` (default: the venv the
-project machine has at /work/sglang-router-venv).
+Skipped when that router is not installed: looked for at ``SGLANG_ROUTER_PYTHON``, the venv the
+project machine has at /work/sglang-router-venv, or the one ``benchmarks/compare_routers.py``
+creates in ``bench-out/``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,13 @@ import pytest
 
 from sglctl.net import find_free_port
 
-ROUTER_PYTHON = Path(os.environ.get("SGLANG_ROUTER_PYTHON", "/work/sglang-router-venv/bin/python"))
+_CANDIDATES = [
+    os.environ.get("SGLANG_ROUTER_PYTHON", ""),
+    "/work/sglang-router-venv/bin/python",
+    # the venv benchmarks/compare_routers.py creates on a machine without one
+    str(Path(__file__).resolve().parent.parent / "bench-out/sglang-router-venv/bin/python"),
+]
+ROUTER_PYTHON = next((Path(c) for c in _CANDIDATES if c and Path(c).exists()), Path("/nonexistent"))
 
 pytestmark = pytest.mark.skipif(
     not ROUTER_PYTHON.exists(), reason="the Rust sglang-router is not installed"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -38,14 +40,23 @@ def test_compare_policies_example_runs_every_policy(tmp_path: Path) -> None:
         "PORT": str(base),
         "WORKER_BASE_PORT": str(base + 2),
     }
-    run = subprocess.run(
+    # Its own process group, so that a hang or a failed assertion cannot orphan the script's
+    # background workers: the whole group is killed whatever happens.
+    script = subprocess.Popen(
         ["bash", str(EXAMPLES / "compare_policies.sh")],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=180,
         env=env,
         cwd=tmp_path,
+        start_new_session=True,
     )
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    try:
+        stdout, stderr = script.communicate(timeout=180)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(script.pid, signal.SIGKILL)
+        script.wait()
+    assert script.returncode == 0, stdout[-2000:] + stderr[-2000:]
     for policy in ("cache_aware", "round_robin", "power_of_two"):
-        assert f"== {policy}" in run.stdout
+        assert f"== {policy}" in stdout

@@ -58,6 +58,18 @@ def test_routable_needs_health_availability_and_breaker() -> None:
 
 
 # -- simple policies ------------------------------------------------------------------------
+def test_load_slot_counts_until_released_and_frees_only_once() -> None:
+    worker = Worker("http://127.0.0.1:1")
+    release = worker.take_load_slot()
+    other = worker.take_load_slot()
+    assert (worker.in_flight, worker.requests_total) == (2, 2)
+    release(200, True)
+    release(200, True)  # a second exit path of the same request must not free another slot
+    assert worker.in_flight == 1
+    other(0, False)
+    assert (worker.in_flight, worker.requests_total) == (0, 2)
+
+
 def test_round_robin_cycles() -> None:
     ws = workers(3)
     policy = RoundRobinPolicy()

@@ -97,18 +97,7 @@ async def forward_pd(
     deadline = loop.time() + router.config.request_timeout_secs
     path = route.encode("latin-1")
     for worker in pair:
-        worker.in_flight += 1
-        worker.requests_total += 1
-    released = False
-
-    def release(status: int, ok: bool) -> None:
-        nonlocal released
-        if not released:
-            released = True
-            for worker in pair:
-                worker.in_flight -= 1
-
-    finish.add(release)
+        finish.add(worker.take_load_slot())
 
     async def drain_prefill() -> None:
         response = await upstream.request(prefill.url, b"POST", path, headers, body, deadline)

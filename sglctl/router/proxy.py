@@ -196,16 +196,7 @@ class Forwarder:
         watch: Watch,
     ) -> Response:
         loop = asyncio.get_running_loop()
-        worker.in_flight += 1
-        worker.requests_total += 1
-        released = False
-
-        def release(status: int, ok: bool) -> None:
-            nonlocal released
-            if not released:
-                released = True
-                worker.in_flight -= 1
-
+        release = worker.take_load_slot()
         try:
             watch.reading = True
             response = await self.upstream.request(

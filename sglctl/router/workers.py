@@ -101,6 +101,25 @@ class Worker:
         self.available = True
         self.breaker: Breaker = breaker if breaker is not None else AlwaysClosed()
 
+    def take_load_slot(self) -> Callable[[int, bool], None]:
+        """Count one request against this worker's load until the returned function is called.
+
+        Load, what the policies balance on, runs from dispatch to the last byte, a failure or
+        a cancel. Every exit path of a request calls the returned ``release(status, ok)``;
+        only the first call frees the slot, so no path can free it twice or leave it held.
+        """
+        self.in_flight += 1
+        self.requests_total += 1
+        released = False
+
+        def release(status: int = 0, ok: bool = False) -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.in_flight -= 1
+
+        return release
+
     @property
     def breaker_state(self) -> str:
         return str(self.breaker.state)

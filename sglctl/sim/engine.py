@@ -363,13 +363,7 @@ class Engine:
                 continue
             if self.chunked is req:
                 self.chunked = None
-            node, added = self.cache.insert(req.input_ids)
-            self.cache.commit(added)
-            req.reserved -= added
-            self.cache.lock(node)
-            if req.lock_node is not None:
-                self.cache.unlock(req.lock_node)
-            req.lock_node = node
+            self._cache_and_lock(req, req.input_ids)
             req.first_token_time = batch.end
             first = min(1, req.plan.length)
             self.generated_tokens += first
@@ -403,6 +397,18 @@ class Engine:
             self.running_context -= req.prompt_tokens + req.final_output_len
             self._finish(req, step.end)
 
+    def _cache_and_lock(self, req: SimRequest, ids: list[int]) -> None:
+        """Put ``ids``' KV in the radix cache, paid from the request's reservation, and move the
+        request's lock to the node that ends them, so eviction cannot take what it still uses."""
+        node, added = self.cache.insert(ids)
+        added = min(added, req.reserved)
+        self.cache.commit(added)
+        req.reserved -= added
+        self.cache.lock(node)
+        if req.lock_node is not None:
+            self.cache.unlock(req.lock_node)
+        req.lock_node = node
+
     def _finish(self, req: SimRequest, when: float) -> None:
         req.phase = Phase.FINISHED
         req.finish_time = when
@@ -410,14 +416,7 @@ class Engine:
         # too), so a follow-up turn that repeats the answer hits the cache.
         output_ids = req.plan.ids(req.final_output_len - 1) if req.final_output_len > 1 else []
         if output_ids:
-            node, added = self.cache.insert(req.input_ids + output_ids)
-            added = min(added, req.reserved)
-            self.cache.commit(added)
-            req.reserved -= added
-            self.cache.lock(node)
-            if req.lock_node is not None:
-                self.cache.unlock(req.lock_node)
-            req.lock_node = node
+            self._cache_and_lock(req, req.input_ids + output_ids)
         self._release(req)
         self.active -= 1
         req.changed.set()

@@ -17,10 +17,33 @@ Layout (little-endian, fixed sizes, version in the header)::
 
 **One writer per field.** The supervisor alone writes the header strings, the generation and
 the supervisor part of each slot; the router alone writes the router section and the router
-part of each slot. Each part has its own sequence counter used as a seqlock: the writer makes
-it odd, writes, makes it even; a reader retries while it is odd or changed under it, so a slot
-is never seen half-written. (This relies on stores becoming visible in program order, which
-x86-64 guarantees; each step is a separate interpreter call, so the compiler cannot reorder.)
+part of each slot. Each part is a seqlock: an 8-byte sequence word, then the payload (the
+fields, then a CRC-32 of sequence and fields). A writer makes the sequence odd, writes the
+payload *without touching the sequence word*, then makes it even (+2 per write); a reader
+copies the payload and retries while the sequence is odd, changed under it, or the CRC does
+not match. A sequence of 0 means "never written" (all fields zero).
+
+Why the sequence word is outside what ``struct`` packs: CPython's ``struct.pack_into`` zeroes
+its whole target before writing the fields (and writes ``<Q`` byte by byte), so when the
+sequence was inside the packed region it read 0 -- even, "consistent" -- several times within
+one write, and readers accepted zeroed or half-written slots (the router took an all-zero slot
+for a URL change and dropped a healthy worker). Sequence words and the generation are now read
+and written as whole aligned 8-byte words through a ``memoryview`` cast to ``"Q"`` (one load or
+store each, single-copy atomic on x86-64 and aarch64; native byte order, as the table never
+leaves its host), and payloads are copied in with one slice assignment.
+
+**Memory ordering.** A seqlock needs the writer's stores to become visible in program order
+(sequence odd, payload, sequence even) and the reader's loads to happen in order (sequence,
+payload, sequence). The compiler cannot reorder them: each step is a separate call into the
+interpreter. *x86-64* (TSO) keeps store-store and load-load order for plain accesses, so the
+sequence alone suffices there. *aarch64* does not: without a store-store barrier on the writer
+and a load-load barrier on the reader, the payload stores may be seen before the odd sequence,
+or the reader's payload loads satisfied after its second sequence load. CPython's memoryview
+accesses are plain loads and stores with no barrier; the GIL is per process and orders nothing
+for another process, and system calls are not a documented barrier. We do not rely on any
+barrier: the CRC over (sequence, fields) lets a reader detect a payload that does not belong
+to the even sequence it saw, torn or reordered, and retry. A torn copy passes with probability
+2^-32, and torn copies are themselves rare (a write takes microseconds).
 
 **Stale segments.** The header records the owner's pid and process start time. A new run that
 finds a segment of the same name checks the owner: alive means another run owns it (refused,
@@ -40,6 +63,7 @@ import os
 import struct
 import sys
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing import shared_memory
@@ -49,7 +73,7 @@ import psutil
 log = logging.getLogger(__name__)
 
 MAGIC = b"SGLCTLST"
-VERSION = 1
+VERSION = 2  # 2: sequence words outside the packed payload, CRC-32 per part
 HEADER_SIZE = 1024
 SLOT_SIZE = 512
 DEFAULT_SLOTS = 64
@@ -73,31 +97,42 @@ class WorkerState(enum.IntEnum):
 
 
 # -- header ---------------------------------------------------------------------------------
-# Fixed part written at creation (never changes afterwards).
+# Fixed part written at creation (never changes afterwards). Same place in every version, so
+# the owner of a segment of another version can still be checked.
 _HDR_FIXED = struct.Struct("<8sIIIIQdd")  # magic, version, n_slots, slot_size, header_size,
 # owner pid, owner process start time, created_at (wall clock)
-_HDR_GENERATION = struct.Struct("<Q")
-_OFF_GENERATION = 48
-# Router section: seq, pid, heartbeat, requests, errors, in_flight, p50 ms, p99 ms.
-_HDR_ROUTER = struct.Struct("<QQdQQQdd")
+_OFF_GENERATION = 48  # one aligned 8-byte word
+# Router section: seq word, then payload pid, heartbeat, requests, errors, in_flight, p50 ms,
+# p99 ms, CRC.
 _OFF_ROUTER = 56
+_HDR_ROUTER = struct.Struct("<QdQQQdd")
 _OFF_STRINGS = 128
 # router_url, control_path, run_dir, model, backend
 _HDR_STRINGS = struct.Struct("<128s256s256s128s16s")
 
 # -- slots ----------------------------------------------------------------------------------
-# seq, state, worker_id, pid, pid_create_time, restarts, exit_code, started_at, changed_at,
-# healthy_since, url, gpus
-_SLOT_SUP = struct.Struct("<QIIQdIiddd128s64s")
-_OFF_SLOT_ROUTER = 256
-# seq, in_flight, served, errors, updated_at
-_SLOT_ROUTER = struct.Struct("<QQQQd")
-_SEQ = struct.Struct("<Q")
+# Supervisor part at the slot's start: seq word, then state, worker_id, pid, pid_create_time,
+# restarts, exit_code, started_at, changed_at, healthy_since, url, gpus, CRC.
+_SLOT_SUP = struct.Struct("<IIQdIiddd128s64s")
+# Router part: seq word, then in_flight, served, errors, updated_at, CRC.
+_OFF_SLOT_ROUTER = 264
+_SLOT_ROUTER = struct.Struct("<QQQd")
+_SEQ_SIZE = 8
+_CRC = struct.Struct("<I")
+
+
+def _part_size(fields: struct.Struct) -> int:
+    """Bytes a seqlocked part takes: sequence word, fields, CRC."""
+    return _SEQ_SIZE + fields.size + _CRC.size
+
 
 assert _OFF_STRINGS + _HDR_STRINGS.size <= HEADER_SIZE
-assert _OFF_ROUTER + _HDR_ROUTER.size <= _OFF_STRINGS
-assert _SLOT_SUP.size <= _OFF_SLOT_ROUTER
-assert _OFF_SLOT_ROUTER + _SLOT_ROUTER.size <= SLOT_SIZE
+assert _OFF_ROUTER + _part_size(_HDR_ROUTER) <= _OFF_STRINGS
+assert _part_size(_SLOT_SUP) <= _OFF_SLOT_ROUTER
+assert _OFF_SLOT_ROUTER + _part_size(_SLOT_ROUTER) <= SLOT_SIZE
+# Sequence words must be aligned for their 8-byte loads and stores to be single accesses.
+assert _OFF_GENERATION % 8 == _OFF_ROUTER % 8 == _OFF_SLOT_ROUTER % 8 == 0
+assert HEADER_SIZE % 8 == SLOT_SIZE % 8 == 0
 
 #: How long a reader waits for a writer to finish one slot before giving up on it.
 _MAX_READ_WAIT_SECS = 0.5
@@ -255,6 +290,8 @@ class StateTable:
             raise StateTableError(f"shared-memory segment {name!r} is not mapped")
         self._shm = shm
         self._buf: memoryview = shm.buf
+        self._words: memoryview = self._buf[: len(self._buf) // 8 * 8].cast("Q")
+        self._last_good: dict[int, bytes] = {}
         self.name = name
         self.owner = owner
         magic, version, n_slots, slot_size, header_size, *_ = _HDR_FIXED.unpack_from(self._buf, 0)
@@ -370,6 +407,7 @@ class StateTable:
 
     def close(self) -> None:
         """Unmap the segment (it stays for the other processes)."""
+        self._words.release()  # a view of the mapping: the mapping cannot close while it lives
         with contextlib.suppress(BufferError):
             self._shm.close()
 
@@ -405,18 +443,12 @@ class StateTable:
 
     def generation(self) -> int:
         """Bumped by the supervisor after every slot write: poll this, re-read on change."""
-        return int(_HDR_GENERATION.unpack_from(self._buf, _OFF_GENERATION)[0])
+        return int(self._words[_OFF_GENERATION // 8])
 
     # -- supervisor side -------------------------------------------------------------------
     def write_slot(self, index: int, slot: WorkerSlot) -> None:
         """Publish the supervisor part of slot ``index`` (supervisor only)."""
-        off = self._slot_offset(index)
-        seq = _SEQ.unpack_from(self._buf, off)[0]
-        _SEQ.pack_into(self._buf, off, seq + 1 | 1)  # odd: write in progress
-        _SLOT_SUP.pack_into(
-            self._buf,
-            off,
-            seq + 1 | 1,
+        fields = _SLOT_SUP.pack(
             int(slot.state),
             slot.worker_id,
             slot.pid,
@@ -429,9 +461,9 @@ class StateTable:
             _encode(slot.url, 128),
             _encode(slot.gpus, 64),
         )
-        _SEQ.pack_into(self._buf, off, (seq + 1 | 1) + 1)  # even: consistent
-        gen = _HDR_GENERATION.unpack_from(self._buf, _OFF_GENERATION)[0]
-        _HDR_GENERATION.pack_into(self._buf, _OFF_GENERATION, gen + 1)
+        self._seqlock_write(self._slot_offset(index), fields)
+        gen = _OFF_GENERATION // 8
+        self._words[gen] = self._words[gen] + 1
 
     def free_slot(self) -> int | None:
         """The first EMPTY slot, else the first REMOVED one, else None (supervisor only)."""
@@ -447,24 +479,12 @@ class StateTable:
     # -- router side -----------------------------------------------------------------------
     def write_router_columns(self, index: int, cols: RouterColumns) -> None:
         """Publish the router's counters for slot ``index`` (router only)."""
-        off = self._slot_offset(index) + _OFF_SLOT_ROUTER
-        seq = _SEQ.unpack_from(self._buf, off)[0]
-        odd = seq + 1 | 1
-        _SEQ.pack_into(self._buf, off, odd)
-        _SLOT_ROUTER.pack_into(
-            self._buf, off, odd, cols.in_flight, cols.served, cols.errors, cols.updated_at
-        )
-        _SEQ.pack_into(self._buf, off, odd + 1)
+        fields = _SLOT_ROUTER.pack(cols.in_flight, cols.served, cols.errors, cols.updated_at)
+        self._seqlock_write(self._slot_offset(index) + _OFF_SLOT_ROUTER, fields)
 
     def write_router_totals(self, totals: RouterTotals) -> None:
         """Publish the router's pid, heartbeat and overall counters (router only)."""
-        seq = _SEQ.unpack_from(self._buf, _OFF_ROUTER)[0]
-        odd = seq + 1 | 1
-        _SEQ.pack_into(self._buf, _OFF_ROUTER, odd)
-        _HDR_ROUTER.pack_into(
-            self._buf,
-            _OFF_ROUTER,
-            odd,
+        fields = _HDR_ROUTER.pack(
             totals.pid,
             totals.heartbeat,
             totals.requests,
@@ -473,13 +493,13 @@ class StateTable:
             totals.p50_ms,
             totals.p99_ms,
         )
-        _SEQ.pack_into(self._buf, _OFF_ROUTER, odd + 1)
+        self._seqlock_write(_OFF_ROUTER, fields)
 
     # -- readers ---------------------------------------------------------------------------
     def read_worker(self, index: int) -> WorkerSlot:
         """The supervisor part of slot ``index``, never torn."""
-        raw = self._consistent_read(self._slot_offset(index), _SLOT_SUP.size)
-        (_, state, wid, pid, pctime, restarts, code, started, changed, healthy, url, gpus) = (
+        raw = self._seqlock_read(self._slot_offset(index), _SLOT_SUP.size)
+        (state, wid, pid, pctime, restarts, code, started, changed, healthy, url, gpus) = (
             _SLOT_SUP.unpack(raw)
         )
         known = state in WorkerState._value2member_map_
@@ -498,14 +518,11 @@ class StateTable:
         )
 
     def read_router_columns(self, index: int) -> RouterColumns:
-        raw = self._consistent_read(self._slot_offset(index) + _OFF_SLOT_ROUTER, _SLOT_ROUTER.size)
-        _, in_flight, served, errors, updated = _SLOT_ROUTER.unpack(raw)
-        return RouterColumns(in_flight, served, errors, updated)
+        raw = self._seqlock_read(self._slot_offset(index) + _OFF_SLOT_ROUTER, _SLOT_ROUTER.size)
+        return RouterColumns(*_SLOT_ROUTER.unpack(raw))
 
     def read_router_totals(self) -> RouterTotals:
-        raw = self._consistent_read(_OFF_ROUTER, _HDR_ROUTER.size)
-        _, pid, heartbeat, requests, errors, in_flight, p50, p99 = _HDR_ROUTER.unpack(raw)
-        return RouterTotals(pid, heartbeat, requests, errors, in_flight, p50, p99)
+        return RouterTotals(*_HDR_ROUTER.unpack(self._seqlock_read(_OFF_ROUTER, _HDR_ROUTER.size)))
 
     def read_slots(self, include_empty: bool = False) -> list[SlotView]:
         """Every used slot (both parts), in index order."""
@@ -523,21 +540,42 @@ class StateTable:
             raise IndexError(f"slot {index} out of range (table has {self.n_slots})")
         return HEADER_SIZE + index * SLOT_SIZE
 
-    def _consistent_read(self, off: int, size: int) -> bytes:
-        """Seqlock read: copy ``size`` bytes at ``off`` (which starts with the seq counter).
+    def _seqlock_write(self, off: int, fields: bytes) -> None:
+        """Write one part: sequence odd, payload (fields + CRC) in one copy, sequence even.
+
+        ``off`` is the part's sequence word. Only the part's single writer calls this. A
+        sequence left odd by a writer that died mid-write is simply moved on (+2, to odd).
+        """
+        word = off // 8
+        seq = int(self._words[word])
+        odd = (seq + 1) | 1
+        final = odd + 1
+        crc = _CRC.pack(zlib.crc32(fields, final & 0xFFFFFFFF))
+        self._words[word] = odd
+        self._buf[off + _SEQ_SIZE : off + _SEQ_SIZE + len(fields) + _CRC.size] = fields + crc
+        self._words[word] = final
+
+    def _seqlock_read(self, off: int, size: int) -> bytes:
+        """Read one part's ``size`` bytes of fields, never torn (see the module docstring).
 
         Writes are rare and take microseconds, but the writer can be descheduled mid-write on
         a busy machine, so after a few spins we yield the CPU instead of burning it.
         """
-        buf = self._buf
+        buf, words, word = self._buf, self._words, off // 8
+        start, end = off + _SEQ_SIZE, off + _SEQ_SIZE + size
         deadline = 0.0
         spins = 0
         while True:
-            before = _SEQ.unpack_from(buf, off)[0]
+            before = int(words[word])
+            if before == 0:
+                return bytes(size)  # never written
             if not before & 1:
-                raw = bytes(buf[off : off + size])
-                if _SEQ.unpack_from(buf, off)[0] == before:
-                    return raw
+                raw = bytes(buf[start : end + _CRC.size])
+                if int(words[word]) == before:
+                    fields, crc = raw[:size], raw[size:]
+                    if _CRC.unpack(crc)[0] == zlib.crc32(fields, before & 0xFFFFFFFF):
+                        self._last_good[off] = fields
+                        return fields
             spins += 1
             if spins < 64:
                 continue
@@ -547,9 +585,14 @@ class StateTable:
             elif now > deadline:
                 break
             time.sleep(0)
-        # The writer died mid-write (the counter stays odd): return what is there rather than
-        # hang the reader; the next write by a new writer makes the slot consistent again.
+        # The writer died mid-write (the sequence stays odd, or the payload never matched it):
+        # rather than hang the reader, or hand it a torn part, give the last consistent copy
+        # this handle read (all zero if none). The next write by a new writer heals the part.
         log.warning(
-            "state table %s: slot at offset %d stayed mid-write; reading it anyway", self.name, off
+            "state table %s: the part at offset %d stayed mid-write for %.1f s (its writer "
+            "died?); using its last consistent value",
+            self.name,
+            off,
+            _MAX_READ_WAIT_SECS,
         )
-        return bytes(buf[off : off + size])
+        return self._last_good.get(off, bytes(size))

@@ -282,6 +282,93 @@ def _decode(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode(errors="replace")
 
 
+def _parse_info(name: str, buf: memoryview) -> TableInfo:
+    """The fixed header and strings (same offsets in every layout version)."""
+    _, _, n_slots, _, _, pid, ctime, created = _HDR_FIXED.unpack_from(buf, 0)
+    router_url, control, run_dir, model, backend = _HDR_STRINGS.unpack_from(buf, _OFF_STRINGS)
+    return TableInfo(
+        name=name,
+        n_slots=int(n_slots),
+        owner_pid=int(pid),
+        owner_create_time=float(ctime),
+        created_at=float(created),
+        router_url=_decode(router_url),
+        control_path=_decode(control),
+        run_dir=_decode(run_dir),
+        model=_decode(model),
+        backend=_decode(backend),
+    )
+
+
+def _peek_info(name: str) -> TableInfo | None:
+    """Segment ``name``'s header whatever its layout version; None when it is missing, not
+    an sglctl table, or still being created (no magic yet, or no owner recorded)."""
+    try:
+        shm = _open(name)
+    except (FileNotFoundError, ValueError, OSError):
+        return None
+    try:
+        buf = shm.buf
+        if buf is None or shm.size < HEADER_SIZE or bytes(buf[: len(MAGIC)]) != MAGIC:
+            return None
+        info = _parse_info(name, buf)
+        del buf
+        if info.owner_pid <= 0 or info.owner_create_time <= 0:
+            return None
+        return info
+    finally:
+        with contextlib.suppress(BufferError):
+            shm.close()
+
+
+def _unlink(name: str) -> None:
+    """Remove segment ``name``'s name (gone already is fine)."""
+    try:
+        shm = _open(name)
+    except FileNotFoundError:
+        return
+    with _untracked(), contextlib.suppress(FileNotFoundError):
+        shm.unlink()
+    with contextlib.suppress(BufferError):
+        shm.close()
+
+
+def _owner_gone(info: TableInfo) -> bool:
+    """True only when the owner is surely dead: no such pid, or the pid was reused. A process
+    we may not inspect counts as alive (never remove a table that might be in use)."""
+    try:
+        started = psutil.Process(info.owner_pid).create_time()
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.AccessDenied:
+        return False
+    return abs(started - info.owner_create_time) >= 0.5
+
+
+def remove_stale_segments() -> list[TableInfo]:
+    """Remove every ``/dev/shm/sglctl_*`` table whose owner (pid + start time) is dead.
+
+    A supervisor killed with SIGKILL cannot remove its segment; the next ``sglctl up`` on the
+    same port replaces it, but one on another port, or none at all, would leave it forever.
+    ``sglctl status`` (and ``sglctl up``) call this so that leftovers go as soon as anything
+    looks. Segments still being created and segments that are not sglctl tables are left
+    alone. Returns the removed tables' headers (the caller may report them, or remove the
+    control socket and stop worker orphans they name).
+    """
+    removed = []
+    for name in list_segments():
+        info = _peek_info(name)
+        if info is None or not _owner_gone(info):
+            continue
+        try:
+            _unlink(name)
+        except PermissionError:  # another user's run: theirs to clean up
+            continue
+        log.info("removed stale state table %s (its owner, pid %d, is gone)", name, info.owner_pid)
+        removed.append(info)
+    return removed
+
+
 class StateTable:
     """A handle on one segment. Create with :meth:`create` (supervisor) or :meth:`attach`."""
 
@@ -344,11 +431,12 @@ class StateTable:
             _encode(backend, 16),
         )
         buf[_OFF_STRINGS : _OFF_STRINGS + len(strings)] = strings
-        # The magic goes in last: a reader that attaches mid-creation sees "not ours yet".
+        # The magic goes in last, after the owner: a reader that attaches mid-creation sees
+        # "not ours yet", never an sglctl table with no owner (which would look stale).
         _HDR_FIXED.pack_into(
             buf,
             0,
-            MAGIC,
+            bytes(len(MAGIC)),
             VERSION,
             n_slots,
             SLOT_SIZE,
@@ -357,37 +445,37 @@ class StateTable:
             me.create_time(),
             time.time(),
         )
+        buf[: len(MAGIC)] = MAGIC
         log.debug("created state table %s (%d slots, %d bytes)", name, n_slots, size)
         return cls(shm, name, owner=True), stale_slots
 
     @classmethod
     def _take_over_stale(cls, name: str) -> list[WorkerSlot]:
         """Inspect an existing segment ``name``; unlink it if its owner is dead, else refuse."""
-        try:
-            old = cls.attach(name)
-        except StateTableError as exc:
+        info = _peek_info(name)
+        if info is None:
             raise StateTableError(
-                f"shared-memory segment {name!r} exists but is not usable ({exc}); "
-                f"remove /dev/shm/{name} if no sglctl run uses it"
-            ) from exc
-        try:
-            info = old.info()
-            if info.owner_alive():
-                raise StateTableError(
-                    f"another `sglctl up` (pid {info.owner_pid}, router {info.router_url or '?'}) "
-                    f"owns state table {name!r}; stop it first or choose another --port"
-                )
-            slots = [view.worker for view in old.read_slots()]
-            log.warning(
-                "replacing stale state table %s left by a crashed run (pid %d, started %s)",
-                name,
-                info.owner_pid,
-                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.created_at)),
+                f"shared-memory segment {name!r} exists but is not an sglctl state table "
+                f"(or is being created right now); remove /dev/shm/{name} if no sglctl run "
+                "uses it"
             )
-            old.unlink()
-            return slots
-        finally:
-            old.close()
+        if info.owner_alive():
+            raise StateTableError(
+                f"another `sglctl up` (pid {info.owner_pid}, router {info.router_url or '?'}) "
+                f"owns state table {name!r}; stop it first or choose another --port"
+            )
+        slots: list[WorkerSlot] = []
+        # Another layout version: no slots to read (its workers cannot be named).
+        with contextlib.suppress(StateTableError), cls.attach(name) as old:
+            slots = [view.worker for view in old.read_slots()]
+        log.warning(
+            "replacing stale state table %s left by a crashed run (pid %d, started %s)",
+            name,
+            info.owner_pid,
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.created_at)),
+        )
+        _unlink(name)
+        return slots
 
     @classmethod
     def attach(cls, name: str) -> StateTable:
@@ -424,22 +512,7 @@ class StateTable:
 
     # -- header ----------------------------------------------------------------------------
     def info(self) -> TableInfo:
-        _, _, n_slots, _, _, pid, ctime, created = _HDR_FIXED.unpack_from(self._buf, 0)
-        router_url, control, run_dir, model, backend = _HDR_STRINGS.unpack_from(
-            self._buf, _OFF_STRINGS
-        )
-        return TableInfo(
-            name=self.name,
-            n_slots=int(n_slots),
-            owner_pid=int(pid),
-            owner_create_time=float(ctime),
-            created_at=float(created),
-            router_url=_decode(router_url),
-            control_path=_decode(control),
-            run_dir=_decode(run_dir),
-            model=_decode(model),
-            backend=_decode(backend),
-        )
+        return _parse_info(self.name, self._buf)
 
     def generation(self) -> int:
         """Bumped by the supervisor after every slot write: poll this, re-read on change."""

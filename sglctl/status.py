@@ -35,6 +35,7 @@ from sglctl.state_table import (
     StateTableError,
     WorkerState,
     list_segments,
+    remove_stale_segments,
     segment_name_for_port,
 )
 from sglctl.supervisor.control import is_local_host
@@ -385,6 +386,10 @@ def render(snapshot: Snapshot) -> Group:
 
 
 # -- the command ----------------------------------------------------------------------------
+#: Notes that must not mix with ``--json`` on stdout.
+_stderr = Console(stderr=True)
+
+
 async def _run(
     router_url: str | None,
     once: bool,
@@ -394,6 +399,12 @@ async def _run(
     api_key: str | None,
     console: Console,
 ) -> int:
+    # A supervisor killed with SIGKILL leaves its segment; whoever looks next removes it.
+    for stale in remove_stale_segments():
+        _stderr.print(
+            f"[dim]removed stale shared-memory segment {stale.name} left by a crashed "
+            f"`sglctl up` (pid {stale.owner_pid})[/dim]"
+        )
     async with httpx.AsyncClient(trust_env=False) as client:
         table = open_local_table(router_url)
         collector: LocalCollector | RemoteCollector

@@ -6,14 +6,16 @@ asking either process. A fixed table in one named segment gives both: the superv
 slot and bumps a generation counter; the router polls that counter every few milliseconds (a
 single 8-byte read) and re-reads the slots only when it moved.
 
-Layout (little-endian, fixed sizes, version in the header)::
+Layout (fixed sizes, version in the header; fields little-endian, the sequence words and the
+generation in native byte order, see below)::
 
     header (1024 bytes)   magic, version, slot count/size, owner pid + process start time,
                           generation (supervisor), router section (router), and strings
                           written once at creation (router URL, control socket, run dir,
                           model, backend)
-    slot[i] (512 bytes)   supervisor part: seq, state, worker id, pid, restarts, times, url,
-                          GPU ids -- router part: seq, in-flight, served, errors, time
+    slot[i] (512 bytes)   supervisor part (offset 0): seq, state, worker id, pid, restarts,
+                          times, url, GPU ids, CRC -- router part (offset 264): seq,
+                          in-flight, served, errors, time, CRC
 
 **One writer per field.** The supervisor alone writes the header strings, the generation and
 the supervisor part of each slot; the router alone writes the router section and the router
@@ -28,9 +30,10 @@ its whole target before writing the fields (and writes ``<Q`` byte by byte), so 
 sequence was inside the packed region it read 0 -- even, "consistent" -- several times within
 one write, and readers accepted zeroed or half-written slots (the router took an all-zero slot
 for a URL change and dropped a healthy worker). Sequence words and the generation are now read
-and written as whole aligned 8-byte words through a ``memoryview`` cast to ``"Q"`` (one load or
-store each, single-copy atomic on x86-64 and aarch64; native byte order, as the table never
-leaves its host), and payloads are copied in with one slice assignment.
+and written as whole aligned 8-byte words through a ``memoryview`` cast to ``"Q"`` (CPython
+does a fixed 8-byte ``memcpy`` there, which compiles to one load or store, single-copy atomic
+when aligned on x86-64 and aarch64; native byte order, as the table never leaves its host),
+and payloads are copied in with one slice assignment.
 
 **Memory ordering.** A seqlock needs the writer's stores to become visible in program order
 (sequence odd, payload, sequence even) and the reader's loads to happen in order (sequence,
@@ -49,6 +52,8 @@ to the even sequence it saw, torn or reordered, and retry. A torn copy passes wi
 finds a segment of the same name checks the owner: alive means another run owns it (refused,
 with a message); dead means a crashed run left it behind, and it is replaced. The stale
 table's worker pids are returned so the caller can stop orphans that outlived their owner.
+:func:`remove_stale_segments` removes every table whose owner is dead (``sglctl status`` and
+``sglctl up`` call it), so a run killed with SIGKILL leaves nothing behind for long.
 
 Only the standard library and psutil are used, so the router can import this module without
 importing the supervisor.

@@ -126,8 +126,8 @@ def test_switch_example_starts_the_router_without_an_activated_venv(
     clone_venv: Path,
 ) -> None:
     worker = procs.sim_worker("--speedup", "50")
-    port = find_free_port()
-    env = {**_without_venv(), "PORT": str(port)}
+    port, metrics_port = find_free_port(), find_free_port()
+    env = {**_without_venv(), "PORT": str(port), "METRICS_PORT": str(metrics_port)}
     # From the clone's root, where a bare `exec sglctl` used to hit the sglctl/ package
     # directory ("Is a directory").
     args = ["bash", str(EXAMPLES / "switch_from_sglang_router.sh"), worker.url]

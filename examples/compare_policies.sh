@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Compare routing policies on a shared-prefix workload with four simulated workers.
 # Everything runs on 127.0.0.1 and stops by itself. Usage: examples/compare_policies.sh
+# (from a fresh clone after `python3 -m venv .venv && .venv/bin/pip install -e .`; no need to
+# activate the venv; SGLCTL=... names another sglctl).
 set -euo pipefail
-SGLCTL=${SGLCTL:-sglctl}
+. "$(dirname "$0")/find_sglctl.sh"
 PORT=${PORT:-30100}                           # router; PORT+1 its metrics
 WORKER_BASE_PORT=${WORKER_BASE_PORT:-31100}   # workers on WORKER_BASE_PORT .. +3
 pids=()
@@ -14,7 +16,7 @@ wait_healthy() {
   local url=$1 pid=$2
   for _ in $(seq 150); do
     curl -sf "$url" >/dev/null && return 0
-    kill -0 "$pid" 2>/dev/null || { echo "error: the process behind $url exited (is a port taken? set PORT)" >&2; return 1; }
+    kill -0 "$pid" 2>/dev/null || { echo "error: the process behind $url exited (see its output above; a port taken? set PORT and WORKER_BASE_PORT)" >&2; return 1; }
     sleep 0.2
   done
   echo "error: $url did not become healthy within 30 s" >&2

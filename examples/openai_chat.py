@@ -1,19 +1,33 @@
 """Talk to sglctl with the official OpenAI client, streamed and not.
 
-Start sglctl first (simulated workers when there is no GPU):
+From a fresh clone (no need to activate the venv), start sglctl first (simulated workers when
+there is no GPU):
 
-    sglctl up --dp-size 2
+    python3 -m venv .venv && .venv/bin/pip install -e . openai
+    .venv/bin/sglctl up --dp-size 2
 
-then run:
+then, in another terminal:
 
-    python examples/openai_chat.py [--base-url http://127.0.0.1:30000/v1]
+    .venv/bin/python examples/openai_chat.py [--base-url http://127.0.0.1:30000/v1]
+
+(``openai`` is not a dependency of sglctl; the ``test`` extra includes it.)
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
-from openai import OpenAI
+try:
+    from openai import OpenAI
+except ImportError:
+    sys.exit(
+        "error: this example needs the OpenAI client, which sglctl does not install.\n"
+        f"Install it for this Python ({sys.executable}):\n"
+        f"    {sys.executable} -m pip install openai\n"
+        "(from a clone: .venv/bin/pip install openai, then run .venv/bin/python "
+        "examples/openai_chat.py)"
+    )
 
 
 def main() -> None:

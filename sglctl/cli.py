@@ -213,10 +213,13 @@ def _list_workers(
     if as_json:
         typer.echo(json.dumps(workers, indent=2))
         return
+    from sglctl.status import served_count  # one definition of "served", as status shows it
+
     for w in workers:
         state = "healthy" if w.get("is_healthy") else "unhealthy"
+        served = served_count(int(w.get("requests_total", 0)), int(w.get("errors_total", 0)))
         typer.echo(
-            f"{w['url']}  {state}  load={w.get('load', 0)}  served={w.get('requests_total', 0)}  "
+            f"{w['url']}  {state}  load={w.get('load', 0)}  served={served}  "
             f"errors={w.get('errors_total', 0)}  breaker={w.get('circuit_breaker_state', '?')}"
         )
 

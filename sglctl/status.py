@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-from rich.console import Console, Group
+from rich.console import Console, ConsoleOptions, Group, RenderResult
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
@@ -35,6 +35,7 @@ from sglctl.state_table import (
     StateTableError,
     WorkerState,
     list_segments,
+    remove_stale_segments,
     segment_name_for_port,
 )
 from sglctl.supervisor.control import is_local_host
@@ -126,7 +127,7 @@ class LocalCollector:
                 uptime_secs=now - slot.started_at if running and slot.started_at else None,
                 restarts=slot.restarts,
                 in_flight=cols.in_flight if router_alive else 0,
-                served=cols.served,
+                served=served_count(cols.served, cols.errors),
                 errors=cols.errors,
             )
             _add_gpu_figures(row, gpus)
@@ -189,7 +190,10 @@ class RemoteCollector:
                     url=str(item.get("url", "?")),
                     state="healthy" if healthy else "unhealthy",
                     in_flight=int(item.get("load", 0) or 0),
-                    served=int(item.get("requests_total", 0) or 0),
+                    served=served_count(
+                        int(item.get("requests_total", 0) or 0),
+                        int(item.get("errors_total", 0) or 0),
+                    ),
                     errors=int(item.get("errors_total", 0) or 0),
                 )
             )
@@ -201,6 +205,14 @@ class RemoteCollector:
             router.latency_p99_ms = stats.get("latency_p99_ms")
         await _add_cache_hit_rates(self.client, rows)
         return Snapshot(source=f"HTTP {self.router_url}", taken_at=now, router=router, workers=rows)
+
+
+def served_count(dispatched: int, errors: int) -> int:
+    """Requests a worker answered: what the router dispatched to it minus the attempts that
+    failed there. The router counts every attempt (``requests_total``), so a request that
+    failed on A and was retried on B would otherwise count as served by both. ``sglctl
+    list-workers`` shows the same number."""
+    return max(0, dispatched - errors)
 
 
 def _add_gpu_figures(row: WorkerRow, gpus: GpuReport) -> None:
@@ -316,6 +328,28 @@ def _duration(secs: float | None) -> str:
     return f"{secs // 3600}h{(secs % 3600) // 60:02d}m"
 
 
+class _Flow:
+    """Items laid out left to right, starting a new line *between* items when the next one
+    would not fit the terminal: an 80-column terminal gets two tidy lines instead of a line
+    broken in the middle of "p99 12.5 ms". One item wider than the terminal is cut short."""
+
+    def __init__(self, items: list[Text], separator: Text | None = None) -> None:
+        self.items = items
+        self.separator = separator if separator is not None else Text("  ")
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        width = options.max_width
+        line = Text(no_wrap=True, overflow="ellipsis")
+        for item in self.items:
+            if line.plain and len(line) + len(self.separator) + len(item) > width:
+                yield line
+                line = Text(no_wrap=True, overflow="ellipsis")
+            if line.plain:
+                line.append_text(self.separator)
+            line.append_text(item)
+        yield line
+
+
 def render(snapshot: Snapshot) -> Group:
     """One dashboard frame. GPU columns appear only when some worker has GPUs."""
     with_gpus = any(w.gpus for w in snapshot.workers)
@@ -357,18 +391,16 @@ def render(snapshot: Snapshot) -> Group:
         table.add_row(*cells)
     r = snapshot.router
     router_state = Text("up", style="green") if r.alive else Text("not answering", style="red")
-    header = Text.assemble(
-        ("router ", "bold"),
-        r.url or "?",
-        " ",
-        router_state,
-        f"  req/s {_fmt(r.requests_per_second, '.1f')}",
-        f"  p50 {_fmt(r.latency_p50_ms, '.1f', ' ms')}",
-        f"  p99 {_fmt(r.latency_p99_ms, '.1f', ' ms')}",
-        f"  in-flight {r.in_flight}",
-        f"  requests {r.requests}",
-        ("  errors ", ""),
-        (str(r.errors), "red" if r.errors else ""),
+    header = _Flow(
+        [
+            Text.assemble(("router ", "bold"), r.url or "?", " ", router_state),
+            Text(f"req/s {_fmt(r.requests_per_second, '.1f')}"),
+            Text(f"p50 {_fmt(r.latency_p50_ms, '.1f', ' ms')}"),
+            Text(f"p99 {_fmt(r.latency_p99_ms, '.1f', ' ms')}"),
+            Text(f"in-flight {r.in_flight}"),
+            Text(f"requests {r.requests}"),
+            Text.assemble("errors ", (str(r.errors), "red" if r.errors else "")),
+        ]
     )
     counts: dict[str, int] = {}
     for w in snapshot.workers:
@@ -376,15 +408,31 @@ def render(snapshot: Snapshot) -> Group:
     summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "no workers"
     model = snapshot.model + (f" ({snapshot.backend})" if snapshot.backend else "")
     stamp = time.strftime("%H:%M:%S", time.localtime(snapshot.taken_at))
-    subtitle = Text(f"{summary}  |  {model}  |  {snapshot.source}  |  {stamp}", style="dim")
+    subtitle = _Flow(
+        [Text(part, style="dim") for part in (summary, model, snapshot.source, stamp) if part],
+        separator=Text("  |  ", style="dim"),
+    )
     # The legend is a line of its own: as the table's caption it wrapped to the table's width.
-    legend = Text(
-        "up: uptime  rst: restarts  busy: in-flight  hit: prefix cache hit rate", style="dim"
+    legend = _Flow(
+        [
+            Text(item, style="dim")
+            for item in (
+                "up: uptime",
+                "rst: restarts",
+                "busy: in-flight",
+                "served: answered (failed attempts not counted)",
+                "hit: prefix cache hit rate",
+            )
+        ]
     )
     return Group(header, table, legend, subtitle)
 
 
 # -- the command ----------------------------------------------------------------------------
+#: Notes that must not mix with ``--json`` on stdout.
+_stderr = Console(stderr=True)
+
+
 async def _run(
     router_url: str | None,
     once: bool,
@@ -394,6 +442,12 @@ async def _run(
     api_key: str | None,
     console: Console,
 ) -> int:
+    # A supervisor killed with SIGKILL leaves its segment; whoever looks next removes it.
+    for stale in remove_stale_segments():
+        _stderr.print(
+            f"[dim]removed stale shared-memory segment {stale.name} left by a crashed "
+            f"`sglctl up` (pid {stale.owner_pid})[/dim]"
+        )
     async with httpx.AsyncClient(trust_env=False) as client:
         table = open_local_table(router_url)
         collector: LocalCollector | RemoteCollector

@@ -29,6 +29,7 @@ def test_bench_cli_through_router_reports_everything(procs, tmp_path: Path) -> N
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "prefix cache hit ratio" in proc.stdout and "Per worker" in proc.stdout
+    assert "shared-prefix: 12 requests at --concurrency 4, about" in proc.stderr
     data = json.loads(out.read_text())
     s = data["summary"]
     assert (s["requests"], s["completed"], s["errors"]) == (12, 12, 0)

@@ -25,7 +25,9 @@ from sglctl.state_table import (
     WorkerSlot,
     WorkerState,
     list_segments,
+    remove_stale_segments,
 )
+from tests.support import wait_until
 
 
 @pytest.fixture
@@ -111,41 +113,77 @@ def test_too_long_url_is_refused(name: str) -> None:
     table.close()
 
 
-def test_reader_never_sees_a_torn_slot(name: str) -> None:
-    """A writer process rewrites one slot as fast as it can, every field derived from one n;
-    the reader must only ever see slots whose fields agree."""
+# Every field of a part written with one k encodes that k, so a reader can tell a consistent
+# copy from a torn one. Nothing is skipped: an all-zero copy (what a tear looked like when
+# ``struct.pack_into`` zeroed the sequence word mid-write) fails the check as any tear does.
+_WRITERS = {
+    "worker": """
+        def write(k):
+            t.write_slot(0, WorkerSlot(
+                state=WorkerState(1 + k % 6), worker_id=k, pid=k, pid_create_time=k + 0.5,
+                restarts=k, exit_code=k, started_at=k + 0.5, changed_at=k + 0.5,
+                healthy_since=k + 0.5, url="http://w:" + "9" * (k % 50) + str(k), gpus=str(k)))
+    """,
+    "router_columns": """
+        def write(k):
+            t.write_router_columns(0, RouterColumns(k, k, k, k + 0.5))
+    """,
+    "router_totals": """
+        def write(k):
+            t.write_router_totals(RouterTotals(k, k + 0.5, k, k, k, k + 0.5, k + 0.5))
+    """,
+}
+
+
+def _k_of(table: StateTable, part: str) -> int:
+    """Read ``part`` once and return its k, asserting every field agrees with it."""
+    if part == "worker":
+        s = table.read_worker(0)
+        k = s.pid
+        assert s.state == WorkerState(1 + k % 6), s
+        assert (s.worker_id, s.restarts, s.exit_code) == (k, k, k), s
+        assert {s.pid_create_time, s.started_at, s.changed_at, s.healthy_since} == {k + 0.5}, s
+        assert (s.url, s.gpus) == ("http://w:" + "9" * (k % 50) + str(k), str(k)), s
+        return k
+    if part == "router_columns":
+        c = table.read_router_columns(0)
+        assert (c.in_flight, c.served, c.errors, c.updated_at) == (c.served,) * 3 + (
+            c.served + 0.5,
+        ), c
+        return c.served
+    r = table.read_router_totals()
+    assert (r.pid, r.requests, r.errors, r.in_flight) == (r.requests,) * 4, r
+    assert (r.heartbeat, r.p50_ms, r.p99_ms) == (r.requests + 0.5,) * 3, r
+    return r.requests
+
+
+@pytest.mark.parametrize("part", sorted(_WRITERS))
+def test_reader_never_sees_a_torn_slot(name: str, part: str) -> None:
+    """A writer process rewrites one part as fast as it can, every field derived from one k;
+    every single read must return fields that agree (k = 0 is written before it starts)."""
     table, _ = StateTable.create(name, n_slots=1)
-    table.write_slot(0, WorkerSlot(state=WorkerState.STARTING, url="http://w:0"))
-    writer = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            textwrap.dedent(
-                f"""
-                from sglctl.state_table import StateTable, WorkerSlot, WorkerState
-                t = StateTable.attach({name!r})
-                n = 0
-                while True:
-                    n += 1
-                    url = "http://w:" + "9" * (n % 50) + str(n)
-                    t.write_slot(0, WorkerSlot(state=WorkerState.HEALTHY, worker_id=n % 1000,
-                                               pid=n, restarts=n, url=url, gpus=str(n)))
-                """
-            ),
-        ]
+    code = (
+        "import sys\n"
+        "from sglctl.state_table import *\n"
+        f"t = StateTable.attach({name!r})\n"
+        + textwrap.dedent(_WRITERS[part])
+        + "write(0)\nprint('ready', flush=True)\n"
+        + "k = 0\nwhile True:\n    k += 1\n    write(k)\n"
     )
+    writer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout is not None
     try:
+        assert writer.stdout.readline().strip() == "ready"
         seen: set[int] = set()
-        deadline = time.monotonic() + 1.5
-        while time.monotonic() < deadline or len(seen) < 50:
-            slot = table.read_worker(0)
-            if slot.pid == 0:
-                continue
-            n = slot.pid
-            assert slot.restarts == n and slot.worker_id == n % 1000 and slot.gpus == str(n)
-            assert slot.url == "http://w:" + "9" * (n % 50) + str(n)
-            seen.add(n)
-            assert time.monotonic() < deadline + 10, "the writer never made progress"
+        reads = 0
+        start = time.monotonic()
+        # At least 1.5 s and 200 distinct values from the writer; a writer starved by a busy
+        # machine gets up to 30 s before the test says it never made progress.
+        while time.monotonic() - start < 1.5 or len(seen) < 200:
+            seen.add(_k_of(table, part))
+            reads += 1
+            assert time.monotonic() - start < 30, f"the writer made no progress ({len(seen)})"
+        assert reads > len(seen) / 2
     finally:
         writer.kill()
         writer.wait()
@@ -326,3 +364,134 @@ def test_source_run_reacts_within_its_poll_interval(name: str) -> None:
     assert took < 0.1, f"{took * 1000:.0f} ms"
     table.unlink()
     table.close()
+
+
+def test_source_keeps_a_worker_whose_slot_is_rewritten_all_the_time(name: str) -> None:
+    """The supervisor rewrites a healthy worker's slot (same url, state and pid) over and over;
+    the router must never read a torn or all-zero slot as a URL change and drop the worker."""
+    table, _ = StateTable.create(name, n_slots=1)
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                from sglctl.state_table import StateTable, WorkerSlot, WorkerState
+                t = StateTable.attach({name!r})
+                k = 0
+                while True:
+                    k += 1
+                    t.write_slot(0, WorkerSlot(state=WorkerState.HEALTHY, pid=77,
+                                               url="http://127.0.0.1:31000", changed_at=k))
+                """
+            ),
+        ]
+    )
+    source, registry = _source_on(name)
+    try:
+        wait_until(lambda: table.read_worker(0).pid == 77, timeout=30, what="the writer")
+        source.sync(registry)
+        worker = registry.get("http://127.0.0.1:31000")
+        assert worker is not None
+        start = time.monotonic()
+        syncs = 0
+        while time.monotonic() - start < 1.5:
+            source.sync(registry)
+            syncs += 1
+            assert registry.get("http://127.0.0.1:31000") is worker, f"dropped after {syncs}"
+    finally:
+        writer.kill()
+        writer.wait()
+        assert source._table is not None
+        source._table.close()
+    table.unlink()
+    table.close()
+
+
+# -- stale segments ---------------------------------------------------------------------------
+def _segment_of_a_killed_owner(name: str) -> int:
+    """Create table ``name`` in a process, SIGKILL it (as kill -9 of `sglctl up` does), and
+    return the dead owner's pid. The segment stays behind."""
+    owner = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                import time
+                from sglctl.state_table import StateTable, WorkerSlot, WorkerState
+                t, _ = StateTable.create({name!r}, n_slots=2, control_path="/tmp/x.sock")
+                t.write_slot(0, WorkerSlot(state=WorkerState.HEALTHY, pid=4242, url="http://o:1"))
+                print("ready", flush=True)
+                time.sleep(60)
+                """
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert owner.stdout is not None
+    assert owner.stdout.readline().strip() == "ready"
+    os.kill(owner.pid, signal.SIGKILL)
+    owner.wait()
+    assert name in list_segments()
+    return owner.pid
+
+
+def test_remove_stale_segments_removes_only_tables_of_dead_owners(name: str) -> None:
+    dead_pid = _segment_of_a_killed_owner(name)
+    live = f"sglctl_test_{uuid.uuid4().hex[:10]}"
+    foreign = f"sglctl_test_{uuid.uuid4().hex[:10]}"
+    live_table, _ = StateTable.create(live, n_slots=1)
+    from sglctl.state_table import _open, _unlink
+
+    not_ours = _open(foreign, create=True, size=4096)  # no magic: foreign, or being created
+    try:
+        removed = remove_stale_segments()
+        assert [(i.name, i.owner_pid, i.control_path) for i in removed if i.name == name] == [
+            (name, dead_pid, "/tmp/x.sock")
+        ]
+        found = list_segments()
+        assert name not in found
+        assert live in found and foreign in found
+        assert live not in [i.name for i in removed]
+    finally:
+        live_table.unlink()
+        live_table.close()
+        not_ours.close()
+        _unlink(foreign)
+
+
+def test_a_stale_table_of_another_layout_version_is_replaced(name: str) -> None:
+    _segment_of_a_killed_owner(name)
+    from sglctl.state_table import _open
+
+    old = _open(name)
+    assert old.buf is not None
+    old.buf[8:12] = (1).to_bytes(4, "little")  # what sglctl before layout version 2 wrote
+    old.close()
+    with pytest.raises(StateTableError, match="layout version 1"):
+        StateTable.attach(name)
+    table, stale = StateTable.create(name, n_slots=1)
+    assert stale == []  # its slots cannot be read, but the segment no longer blocks the port
+    assert table.info().owner_pid == os.getpid()
+    table.unlink()
+    table.close()
+
+
+def test_sglctl_status_removes_a_segment_whose_owner_is_dead(name: str) -> None:
+    from sglctl.net import find_free_port
+
+    _segment_of_a_killed_owner(name)
+    url = f"http://127.0.0.1:{find_free_port()}"
+    result = _run(
+        f"""
+        import sys
+        from sglctl.cli import app
+        sys.argv = ["sglctl", "status", "--router", {url!r}, "--once"]
+        app()
+        """
+    )
+    assert result.returncode == 1, result.stderr  # no router answers there: that is fine
+    assert name not in list_segments()
+    assert f"removed stale shared-memory segment {name}" in result.stderr

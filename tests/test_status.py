@@ -98,3 +98,94 @@ def test_status_says_when_no_router_answers() -> None:
     )
     assert result.returncode == 1
     assert "no router answering" in result.stdout
+
+
+def _busy_snapshot() -> Snapshot:
+    """Wide but realistic figures: a long-running router, six-digit counters."""
+    return Snapshot(
+        source="shared memory sglctl_30000 (supervisor pid 123456)",
+        taken_at=0.0,
+        router=RouterRow(
+            url="http://127.0.0.1:30000",
+            alive=True,
+            pid=123457,
+            requests=123456,
+            errors=12,
+            in_flight=17,
+            requests_per_second=1234.5,
+            latency_p50_ms=123.4,
+            latency_p99_ms=1234.5,
+        ),
+        workers=[
+            WorkerRow(
+                url="http://127.0.0.1:31000",
+                state="healthy",
+                worker_id=0,
+                pid=123456,
+                uptime_secs=4000,
+                restarts=1,
+                in_flight=12,
+                served=123456,
+                errors=3,
+                requests_per_second=617.2,
+                cache_hit_rate=0.87,
+            )
+        ],
+        model="meta-llama/Llama-3.1-8B-Instruct",
+        backend="sim",
+    )
+
+
+def test_an_80_column_terminal_gets_whole_lines_never_broken_items() -> None:
+    console = Console(width=80, record=True)
+    console.print(render(_busy_snapshot()))
+    lines = console.export_text().splitlines()
+    assert all(len(line) <= 80 for line in lines), lines
+    # Lines break between items only: every item is whole on one line.
+    for item in (
+        "router http://127.0.0.1:30000 up",
+        "p99 1234.5 ms",
+        "in-flight 17",
+        "requests 123456",
+        "errors 12",
+        "meta-llama/Llama-3.1-8B-Instruct (sim)",
+        "shared memory sglctl_30000 (supervisor pid 123456)",
+        "hit: prefix cache hit rate",
+    ):
+        assert any(item in line for line in lines), (item, lines)
+    # The worker table itself is not squeezed (no cell cut short).
+    assert not any("…" in line for line in lines), lines
+    assert len(lines) <= 9, lines
+
+
+def test_served_excludes_failed_attempts_in_both_modes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A request that failed on A and was retried on B is served once, by B: the router
+    counts every attempt, so served = attempts - errors (what list-workers shows too)."""
+    import asyncio
+    import uuid
+
+    from sglctl.net import find_free_port
+    from sglctl.state_table import RouterColumns, StateTable, WorkerSlot, WorkerState
+    from sglctl.status import LocalCollector, served_count
+
+    assert served_count(5, 2) == 3 and served_count(1, 3) == 0
+    name = f"sglctl_test_{uuid.uuid4().hex[:10]}"
+    table, _ = StateTable.create(name, n_slots=2)
+    try:
+        dead = f"http://127.0.0.1:{find_free_port()}"  # nothing listens: no hit rate, fast
+        table.write_slot(0, WorkerSlot(state=WorkerState.HEALTHY, pid=1, url=dead))
+        table.write_router_columns(0, RouterColumns(in_flight=0, served=5, errors=2))
+
+        async def collect() -> Snapshot:
+            async with httpx.AsyncClient(trust_env=False) as client:
+                collector = LocalCollector(StateTable.attach(name), client)
+                try:
+                    return await collector.collect()
+                finally:
+                    collector.close()
+
+        snapshot = asyncio.run(collect())
+        assert [(w.served, w.errors) for w in snapshot.workers] == [(3, 2)]
+    finally:
+        table.unlink()
+        table.close()

@@ -47,7 +47,10 @@ def bench(
         None, "--json", help="Write summary and per-request records here."
     ),
     plot: Path | None = typer.Option(
-        None, "--plot", help="Write a PNG figure here (needs sglctl[plot])."
+        # Rich markup would eat "[plot]" as a style tag: escaped.
+        None,
+        "--plot",
+        help="Write a PNG figure here (needs sglctl\\[plot]).",
     ),
     worker_urls: str | None = typer.Option(
         None,
@@ -93,6 +96,7 @@ def bench(
 
     from rich.console import Console
 
+    from sglctl.bench.estimate import estimate_seconds, notice
     from sglctl.bench.plot import PlotUnavailableError, plot_result
     from sglctl.bench.report import print_result, result_dict, write_json
     from sglctl.bench.runner import RunConfig, run_workload
@@ -139,6 +143,10 @@ def bench(
     else:
         mode, concurrency = "concurrency", DEFAULT_CONCURRENCY
         err.print(f"no --rate or --concurrency: running closed loop at --concurrency {concurrency}")
+    secs = estimate_seconds(
+        work, mode, concurrency=concurrency, rate=rate, speedup=speedup, duration=duration
+    )
+    err.print(notice(work, mode, secs, concurrency), markup=False, highlight=False)
     try:
         config = RunConfig(
             url=router,

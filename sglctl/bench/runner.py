@@ -23,7 +23,14 @@ from dataclasses import dataclass, field
 
 import httpx
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from sglctl.bench.client import generate_body, stream_generate
 from sglctl.bench.ideal import ideal_hit_ratio
@@ -277,6 +284,8 @@ async def run_workload(
                 BarColumn(),
                 MofNCompleteColumn(),
                 TimeElapsedColumn(),
+                TextColumn("left"),
+                TimeRemainingColumn(),
                 TextColumn("{task.fields[status]}"),
                 console=console,
                 transient=False,

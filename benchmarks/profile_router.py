@@ -79,6 +79,12 @@ GENERIC = (
     "collections/",
     "dataclasses.py",
     "threading.py",
+    "reprlib.py",
+    "weakref.py",
+    "_weakrefset.py",
+    "<string>",  # dataclass-generated __init__
+    "sniffio/",
+    "numpy/",  # only the prefix hasher uses numpy on the hot path
 )
 OTHER = "other"
 
@@ -230,7 +236,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rate", type=int, default=500, help="py-spy samples a second.")
     parser.add_argument("--modes", default="whole,stream")
     parser.add_argument("--out-dir", type=Path, default=bt.REPO / "bench-out" / "profile_router")
+    parser.add_argument(
+        "--reanalyse",
+        action="store_true",
+        help="Only re-sort the raw stacks of an earlier run in --out-dir (no new run).",
+    )
     args = parser.parse_args(argv)
+    if args.reanalyse:
+        write_report(reanalyse(args.out_dir), "re-analysed from " + str(args.out_dir), args.out_dir)
+        return 0
     py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
     if py_spy is None:
         raise SystemExit("py-spy is needed: .venv/bin/pip install py-spy")
@@ -268,22 +282,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         for upstream in upstreams:
             upstream.stop()
-    md = [
+    write_report(
+        profiles,
         f"wrk -t1 -c{args.concurrency}, {args.duration} s a run, py-spy --rate {args.rate} "
-        f"--nonblocking; {placement.describe()}\n",
-        bucket_table(profiles),
-    ]
+        f"--nonblocking; {placement.describe()}",
+        args.out_dir,
+    )
+    return 0
+
+
+def reanalyse(out: Path) -> list[Profile]:
+    """The profiles of ``out/profile.json`` with buckets recomputed from the raw stacks."""
+    profiles = []
+    for item in json.loads((out / "profile.json").read_text()):
+        buckets, self_time, inclusive = analyse(
+            parse_raw(out / f"{item['mode']}-{item['run']}.txt")
+        )
+        item.update(
+            samples=sum(buckets.values()),
+            buckets=dict(buckets),
+            self_top=self_time.most_common(30),
+            inclusive_top=inclusive.most_common(40),
+        )
+        profiles.append(Profile(**item))
+    return profiles
+
+
+def write_report(profiles: Sequence[Profile], caption: str, out: Path) -> None:
+    md = [caption + "\n", bucket_table(profiles)]
     for p in profiles:
         if p.run == 1:
             md += [f"\n**{p.mode}: self time**\n", top_table(p, "self", 25)]
             md += [f"\n**{p.mode}: inclusive**\n", top_table(p, "inclusive", 35)]
-    (args.out_dir / "profile.md").write_text("\n".join(md) + "\n")
-    (args.out_dir / "profile.json").write_text(
-        json.dumps([p.__dict__ for p in profiles], indent=2) + "\n"
-    )
+    (out / "profile.md").write_text("\n".join(md) + "\n")
+    (out / "profile.json").write_text(json.dumps([p.__dict__ for p in profiles], indent=2) + "\n")
     bt.console.print("\n".join(md[:2]))
-    bt.console.print(f"written to {args.out_dir}")
-    return 0
+    bt.console.print(f"written to {out}")
 
 
 if __name__ == "__main__":

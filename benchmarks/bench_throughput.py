@@ -31,7 +31,7 @@ Other processes on the machine are not controlled: the load average is recorded 
 point (JSON) and printed, so a busy machine is visible next to its figures.
 
     python benchmarks/bench_throughput.py --quick      # about a minute
-    python benchmarks/bench_throughput.py              # the recorded run (~8 minutes, 3 rounds)
+    python benchmarks/bench_throughput.py              # the recorded run (~9 minutes, 3 rounds)
 
 Writes ``bench-out/bench_throughput/bench_throughput.{json,md}``; figures and the reading of
 them: benchmarks/RESULTS.md, "Router throughput (router-bound)"; the CPU profile of sglctl

@@ -52,6 +52,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import httpx
 import psutil
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -63,6 +64,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
 from compare_routers import sglang_router_python, wait_ready  # noqa: E402
+from upstream_stub import GENERATE_BODY, stream_events  # noqa: E402
 
 from sglctl.net import find_free_port  # noqa: E402
 from sglctl.spawn import ManagedProcess, spawn  # noqa: E402
@@ -297,10 +299,32 @@ def start_router(
     )
     try:
         wait_ready(proc, len(upstream_urls))
+        check_relay(proc.url)
     except Exception:
         proc.stop()
         raise
     return proc
+
+
+def check_relay(url: str) -> None:
+    """One whole and one streamed request through the router, checked byte for byte.
+
+    wrk counts only statuses; this makes sure that both routers really relay the answer
+    (the whole body; all 32 events and ``[DONE]``) before their speed is compared.
+    """
+    body = {"text": "check", "sampling_params": {"max_new_tokens": 8}}
+    with httpx.Client(timeout=10.0, trust_env=False) as client:
+        whole = client.post(url + "/generate", json=body)
+        streamed = client.post(url + "/generate", json={**body, "stream": True})
+    expected_events = [f"data: {e}" for e in stream_events(CHUNKS)]
+    events = [line for line in streamed.text.split("\n") if line.startswith("data: ")]
+    if whole.status_code != 200 or whole.content != GENERATE_BODY:
+        raise RuntimeError(f"{url} relayed a wrong answer: {whole.status_code} {whole.text[:200]}")
+    if streamed.status_code != 200 or events != expected_events:
+        raise RuntimeError(
+            f"{url} relayed a wrong stream: {streamed.status_code}, {len(events)} events "
+            f"(expected {len(expected_events)}): {streamed.text[:200]}"
+        )
 
 
 @contextmanager
@@ -591,6 +615,21 @@ def added_p50(all_rows: Sequence[Row]) -> list[str]:
     return lines
 
 
+def load_side_warnings(all_rows: Sequence[Row]) -> list[str]:
+    """Rows whose req/s came within half of the direct figure: the load side may limit them."""
+    by = {(r.target, r.mode, r.concurrency): r for r in all_rows}
+    out = []
+    for r in all_rows:
+        direct = by.get(("direct", r.mode, r.concurrency))
+        rps, base = r.value("rps"), direct.value("rps") if direct else None
+        if r.target != "direct" and rps and base and rps > 0.5 * base:
+            out.append(
+                f"WARNING {r.target} {r.mode} c={r.concurrency}: {rps:,.0f} req/s is more than "
+                f"half of the direct {base:,.0f} req/s; wrk + upstreams may limit this row"
+            )
+    return out
+
+
 def markdown(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in body]
@@ -610,7 +649,7 @@ def report(points: Sequence[Point], settings: Settings, placement: Placement, ou
     for row in body:
         table.add_row(*row)
     console.print(table)
-    extra = added_p50(all_rows)
+    extra = added_p50(all_rows) + load_side_warnings(all_rows)
     loads = [p.loadavg[0] for p in points]
     extra.append(
         f"load average (1 min) during the run: {min(loads):.1f}-{max(loads):.1f} "

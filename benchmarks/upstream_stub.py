@@ -32,7 +32,7 @@ import asyncio
 import signal
 import sys
 
-_GENERATE_BODY = (
+GENERATE_BODY = (
     b'{"text":" ok ok ok ok ok ok ok ok","meta_info":{"id":"stub","prompt_tokens":16,'
     b'"completion_tokens":8,"cached_tokens":0,"finish_reason":{"type":"length","length":8},'
     b'"e2e_latency":0.0}}'
@@ -53,7 +53,7 @@ def _whole(status: bytes, body: bytes, content_type: bytes = b"application/json"
 
 
 _OK_EMPTY = _whole(b"200 OK", b"")
-_OK_GENERATE = _whole(b"200 OK", _GENERATE_BODY)
+_OK_GENERATE = _whole(b"200 OK", GENERATE_BODY)
 _OK_MODEL_INFO = _whole(b"200 OK", _MODEL_INFO)
 _OK_MODELS = _whole(b"200 OK", _MODELS)
 _OK_SERVER_INFO = _whole(b"200 OK", _SERVER_INFO)
@@ -78,16 +78,19 @@ def _chunk(payload: bytes) -> bytes:
     return f"{len(payload):x}\r\n".encode() + payload + b"\r\n"
 
 
+def stream_events(count: int = 32) -> list[str]:
+    """The payloads of the ``count`` SSE events (cumulative text, as SGLang sends), then [DONE]."""
+    events = [
+        '{"text":"' + " ok" * i + '","meta_info":{"id":"stub","completion_tokens":' + f"{i}}}}}"
+        for i in range(1, count + 1)
+    ]
+    return [*events, "[DONE]"]
+
+
 def stream_chunks(count: int) -> list[bytes]:
-    """The ``count`` SSE events (cumulative text, as SGLang sends) and the final [DONE]."""
-    out = []
-    for i in range(1, count + 1):
-        event = (
-            b'data: {"text":"' + b" ok" * i + b'","meta_info":{"id":"stub",'
-            b'"completion_tokens":' + str(i).encode() + b"}}\n\n"
-        )
-        out.append(_chunk(event))
-    out.append(_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+    """The HTTP chunks of a stream: one an event, the last one also ends the body."""
+    out = [_chunk(f"data: {event}\n\n".encode()) for event in stream_events(count)]
+    out[-1] += b"0\r\n\r\n"
     return out
 
 

@@ -47,8 +47,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -325,14 +324,6 @@ def check_relay(url: str) -> None:
             f"{url} relayed a wrong stream: {streamed.status_code}, {len(events)} events "
             f"(expected {len(expected_events)}): {streamed.text[:200]}"
         )
-
-
-@contextmanager
-def running(proc: ManagedProcess) -> Iterator[ManagedProcess]:
-    try:
-        yield proc
-    finally:
-        proc.stop()
 
 
 def tree_cpu_secs(pid: int) -> float:

@@ -39,6 +39,7 @@ from sglctl.sim.service import (
     SimWorker,
     aborted,
     finish_reason,
+    stream_aborted,
     watch_disconnect,
 )
 from sglctl.sim.streaming import DONE, EventStream, sse
@@ -85,9 +86,9 @@ def native_output(sim: SimWorker, req: SimRequest, *, with_ids: bool) -> dict[st
 
 async def generate(request: Request) -> Response | EventStream:
     sim = sim_of(request)
-    call = parse_generate(parse_json(await request.body()), sim.config.default_max_new_tokens)
-    sim.accept()
-    reqs = sim.submit(call.items, call.stream)
+    body = parse_json(await request.body())
+    call = parse_generate(body, sim.config.default_max_new_tokens)
+    reqs = await sim.begin(call.items, call.stream, body, request.receive)
     if call.stream:
         return EventStream(_stream(sim, reqs, call.batched), lambda: sim.abort(reqs))
     watcher = watch_disconnect(request.receive, lambda: sim.abort(reqs))
@@ -108,7 +109,7 @@ async def _stream(sim: SimWorker, reqs: list[SimRequest], batched: bool) -> Asyn
     final_sent = [False] * len(reqs)
     interval = sim.config.stream_interval
     async for _ in sim.progress(reqs):
-        if aborted(reqs):
+        if stream_aborted(reqs):
             return
         for i, req in enumerate(reqs):
             if final_sent[i] or req.first_token_time is None:
@@ -192,7 +193,10 @@ def server_args(sim: SimWorker) -> dict[str, Any]:
         "schedule_policy": "fcfs",
         "stream_interval": config.stream_interval,
         "disable_radix_cache": False,
-        "disaggregation_mode": config.role or "null",
+        "disaggregation_mode": config.disaggregation_mode,
+        "disaggregation_bootstrap_port": config.bootstrap_port,
+        "disaggregation_transfer_backend": "sim",
+        "disaggregation_timeout": config.disaggregation_timeout_s,
         "random_seed": config.seed,
         "log_level": config.log_level,
         "sim": {
@@ -206,6 +210,9 @@ def server_args(sim: SimWorker) -> dict[str, Any]:
             "crash_after": config.crash_after,
             "error_rate": config.error_rate,
             "stall_after": config.stall_after,
+            "kv_bytes_per_token": config.transfer.kv_bytes_per_token,
+            "kv_link_gbps": config.transfer.link_gbps,
+            "kv_transfer_latency_ms": config.transfer.latency_ms,
         },
     }
 
@@ -228,6 +235,10 @@ async def server_info(request: Request) -> Response:
         ],
         "version": SIM_VERSION,
     }
+    if sim.prefill is not None:
+        body["disaggregation"] = sim.prefill.stats()
+    elif sim.decode is not None:
+        body["disaggregation"] = sim.decode.stats()
     return json_response(body)
 
 

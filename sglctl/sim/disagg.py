@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sglctl.sim.bootstrap import BootstrapError, BootstrapRequest, BootstrapServer, get_json
+from sglctl.sim.config import DEFAULT_BOOTSTRAP_PORT
 from sglctl.sim.engine import Engine, Phase, SimRequest
 from sglctl.sim.errors import APIError
 from sglctl.sim.transfer import TransferModel
@@ -76,8 +77,14 @@ def missing_fields_error(mode: str) -> APIError:
 def parse_bootstrap(body: Any, n_items: int, mode: str) -> list[Bootstrap]:
     """The hand-over coordinates of each item: scalars for one prompt, lists for a batch."""
     raw = [body.get(name) if isinstance(body, dict) else None for name in _FIELDS]
-    if any(value is None for value in raw):
+    if raw[0] is None or raw[2] is None:
         raise missing_fields_error(mode)
+    if raw[1] is None:  # a router that does not know the port: SGLang's default one
+        raw[1] = (
+            [DEFAULT_BOOTSTRAP_PORT] * len(raw[2])
+            if isinstance(raw[2], list)
+            else DEFAULT_BOOTSTRAP_PORT
+        )
     columns: list[list[Any]]
     if all(isinstance(value, list) for value in raw):
         columns = [list(value) for value in raw if isinstance(value, list)]
@@ -100,6 +107,7 @@ def parse_bootstrap(body: Any, n_items: int, mode: str) -> list[Bootstrap]:
         )
     out = []
     for host, port, room in zip(*columns, strict=True):
+        port = DEFAULT_BOOTSTRAP_PORT if port is None else port
         if not isinstance(host, str) or not host:
             raise APIError(f"bootstrap_host must be a host name, got {host!r}.")
         if not _is_int(port) or not 0 < port < 65536:

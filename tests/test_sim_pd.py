@@ -254,6 +254,16 @@ def test_batch_rooms_and_openai_endpoints(procs, pool) -> None:  # type: ignore[
     assert httpx.post(pair.prefill.url + "/v1/chat/completions", json=chat, timeout=30).is_success
     answer = decode_chat.result(timeout=30).json()
     assert answer["usage"]["completion_tokens"] == 4
+    # return_logprob: the prefill has the prompt's logprobs, the decode only the output's (the
+    # PD router merges the prefill's input_token_logprobs in front).
+    body = pd_body(pair, "log" * 4, max_new=3, return_logprob=True)  # 3 tokens
+    decode = pool.submit(post, pair.decode.url, body)
+    prefill_meta = post(pair.prefill.url, body).json()["meta_info"]
+    decode_meta = decode.result(timeout=30).json()["meta_info"]
+    assert [x[0] is None for x in prefill_meta["input_token_logprobs"]] == [True, False, False]
+    assert decode_meta["input_token_logprobs"] == []
+    assert len(decode_meta["output_token_logprobs"]) == 3
+    assert decode_meta["output_token_logprobs"][0] == prefill_meta["output_token_logprobs"][0]
 
 
 def _router_pd(procs, pair: Pair) -> ManagedProcess:  # type: ignore[no-untyped-def]

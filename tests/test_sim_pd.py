@@ -134,6 +134,11 @@ def test_prefill_first_holds_the_kv_until_the_decode_fetches(procs, pool) -> Non
     answer = prefill.result(timeout=30)
     assert answer.status_code == 200
     assert disagg(pair.prefill)["held_kv_tokens"] == 0 and disagg(pair.prefill)["rooms"] == 0
+    metrics = httpx.get(pair.prefill.url + "/metrics", timeout=5).text
+    assert 'sglang:pd_held_kv_tokens{model_name="sim/Llama-3.1-8B-Instruct"} 0.0' in metrics
+    assert "sglang:pd_transfers_ok" in metrics
+    metrics = httpx.get(pair.decode.url + "/metrics", timeout=5).text
+    assert "sglang:num_decode_transfer_queue_reqs" in metrics
 
 
 def test_transfer_time_follows_the_model(procs) -> None:  # type: ignore[no-untyped-def]

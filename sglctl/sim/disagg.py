@@ -19,7 +19,9 @@ Follows SGLang's protocol (``python/sglang/srt/disaggregation/``) as seen from o
   request *preloaded*: the engine reserves prompt + output KV in its own pool and decodes
   from the first token on, no prefill batch. No KV within ``--disaggregation-timeout``, a
   room aborted by the prefill, or a bootstrap connection lost (a prefill crash mid-transfer)
-  is a 500 answer at once.
+  is a 500 answer at once. Simplification: SGLang's decode pre-allocates KV *before* the
+  transfer (its prealloc queue); the sim reserves it at admission, right after the KV came,
+  so a memory-bound decode queues the request after the transfer instead of before it.
 * **Aborts free both sides**: a client leaving the prefill aborts the room, so a decode
   waiting on it gets 410 and answers an error; a client leaving the decode closes the
   bootstrap connection, so the prefill drops the room's KV (and a prefill request arriving

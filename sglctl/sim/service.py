@@ -55,8 +55,10 @@ class SimWorker:
                 config.bootstrap_port,
             )
             self.engine.on_kv_ready = self.prefill.on_kv_ready
+            self.metrics.add_disagg(self.prefill.stats, "prefill")
         elif config.disaggregation_mode == "decode":
             self.decode = DecodeReceiver(config.disaggregation_timeout_s)
+            self.metrics.add_disagg(self.decode.stats, "decode")
 
     # ----- life cycle ------------------------------------------------------------------------
 

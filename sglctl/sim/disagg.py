@@ -130,6 +130,7 @@ class _Room:
     req: SimRequest | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)  # KV held, or room failed
     failed: str | None = None
+    fetching: bool = False  # a decode worker is waiting for it (one at most)
     transferring: bool = False
     expiry: asyncio.TimerHandle | None = None
 
@@ -155,6 +156,9 @@ class PrefillRooms:
 
     def register(self, reqs: Sequence[SimRequest], boots: Sequence[Bootstrap]) -> None:
         """Attach each request to its room before it is queued (raises before queueing any)."""
+        rooms = [boot.room for boot in boots if not boot.fake]
+        if len(set(rooms)) != len(rooms):
+            raise APIError("Each prompt needs a bootstrap_room of its own; some share one.")
         for boot in boots:
             if boot.room in self._aborted:
                 raise APIError(
@@ -245,8 +249,9 @@ class PrefillRooms:
         if room_id in self._aborted:
             return 410, {"error": self._aborted[room_id]}
         room = self.rooms.setdefault(room_id, _Room(room_id))
-        if room.transferring:
-            return 400, {"error": f"bootstrap_room {room_id} is already being fetched"}
+        if room.fetching:
+            return 400, {"error": f"bootstrap_room {room_id} is already fetched by a decode worker"}
+        room.fetching = True
         outcome = await _first(room.ready, peer_gone, wait_s)
         if room.failed is not None:
             return 410, {"error": room.failed}
@@ -259,7 +264,8 @@ class PrefillRooms:
             self._give_up(room, f"bootstrap_room {room_id} abandoned: {reason}")
             return 504, {"error": f"bootstrap_room {room_id}: {reason}"}
         req = room.req
-        assert req is not None and req.phase is Phase.HANDOVER
+        if req is None or req.phase is not Phase.HANDOVER:  # cannot happen; never a crash
+            return 410, {"error": f"bootstrap_room {room_id} holds no KV"}
         room.transferring = True
         seconds = self.transfer.seconds(req.prompt_tokens)
         started = time.monotonic()

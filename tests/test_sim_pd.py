@@ -18,7 +18,8 @@ import orjson
 import pytest
 
 from sglctl.net import find_free_port
-from sglctl.sim.tokenizer import encode
+from sglctl.sim.disagg import Bootstrap, parse_bootstrap
+from sglctl.sim.errors import APIError
 from sglctl.sim.transfer import TransferModel
 from sglctl.spawn import ManagedProcess
 from tests.support import wait_until
@@ -304,5 +305,30 @@ def test_sglctl_router_in_pd_mode_drives_the_pair(procs) -> None:  # type: ignor
     assert disagg(pair.prefill)["held_kv_tokens"] == 0
 
 
-def test_prompt_tokens_sanity() -> None:
-    assert len(encode("x" * 400)) == 100
+def test_transfer_model_figures() -> None:
+    model = TransferModel()  # Llama-3.1-8B BF16 over one 400 Gb/s NIC, 1 ms a transfer
+    assert model.kv_bytes(1) == 2 * 32 * 8 * 128 * 2 == 131072
+    assert model.seconds(4096) == pytest.approx(0.001 + 4096 * 131072 * 8 / 400e9)
+    assert TransferModel(speedup=10).seconds(4096) == pytest.approx(model.seconds(4096) / 10)
+    with pytest.raises(ValueError, match="--kv-link-gbps"):
+        TransferModel(link_gbps=0)
+
+
+def test_bootstrap_fields_are_validated() -> None:
+    body = {"bootstrap_host": "h", "bootstrap_port": 1234, "bootstrap_room": 7}
+    assert parse_bootstrap(body, 1, "decode") == [Bootstrap("h", 1234, 7)]
+    # A router that does not know the port sends null: SGLang's default port
+    assert parse_bootstrap({**body, "bootstrap_port": None}, 1, "decode")[0].port == 8998
+    lists = {"bootstrap_host": ["h"] * 2, "bootstrap_port": [1, 2], "bootstrap_room": [3, 4]}
+    assert [b.room for b in parse_bootstrap(lists, 2, "prefill")] == [3, 4]
+    for bad, prompts, message in [
+        ({}, 1, "without bootstrap room id"),
+        (body, 2, "one bootstrap_room"),  # two prompts, one room
+        ({**lists, "bootstrap_room": 3}, 2, "all be lists"),
+        (lists, 3, "one entry per prompt"),
+        ({**body, "bootstrap_room": -1}, 1, "non-negative"),
+        ({**body, "bootstrap_port": "x"}, 1, "port number"),
+    ]:
+        with pytest.raises(APIError, match=message) as info:
+            parse_bootstrap(bad, prompts, "decode")
+        assert info.value.status == 400

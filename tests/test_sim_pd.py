@@ -211,9 +211,9 @@ def test_prefill_client_leaving_frees_the_room_on_both_sides(procs, pool) -> Non
 
 
 def test_prefill_crash_mid_transfer_fails_the_decode_promptly(procs, pool) -> None:  # type: ignore[no-untyped-def]
-    # 1000 tokens over 0.25 Gb/s: a 4.2 s transfer, during which the prefill crashes.
+    # 1000 tokens over 0.1 Gb/s: a 10.5 s transfer, during which the prefill crashes.
     pair = start_pair(
-        procs, "--speedup", "1", "--kv-link-gbps", "0.25", prefill_extra=("--crash-after", "2")
+        procs, "--speedup", "1", "--kv-link-gbps", "0.1", prefill_extra=("--crash-after", "2")
     )
     body = pd_body(pair, "c" * 4000, max_new=4)
     decode: Future[httpx.Response] = pool.submit(post, pair.decode.url, body)
@@ -223,7 +223,7 @@ def test_prefill_crash_mid_transfer_fails_the_decode_promptly(procs, pool) -> No
     with pytest.raises(httpx.TransportError):
         post(pair.prefill.url, pd_body(pair, "the second request crashes it"), timeout=5)
     r = decode.result(timeout=30)
-    assert time.monotonic() - crashed < 2.5  # the transfer had ~4 s left
+    assert time.monotonic() - crashed < 5.0  # the transfer had ~10 s left: not waited for
     assert r.status_code == 500, r.text
     assert "bootstrap" in r.json()["error"]["message"]
     with pytest.raises(httpx.TransportError):

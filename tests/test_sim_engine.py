@@ -46,7 +46,8 @@ def fast(**overrides: object) -> SimConfig:
 
 def test_max_running_requests_bounds_the_batch() -> None:
     async def body(engine: Engine) -> None:
-        reqs = [make_request(f"r{i}", [i + 1] * 8, 200) for i in range(3)]
+        # Long enough (~0.65 s each) that the poll below sees reqs[0] running even on a loaded CPU
+        reqs = [make_request(f"r{i}", [i + 1] * 8, 20_000) for i in range(3)]
         for req in reqs:
             engine.submit(req)
         await wait_until(lambda: reqs[0].phase is Phase.RUNNING)
@@ -63,7 +64,8 @@ def test_max_running_requests_bounds_the_batch() -> None:
 
 def test_admission_is_bounded_by_free_kv() -> None:
     async def body(engine: Engine) -> None:
-        big = make_request("big", [1] * 600, 100)  # needs 700 of 1000 tokens
+        # Long outputs (~0.7 s) so the poll below sees big running even on a loaded CPU.
+        big = make_request("big", [1] * 600, 20_000)  # needs 20600 of 21000 tokens
         other = make_request("other", [2] * 400, 100)  # needs 500: must wait
         engine.submit(big)
         engine.submit(other)
@@ -75,12 +77,12 @@ def test_admission_is_bounded_by_free_kv() -> None:
         assert other.first_token_time >= big.finish_time
         assert engine.cache.used <= engine.cache.capacity
 
-    run_with_engine(fast(kv_cache_tokens=1000), body)
+    run_with_engine(fast(kv_cache_tokens=21_000), body)
 
 
 def test_abort_frees_slot_and_kv() -> None:
     async def body(engine: Engine) -> None:
-        hog = make_request("hog", [1] * 100, 5000, stream=True)
+        hog = make_request("hog", [1] * 100, 50_000, stream=True)
         engine.submit(hog)
         await wait_until(lambda: hog.phase is Phase.RUNNING)
         assert engine.cache.reserved > 0 and engine.cache.protected_size > 0
@@ -98,7 +100,7 @@ def test_abort_frees_slot_and_kv() -> None:
 
 def test_abort_while_waiting() -> None:
     async def body(engine: Engine) -> None:
-        first = make_request("first", [1] * 10, 500)
+        first = make_request("first", [1] * 10, 20_000)  # ~0.7 s: seen running under load
         queued = make_request("queued", [2] * 10, 5)
         engine.submit(first)
         engine.submit(queued)
@@ -112,7 +114,7 @@ def test_abort_while_waiting() -> None:
 
 def test_flush_is_refused_while_busy() -> None:
     async def body(engine: Engine) -> None:
-        req = make_request("busy", [1] * 10, 1000)
+        req = make_request("busy", [1] * 10, 50_000)  # long: seen running under load
         engine.submit(req)
         await wait_until(lambda: req.phase is Phase.RUNNING)
         assert engine.flush_cache() is False

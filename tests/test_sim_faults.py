@@ -9,6 +9,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
+from sglctl.net import find_free_port
 from sglctl.spawn import ManagedProcess
 
 GEN = {"text": "fault", "sampling_params": {"max_new_tokens": 2}}
@@ -76,8 +77,10 @@ def test_role_is_validated(procs) -> None:  # type: ignore[no-untyped-def]
     bad = procs.sim_worker("--role", "bogus", wait=False)
     assert poll(lambda: not bad.alive())
     assert bad.popen.returncode == 2
-    assert "--role must be one of prefill, decode" in bad.log_tail()
-    good = procs.sim_worker("--role", "prefill", "--speedup", "100")
+    assert "--disaggregation-mode must be one of null, prefill, decode" in bad.log_tail()
+    # --role is the old spelling of --disaggregation-mode; the PD roles are tested in test_sim_pd
+    port = str(find_free_port())
+    good = procs.sim_worker("--role", "prefill", "--disaggregation-bootstrap-port", port)
     info = httpx.get(good.url + "/get_server_info", timeout=5).json()
     assert info["disaggregation_mode"] == "prefill"
 

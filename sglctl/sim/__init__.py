@@ -15,5 +15,8 @@ Modules, one concern each:
 * ``engine`` - the continuous-batching scheduler on one timer loop;
 * ``protocol`` / ``native`` / ``openai_api`` / ``streaming`` / ``errors`` - the HTTP surface;
 * ``service`` - request life cycle shared by endpoints; ``faults`` - fault injection;
+* ``disagg`` - PD roles (``--disaggregation-mode prefill|decode``): rooms, KV hand-over;
+  ``bootstrap`` - the prefill's bootstrap port (server and client); ``transfer`` - how long
+  moving a prompt's KV takes;
 * ``metrics`` - Prometheus ``sglang:`` metrics; ``app`` / ``server`` / ``cli`` - wiring.
 """

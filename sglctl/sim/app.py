@@ -80,10 +80,12 @@ def build_app(config: SimConfig) -> ASGIApp:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        sim.start()
+        await sim.start()
         log.info(
-            "sim worker %s ready: kv %d tokens, max running %d, speedup %g",
+            "sim worker %s ready (disaggregation mode %s): kv %d tokens, max running %d, "
+            "speedup %g",
             config.model_name,
+            config.disaggregation_mode,
             config.kv_cache_tokens,
             config.max_running_requests,
             config.timing.speedup,

@@ -50,9 +50,25 @@ def sim_worker(
     stall_after: int | None = typer.Option(
         None, help="After answering N generation requests, never answer anything again."
     ),
-    role: str | None = typer.Option(
-        None, "--role", "--disaggregation-mode", help="prefill or decode (reserved for PD)."
+    disaggregation_mode: str = typer.Option(
+        "null",
+        "--disaggregation-mode",
+        "--role",
+        help="null (whole requests), prefill or decode (PD: KV hand-over, see sglctl.sim.disagg).",
     ),
+    disaggregation_bootstrap_port: int = typer.Option(
+        8998, help="Prefill: port of the bootstrap server decode workers fetch KV from."
+    ),
+    disaggregation_timeout: float = typer.Option(
+        300.0,
+        help="PD: seconds a decode waits for a room's KV, and a prefill holds KV for a decode.",
+    ),
+    kv_bytes_per_token: int = typer.Option(
+        131072,
+        help="KV bytes a token (2 x layers x kv_heads x head_dim x 2; Llama-3.1-8B BF16).",
+    ),
+    kv_link_gbps: float = typer.Option(400.0, help="PD: prefill-to-decode link speed, Gb/s."),
+    kv_transfer_latency_ms: float = typer.Option(1.0, help="PD: fixed cost of a KV transfer."),
     seed: int = typer.Option(0, "--seed", "--random-seed", help="Seed of outputs and faults."),
     tp_size: int = typer.Option(1, "--tp-size", "--tp", help="Reported only."),
     dp_size: int = typer.Option(1, "--dp-size", "--dp", help="Reported only."),
@@ -63,13 +79,12 @@ def sim_worker(
     from sglctl.sim.config import SimConfig
     from sglctl.sim.server import serve
     from sglctl.sim.timing import TimingModel
+    from sglctl.sim.transfer import TransferModel
 
     try:
         configure_logging(log_level)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--log-level") from None
-    if role is not None and role.lower() == "null":
-        role = None
     try:
         timing = TimingModel(
             prefill_base_s=prefill_base_ms / 1e3,
@@ -97,7 +112,15 @@ def sim_worker(
             crash_after=crash_after,
             error_rate=error_rate,
             stall_after=stall_after,
-            role=role,
+            disaggregation_mode=disaggregation_mode.lower(),
+            bootstrap_port=disaggregation_bootstrap_port,
+            disaggregation_timeout_s=disaggregation_timeout,
+            transfer=TransferModel(
+                kv_bytes_per_token=kv_bytes_per_token,
+                link_gbps=kv_link_gbps,
+                latency_ms=kv_transfer_latency_ms,
+                speedup=speedup,
+            ),
             seed=seed,
             tp_size=tp_size,
             dp_size=dp_size,

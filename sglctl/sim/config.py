@@ -12,9 +12,12 @@ from sglctl.sim.timing import (
     DEFAULT_MAX_RUNNING_REQUESTS,
     TimingModel,
 )
+from sglctl.sim.transfer import TransferModel
 
 DEFAULT_MODEL_PATH = "sim/Llama-3.1-8B-Instruct"
-ROLES = ("prefill", "decode")
+DISAGGREGATION_MODES = ("null", "prefill", "decode")
+DEFAULT_BOOTSTRAP_PORT = 8998  # SGLang's --disaggregation-bootstrap-port default
+DEFAULT_DISAGGREGATION_TIMEOUT_S = 300.0
 
 
 @dataclass
@@ -42,7 +45,11 @@ class SimConfig:
     crash_after: int | None = None
     error_rate: float = 0.0
     stall_after: int | None = None
-    role: str | None = None
+    # PD disaggregation (sglctl.sim.disagg): SGLang's --disaggregation-mode and friends.
+    disaggregation_mode: str = "null"
+    bootstrap_port: int = DEFAULT_BOOTSTRAP_PORT
+    disaggregation_timeout_s: float = DEFAULT_DISAGGREGATION_TIMEOUT_S
+    transfer: TransferModel = field(default_factory=TransferModel)
     seed: int = 0
     tp_size: int = 1
     dp_size: int = 1
@@ -68,8 +75,25 @@ class SimConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, not {value}")
-        if self.role is not None and self.role not in ROLES:
-            raise ValueError(f"--role must be one of {', '.join(ROLES)}, not {self.role!r}")
+        if self.disaggregation_mode not in DISAGGREGATION_MODES:
+            raise ValueError(
+                "--disaggregation-mode must be one of "
+                f"{', '.join(DISAGGREGATION_MODES)}, not {self.disaggregation_mode!r}"
+            )
+        if not 0 < self.bootstrap_port < 65536:
+            raise ValueError(
+                "--disaggregation-bootstrap-port must be within 1..65535, "
+                f"not {self.bootstrap_port}"
+            )
+        if self.disaggregation_mode == "prefill" and self.bootstrap_port == self.port:
+            raise ValueError(
+                f"--disaggregation-bootstrap-port {self.bootstrap_port} is also --port: give the "
+                "bootstrap server a port of its own"
+            )
+        if self.disaggregation_timeout_s <= 0:
+            raise ValueError(
+                f"--disaggregation-timeout must be positive, not {self.disaggregation_timeout_s}"
+            )
         if not 0 < self.port < 65536:
             raise ValueError(f"--port must be within 1..65535, not {self.port}")
         if self.min_tick_s < 0:

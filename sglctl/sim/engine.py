@@ -45,6 +45,7 @@ class Phase(enum.Enum):
     WAITING = "waiting"
     PREFILL = "prefill"
     RUNNING = "running"
+    HANDOVER = "handover"  # prefill worker: first token out, KV held until a decode fetched it
     FINISHED = "finished"
     ABORTED = "aborted"
 
@@ -64,6 +65,12 @@ class SimRequest:
     first_token_time: float | None = None
     finish_time: float | None = None
     abort_reason: str | None = None
+    # PD disaggregation (sglctl.sim.disagg): a prefill request keeps its KV locked after its
+    # first token (phase HANDOVER) until the decode side fetched it; a decode request arrives
+    # with the prompt's KV already transferred, so it skips prefill and starts decoding.
+    hold_kv: bool = False
+    preloaded: bool = False
+    error_status: int | None = None  # an abort that is the server's failure, not the client's
     # Engine bookkeeping
     lock_node: Node | None = None
     reserved: int = 0
@@ -106,6 +113,7 @@ class Engine:
         self.cache = RadixCache(config.kv_cache_tokens)
         self.on_finish = on_finish
         self.on_first_token: Callable[[SimRequest], None] | None = None
+        self.on_kv_ready: Callable[[SimRequest], None] | None = None
         self.waiting: deque[SimRequest] = deque()
         self.running: set[SimRequest] = set()
         self.chunked: SimRequest | None = None  # a prompt whose prefill spans several batches
@@ -168,6 +176,8 @@ class Engine:
         if req.phase is Phase.WAITING:
             with contextlib.suppress(ValueError):
                 self.waiting.remove(req)
+        elif req.phase is Phase.HANDOVER:
+            self._release(req)  # its batch slot was freed when its first token came out
         else:
             if req.phase is Phase.RUNNING:
                 self.running.discard(req)
@@ -189,7 +199,7 @@ class Engine:
         """Tokens generated so far (derived, so decode steps cost O(1))."""
         if req.phase is Phase.RUNNING:
             return req.out_base + (self.decode_steps - req.step_base)
-        if req.phase in (Phase.FINISHED, Phase.ABORTED):
+        if req.phase in (Phase.FINISHED, Phase.ABORTED, Phase.HANDOVER):
             return req.final_output_len
         return 0
 
@@ -285,7 +295,7 @@ class Engine:
                 self._complete_decode(batch)
 
     def _plan(self, start: float) -> _PrefillBatch | _DecodeStep | None:
-        entries = self._admit()
+        entries = self._admit(start)
         if entries:
             chunks = [(req.prefilled, new) for req, new in entries]
             if log.isEnabledFor(logging.DEBUG):
@@ -303,7 +313,7 @@ class Engine:
             return _DecodeStep(start + step)
         return None
 
-    def _admit(self) -> list[tuple[SimRequest, int]]:
+    def _admit(self, start: float) -> list[tuple[SimRequest, int]]:
         """Form a prefill batch: the chunked request first, then FCFS admissions."""
         budget = self.config.chunked_prefill_size
         entries: list[tuple[SimRequest, int]] = []
@@ -318,7 +328,9 @@ class Engine:
             # the logits of the first output token.
             match = self.cache.match_prefix(req.input_ids[:-1])
             self.cache.lock(match.node)
-            need = req.prompt_tokens - match.length + req.plan.length
+            # A PD prefill request only ever holds its prompt and first token.
+            out = min(1, req.plan.length) if req.hold_kv else req.plan.length
+            need = req.prompt_tokens - match.length + out
             if need > self.cache.available:
                 self.cache.unlock(match.node)
                 self._warn_memory_bound(need)
@@ -327,11 +339,19 @@ class Engine:
             self.waiting.popleft()
             req.lock_node = match.node
             req.reserved = need
-            req.cached_tokens = match.length
-            req.prefilled = match.length
             req.phase = Phase.PREFILL
             self.active += 1
             self.prompt_tokens_seen += req.prompt_tokens
+            if req.preloaded:
+                # Decode side of PD: the prompt's KV arrived over the link and goes into this
+                # pool now; its cached_tokens is the prefill worker's figure (set by disagg).
+                self.cached_tokens_seen += req.cached_tokens
+                req.prefilled = req.prompt_tokens
+                self._cache_and_lock(req, req.input_ids)
+                self._first_token(req, start)
+                continue
+            req.cached_tokens = match.length
+            req.prefilled = match.length
             self.cached_tokens_seen += match.length
             new = min(req.prompt_tokens - req.prefilled, budget)
             entries.append((req, new))
@@ -364,23 +384,27 @@ class Engine:
             if self.chunked is req:
                 self.chunked = None
             self._cache_and_lock(req, req.input_ids)
-            req.first_token_time = batch.end
-            first = min(1, req.plan.length)
-            self.generated_tokens += first
-            if self.on_first_token is not None:
-                self.on_first_token(req)
-            if req.plan.length <= first:
-                req.final_output_len = first
-                self._finish(req, batch.end)
-                continue
-            req.phase = Phase.RUNNING
-            req.out_base = first
-            req.step_base = self.decode_steps
-            self.running.add(req)
-            self.running_context += req.prompt_tokens + first
-            finish_step = self.decode_steps + req.plan.length - first
-            heapq.heappush(self._finish_heap, (finish_step, next(self._heap_seq), req))
-            req.changed.set()  # the first streamed chunk goes out right after prefill
+            self._first_token(req, batch.end)
+
+    def _first_token(self, req: SimRequest, when: float) -> None:
+        """The prompt's KV is in the pool and the first token is out: finish or start decoding."""
+        req.first_token_time = when
+        first = min(1, req.plan.length)
+        self.generated_tokens += first
+        if self.on_first_token is not None:
+            self.on_first_token(req)
+        if req.plan.length <= first or req.hold_kv:
+            req.final_output_len = first
+            self._finish(req, when)
+            return
+        req.phase = Phase.RUNNING
+        req.out_base = first
+        req.step_base = self.decode_steps
+        self.running.add(req)
+        self.running_context += req.prompt_tokens + first
+        finish_step = self.decode_steps + req.plan.length - first
+        heapq.heappush(self._finish_heap, (finish_step, next(self._heap_seq), req))
+        req.changed.set()  # the first streamed chunk goes out right after prefill
 
     def _complete_decode(self, step: _DecodeStep) -> None:
         self.decode_steps += 1
@@ -410,6 +434,18 @@ class Engine:
         req.lock_node = node
 
     def _finish(self, req: SimRequest, when: float) -> None:
+        if req.hold_kv:
+            # PD prefill: the batch slot is free, but the prompt's KV stays locked in the tree
+            # (the lock _cache_and_lock moved to its last node) until handover_done or abort.
+            req.phase = Phase.HANDOVER
+            req.finish_time = when
+            if req.reserved:
+                self.cache.release(req.reserved)
+                req.reserved = 0
+            self.active -= 1
+            if self.on_kv_ready is not None:
+                self.on_kv_ready(req)
+            return
         req.phase = Phase.FINISHED
         req.finish_time = when
         # Cache what has KV: the prompt and every output token but the last (SGLang does this
@@ -420,6 +456,18 @@ class Engine:
         self._release(req)
         self.active -= 1
         req.changed.set()
+        if self.on_finish is not None:
+            self.on_finish(req)
+
+    def handover_done(self, req: SimRequest) -> None:
+        """A held prefill request's KV reached the decode side: unlock it (it stays cached)
+        and answer the prefill request."""
+        if req.phase is not Phase.HANDOVER:
+            return
+        self._release(req)
+        req.phase = Phase.FINISHED
+        req.changed.set()
+        self._wake.set()  # unlocked KV is evictable: a request waiting for memory may fit now
         if self.on_finish is not None:
             self.on_finish(req)
 

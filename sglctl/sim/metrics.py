@@ -9,7 +9,8 @@ requests and tokens.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -56,6 +57,46 @@ class _EngineGauges(Collector):
             yield family
 
 
+class _DisaggGauges(Collector):
+    """PD hand-over figures, read at scrape time from the role's ``stats()``.
+
+    The queue gauges use SGLang's names (``num_prefill_inflight_queue_reqs``: KV being sent;
+    ``num_decode_transfer_queue_reqs``: waiting for KV); the rest are the sim's own.
+    """
+
+    def __init__(self, stats: Callable[[], dict[str, Any]], mode: str, model_name: str) -> None:
+        self.stats = stats
+        self.mode = mode
+        self.model_name = model_name
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        stats = self.stats()
+        if self.mode == "prefill":
+            values = [
+                ("sglang:num_prefill_inflight_queue_reqs", "KV transfers under way.",
+                 stats["transferring"]),
+                ("sglang:pd_rooms", "Bootstrap rooms known (held, computing or awaited).",
+                 stats["rooms"]),
+                ("sglang:pd_held_kv_tokens", "Prompt KV tokens held for a decode worker.",
+                 stats["held_kv_tokens"]),
+            ]  # fmt: skip
+        else:
+            values = [
+                ("sglang:num_decode_transfer_queue_reqs", "Requests waiting for their KV.",
+                 stats["rooms_waiting"]),
+            ]  # fmt: skip
+        values += [
+            ("sglang:pd_transfers_ok", "KV hand-overs completed (cumulative).",
+             stats["transfers_ok"]),
+            ("sglang:pd_transfers_failed", "KV hand-overs failed (cumulative).",
+             stats["transfers_failed"]),
+        ]  # fmt: skip
+        for name, doc, value in values:
+            family = GaugeMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric([self.model_name], float(value))
+            yield family
+
+
 class SimMetrics:
     """The worker's registry; ``render()`` gives the ``/metrics`` body."""
 
@@ -94,6 +135,10 @@ class SimMetrics:
             labels, buckets=_ITL_BUCKETS, registry=reg,
         )  # fmt: skip
         reg.register(_EngineGauges(engine, model_name))
+
+    def add_disagg(self, stats: Callable[[], dict[str, Any]], mode: str) -> None:
+        """Export a PD role's figures (``mode`` prefill or decode)."""
+        self.registry.register(_DisaggGauges(stats, mode, self.model_name))
 
     def first_token(self, req: SimRequest) -> None:
         if req.rid.startswith(HEALTH_CHECK_PREFIX):

@@ -39,6 +39,7 @@ from sglctl.sim.service import (
     SimWorker,
     aborted,
     finish_reason,
+    stream_aborted,
     watch_disconnect,
 )
 from sglctl.sim.streaming import DONE, EventStream, sse
@@ -74,22 +75,46 @@ def meta_info(sim: SimWorker, req: SimRequest, n_tokens: int) -> dict[str, Any]:
     }
 
 
-def native_output(sim: SimWorker, req: SimRequest, *, with_ids: bool) -> dict[str, Any]:
+def native_output(
+    sim: SimWorker, req: SimRequest, *, with_ids: bool, logprobs: bool = False
+) -> dict[str, Any]:
     n = sim.output_len(req)
     out: dict[str, Any] = {"text": req.plan.visible_text(n)}
     if with_ids:
         out["output_ids"] = req.plan.ids(n)
     out["meta_info"] = meta_info(sim, req, n)
+    if logprobs:
+        out["meta_info"].update(token_logprobs(req, n))
     return out
+
+
+def _logprob(token_id: int) -> float:
+    """A deterministic stand-in for a log-probability, in [-4, 0)."""
+    return -((token_id * 2654435761) % 4000 + 1) / 1000
+
+
+def token_logprobs(req: SimRequest, n: int) -> dict[str, Any]:
+    """SGLang's ``return_logprob`` fields: ``[logprob, token_id, None]`` per token.
+
+    The first input token has no logprob (None), as in SGLang. A PD decode worker never ran
+    the prompt, so its ``input_token_logprobs`` is empty: the PD router puts the prefill
+    worker's in front (what the SGLang Router does).
+    """
+    inputs: list[list[Any]] = []
+    if not req.preloaded:
+        inputs = [[_logprob(t) if i else None, t, None] for i, t in enumerate(req.input_ids)]
+    outputs = [[_logprob(t), t, None] for t in req.plan.ids(n)]
+    return {"input_token_logprobs": inputs, "output_token_logprobs": outputs}
 
 
 async def generate(request: Request) -> Response | EventStream:
     sim = sim_of(request)
-    call = parse_generate(parse_json(await request.body()), sim.config.default_max_new_tokens)
-    sim.accept()
-    reqs = sim.submit(call.items, call.stream)
+    body = parse_json(await request.body())
+    call = parse_generate(body, sim.config.default_max_new_tokens)
+    reqs = await sim.begin(call.items, call.stream, body, request.receive)
     if call.stream:
-        return EventStream(_stream(sim, reqs, call.batched), lambda: sim.abort(reqs))
+        chunks = _stream(sim, reqs, call.batched, call.return_logprob)
+        return EventStream(chunks, lambda: sim.abort(reqs))
     watcher = watch_disconnect(request.receive, lambda: sim.abort(reqs))
     try:
         await sim.wait_all(reqs)
@@ -97,18 +122,20 @@ async def generate(request: Request) -> Response | EventStream:
         watcher.cancel()
     if aborted(reqs):
         return json_response({"error": {"message": "aborted", "type": "Aborted", "code": 499}}, 499)
-    outs = [native_output(sim, req, with_ids=True) for req in reqs]
+    outs = [native_output(sim, req, with_ids=True, logprobs=call.return_logprob) for req in reqs]
     sim.answered()
     return json_response(outs if call.batched else outs[0])
 
 
-async def _stream(sim: SimWorker, reqs: list[SimRequest], batched: bool) -> AsyncIterator[bytes]:
+async def _stream(
+    sim: SimWorker, reqs: list[SimRequest], batched: bool, logprobs: bool
+) -> AsyncIterator[bytes]:
     """Cumulative chunks, at most one a request per scheduler wake-up, then ``[DONE]``."""
     sent = [-1] * len(reqs)
     final_sent = [False] * len(reqs)
     interval = sim.config.stream_interval
     async for _ in sim.progress(reqs):
-        if aborted(reqs):
+        if stream_aborted(reqs):
             return
         for i, req in enumerate(reqs):
             if final_sent[i] or req.first_token_time is None:
@@ -116,7 +143,7 @@ async def _stream(sim: SimWorker, reqs: list[SimRequest], batched: bool) -> Asyn
             n = sim.output_len(req)
             if not req.done and (n == sent[i] or (sent[i] >= 0 and n - sent[i] < interval)):
                 continue
-            chunk = native_output(sim, req, with_ids=False)
+            chunk = native_output(sim, req, with_ids=False, logprobs=logprobs)
             if batched:
                 chunk["index"] = i
             yield sse(orjson.dumps(chunk))
@@ -192,7 +219,10 @@ def server_args(sim: SimWorker) -> dict[str, Any]:
         "schedule_policy": "fcfs",
         "stream_interval": config.stream_interval,
         "disable_radix_cache": False,
-        "disaggregation_mode": config.role or "null",
+        "disaggregation_mode": config.disaggregation_mode,
+        "disaggregation_bootstrap_port": config.bootstrap_port,
+        "disaggregation_transfer_backend": "sim",
+        "disaggregation_timeout": config.disaggregation_timeout_s,
         "random_seed": config.seed,
         "log_level": config.log_level,
         "sim": {
@@ -206,6 +236,9 @@ def server_args(sim: SimWorker) -> dict[str, Any]:
             "crash_after": config.crash_after,
             "error_rate": config.error_rate,
             "stall_after": config.stall_after,
+            "kv_bytes_per_token": config.transfer.kv_bytes_per_token,
+            "kv_link_gbps": config.transfer.link_gbps,
+            "kv_transfer_latency_ms": config.transfer.latency_ms,
         },
     }
 
@@ -228,6 +261,10 @@ async def server_info(request: Request) -> Response:
         ],
         "version": SIM_VERSION,
     }
+    if sim.prefill is not None:
+        body["disaggregation"] = sim.prefill.stats()
+    elif sim.decode is not None:
+        body["disaggregation"] = sim.decode.stats()
     return json_response(body)
 
 

@@ -38,7 +38,7 @@ from sglctl.sim.protocol import (
     string_list,
     token_list,
 )
-from sglctl.sim.service import SimWorker, aborted, watch_disconnect
+from sglctl.sim.service import SimWorker, aborted, stream_aborted, watch_disconnect
 from sglctl.sim.streaming import DONE, EventStream, sse
 from sglctl.sim.tokenizer import decode, encode
 
@@ -240,8 +240,7 @@ async def completions(request: Request) -> Response | EventStream:
         for item in items
         for text in [prompts[item.index // sampling.n][1]]
     ]
-    sim.accept()
-    reqs = sim.submit(items, stream)
+    reqs = await sim.begin(items, stream, body, request.receive)
     created = int(time.time())
     if stream:
         chunks = _completion_stream(
@@ -285,8 +284,7 @@ async def chat_completions(request: Request) -> Response | EventStream:
     prompt_ids = encode(render_chat(body.get("messages")))
     rid = f"chatcmpl-{new_rid()}"
     items = _items([prompt_ids], sampling, rid)
-    sim.accept()
-    reqs = sim.submit(items, stream)
+    reqs = await sim.begin(items, stream, body, request.receive)
     created = int(time.time())
     if stream:
         chunks = _chat_stream(sim, reqs, rid, model, created, include_usage, continuous)
@@ -341,7 +339,7 @@ async def _deltas(sim: SimWorker, reqs: list[SimRequest]) -> AsyncIterator[list[
     last_n = [-1] * len(reqs)
     final = [False] * len(reqs)
     async for _ in sim.progress(reqs):
-        if aborted(reqs):
+        if stream_aborted(reqs):
             return
         batch: list[tuple[int, str]] = []
         for i, req in enumerate(reqs):
@@ -402,7 +400,7 @@ async def _chat_stream(
                 yield _chunk(
                     rid, obj, created, model, [_chat_choice(i, {}, reason, matched)], usage
                 )
-    if aborted(reqs):
+    if stream_aborted(reqs):
         return
     if include_usage:
         yield _chunk(rid, obj, created, model, [], _usage(sim, reqs))
@@ -448,7 +446,7 @@ async def _completion_stream(
                 "matched_stop": matched,
             }
             yield _chunk(rid, obj, created, model, [choice], usage)
-    if aborted(reqs):
+    if stream_aborted(reqs):
         return
     if include_usage:
         yield _chunk(rid, obj, created, model, [], _usage(sim, reqs))

@@ -157,6 +157,7 @@ class GenerateCall:
     items: list[GenerateItem]
     batched: bool
     stream: bool
+    return_logprob: bool = False
 
 
 def new_rid() -> str:
@@ -214,4 +215,5 @@ def parse_generate(body: Any, default_max_new_tokens: int) -> GenerateCall:
         for copy in range(sampling.n):
             rid_n = base_rid if sampling.n == 1 else f"{base_rid}-{copy}"
             items.append(GenerateItem(rid_n, prompt, sampling, len(items)))
-    return GenerateCall(items, batched or len(items) > 1, stream)
+    return_logprob = optional_bool(obj, "return_logprob")
+    return GenerateCall(items, batched or len(items) > 1, stream, return_logprob)

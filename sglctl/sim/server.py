@@ -17,12 +17,6 @@ def serve(config: SimConfig, ignored_args: list[str] | None = None) -> None:
     """Serve until SIGINT/SIGTERM. Blocks."""
     if ignored_args:
         log.warning("ignoring arguments the simulation has no use for: %s", " ".join(ignored_args))
-    if config.role is not None:
-        log.warning(
-            "--role %s accepted but PD disaggregation is not simulated yet: this worker serves "
-            "whole requests",
-            config.role,
-        )
     fast_loop = importlib.util.find_spec("uvloop") is not None
     fast_http = importlib.util.find_spec("httptools") is not None
     uv_config = uvicorn.Config(

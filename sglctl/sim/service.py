@@ -18,6 +18,7 @@ from starlette.types import Message, Receive
 
 from sglctl import __version__
 from sglctl.sim.config import SimConfig
+from sglctl.sim.disagg import DecodeReceiver, PrefillRooms, parse_bootstrap
 from sglctl.sim.engine import Engine, Phase, RequestRejected, SimRequest
 from sglctl.sim.errors import APIError
 from sglctl.sim.faults import FaultInjector
@@ -38,18 +39,38 @@ class SimWorker:
         self.engine = Engine(config)
         self.metrics = SimMetrics(self.engine, config.model_name)
         self.engine.on_first_token = self.metrics.first_token
-        self.engine.on_finish = self.metrics.finished
+        self.engine.on_finish = self._finished
         self.faults = FaultInjector(config)
         self.started_at = time.time()
         self._task: asyncio.Task[None] | None = None
+        # PD roles: at most one of these exists (sglctl.sim.disagg).
+        self.prefill: PrefillRooms | None = None
+        self.decode: DecodeReceiver | None = None
+        if config.disaggregation_mode == "prefill":
+            self.prefill = PrefillRooms(
+                self.engine,
+                config.transfer,
+                config.disaggregation_timeout_s,
+                config.host,
+                config.bootstrap_port,
+            )
+            self.engine.on_kv_ready = self.prefill.on_kv_ready
+            self.metrics.add_disagg(self.prefill.stats, "prefill")
+        elif config.disaggregation_mode == "decode":
+            self.decode = DecodeReceiver(config.disaggregation_timeout_s)
+            self.metrics.add_disagg(self.decode.stats, "decode")
 
     # ----- life cycle ------------------------------------------------------------------------
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        if self.prefill is not None:
+            await self.prefill.server.start()
         self._task = asyncio.get_running_loop().create_task(self.engine.run(), name="sim-engine")
         self._task.add_done_callback(_log_engine_exit)
 
     async def stop(self) -> None:
+        if self.prefill is not None:
+            await self.prefill.server.stop()
         self.engine.close()
         if self._task is not None:
             self._task.cancel()
@@ -67,16 +88,74 @@ class SimWorker:
                 type_="InternalServerError",
             )
 
+    def _finished(self, req: SimRequest) -> None:
+        self.metrics.finished(req)
+        if self.prefill is not None:
+            self.prefill.on_finish(req)
+
+    async def begin(
+        self, items: Sequence[GenerateItem], stream: bool, body: Any, receive: Receive
+    ) -> list[SimRequest]:
+        """Accept a generation call and queue its items, the way this worker's role needs.
+
+        ``null``: queued at once. ``prefill``: each item is tied to its ``bootstrap_room``
+        and holds its KV after the first token until a decode fetched it. ``decode``: each
+        room's KV is fetched from its prefill first (the client leaving stops the wait), then
+        the items are queued with their prompts' KV already present.
+        """
+        self.accept()
+        mode = self.config.disaggregation_mode
+        if mode == "null":
+            return self.submit(items, stream)
+        boots = parse_bootstrap(body, len(items), mode)
+        if self.prefill is not None:
+            return self.submit(
+                items, stream, register=lambda reqs: self.prefill_register(reqs, boots)
+            )
+        assert self.decode is not None
+        received_at = self.now()
+        fetch = asyncio.ensure_future(
+            self.decode.fetch_all(boots, [len(item.input_ids) for item in items])
+        )
+        watcher = watch_disconnect(receive, lambda: _cancel(fetch))
+        try:
+            kvs = await fetch
+        except asyncio.CancelledError:
+            if not fetch.cancelled():
+                raise
+            raise APIError("client disconnected while waiting for KV", status=499) from None
+        finally:
+            watcher.cancel()
+
+        def preload(reqs: list[SimRequest]) -> None:
+            for req, kv in zip(reqs, kvs, strict=True):
+                req.preloaded = True
+                req.cached_tokens = kv.cached_tokens
+
+        reqs = self.submit(items, stream, register=preload)
+        for req in reqs:
+            req.arrival = received_at  # e2e_latency includes the wait for the KV
+        return reqs
+
+    def prefill_register(self, reqs: list[SimRequest], boots: Any) -> None:
+        assert self.prefill is not None
+        self.prefill.register(reqs, boots)
+
     def answered(self) -> None:
         """A generation request's answer is complete (drives ``--stall-after``)."""
         if self.faults.on_answered():
             self.engine.pause()
 
     def submit(
-        self, items: Sequence[GenerateItem], stream: bool, changed: asyncio.Event | None = None
+        self,
+        items: Sequence[GenerateItem],
+        stream: bool,
+        changed: asyncio.Event | None = None,
+        register: Callable[[list[SimRequest]], None] | None = None,
     ) -> list[SimRequest]:
         """Plan and queue every item; all share one ``changed`` event so a caller can wait on
-        several requests at once. Rejections are checked before anything is queued."""
+        several requests at once. Rejections (and ``register``, the PD role's bookkeeping)
+        happen before anything is queued."""
         changed = changed or asyncio.Event()
         reqs: list[SimRequest] = []
         for item in items:
@@ -95,6 +174,8 @@ class SimWorker:
             except RequestRejected as exc:
                 raise APIError(str(exc)) from None
             reqs.append(SimRequest(item.rid, item.input_ids, plan, stream, changed=changed))
+        if register is not None:
+            register(reqs)
         for req in reqs:
             self.engine.submit(req)
         return reqs
@@ -130,7 +211,26 @@ class SimWorker:
 
 
 def aborted(reqs: Sequence[SimRequest]) -> bool:
+    """True when any request was aborted; raises the server's error when that abort was one
+    (a PD hand-over that failed), so the client gets a 5xx saying why, not a 499."""
+    for req in reqs:
+        if req.phase is Phase.ABORTED and req.error_status is not None:
+            raise APIError(req.abort_reason or "aborted", status=req.error_status)
     return any(req.phase is Phase.ABORTED for req in reqs)
+
+
+def _cancel(task: asyncio.Future[Any]) -> None:
+    task.cancel()
+
+
+def stream_aborted(reqs: Sequence[SimRequest]) -> bool:
+    """:func:`aborted` for a stream already under way: a server-side abort is logged (the
+    stream just ends early, as SGLang's does), never raised after the headers went out."""
+    try:
+        return aborted(reqs)
+    except APIError as exc:
+        log.warning("stream ended early: %s", exc.message)
+        return True
 
 
 def watch_disconnect(receive: Receive, on_disconnect: Callable[[], None]) -> asyncio.Task[None]:
@@ -157,6 +257,8 @@ def finish_reason(req: SimRequest) -> dict[str, Any] | None:
         return {"type": "abort", "message": req.abort_reason or "aborted"}
     if req.phase is not Phase.FINISHED:
         return None
+    if req.hold_kv:
+        return {"type": "length", "length": 0}  # SGLang's prefill: the decode side goes on
     if req.plan.finish_type == "stop":
         return {"type": "stop", "matched": req.plan.matched}
     return {"type": "length", "length": req.final_output_len}

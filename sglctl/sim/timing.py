@@ -33,7 +33,8 @@ Derived model (``t`` in seconds of GPU time, before ``--speedup``):
   into chunks of ``chunked_prefill_size`` (8192) tokens, at most ``max_prefill_tokens``
   (16384) new tokens a prefill batch, and the KV pool is ``max_total_num_tokens`` (444500).
 
-Everything is divided by ``--speedup`` to get wall-clock time.
+Everything is divided by ``--speedup`` to get wall-clock time. In PD mode the KV hand-over
+between a prefill and a decode worker has its own model, in :mod:`sglctl.sim.transfer`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,11 @@
-"""Stop a process and every descendant it forked.
+"""Process identity and stopping a process with every descendant it forked.
 
 SGLang's server forks scheduler and detokenizer processes; stopping only the parent leaves
 them holding GPU memory. Everything that stops a worker goes through here.
+
+A pid alone does not name a process for long: it is reused once the process exits. pid plus
+start time does, so :func:`process_start_time` is the one place that reads it (the
+supervisor's child wrapper and the shared-memory table's owner check both use it).
 """
 
 from __future__ import annotations
@@ -13,6 +17,14 @@ import signal
 import psutil
 
 log = logging.getLogger(__name__)
+
+
+def process_start_time(pid: int) -> float:
+    """The process's start time (0.0 when it does not exist); pid + start time is unique."""
+    try:
+        return float(psutil.Process(pid).create_time())
+    except psutil.Error:
+        return 0.0
 
 
 def terminate_tree(pid: int, timeout: float = 10.0, sig: int = signal.SIGTERM) -> int:

@@ -46,6 +46,8 @@ from multiprocessing import shared_memory
 
 import psutil
 
+from sglctl.proctree import process_start_time
+
 log = logging.getLogger(__name__)
 
 MAGIC = b"SGLCTLST"
@@ -190,14 +192,6 @@ def list_segments() -> list[str]:
         return sorted(n for n in os.listdir("/dev/shm") if n.startswith(NAME_PREFIX))
     except OSError:
         return []
-
-
-def process_start_time(pid: int) -> float:
-    """The process's start time (0.0 when it does not exist); pid + start time is unique."""
-    try:
-        return float(psutil.Process(pid).create_time())
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return 0.0
 
 
 def process_matches(pid: int, create_time: float) -> bool:

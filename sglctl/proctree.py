@@ -28,7 +28,8 @@ def process_start_time(pid: int) -> float:
 
 
 def terminate_tree(pid: int, timeout: float = 10.0, sig: int = signal.SIGTERM) -> int:
-    """Send ``sig`` to ``pid`` and its descendants, wait ``timeout``, then SIGKILL survivors.
+    """Send ``sig`` (then SIGCONT) to ``pid`` and its descendants, wait ``timeout``, then
+    SIGKILL survivors.
 
     Returns how many processes had to be killed. A pid that is already gone is not an error.
     """
@@ -40,6 +41,10 @@ def terminate_tree(pid: int, timeout: float = 10.0, sig: int = signal.SIGTERM) -
     for proc in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.send_signal(sig)
+            # A stopped process (SIGSTOP, a hung worker being replaced) would hold the signal
+            # until the SIGKILL deadline; continuing it lets it act on the signal now.
+            if sig != signal.SIGKILL:
+                proc.send_signal(signal.SIGCONT)
     _, alive = psutil.wait_procs(procs, timeout=timeout)
     for proc in alive:
         log.warning(

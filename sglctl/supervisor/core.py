@@ -264,10 +264,10 @@ class Supervisor:
     # -- shutdown --------------------------------------------------------------------------
     async def shutdown(self) -> None:
         """Router first (drain), then workers, then the table and the control socket."""
+        if self.control is not None:
+            await self.control.close()  # first: a pending add/remove must not hold us up
         for worker in self.workers.values():
             worker.begin_stop()
-        if self.control is not None:
-            await self.control.close()
         if self.router is not None:
             log.info(
                 "stopping the router (draining for up to %.0f s)", self.settings.router_grace_period

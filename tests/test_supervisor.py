@@ -10,7 +10,6 @@ import asyncio
 import os
 import signal
 import sys
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ from sglctl.supervisor.core import Supervisor, SupervisorSettings
 from sglctl.supervisor.logfile import RotatingLog
 from sglctl.supervisor.plan import WorkerFactory, WorkerSpec
 from sglctl.supervisor.worker import HealthSettings
+from tests.support import async_wait_until
 
 FAKE = str(Path(__file__).parent / "fakes" / "fake_worker.py")
 FAST_POLICY = RestartPolicy(
@@ -64,25 +64,13 @@ def settings(tmp_path: Path, **overrides: object) -> SupervisorSettings:
     return SupervisorSettings(**base)  # type: ignore[arg-type]
 
 
-async def until(
-    predicate: Callable[[], bool], timeout: float = 15.0, what: str = "condition"
-) -> float:
-    """Poll ``predicate`` every millisecond; return how long it took (fail after ``timeout``)."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout:.1f} s waiting for {what}")
-        await asyncio.sleep(0.001)
-    return time.monotonic() - start
-
-
 def run_supervised(sup: Supervisor, scenario: Callable[[], Awaitable[None]]) -> None:
     """Run the supervisor and ``scenario`` together; stop the supervisor afterwards."""
 
     async def main() -> None:
         runner = asyncio.create_task(sup.run())
         try:
-            await until(
+            await async_wait_until(
                 lambda: (
                     (bool(sup.workers) and all(w.settled.done() for w in sup.workers.values()))
                     or runner.done()
@@ -109,12 +97,12 @@ def test_killed_worker_is_marked_at_once_and_restarted(tmp_path: Path, table: St
         old = table.read_worker(1)
         pids["old"] = old.pid
         os.kill(old.pid, signal.SIGKILL)
-        took = await until(
+        took = await async_wait_until(
             lambda: state(table, 1) != WorkerState.HEALTHY, 1.0, "the exit to be published"
         )
         assert took < 0.1, f"the kill took {took * 1000:.0f} ms to reach the table"
         assert state(table, 1) == WorkerState.RESTARTING
-        await until(lambda: state(table, 1) == WorkerState.HEALTHY, 15, "the restart")
+        await async_wait_until(lambda: state(table, 1) == WorkerState.HEALTHY, 15, "the restart")
         new = table.read_worker(1)
         assert new.pid != old.pid and new.restarts == 1
         pids["new"] = new.pid
@@ -172,7 +160,7 @@ def test_whole_tree_is_stopped_even_a_term_ignoring_worker(
             def has_child(leader: psutil.Process = leader) -> bool:
                 return bool(leader.children())
 
-            await until(has_child, 10, "the grandchild")
+            await async_wait_until(has_child, 10, "the grandchild")
             tree.extend([pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))])
 
     run_supervised(sup, scenario)
@@ -223,7 +211,7 @@ def test_unhealthy_worker_is_marked_then_replaced(tmp_path: Path, table: StateTa
     sup.listener = lambda w, s, d: seen.append(s)
 
     async def scenario() -> None:
-        await until(
+        await async_wait_until(
             lambda: table.read_worker(0).restarts >= 1, 15, "a restart of the unhealthy worker"
         )
 

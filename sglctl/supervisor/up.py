@@ -60,7 +60,7 @@ def run_up(argv: Sequence[str]) -> int:
     try:
         config = parse_up_args(argv)
     except UsageError as exc:
-        console.print(f"[red]sglctl up:[/red] {exc}")
+        _refuse(console, str(exc))
         return 2
     # Terminal only until the start is certain: a refused start leaves no run directory.
     configure_logging(config.log_level)
@@ -70,7 +70,7 @@ def run_up(argv: Sequence[str]) -> int:
     try:
         plan = make_plan(config, gpus, sglang_importable())
     except PlanError as exc:
-        console.print(f"[red]sglctl up:[/red] {exc}")
+        _refuse(console, str(exc))
         return 2
     console.print(plan.backend_reason)
 
@@ -91,14 +91,14 @@ def run_up(argv: Sequence[str]) -> int:
         # Most likely another `sglctl up` on the same ports: say every port to move at once.
         conflicts = port_conflicts(config, plan)
         listing = "".join(f"\n  - {line}" for line in conflicts)
-        console.print(f"[red]sglctl up:[/red] {escape(str(exc) + listing)}")
+        _refuse(console, str(exc) + listing)
         return 1
     try:
         stop_orphans(stale)
         try:
             check_ports(config, plan)
         except PlanError as exc:
-            console.print(f"[red]sglctl up:[/red] {exc}")
+            _refuse(console, str(exc))
             return 1
         config.run_dir.mkdir(parents=True, exist_ok=True)
         configure_logging(config.log_level, log_dir=str(config.run_dir), name="supervisor")
@@ -153,6 +153,11 @@ async def _supervise(
     if code:
         console.print(f"[red]sglctl up stopped with errors; logs are in {config.run_dir}[/red]")
     return code
+
+
+def _refuse(console: Console, message: str) -> None:
+    """Print why ``sglctl up`` will not start; lines are not re-wrapped (flags stay whole)."""
+    console.print(f"[red]sglctl up:[/red] {escape(message)}", soft_wrap=True)
 
 
 def _log_through(console: Console) -> None:

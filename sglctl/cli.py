@@ -100,7 +100,9 @@ def _status(
 ) -> None:
     """Live dashboard of workers and router (local shared memory, or --router over HTTP)."""
     from sglctl.status import run_status
+    from sglctl.supervisor.control import remove_stale_sockets
 
+    remove_stale_sockets()  # a supervisor killed with -9 could not remove its control socket
     raise typer.Exit(run_status(router, once, as_json, interval, sample_secs, api_key))
 
 

@@ -13,7 +13,7 @@ import argparse
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -277,29 +277,14 @@ def parse_up_args(argv: Sequence[str]) -> UpConfig:
             "--worker-urls ...` for workers started elsewhere)"
         )
     port = int(router.port)
+    # Our own flags' dests are UpConfig's field names: copy every one the parser set ...
+    own_fields = {f.name for f in fields(UpConfig)} - _FROM_ROUTER - {"run_dir", "max_workers"}
+    parsed = {name: getattr(ns, name) for name in own_fields if hasattr(ns, name)}
     return UpConfig(
-        model_path=getattr(ns, "model_path", None),
-        dp_size=ns.dp_size,
-        tp_size=ns.tp_size,
-        base_gpu_id=ns.base_gpu_id,
-        worker_base_port=ns.worker_base_port,
-        backend=ns.backend,
-        worker_startup_timeout_secs=ns.worker_startup_timeout_secs,
-        worker_health_path=ns.worker_health_path,
-        worker_health_interval_secs=ns.worker_health_interval_secs,
-        worker_health_timeout_secs=ns.worker_health_timeout_secs,
-        worker_health_failures=ns.worker_health_failures,
-        worker_unhealthy_restart_secs=ns.worker_unhealthy_restart_secs,
-        restart_initial_backoff_secs=ns.restart_initial_backoff_secs,
-        restart_max_backoff_secs=ns.restart_max_backoff_secs,
-        restart_reset_after_secs=ns.restart_reset_after_secs,
-        max_worker_crashes=ns.max_worker_crashes,
-        crash_window_secs=ns.crash_window_secs,
-        worker_stop_timeout_secs=ns.worker_stop_timeout_secs,
+        **parsed,
         max_workers=max(ns.max_workers, ns.dp_size),
         run_dir=Path(ns.run_dir) if getattr(ns, "run_dir", None) else default_run_dir(port),
-        log_max_bytes=ns.log_max_bytes,
-        log_backups=ns.log_backups,
+        # ... and take the shared router settings from the router's own parse.
         host=str(router.host),
         port=port,
         metrics_host=str(router.metrics_host),
@@ -309,6 +294,21 @@ def parse_up_args(argv: Sequence[str]) -> UpConfig:
         router_args=list(router_args),
         worker_args=worker_args,
     )
+
+
+#: UpConfig fields that come from the router's parser (or the split), never from ours.
+_FROM_ROUTER = frozenset(
+    {
+        "host",
+        "port",
+        "metrics_host",
+        "metrics_port",
+        "shutdown_grace_period_secs",
+        "log_level",
+        "router_args",
+        "worker_args",
+    }
+)
 
 
 def _validate_router_args(router_args: list[str]) -> RouterConfig:

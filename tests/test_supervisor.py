@@ -20,7 +20,7 @@ import pytest
 from sglctl.net import find_free_port
 from sglctl.state_table import StateTable, StateTableError, WorkerState, list_segments
 from sglctl.supervisor import control
-from sglctl.supervisor.backoff import CrashHistory, RestartPolicy
+from sglctl.supervisor.backoff import Attempt, CrashHistory, RestartPolicy, keep_restarting
 from sglctl.supervisor.core import Supervisor, SupervisorSettings
 from sglctl.supervisor.logfile import RotatingLog
 from sglctl.supervisor.plan import WorkerFactory, WorkerSpec
@@ -283,6 +283,40 @@ def test_backoff_doubles_caps_resets_and_gives_up() -> None:
     assert history.record_crash() is None  # 6 crashes within the window
     now[0] = 500.0  # the window has passed
     assert history.record_crash(healthy_for=120) == 1.0  # healthy long enough: reset
+
+
+class CrashingChild:
+    """A Restartable that ends every run at once, recording what the loop told it."""
+
+    def __init__(self) -> None:
+        self.runs: list[bool] = []
+        self.delays: list[float] = []
+        self.gave_up: Attempt | None = None
+
+    async def attempt(self, first: bool) -> Attempt:
+        self.runs.append(first)
+        return Attempt("exited with code 1", up_for=0.0, pid=len(self.runs))
+
+    def restarting(self, attempt: Attempt, delay: float, crashes: CrashHistory) -> None:
+        self.delays.append(delay)
+
+    def given_up(self, attempt: Attempt, crashes: CrashHistory) -> None:
+        self.gave_up = attempt
+
+
+def test_the_one_restart_loop_backs_off_then_gives_up() -> None:
+    child = CrashingChild()
+    policy = RestartPolicy(0.001, 0.004, reset_after=60, max_crashes=4, window=60)
+    asyncio.run(keep_restarting(child, CrashHistory(policy), lambda: False))
+    assert child.runs == [True, False, False, False]  # only the first run is "first"
+    assert child.delays == [0.001, 0.002, 0.004]
+    assert child.gave_up is not None and child.gave_up.pid == 4
+
+
+def test_the_restart_loop_stops_when_asked() -> None:
+    child = CrashingChild()
+    asyncio.run(keep_restarting(child, CrashHistory(FAST_POLICY), lambda: len(child.runs) >= 2))
+    assert len(child.runs) == 2 and child.gave_up is None
 
 
 def test_rotating_log_keeps_backups_and_tail(tmp_path: Path) -> None:

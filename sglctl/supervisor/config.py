@@ -24,6 +24,11 @@ if TYPE_CHECKING:
 
 BACKENDS = ("auto", "sglang", "sim")
 DEFAULT_WORKER_BASE_PORT = 31000
+#: The supervisor's probe timeout per backend. A hung worker is out of routing after about
+#: interval + failures x this, so it is as short as the backend allows: the sim answers
+#: /health at once; SGLang's /health runs a one-token generation through the scheduler and
+#: answers only after its first one-second check, so it needs room above 1 s.
+PROBE_TIMEOUT_SECS = {"sim": 1.0, "sglang": 3.0}
 #: Router flags ``sglctl up --help`` shows (flag, default, help); parsed by the router.
 ROUTER_FLAGS_SHOWN = (
     ("--host", "127.0.0.1", "address the router listens on"),
@@ -52,7 +57,8 @@ class UpConfig:
     #: ``sglctl up`` these probes are the one source of health: the router follows the table.
     worker_health_interval_secs: float = 1.0
     #: A probe with no answer within this long failed (a hung worker answers nothing).
-    worker_health_timeout_secs: float = 1.0
+    #: None: :data:`PROBE_TIMEOUT_SECS` for the backend.
+    worker_health_timeout_secs: float | None = None
     #: Consecutive failed probes (a failure is re-probed at once) before a running worker is
     #: marked unhealthy; with the defaults a hung worker leaves routing within about 3 s.
     worker_health_failures: int = 2
@@ -170,9 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--worker-health-timeout-secs",
         type=argtypes.positive_float,
-        default=d.worker_health_timeout_secs,
-        help="a probe not answered within this many seconds failed (raise it for workers "
-        "whose /health is slow under load)",
+        default=argparse.SUPPRESS,
+        help="a probe not answered within this many seconds failed (default: "
+        f"{PROBE_TIMEOUT_SECS['sim']:g} for sim workers, {PROBE_TIMEOUT_SECS['sglang']:g} for "
+        "SGLang, whose /health runs a one-token generation and answers after about 1 s)",
     )
     g.add_argument(
         "--worker-health-failures",

@@ -32,7 +32,7 @@ from sglctl.state_table import (
     segment_name_for_port,
 )
 from sglctl.supervisor.backoff import RestartPolicy
-from sglctl.supervisor.config import UpConfig, UsageError, parse_up_args
+from sglctl.supervisor.config import PROBE_TIMEOUT_SECS, UpConfig, UsageError, parse_up_args
 from sglctl.supervisor.control import remove_stale_sockets
 from sglctl.supervisor.core import Supervisor, SupervisorSettings
 from sglctl.supervisor.plan import (
@@ -125,7 +125,7 @@ async def _supervise(
             path=config.worker_health_path,
             startup_timeout=config.worker_startup_timeout_secs,
             interval=config.worker_health_interval_secs,
-            probe_timeout=config.worker_health_timeout_secs,
+            probe_timeout=config.worker_health_timeout_secs or PROBE_TIMEOUT_SECS[plan.backend],
             failures=config.worker_health_failures,
             unhealthy_restart_after=config.worker_unhealthy_restart_secs,
         ),

@@ -15,13 +15,15 @@ covers the backoff and the next start-up), FAILED (crash loop: given up), REMOVE
 **Health under ``sglctl up`` has one source: these probes.** The supervisor must probe anyway
 (it decides restarts), so it publishes the verdict in the table and the router follows it
 within ~10 ms instead of probing the same workers again. The probe is tuned to notice a hung
-worker (SIGSTOPped, deadlocked: it accepts a connection but answers nothing) in about 2-3 s
--- probe every ``interval`` (1 s), each with a ``probe_timeout`` (1 s), a failure re-probed
-at once, ``failures`` (2) in a row mark it UNHEALTHY -- because the router interrupts and
-retries elsewhere the requests of a worker marked so. Being unhealthy costs the worker only
-its traffic: it is *restarted* only after staying unhealthy for ``unhealthy_restart_after``
-(300 s), so a worker that is merely slow for a while (a long prefill, a GC pause) comes back
-at its next good probe instead of losing its cache and minutes of model loading.
+worker (SIGSTOPped, deadlocked: it accepts a connection but answers nothing) within seconds:
+probe every ``interval`` (1 s), each with a ``probe_timeout`` (1 s for sim workers, so about
+2-3 s in all; 3 s for SGLang, whose ``/health`` runs a one-token generation and answers after
+about 1 s, so about 5-7 s), a failure re-probed at once, ``failures`` (2) in a row mark it
+UNHEALTHY -- because the router interrupts and retries elsewhere the requests of a worker
+marked so. Being unhealthy costs the worker only its traffic: it is *restarted* only after
+staying unhealthy for ``unhealthy_restart_after`` (300 s), so a worker that is merely slow for
+a while (a long prefill, a GC pause) comes back at its next good probe instead of losing its
+cache and minutes of model loading.
 """
 
 from __future__ import annotations

@@ -7,8 +7,11 @@ The supervisor runs in the test's own event loop (no router); workers are real p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import socket
+import subprocess
 import sys
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -336,3 +339,39 @@ def test_find_local_run_explains_when_nothing_runs() -> None:
     assert control.port_of("http://h:31000") == 31000 and control.port_of("8080") == 8080
     with pytest.raises(StateTableError):
         StateTable.attach("sglctl_nonexistent_for_test")
+
+
+def test_control_socket_of_a_killed_supervisor_is_removed_and_a_live_ones_kept(
+    tmp_path: Path,
+) -> None:
+    name = f"sglctl_test_{uuid.uuid4().hex[:10]}"
+    dead_sock = tmp_path / "dead.sock"
+    script = (
+        "import socket, sys, time\n"
+        "from sglctl.state_table import StateTable\n"
+        f"StateTable.create({name!r}, n_slots=1, control_path={str(dead_sock)!r})\n"
+        "s = socket.socket(socket.AF_UNIX); s.bind(" + repr(str(dead_sock)) + ")\n"
+        "print('ready', flush=True); time.sleep(60)\n"
+    )
+    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    live_name = f"sglctl_test_{uuid.uuid4().hex[:10]}"
+    live_sock = tmp_path / "live.sock"
+    live, _ = StateTable.create(live_name, n_slots=1, control_path=str(live_sock))
+    try:
+        assert owner.stdout is not None and owner.stdout.readline().strip() == "ready"
+        with socket.socket(socket.AF_UNIX) as mine:
+            mine.bind(str(live_sock))
+            owner.kill()  # kill -9: no chance to clean up
+            owner.wait(timeout=10)
+            assert dead_sock.exists()
+            removed = control.remove_stale_sockets()
+            assert str(dead_sock) in removed and not dead_sock.exists()
+            assert live_sock.exists(), "the socket of a live run was removed"
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
+        live.unlink()
+        live.close()
+        with contextlib.suppress(StateTableError), StateTable.attach(name) as stale:
+            stale.unlink()

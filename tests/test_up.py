@@ -449,7 +449,6 @@ def test_hung_worker_leaves_healthy_within_seconds_and_comes_back(
                 0.02,
             )
             assert table.read_worker(1).state == WorkerState.UNHEALTHY
-            assert table.read_worker(0).state == WorkerState.HEALTHY
         finally:
             os.kill(victim.pid, signal.SIGCONT)
         print(f"hung worker out of the healthy state {took:.2f} s after SIGSTOP")

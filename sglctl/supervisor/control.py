@@ -147,7 +147,8 @@ def remove_stale_sockets() -> list[str]:
                 info = table.info()
         except (StateTableError, OSError, ValueError):
             continue
-        if not info.control_path or info.owner_alive():
+        # owner_pid 0: a table still being created (its owner is written last) -- not stale.
+        if not info.control_path or not info.owner_pid or info.owner_alive():
             continue
         path = Path(info.control_path)
         with contextlib.suppress(OSError):

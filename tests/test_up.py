@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -83,7 +84,9 @@ def start_up(tmp_path: Path) -> Iterator[Callable[..., Up]]:
     def start(*flags: str, dp_size: int = 2, worker_args: tuple[str, ...] = ("--speedup", "50"),
               port: int | None = None, wait: bool = True) -> Up:  # fmt: skip
         port = port or find_free_port()
-        base = find_free_port_block(dp_size + 2)
+        # A random start: helpers' test runs share this machine, and two runs that both take
+        # the first free block (20000) collide between the check and the workers' bind.
+        base = find_free_port_block(dp_size + 2, start=random.randrange(20000, 30000, 10))
         run_dir = tmp_path / f"run-{port}"
         output = tmp_path / f"up-{port}.out"
         args = [

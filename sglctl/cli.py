@@ -127,6 +127,12 @@ def _admin_call(call: Callable[[], T]) -> T:
         raise typer.Exit(1) from None
 
 
+#: ``add-worker``'s waits: a running worker answers its health check in a second or two;
+#: a new local one may be a real model that loads for many minutes.
+ADD_TIMEOUT_SECS = 30.0
+ADD_LOCAL_TIMEOUT_SECS = 1800.0
+
+
 @app.command("add-worker")
 def _add_worker(
     url: str | None = typer.Argument(
@@ -137,17 +143,45 @@ def _add_worker(
     local: bool = typer.Option(
         False, "--local", help="Have the local `sglctl up` start one more worker (free GPU/port)."
     ),
+    timeout: float | None = typer.Option(
+        None,
+        "--timeout",
+        min=0.1,
+        help="Seconds to wait for the worker to be healthy "
+        f"\\[default: {ADD_TIMEOUT_SECS:g}; "
+        f"with --local {ADD_LOCAL_TIMEOUT_SECS:g}, real models load for minutes].",
+        show_default=False,
+    ),
 ) -> None:
     """Add a worker to a running router (returns once the worker is healthy)."""
     if local:
-        _add_local_worker(url, router)
+        _add_local_worker(url, router, timeout or ADD_LOCAL_TIMEOUT_SECS)
         return
     if url is None:
         typer.echo("error: give the worker's URL, or --local to start one", err=True)
         raise typer.Exit(2)
-    from sglctl.router import admin_client
+    import time
 
-    result = _admin_call(lambda: admin_client.add_worker(router, url, api_key=api_key))
+    from sglctl.router import admin_client
+    from sglctl.router.admin_client import AdminError
+
+    wait = timeout or ADD_TIMEOUT_SECS
+    typer.echo(
+        f"adding {url} to {router} (waiting up to {wait:g} s for its health check) ...", err=True
+    )
+    started = time.monotonic()
+    try:
+        result = admin_client.add_worker(router, url, timeout=wait, api_key=api_key)
+    except AdminError as exc:
+        if time.monotonic() - started >= wait * 0.95:
+            typer.echo(
+                f"error: no answer within {wait:g} s: {url} is not healthy yet (check it is "
+                "running and reachable from the router; raise --timeout to wait longer)",
+                err=True,
+            )
+        else:
+            typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
     typer.echo(f"added {result.get('url', url)}")
 
 
@@ -166,15 +200,20 @@ def _remove_worker(
     typer.echo(f"removed {result.get('url', url)}")
 
 
-def _add_local_worker(url: str | None, router: str) -> None:
+def _add_local_worker(url: str | None, router: str, timeout: float) -> None:
     """``add-worker --local``: ask the supervisor (control socket), not the router."""
     from sglctl.supervisor.control import ControlError, add_local_worker
 
     if url is not None:
         typer.echo("error: --local starts a new worker; do not give a URL", err=True)
         raise typer.Exit(2)
+    typer.echo(
+        f"asking the local sglctl up for one more worker (waiting up to {timeout:g} s "
+        "for it to be healthy) ...",
+        err=True,
+    )
     try:
-        result = add_local_worker(router)
+        result = add_local_worker(router, timeout=timeout)
     except ControlError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None

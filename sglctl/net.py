@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import socket
-import time
+from collections.abc import Callable
 
 import httpx
+
+from sglctl.polling import PollTimeout, poll_sync
 
 
 def find_free_port(host: str = "127.0.0.1") -> int:
@@ -31,25 +33,29 @@ def wait_for_http(
     timeout: float,
     *,
     interval: float = 0.05,
-    alive: object | None = None,
+    alive: Callable[[], bool] | None = None,
 ) -> bool:
     """Poll ``url`` until it answers 200 or ``timeout`` seconds pass.
 
-    ``alive``, when given, is a callable returning False once the process we wait for has
-    died, so that we stop waiting at once instead of running out the clock.
+    ``alive``, when given, returns False once the process we wait for has died, so that we
+    stop waiting at once instead of running out the clock.
     """
-    deadline = time.monotonic() + timeout
-    with httpx.Client(timeout=2.0) as client:
-        while time.monotonic() < deadline:
-            if alive is not None and not alive():  # type: ignore[operator]
-                return False
-            try:
-                if client.get(url).status_code == 200:
-                    return True
-            except httpx.HTTPError:
-                pass
-            time.sleep(interval)
-    return False
+    with httpx.Client(timeout=2.0, trust_env=False) as client:
+
+        def answered() -> bool | None:
+            return True if client.get(url).status_code == 200 else None
+
+        try:
+            return poll_sync(
+                answered,
+                timeout,
+                what=f"GET {url}",
+                interval=interval,
+                retry_on=(httpx.HTTPError,),
+                alive=alive,
+            )
+        except PollTimeout:
+            return False
 
 
 def find_free_port_block(count: int, host: str = "127.0.0.1", start: int = 20000) -> int:

@@ -65,6 +65,7 @@ import contextlib
 import enum
 import logging
 import os
+import stat
 import struct
 import sys
 import time
@@ -72,8 +73,11 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing import shared_memory
+from pathlib import Path
 
 import psutil
+
+from sglctl.proctree import process_start_time
 
 log = logging.getLogger(__name__)
 
@@ -232,14 +236,6 @@ def list_segments() -> list[str]:
         return []
 
 
-def process_start_time(pid: int) -> float:
-    """The process's start time (0.0 when it does not exist); pid + start time is unique."""
-    try:
-        return float(psutil.Process(pid).create_time())
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return 0.0
-
-
 def process_matches(pid: int, create_time: float) -> bool:
     """True when ``pid`` runs and is the same process that started at ``create_time``."""
     if pid <= 0:
@@ -358,7 +354,7 @@ def remove_stale_segments() -> list[TableInfo]:
     ``sglctl status`` (and ``sglctl up``) call this so that leftovers go as soon as anything
     looks. Segments still being created and segments that are not sglctl tables are left
     alone. Returns the removed tables' headers (the caller may report them, or remove the
-    control socket and stop worker orphans they name).
+    stop worker orphans they name); the control socket each names is removed with it.
     """
     removed = []
     for name in list_segments():
@@ -370,8 +366,20 @@ def remove_stale_segments() -> list[TableInfo]:
         except PermissionError:  # another user's run: theirs to clean up
             continue
         log.info("removed stale state table %s (its owner, pid %d, is gone)", name, info.owner_pid)
+        _remove_control_socket(info)
         removed.append(info)
     return removed
+
+
+def _remove_control_socket(info: TableInfo) -> None:
+    """Remove the dead run's control socket named in its header (only if it is a socket)."""
+    if not info.control_path:
+        return
+    path = Path(info.control_path)
+    with contextlib.suppress(OSError):
+        if stat.S_ISSOCK(path.lstat().st_mode):
+            path.unlink()
+            log.info("removed control socket %s left by the same run", path)
 
 
 class StateTable:

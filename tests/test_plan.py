@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import pytest
 from fakes.fake_nvml import FakeNvml, h100s
 
 from sglctl.gpus import GpuReport, detect_gpus
-from sglctl.supervisor.config import UsageError, parse_up_args, split_worker_args
+from sglctl.supervisor.config import UsageError, build_parser, parse_up_args, split_worker_args
 from sglctl.supervisor.plan import (
     PlanError,
     assign_gpus,
@@ -156,3 +157,40 @@ def test_split_worker_args_only_at_first_double_dash() -> None:
         ["--x", "--", "y"],
     )
     assert split_worker_args(["--dp-size", "2"]) == (["--dp-size", "2"], [])
+
+
+def test_up_help_gives_every_flag_a_help_text_and_one_default() -> None:
+    parser = build_parser()
+    text = " ".join(parser.format_help().split())  # unwrapped
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        flag = action.option_strings[0]
+        assert action.help, f"{flag} has no help text"
+        if action.default is argparse.SUPPRESS:  # then the help text itself names it
+            assert "default" in action.help or flag == "--model-path", flag
+        else:  # the formatter appends it; None would read "(default: None)"
+            assert action.default is not None, flag
+    for flag in ("--host", "--port", "--metrics-port", "--worker-health-timeout-secs"):
+        assert f"{flag} " in text
+    assert text.count("<time>-<port>") == 1 and "default: None" not in text
+    assert "(default: 1800.0)" in text  # --worker-startup-timeout-secs
+
+
+def test_router_address_flags_shown_by_up_still_reach_the_router() -> None:
+    cfg = parse_up_args(["--host", "127.0.0.2", "--port", "30124", "--metrics-port", "29124"])
+    assert (cfg.host, cfg.port, cfg.metrics_port) == ("127.0.0.2", 30124, 29124)
+    assert cfg.router_args == ["--host", "127.0.0.2", "--port", "30124", "--metrics-port", "29124"]
+    assert parse_up_args([]).router_args == []  # router defaults stay the router's
+
+
+def test_every_port_conflict_is_reported_at_once() -> None:
+    cfg = parse_up_args(["--dp-size", "2", "--port", "30500", "--metrics-port", "29500"])
+    plan = make_plan(cfg, NO_GPU, has_sglang=False)
+    taken = {30500, 29500, 31000, 31001}
+    with pytest.raises(PlanError) as info:
+        check_ports(cfg, plan, is_free=lambda host, port: port not in taken)
+    message = str(info.value)
+    assert "4 port problems" in message
+    for flag in ("--port 30600", "--metrics-port 29600", "--worker-base-port 31100"):
+        assert f"pass {flag}" in message, message

@@ -7,10 +7,12 @@ The supervisor runs in the test's own event loop (no router); workers are real p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import socket
+import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -19,13 +21,20 @@ import psutil
 import pytest
 
 from sglctl.net import find_free_port
-from sglctl.state_table import StateTable, StateTableError, WorkerState, list_segments
+from sglctl.state_table import (
+    StateTable,
+    StateTableError,
+    WorkerState,
+    list_segments,
+    remove_stale_segments,
+)
 from sglctl.supervisor import control
-from sglctl.supervisor.backoff import CrashHistory, RestartPolicy
+from sglctl.supervisor.backoff import Attempt, CrashHistory, RestartPolicy, keep_restarting
 from sglctl.supervisor.core import Supervisor, SupervisorSettings
 from sglctl.supervisor.logfile import RotatingLog
 from sglctl.supervisor.plan import WorkerFactory, WorkerSpec
 from sglctl.supervisor.worker import HealthSettings
+from tests.support import async_wait_until
 
 FAKE = str(Path(__file__).parent / "fakes" / "fake_worker.py")
 FAST_POLICY = RestartPolicy(
@@ -64,25 +73,13 @@ def settings(tmp_path: Path, **overrides: object) -> SupervisorSettings:
     return SupervisorSettings(**base)  # type: ignore[arg-type]
 
 
-async def until(
-    predicate: Callable[[], bool], timeout: float = 15.0, what: str = "condition"
-) -> float:
-    """Poll ``predicate`` every millisecond; return how long it took (fail after ``timeout``)."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout:.1f} s waiting for {what}")
-        await asyncio.sleep(0.001)
-    return time.monotonic() - start
-
-
 def run_supervised(sup: Supervisor, scenario: Callable[[], Awaitable[None]]) -> None:
     """Run the supervisor and ``scenario`` together; stop the supervisor afterwards."""
 
     async def main() -> None:
         runner = asyncio.create_task(sup.run())
         try:
-            await until(
+            await async_wait_until(
                 lambda: (
                     (bool(sup.workers) and all(w.settled.done() for w in sup.workers.values()))
                     or runner.done()
@@ -109,12 +106,12 @@ def test_killed_worker_is_marked_at_once_and_restarted(tmp_path: Path, table: St
         old = table.read_worker(1)
         pids["old"] = old.pid
         os.kill(old.pid, signal.SIGKILL)
-        took = await until(
+        took = await async_wait_until(
             lambda: state(table, 1) != WorkerState.HEALTHY, 1.0, "the exit to be published"
         )
         assert took < 0.1, f"the kill took {took * 1000:.0f} ms to reach the table"
         assert state(table, 1) == WorkerState.RESTARTING
-        await until(lambda: state(table, 1) == WorkerState.HEALTHY, 15, "the restart")
+        await async_wait_until(lambda: state(table, 1) == WorkerState.HEALTHY, 15, "the restart")
         new = table.read_worker(1)
         assert new.pid != old.pid and new.restarts == 1
         pids["new"] = new.pid
@@ -172,7 +169,7 @@ def test_whole_tree_is_stopped_even_a_term_ignoring_worker(
             def has_child(leader: psutil.Process = leader) -> bool:
                 return bool(leader.children())
 
-            await until(has_child, 10, "the grandchild")
+            await async_wait_until(has_child, 10, "the grandchild")
             tree.extend([pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))])
 
     run_supervised(sup, scenario)
@@ -223,7 +220,7 @@ def test_unhealthy_worker_is_marked_then_replaced(tmp_path: Path, table: StateTa
     sup.listener = lambda w, s, d: seen.append(s)
 
     async def scenario() -> None:
-        await until(
+        await async_wait_until(
             lambda: table.read_worker(0).restarts >= 1, 15, "a restart of the unhealthy worker"
         )
 
@@ -297,6 +294,40 @@ def test_backoff_doubles_caps_resets_and_gives_up() -> None:
     assert history.record_crash(healthy_for=120) == 1.0  # healthy long enough: reset
 
 
+class CrashingChild:
+    """A Restartable that ends every run at once, recording what the loop told it."""
+
+    def __init__(self) -> None:
+        self.runs: list[bool] = []
+        self.delays: list[float] = []
+        self.gave_up: Attempt | None = None
+
+    async def attempt(self, first: bool) -> Attempt:
+        self.runs.append(first)
+        return Attempt("exited with code 1", up_for=0.0, pid=len(self.runs))
+
+    def restarting(self, attempt: Attempt, delay: float, crashes: CrashHistory) -> None:
+        self.delays.append(delay)
+
+    def given_up(self, attempt: Attempt, crashes: CrashHistory) -> None:
+        self.gave_up = attempt
+
+
+def test_the_one_restart_loop_backs_off_then_gives_up() -> None:
+    child = CrashingChild()
+    policy = RestartPolicy(0.001, 0.004, reset_after=60, max_crashes=4, window=60)
+    asyncio.run(keep_restarting(child, CrashHistory(policy), lambda: False))
+    assert child.runs == [True, False, False, False]  # only the first run is "first"
+    assert child.delays == [0.001, 0.002, 0.004]
+    assert child.gave_up is not None and child.gave_up.pid == 4
+
+
+def test_the_restart_loop_stops_when_asked() -> None:
+    child = CrashingChild()
+    asyncio.run(keep_restarting(child, CrashHistory(FAST_POLICY), lambda: len(child.runs) >= 2))
+    assert len(child.runs) == 2 and child.gave_up is None
+
+
 def test_rotating_log_keeps_backups_and_tail(tmp_path: Path) -> None:
     logfile = RotatingLog(tmp_path / "w.log", max_bytes=100, backups=2)
     for i in range(30):
@@ -314,3 +345,39 @@ def test_find_local_run_explains_when_nothing_runs() -> None:
     assert control.port_of("http://h:31000") == 31000 and control.port_of("8080") == 8080
     with pytest.raises(StateTableError):
         StateTable.attach("sglctl_nonexistent_for_test")
+
+
+def test_control_socket_of_a_killed_supervisor_is_removed_and_a_live_ones_kept(
+    tmp_path: Path,
+) -> None:
+    name = f"sglctl_test_{uuid.uuid4().hex[:10]}"
+    dead_sock = tmp_path / "dead.sock"
+    script = (
+        "import socket, sys, time\n"
+        "from sglctl.state_table import StateTable\n"
+        f"StateTable.create({name!r}, n_slots=1, control_path={str(dead_sock)!r})\n"
+        "s = socket.socket(socket.AF_UNIX); s.bind(" + repr(str(dead_sock)) + ")\n"
+        "print('ready', flush=True); time.sleep(60)\n"
+    )
+    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    live_name = f"sglctl_test_{uuid.uuid4().hex[:10]}"
+    live_sock = tmp_path / "live.sock"
+    live, _ = StateTable.create(live_name, n_slots=1, control_path=str(live_sock))
+    try:
+        assert owner.stdout is not None and owner.stdout.readline().strip() == "ready"
+        with socket.socket(socket.AF_UNIX) as mine:
+            mine.bind(str(live_sock))
+            owner.kill()  # kill -9: no chance to clean up
+            owner.wait(timeout=10)
+            assert dead_sock.exists()
+            removed = [info.control_path for info in remove_stale_segments()]
+            assert str(dead_sock) in removed and not dead_sock.exists()
+            assert live_sock.exists(), "the socket of a live run was removed"
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
+        live.unlink()
+        live.close()
+        with contextlib.suppress(StateTableError), StateTable.attach(name) as stale:
+            stale.unlink()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -26,21 +27,10 @@ import pytest
 
 from sglctl.net import find_free_port, find_free_port_block
 from sglctl.state_table import StateTable, WorkerState, list_segments, segment_name_for_port
+from tests.support import wait_until
 
 pytestmark = pytest.mark.slow
 SGLCTL = [sys.executable, "-m", "sglctl"]
-
-
-def poll(
-    predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.01
-) -> float:
-    """Wait until ``predicate()`` is truthy; return how long it took."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
-    return time.monotonic() - start
 
 
 @dataclass
@@ -94,7 +84,9 @@ def start_up(tmp_path: Path) -> Iterator[Callable[..., Up]]:
     def start(*flags: str, dp_size: int = 2, worker_args: tuple[str, ...] = ("--speedup", "50"),
               port: int | None = None, wait: bool = True) -> Up:  # fmt: skip
         port = port or find_free_port()
-        base = find_free_port_block(dp_size + 2)
+        # A random start: helpers' test runs share this machine, and two runs that both take
+        # the first free block (20000) collide between the check and the workers' bind.
+        base = find_free_port_block(dp_size + 2, start=random.randrange(20000, 30000, 10))
         run_dir = tmp_path / f"run-{port}"
         output = tmp_path / f"up-{port}.out"
         args = [
@@ -120,9 +112,11 @@ def start_up(tmp_path: Path) -> Iterator[Callable[..., Up]]:
                     except (httpx.HTTPError, ValueError):
                         return False
 
-                poll(ready, 60, "sglctl up to serve", interval=0.05)
+                wait_until(ready, 60, "sglctl up to serve", interval=0.05)
                 # The supervisor's own start-up is over only once it announced the endpoint.
-                poll(lambda: "sglctl is up:" in up.log(), 30, "the announcement", interval=0.05)
+                wait_until(
+                    lambda: "sglctl is up:" in up.log(), 30, "the announcement", interval=0.05
+                )
             up.remember_tree()
         return up
 
@@ -205,17 +199,19 @@ def test_up_serves_heals_a_killed_worker_and_stops_clean(start_up: Callable[...,
 
             assert routed() == set(urls)
             with Traffic(up.url) as traffic:
-                poll(lambda: len(traffic.statuses) >= 20, 30, "traffic to flow")
+                wait_until(lambda: len(traffic.statuses) >= 20, 30, "traffic to flow")
                 victim = table.read_worker(1)
                 os.kill(victim.pid, signal.SIGKILL)
-                removal = poll(
+                removal = wait_until(
                     lambda: victim.url not in routed(),
                     5,
                     "the router to drop the killed worker",
                     0.002,
                 )
-                poll(lambda: table.read_worker(1).state == WorkerState.HEALTHY, 30, "the restart")
-                poll(lambda: victim.url in routed(), 5, "the router to take the worker back")
+                wait_until(
+                    lambda: table.read_worker(1).state == WorkerState.HEALTHY, 30, "the restart"
+                )
+                wait_until(lambda: victim.url in routed(), 5, "the router to take the worker back")
                 # New prefixes go to the least-loaded tree: the restarted worker's is empty.
                 served_before = served_by(client, up.url).get(victim.url, 0)
                 prompts = iter(range(10_000))
@@ -228,7 +224,7 @@ def test_up_serves_heals_a_killed_worker_and_stops_clean(start_up: Callable[...,
                     assert client.post(up.url + "/generate", json=body).status_code == 200
                     return served_by(client, up.url).get(victim.url, 0) > served_before
 
-                poll(serves_again, 30, "the restarted worker to serve again")
+                wait_until(serves_again, 30, "the restarted worker to serve again")
             restarted = table.read_worker(1)
         print(
             f"router dropped the killed worker {removal * 1000:.1f} ms after kill -9 (HTTP-polled)"
@@ -277,7 +273,7 @@ def test_add_worker_local_and_remove_managed_worker(start_up: Callable[..., Up])
     assert "added worker 1 at http://127.0.0.1:" in added.stdout
     new_url = added.stdout.split(" at ")[1].split()[0]
     with httpx.Client(timeout=10) as client:
-        poll(
+        wait_until(
             lambda: new_url in client.get(up.url + "/list_workers").json()["urls"],
             5,
             "the router to add it",
@@ -290,7 +286,7 @@ def test_add_worker_local_and_remove_managed_worker(start_up: Callable[..., Up])
         )
         assert removed.returncode == 0, removed.stderr
         assert "stopped and removed worker 1" in removed.stdout
-        poll(
+        wait_until(
             lambda: new_url not in client.get(up.url + "/list_workers").json()["urls"],
             5,
             "the router to drop it",
@@ -308,6 +304,8 @@ def test_killed_supervisor_leaves_no_orphans_and_next_run_replaces_its_table(
     start_up: Callable[..., Up],
 ) -> None:
     first = start_up(dp_size=1)
+    with first.table() as table:
+        control_sock = table.info().control_path
     first.remember_tree()
     children = first.tree - {first.popen.pid}
     first.popen.send_signal(signal.SIGKILL)
@@ -319,10 +317,13 @@ def test_killed_supervisor_leaves_no_orphans_and_next_run_replaces_its_table(
             for p in children
         )
 
-    poll(gone, 15, "the children of a killed supervisor to exit (PR_SET_PDEATHSIG)")
+    wait_until(gone, 15, "the children of a killed supervisor to exit (PR_SET_PDEATHSIG)")
     assert first.segment in list_segments()  # the crashed run's table is still there ...
+    assert Path(control_sock).exists()  # ... and its control socket
     second = start_up(dp_size=1, port=first.port)  # ... and the next run on that port takes over
     assert "replacing stale state table" in second.log()
+    # (the fixture gives both runs the same run dir: the log says the old socket went first)
+    assert "removed control socket" in second.log() and "left by a stopped run" in second.log()
     assert second.interrupt() == 0
     second.assert_nothing_left()
 
@@ -359,7 +360,7 @@ def test_ctrl_c_drains_in_flight_requests_before_stopping_workers(
     thread = threading.Thread(target=long_request)
     thread.start()
     with httpx.Client(timeout=5) as client:
-        poll(
+        wait_until(
             lambda: client.get(up.url + "/stats").json()["in_flight"] == 1,
             10,
             "the request to be in flight",
@@ -373,7 +374,7 @@ def test_ctrl_c_drains_in_flight_requests_before_stopping_workers(
 def test_killed_router_is_restarted_and_relearns_the_workers(start_up: Callable[..., Up]) -> None:
     up = start_up(dp_size=2)
     with up.table() as table:
-        poll(lambda: table.read_router_totals().pid != 0, 10, "the router to report its pid")
+        wait_until(lambda: table.read_router_totals().pid != 0, 10, "the router to report its pid")
         old = table.read_router_totals().pid
         os.kill(old, signal.SIGKILL)
         with httpx.Client(timeout=5) as client:
@@ -384,10 +385,12 @@ def test_killed_router_is_restarted_and_relearns_the_workers(start_up: Callable[
                 except (httpx.HTTPError, ValueError, KeyError):
                     return False
 
-            poll(serving, 30, "the restarted router to serve both workers", interval=0.05)
+            wait_until(serving, 30, "the restarted router to serve both workers", interval=0.05)
             assert client.post(up.url + "/generate", json={"text": "x"}).status_code == 200
-        poll(lambda: table.read_router_totals().pid not in (0, old), 10, "the new router's pid")
-    assert "the router exited" in up.log()
+        wait_until(
+            lambda: table.read_router_totals().pid not in (0, old), 10, "the new router's pid"
+        )
+    assert "the router (pid" in up.log() and "restarting in" in up.log()
     assert up.interrupt() == 0
     up.assert_nothing_left()
 
@@ -395,9 +398,9 @@ def test_killed_router_is_restarted_and_relearns_the_workers(start_up: Callable[
 def test_ctrl_c_during_start_up_stops_everything(start_up: Callable[..., Up]) -> None:
     # A health path the workers never pass: start-up would wait for the full timeout.
     up = start_up("--worker-health-path", "/never-healthy", dp_size=2, wait=False)
-    poll(lambda: up.segment in list_segments(), 30, "the state table")
+    wait_until(lambda: up.segment in list_segments(), 30, "the state table")
     with up.table() as table:
-        poll(
+        wait_until(
             lambda: len([v for v in table.read_slots() if v.worker.pid]) == 2,
             30,
             "both workers to spawn",
@@ -406,4 +409,90 @@ def test_ctrl_c_during_start_up_stops_everything(start_up: Callable[..., Up]) ->
     assert states == {WorkerState.STARTING}
     up.remember_tree()
     assert up.interrupt(timeout=30) == 0, up.log()
+    up.assert_nothing_left()
+
+
+def _flag(up: Up, flag: str) -> str:
+    args = list(up.popen.args)  # type: ignore[arg-type]
+    return str(args[len(args) - 1 - args[::-1].index(flag) + 1])
+
+
+def test_second_up_on_taken_ports_names_every_conflict_at_once(
+    start_up: Callable[..., Up],
+) -> None:
+    first = start_up(dp_size=2)
+    same = ("--metrics-port", _flag(first, "--metrics-port"))
+    same += ("--worker-base-port", _flag(first, "--worker-base-port"))
+    run_dir = first.run_dir.with_name("second-run")
+    second = start_up(*same, "--run-dir", str(run_dir), dp_size=2, port=first.port, wait=False)
+    assert second.popen.wait(timeout=60) == 1
+    out = second.log()
+    for flag in ("--port", "--metrics-port", "--worker-base-port"):
+        assert f"pass {flag} " in out, out
+    assert "Traceback" not in out
+    assert not run_dir.exists(), "a refused start left a run directory"
+    with httpx.Client(timeout=10) as client:  # the first run is untouched
+        assert client.get(first.url + "/readiness").json()["status"] == "ready"
+    assert first.interrupt() == 0
+    first.assert_nothing_left()
+
+
+def test_hung_worker_leaves_healthy_within_seconds_and_comes_back(
+    start_up: Callable[..., Up],
+) -> None:
+    up = start_up(dp_size=2)
+    with up.table() as table:
+        victim = table.read_worker(1)
+        os.kill(victim.pid, signal.SIGSTOP)  # alive, accepts connections, answers nothing
+        try:
+            took = wait_until(
+                lambda: table.read_worker(1).state != WorkerState.HEALTHY,
+                6.0,
+                "the supervisor to mark the SIGSTOPped worker unhealthy",
+                0.02,
+            )
+            assert table.read_worker(1).state == WorkerState.UNHEALTHY
+        finally:
+            os.kill(victim.pid, signal.SIGCONT)
+        print(f"hung worker out of the healthy state {took:.2f} s after SIGSTOP")
+        wait_until(
+            lambda: table.read_worker(1).state == WorkerState.HEALTHY, 20, "the worker to recover"
+        )
+        back = table.read_worker(1)
+        assert back.pid == victim.pid and back.restarts == 0, "a slow worker must not be restarted"
+    log = (up.run_dir / "supervisor.log").read_text()  # not wrapped like the terminal
+    assert "health checks in a row" in log and "back in routing" in log, log
+    assert up.interrupt() == 0
+    up.assert_nothing_left()
+
+
+def test_ctrl_c_is_not_held_up_by_a_pending_add_worker_local(
+    start_up: Callable[..., Up],
+) -> None:
+    up = start_up(dp_size=1)
+    add = subprocess.Popen(
+        [*SGLCTL, "add-worker", "--local", "--router", up.url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with up.table() as table:
+            wait_until(lambda: table.read_worker(1).pid != 0, 30, "the added worker to spawn")
+            new = table.read_worker(1)
+            os.kill(new.pid, signal.SIGSTOP)  # it never gets healthy: the add stays pending
+            assert table.read_worker(1).state == WorkerState.STARTING
+        up.remember_tree()
+        started = time.monotonic()
+        assert up.interrupt(timeout=60) == 0, up.log()
+        took = time.monotonic() - started
+        _, err = add.communicate(timeout=30)
+    finally:
+        if add.poll() is None:
+            add.kill()
+            add.wait()
+    print(f"Ctrl-C with a pending add-worker --local took {took:.2f} s")
+    assert took < 15, f"shutdown took {took:.1f} s with an add-worker pending"
+    assert add.returncode == 1 and "shutting down" in err, err
+    assert "Traceback" not in err and "Traceback" not in up.log()
     up.assert_nothing_left()

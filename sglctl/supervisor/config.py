@@ -13,7 +13,7 @@ import argparse
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,6 +24,17 @@ if TYPE_CHECKING:
 
 BACKENDS = ("auto", "sglang", "sim")
 DEFAULT_WORKER_BASE_PORT = 31000
+#: The supervisor's probe timeout per backend. A hung worker is out of routing after about
+#: interval + failures x this, so it is as short as the backend allows: the sim answers
+#: /health at once; SGLang's /health runs a one-token generation through the scheduler and
+#: answers only after its first one-second check, so it needs room above 1 s.
+PROBE_TIMEOUT_SECS = {"sim": 1.0, "sglang": 3.0}
+#: Router flags ``sglctl up --help`` shows (flag, default, help); parsed by the router.
+ROUTER_FLAGS_SHOWN = (
+    ("--host", "127.0.0.1", "address the router listens on"),
+    ("--port", "30000", "the router's port; also names this run (state table sglctl_<port>)"),
+    ("--metrics-port", "29000", "Prometheus /metrics port"),
+)
 
 
 class UsageError(ValueError):
@@ -42,10 +53,15 @@ class UpConfig:
     backend: str = "auto"
     worker_startup_timeout_secs: float = 1800.0
     worker_health_path: str = "/health"
-    #: How often the supervisor probes a running worker itself (0 = only watch the process).
-    worker_health_interval_secs: float = 5.0
-    #: Consecutive failed probes before a running worker is marked unhealthy.
-    worker_health_failures: int = 3
+    #: How often the supervisor probes a running worker (0 = only watch the process). Under
+    #: ``sglctl up`` these probes are the one source of health: the router follows the table.
+    worker_health_interval_secs: float = 1.0
+    #: A probe with no answer within this long failed (a hung worker answers nothing).
+    #: None: :data:`PROBE_TIMEOUT_SECS` for the backend.
+    worker_health_timeout_secs: float | None = None
+    #: Consecutive failed probes (a failure is re-probed at once) before a running worker is
+    #: marked unhealthy; with the defaults a hung worker leaves routing within about 3 s.
+    worker_health_failures: int = 2
     #: A worker unhealthy (but alive) this long is restarted (0 = never).
     worker_unhealthy_restart_secs: float = 300.0
     restart_initial_backoff_secs: float = 1.0
@@ -97,11 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
         usage="sglctl up [--model-path M] [--dp-size N] [--tp-size T] [options] "
         "[router flags] [-- worker args]",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        # No abbreviations: an abbreviated router flag must reach the router, not match ours.
+        allow_abbrev=False,
     )
     g = p.add_argument_group("workers")
     g.add_argument(
         "--model-path",
-        default=None,
+        default=argparse.SUPPRESS,
         help="model to serve (required for real SGLang; sim workers default to a simulated Llama)",
     )
     g.add_argument(
@@ -144,15 +162,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="room for add-worker",
     )
 
-    g = p.add_argument_group("supervision")
+    g = p.add_argument_group(
+        "supervision",
+        "The supervisor probes each running worker itself and publishes the result to the "
+        "router, which stops routing to (and retries the requests of) an unhealthy worker.",
+    )
     g.add_argument(
         "--worker-health-interval-secs",
         type=argtypes.non_negative_float,
         default=d.worker_health_interval_secs,
-        help="seconds between the supervisor's own probes of a running worker (0: off)",
+        help="seconds between the supervisor's probes of a running worker (0: off)",
     )
     g.add_argument(
-        "--worker-health-failures", type=argtypes.positive_int, default=d.worker_health_failures
+        "--worker-health-timeout-secs",
+        type=argtypes.positive_float,
+        default=argparse.SUPPRESS,
+        help="a probe not answered within this many seconds failed (default: "
+        f"{PROBE_TIMEOUT_SECS['sim']:g} for sim workers, {PROBE_TIMEOUT_SECS['sglang']:g} for "
+        "SGLang, whose /health runs a one-token generation and answers after about 1 s)",
+    )
+    g.add_argument(
+        "--worker-health-failures",
+        type=argtypes.positive_int,
+        default=d.worker_health_failures,
+        help="failed probes in a row (a failure is re-probed at once) that mark a worker "
+        "unhealthy: out of routing until a probe passes again",
     )
     g.add_argument(
         "--worker-unhealthy-restart-secs",
@@ -164,11 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--restart-initial-backoff-secs",
         type=argtypes.non_negative_float,
         default=d.restart_initial_backoff_secs,
+        help="wait before the first restart of a crashed worker (or router); doubles per crash",
     )
     g.add_argument(
         "--restart-max-backoff-secs",
         type=argtypes.non_negative_float,
         default=d.restart_max_backoff_secs,
+        help="the longest wait between restarts",
     )
     g.add_argument(
         "--restart-reset-after-secs",
@@ -180,10 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-worker-crashes",
         type=argtypes.positive_int,
         default=d.max_worker_crashes,
-        help="crashes within --crash-window-secs after which a worker is declared failed",
+        help="crashes within --crash-window-secs after which a worker is declared failed "
+        "(it stays down; the others keep serving); the same limit ends the run for the router",
     )
     g.add_argument(
-        "--crash-window-secs", type=argtypes.non_negative_float, default=d.crash_window_secs
+        "--crash-window-secs",
+        type=argtypes.non_negative_float,
+        default=d.crash_window_secs,
+        help="the sliding window --max-worker-crashes counts in",
     )
     g.add_argument(
         "--worker-stop-timeout-secs",
@@ -193,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--run-dir",
-        default=None,
+        default=argparse.SUPPRESS,
         help="where logs and the control socket go "
         "(default: ~/.local/state/sglctl/runs/<time>-<port>)",
     )
@@ -206,6 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.log_backups,
         help="rotated files kept",
     )
+
+    # Router flags listed here for --help only: they are handed to the router unchanged.
+    g = p.add_argument_group(
+        "router (the most used; every `sglctl router` flag works here too)",
+    )
+    for flag, default, what in ROUTER_FLAGS_SHOWN:
+        g.add_argument(flag, default=argparse.SUPPRESS, help=f"{what} (default: {default})")
     return p
 
 
@@ -225,6 +272,11 @@ def parse_up_args(argv: Sequence[str]) -> UpConfig:
     """
     own, worker_args = split_worker_args(argv)
     ns, router_args = build_parser().parse_known_args(own)
+    # The router flags shown in --help were consumed by our parser: hand them back.
+    for flag, _, _ in reversed(ROUTER_FLAGS_SHOWN):
+        value = getattr(ns, flag[2:].replace("-", "_"), None)
+        if value is not None:
+            router_args = [flag, value, *router_args]
     router = _validate_router_args(router_args)
     if "--worker-urls" in router_args:
         raise UsageError(
@@ -232,28 +284,14 @@ def parse_up_args(argv: Sequence[str]) -> UpConfig:
             "--worker-urls ...` for workers started elsewhere)"
         )
     port = int(router.port)
+    # Our own flags' dests are UpConfig's field names: copy every one the parser set ...
+    own_fields = {f.name for f in fields(UpConfig)} - _FROM_ROUTER - {"run_dir", "max_workers"}
+    parsed = {name: getattr(ns, name) for name in own_fields if hasattr(ns, name)}
     return UpConfig(
-        model_path=ns.model_path,
-        dp_size=ns.dp_size,
-        tp_size=ns.tp_size,
-        base_gpu_id=ns.base_gpu_id,
-        worker_base_port=ns.worker_base_port,
-        backend=ns.backend,
-        worker_startup_timeout_secs=ns.worker_startup_timeout_secs,
-        worker_health_path=ns.worker_health_path,
-        worker_health_interval_secs=ns.worker_health_interval_secs,
-        worker_health_failures=ns.worker_health_failures,
-        worker_unhealthy_restart_secs=ns.worker_unhealthy_restart_secs,
-        restart_initial_backoff_secs=ns.restart_initial_backoff_secs,
-        restart_max_backoff_secs=ns.restart_max_backoff_secs,
-        restart_reset_after_secs=ns.restart_reset_after_secs,
-        max_worker_crashes=ns.max_worker_crashes,
-        crash_window_secs=ns.crash_window_secs,
-        worker_stop_timeout_secs=ns.worker_stop_timeout_secs,
+        **parsed,
         max_workers=max(ns.max_workers, ns.dp_size),
-        run_dir=Path(ns.run_dir) if ns.run_dir else default_run_dir(port),
-        log_max_bytes=ns.log_max_bytes,
-        log_backups=ns.log_backups,
+        run_dir=Path(ns.run_dir) if getattr(ns, "run_dir", None) else default_run_dir(port),
+        # ... and take the shared router settings from the router's own parse.
         host=str(router.host),
         port=port,
         metrics_host=str(router.metrics_host),
@@ -263,6 +301,21 @@ def parse_up_args(argv: Sequence[str]) -> UpConfig:
         router_args=list(router_args),
         worker_args=worker_args,
     )
+
+
+#: UpConfig fields that come from the router's parser (or the split), never from ours.
+_FROM_ROUTER = frozenset(
+    {
+        "host",
+        "port",
+        "metrics_host",
+        "metrics_port",
+        "shutdown_grace_period_secs",
+        "log_level",
+        "router_args",
+        "worker_args",
+    }
+)
 
 
 def _validate_router_args(router_args: list[str]) -> RouterConfig:

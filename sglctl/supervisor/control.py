@@ -16,6 +16,13 @@ commands). The protocol is one JSON object per line each way::
     {"op": "remove", "url": U}  -> {"ok": true, "url": U}
     {"op": "list"}              -> {"ok": true, "workers": [{"worker_id", "url", "state", ...}]}
     anything wrong              -> {"ok": false, "error": "...message..."}
+
+A request never holds up shutdown: :meth:`ControlServer.close` cancels the handlers still
+running (an ``add`` waits for its worker to become healthy, which can take minutes) and
+answers their clients "shutting down" instead. A socket left behind by a supervisor that was
+killed (``kill -9`` leaves no chance to clean up) is removed with its state table by
+:func:`sglctl.state_table.remove_stale_segments` as soon as a later ``sglctl up`` or
+``sglctl status`` sees that its owner is dead.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 MAX_REQUEST_BYTES = 64 * 1024
+SHUTTING_DOWN = "sglctl up is shutting down; the request was abandoned"
 
 
 class ControlError(RuntimeError):
@@ -56,6 +64,7 @@ class ControlServer:
         self.path = path
         self._handler = handler
         self._server: asyncio.AbstractServer | None = None
+        self._pending: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -67,8 +76,14 @@ class ControlServer:
         log.debug("control socket listening at %s", self.path)
 
     async def close(self) -> None:
+        """Stop listening, abandon pending requests (their clients hear why), remove the socket."""
         if self._server is not None:
             self._server.close()
+        for task in list(self._pending):
+            task.cancel()
+        if self._pending:
+            await asyncio.wait(self._pending, timeout=2.0)
+        if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), timeout=1.0)
             self._server = None
@@ -76,30 +91,47 @@ class ControlServer:
             self.path.unlink()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._pending.add(task)
         try:
-            line = await reader.readline()
-            try:
-                request = json.loads(line)
-                if not isinstance(request, dict):
-                    raise ValueError("the request must be a JSON object")
-            except ValueError as exc:
-                reply: dict[str, Any] = {"ok": False, "error": f"bad request: {exc}"}
-            else:
-                try:
-                    reply = await self._handler(request)
-                except ControlError as exc:
-                    reply = {"ok": False, "error": str(exc)}
-                except Exception as exc:
-                    log.exception("control request %r failed", request)
-                    reply = {"ok": False, "error": f"internal error: {exc}"}
+            reply = await self._answer(reader)
             writer.write(json.dumps(reply).encode() + b"\n")
-            await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            pass
-        finally:
-            writer.close()
+            await asyncio.wait_for(writer.drain(), timeout=2.0)
+        except (
+            ConnectionError,
+            TimeoutError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+        ):
+            pass  # the client went away or stopped reading: nobody to answer
+        except asyncio.CancelledError:
+            # Only close() cancels us: the supervisor is stopping. Say so, briefly, and end
+            # quietly -- this task is ours, nobody awaits its cancellation.
             with contextlib.suppress(Exception):
-                await writer.wait_closed()
+                writer.write(json.dumps({"ok": False, "error": SHUTTING_DOWN}).encode() + b"\n")
+        finally:
+            if task is not None:
+                self._pending.discard(task)
+            writer.close()
+
+    async def _answer(self, reader: asyncio.StreamReader) -> dict[str, Any]:
+        line = await reader.readline()
+        try:
+            request = json.loads(line)
+            if not isinstance(request, dict):
+                raise ValueError("the request must be a JSON object")
+        except ValueError as exc:
+            return {"ok": False, "error": f"bad request: {exc}"}
+        try:
+            return await self._handler(request)
+        except ControlError as exc:
+            return {"ok": False, "error": str(exc)}
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("control request %r failed", request)
+            return {"ok": False, "error": f"internal error: {exc}"}
 
 
 # -- client side ----------------------------------------------------------------------------
@@ -171,7 +203,9 @@ def call(control_path: str, request: dict[str, Any], timeout: float = 30.0) -> d
                 if chunk.endswith(b"\n"):
                     break
     except TimeoutError as exc:
-        raise ControlError(f"the supervisor did not answer within {timeout:.0f} s") from exc
+        raise ControlError(
+            f"the supervisor did not answer within {timeout:g} s (raise --timeout to wait longer)"
+        ) from exc
     except OSError as exc:
         raise ControlError(f"cannot reach the supervisor at {control_path}: {exc}") from exc
     try:
@@ -186,9 +220,12 @@ def call(control_path: str, request: dict[str, Any], timeout: float = 30.0) -> d
 
 
 def add_local_worker(router_url: str | None = None, timeout: float = 1800.0) -> dict[str, Any]:
-    """Ask the local supervisor for one more worker; returns once it is healthy (or failed)."""
+    """Ask the local supervisor for one more worker; returns once it is healthy (or failed).
+
+    ``timeout`` bounds only this client's wait: the worker keeps starting if it runs out.
+    """
     info = find_local_run(router_url)
-    return call(info.control_path, {"op": "add"}, timeout=timeout + 5)
+    return call(info.control_path, {"op": "add"}, timeout=timeout)
 
 
 def remove_managed_worker(worker_url: str, router_url: str | None = None) -> dict[str, Any] | None:

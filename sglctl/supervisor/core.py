@@ -15,10 +15,8 @@ the table is unlinked. A second Ctrl-C kills everything at once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,7 +199,7 @@ class Supervisor:
     async def handle_control(self, request: dict[str, Any]) -> dict[str, Any]:
         op = request.get("op")
         if op == "list":
-            return {"ok": True, "workers": [self._describe(w) for w in self.workers.values()]}
+            return {"ok": True, "workers": [w.describe() for w in self.workers.values()]}
         if self._stop.is_set():
             raise ControlError("sglctl up is shutting down")
         if op == "add":
@@ -212,11 +210,11 @@ class Supervisor:
                     f"worker {worker.worker_id} at {worker.url} did not start "
                     f"({worker.state.label}); see {worker.log.path}"
                 )
-            return {"ok": True, **self._describe(worker)}
+            return {"ok": True, **worker.describe()}
         if op == "remove":
             url = str(request.get("url", "")).rstrip("/")
             worker = await self.remove_worker(url)
-            return {"ok": True, **self._describe(worker)}
+            return {"ok": True, **worker.describe()}
         raise ControlError(f"unknown op {op!r}; expected add, remove or list")
 
     async def add_worker(self) -> SupervisedWorker:
@@ -260,32 +258,16 @@ class Supervisor:
             if worker is None or worker.state == WorkerState.REMOVED:
                 raise ControlError(f"{url} is not a worker of this sglctl up")
             log.info("removing worker %d at %s", worker.worker_id, url)
-            # Out of routing first, then stop the process.
-            worker.slot.state = WorkerState.REMOVED
-            worker.slot.changed_at = time.time()
-            self.table.write_slot(worker.slot_index, worker.slot)
-            await worker.stop(final_state=WorkerState.REMOVED)
+            await worker.remove()  # out of routing first, then the process is stopped
             return worker
-
-    @staticmethod
-    def _describe(worker: SupervisedWorker) -> dict[str, Any]:
-        return {
-            "worker_id": worker.worker_id,
-            "url": worker.url,
-            "state": worker.state.label,
-            "pid": worker.slot.pid,
-            "gpus": worker.spec.gpus_label,
-            "restarts": worker.slot.restarts,
-            "log": str(worker.log.path),
-        }
 
     # -- shutdown --------------------------------------------------------------------------
     async def shutdown(self) -> None:
         """Router first (drain), then workers, then the table and the control socket."""
+        if self.control is not None:
+            await self.control.close()  # first: a pending add/remove must not hold us up
         for worker in self.workers.values():
             worker.begin_stop()
-        if self.control is not None:
-            await self.control.close()
         if self.router is not None:
             log.info(
                 "stopping the router (draining for up to %.0f s)", self.settings.router_grace_period
@@ -294,11 +276,13 @@ class Supervisor:
         live = [w for w in self.workers.values() if w.child is not None]
         if live:
             log.info("stopping %d worker(s)", len(live))
-        await asyncio.gather(*(w.stop() for w in self.workers.values()), return_exceptions=True)
-        for worker in self.workers.values():
-            with contextlib.suppress(Exception):
-                worker.slot.state = WorkerState.REMOVED
-                self.table.write_slot(worker.slot_index, worker.slot)
+        await asyncio.gather(
+            *(
+                w.stop(final_state=WorkerState.REMOVED, announce=False)
+                for w in self.workers.values()
+            ),
+            return_exceptions=True,
+        )
         if self.client is not None:
             await self.client.aclose()
         log.info("all processes stopped")

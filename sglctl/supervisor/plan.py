@@ -188,8 +188,13 @@ def make_plan(config: UpConfig, gpus: GpuReport, has_sglang: bool) -> Plan:
 PortCheck = Callable[[str, int], bool]
 
 
-def check_ports(config: UpConfig, plan: Plan, is_free: PortCheck = port_is_free) -> None:
-    """Refuse to start when a port we need is taken, naming the flag that moves it."""
+def port_conflicts(config: UpConfig, plan: Plan, is_free: PortCheck = port_is_free) -> list[str]:
+    """Every port problem of the plan, one line each with the flag (and a value) that fixes it.
+
+    All of them at once: a second ``sglctl up`` on a busy machine collides on the router,
+    metrics and worker ports together, and learning them one attempt at a time is three
+    failed starts for what one message can say.
+    """
     wanted: list[tuple[str, int, str, str]] = [
         (config.host, config.port, "the router", "--port"),
         (config.metrics_host, config.metrics_port, "the router's metrics", "--metrics-port"),
@@ -197,20 +202,40 @@ def check_ports(config: UpConfig, plan: Plan, is_free: PortCheck = port_is_free)
     wanted += [
         (WORKER_HOST, w.port, f"worker {w.worker_id}", "--worker-base-port") for w in plan.workers
     ]
+    problems: list[str] = []
     seen: dict[int, str] = {}
+    flagged: set[str] = set()
     for host, port, what, flag in wanted:
         if port in seen:
-            raise PlanError(f"port {port} is wanted by both {seen[port]} and {what}: change {flag}")
+            problems.append(f"port {port} is wanted by both {seen[port]} and {what}: change {flag}")
+            continue
         seen[port] = what
-        if not is_free(host, port):
-            if flag == "--worker-base-port":
-                suggestion = suggest_port(config.worker_base_port, len(plan.workers), is_free)
-            else:
-                suggestion = suggest_port(port, 1, is_free)
-            hint = f"pass {flag} {suggestion}"
-            raise PlanError(
-                f"port {port} ({what}) is already in use on {host}: stop what uses it or {hint}"
-            )
+        if is_free(host, port):
+            continue
+        if flag in flagged:  # one suggestion per flag: the worker block moves as a whole
+            problems.append(f"port {port} ({what}) is already in use on {host}")
+            continue
+        flagged.add(flag)
+        if flag == "--worker-base-port":
+            suggestion = suggest_port(config.worker_base_port, len(plan.workers), is_free)
+        else:
+            suggestion = suggest_port(port, 1, is_free)
+        problems.append(
+            f"port {port} ({what}) is already in use on {host}: pass {flag} {suggestion}"
+        )
+    return problems
+
+
+def check_ports(config: UpConfig, plan: Plan, is_free: PortCheck = port_is_free) -> None:
+    """Refuse to start when a port we need is taken, naming every conflict and its flag."""
+    problems = port_conflicts(config, plan, is_free)
+    if len(problems) == 1:
+        raise PlanError(f"{problems[0]} (or stop what uses it)")
+    if problems:
+        raise PlanError(
+            f"{len(problems)} port problems (stop what uses them, or move sglctl's ports):\n"
+            + "\n".join(f"  - {line}" for line in problems)
+        )
 
 
 def suggest_port(start: int, count: int, is_free: PortCheck = port_is_free) -> int:

@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 
 import psutil
 
-from sglctl.proctree import terminate_tree
+from sglctl.proctree import process_start_time, terminate_tree
 from sglctl.supervisor.logfile import RotatingLog
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class ChildProcess:
         self.popen = popen
         self.log = logfile
         self.pid = popen.pid
-        self.create_time = _create_time(popen.pid)
+        self.create_time = process_start_time(popen.pid)
         #: Resolved with the exit code the moment the child exits. Await it through
         #: :meth:`wait` (shielded): cancelling a task that awaits a future directly would
         #: cancel the future itself, and every other waiter with it.
@@ -113,6 +113,19 @@ class ChildProcess:
     def alive(self) -> bool:
         return not self.exited.done()
 
+    def describe_exit(self) -> str:
+        """How it ended, for logs: "exited with code 1", "was killed by SIGKILL"."""
+        code = self.returncode
+        if code is None:
+            return "is still running"
+        if code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            return f"was killed by {name}"
+        return f"exited with code {code}"
+
     async def wait(self) -> int:
         """The exit code, once the child has exited."""
         return await asyncio.shield(self.exited)
@@ -122,7 +135,7 @@ class ChildProcess:
         """SIGTERM the whole tree, SIGKILL what is left after ``timeout``; wait for the exit."""
         # Same pid *and* start time: a pid freed by the exit and reused by a stranger in the
         # instant before the exit future resolves must not be signalled.
-        if self.alive() and _create_time(self.pid) == self.create_time:
+        if self.alive() and process_start_time(self.pid) == self.create_time:
             killed = await asyncio.to_thread(terminate_tree, self.pid, timeout)
             if killed:
                 log.warning(
@@ -171,13 +184,6 @@ def _resolve(future: asyncio.Future[int], code: int) -> None:
         future.set_result(code)
 
 
-def _create_time(pid: int) -> float:
-    try:
-        return float(psutil.Process(pid).create_time())
-    except psutil.Error:
-        return 0.0
-
-
 def _kill_session_leftovers(session_leader: int, leader_create_time: float) -> None:
     """SIGKILL processes still in the session of a leader that already exited.
 
@@ -186,7 +192,7 @@ def _kill_session_leftovers(session_leader: int, leader_create_time: float) -> N
     If the leader's pid now belongs to another process, the session id is ambiguous and
     nothing is killed.
     """
-    current = _create_time(session_leader)
+    current = process_start_time(session_leader)
     if current and current != leader_create_time:
         return
     for proc in psutil.process_iter(["pid"]):

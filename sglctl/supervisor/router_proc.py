@@ -3,7 +3,8 @@
 The router runs as its own process (``python -m sglctl.router ... --state-table NAME``) so a
 bug in request handling cannot take the supervisor -- and with it every worker -- down, and
 so that it can be restarted on its own: it rebuilds its view of the workers from the table.
-A router that keeps crashing is fatal for the run (nothing could be served).
+A router that keeps crashing is fatal for the run (nothing could be served). Restarts go
+through the same loop as the workers' (:func:`~sglctl.supervisor.backoff.keep_restarting`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from pathlib import Path
 
 import httpx
 
-from sglctl.supervisor.backoff import CrashHistory, RestartPolicy
+from sglctl.polling import PollTimeout, poll
+from sglctl.supervisor.backoff import Attempt, CrashHistory, RestartPolicy, keep_restarting
 from sglctl.supervisor.logfile import RotatingLog
 from sglctl.supervisor.process import ChildProcess
 
@@ -83,14 +85,21 @@ class SupervisedRouter:
 
     async def wait_ready(self, timeout: float) -> bool:
         """Wait until the router reports a healthy worker (``/readiness``), up to ``timeout``."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError, ValueError):
-                response = await self.client.get(self.url + "/readiness", timeout=2.0)
-                if response.status_code == 200 and response.json().get("status") == "ready":
-                    return True
-            await asyncio.sleep(0.05)
-        return False
+
+        async def ready() -> bool | None:
+            response = await self.client.get(self.url + "/readiness", timeout=2.0)
+            ok = response.status_code == 200 and response.json().get("status") == "ready"
+            return True if ok else None
+
+        try:
+            return await poll(
+                ready,
+                timeout,
+                what="the router's /readiness",
+                retry_on=(httpx.HTTPError, ValueError),
+            )
+        except PollTimeout:
+            return False
 
     async def stop(self) -> None:
         """SIGTERM: the router stops accepting and drains in-flight requests for up to the
@@ -117,38 +126,51 @@ class SupervisedRouter:
         return self.child
 
     async def _wait_live(self, child: ChildProcess, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and child.alive():
-            with contextlib.suppress(httpx.HTTPError):
-                if (await self.client.get(self.url + "/liveness", timeout=2.0)).status_code == 200:
-                    return True
-            await asyncio.wait({child.exited}, timeout=0.05)
-        return False
+        async def live() -> bool | None:
+            response = await self.client.get(self.url + "/liveness", timeout=2.0)
+            return True if response.status_code == 200 else None
 
-    async def _keep_alive(self) -> None:
-        while not self.stopping:
-            assert self.child is not None
-            code = await self.child.wait()
-            if self.stopping:
-                return
-            await self.child.stop(5.0)
-            up_for = time.monotonic() - self._started_at
-            delay = self.crashes.record_crash(up_for)
-            tail = self.log.tail(30)
-            if delay is None:
-                self.on_fatal(
-                    f"the router keeps crashing (last exit code {code}); "
-                    f"see {self.log.path}:\n{tail}"
-                )
-                return
-            log.error(
-                "the router exited with code %s after %.1f s; restarting in %.1f s:\n%s",
-                code,
-                up_for,
-                delay,
-                tail,
+        try:
+            return await poll(
+                live,
+                timeout,
+                what="the router's /liveness",
+                retry_on=(httpx.HTTPError,),
+                alive=child.alive,
             )
-            await asyncio.sleep(delay)
+        except PollTimeout:
+            return False
+
+    # -- lifecycle (driven by keep_restarting) ---------------------------------------------
+    async def _keep_alive(self) -> None:
+        await keep_restarting(self, self.crashes, lambda: self.stopping)
+
+    async def attempt(self, first: bool) -> Attempt:
+        """Run the router until it exits; the first run is the one :meth:`start` began."""
+        if first and self.child is not None:
+            child = self.child
+        else:
             child = self._spawn()
             if not await self._wait_live(child, 60.0):
-                log.error("the restarted router is not answering; will retry")
+                await child.stop(5.0)
+                return Attempt("did not answer /liveness within 60 s", pid=child.pid)
+        await child.wait()
+        await child.stop(5.0)
+        return Attempt(child.describe_exit(), time.monotonic() - self._started_at, child.pid)
+
+    def restarting(self, attempt: Attempt, delay: float, crashes: CrashHistory) -> None:
+        log.error(
+            "the router (pid %d) %s after %.1f s; restarting in %.1f s:\n%s",
+            attempt.pid,
+            attempt.outcome,
+            attempt.up_for,
+            delay,
+            self.log.tail(30),
+        )
+
+    def given_up(self, attempt: Attempt, crashes: CrashHistory) -> None:
+        self.on_fatal(
+            f"the router keeps crashing ({crashes.recent_crashes} times within "
+            f"{crashes.policy.window:.0f} s; last: {attempt.outcome}); "
+            f"see {self.log.path}:\n{self.log.tail(30)}"
+        )

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from sglctl.gpus import detect_gpus
 from sglctl.logs import configure_logging
@@ -28,10 +29,11 @@ from sglctl.state_table import (
     StateTableError,
     WorkerSlot,
     process_matches,
+    remove_stale_segments,
     segment_name_for_port,
 )
 from sglctl.supervisor.backoff import RestartPolicy
-from sglctl.supervisor.config import UpConfig, UsageError, parse_up_args
+from sglctl.supervisor.config import PROBE_TIMEOUT_SECS, UpConfig, UsageError, parse_up_args
 from sglctl.supervisor.core import Supervisor, SupervisorSettings
 from sglctl.supervisor.plan import (
     Plan,
@@ -39,6 +41,7 @@ from sglctl.supervisor.plan import (
     WorkerFactory,
     check_ports,
     make_plan,
+    port_conflicts,
     sglang_importable,
 )
 from sglctl.supervisor.router_proc import router_command
@@ -57,20 +60,21 @@ def run_up(argv: Sequence[str]) -> int:
     try:
         config = parse_up_args(argv)
     except UsageError as exc:
-        console.print(f"[red]sglctl up:[/red] {exc}")
+        _refuse(console, str(exc))
         return 2
-    config.run_dir.mkdir(parents=True, exist_ok=True)
-    configure_logging(config.log_level, log_dir=str(config.run_dir), name="supervisor")
+    # Terminal only until the start is certain: a refused start leaves no run directory.
+    configure_logging(config.log_level)
     _log_through(console)
 
     gpus = detect_gpus()
     try:
         plan = make_plan(config, gpus, sglang_importable())
     except PlanError as exc:
-        console.print(f"[red]sglctl up:[/red] {exc}")
+        _refuse(console, str(exc))
         return 2
     console.print(plan.backend_reason)
 
+    remove_stale_segments()  # tables and control sockets of runs killed with -9
     name = segment_name_for_port(config.port)
     control_path = control_socket_path(config.run_dir, config.port)
     try:
@@ -84,15 +88,21 @@ def run_up(argv: Sequence[str]) -> int:
             backend=plan.backend,
         )
     except StateTableError as exc:
-        console.print(f"[red]sglctl up:[/red] {exc}")
+        # Most likely another `sglctl up` on the same ports: say every port to move at once.
+        conflicts = port_conflicts(config, plan)
+        listing = "".join(f"\n  - {line}" for line in conflicts)
+        _refuse(console, str(exc) + listing)
         return 1
     try:
         stop_orphans(stale)
         try:
             check_ports(config, plan)
         except PlanError as exc:
-            console.print(f"[red]sglctl up:[/red] {exc}")
+            _refuse(console, str(exc))
             return 1
+        config.run_dir.mkdir(parents=True, exist_ok=True)
+        configure_logging(config.log_level, log_dir=str(config.run_dir), name="supervisor")
+        _log_through(console)
         return asyncio.run(_supervise(config, plan, table, control_path, console))
     finally:
         table.unlink()
@@ -115,6 +125,7 @@ async def _supervise(
             path=config.worker_health_path,
             startup_timeout=config.worker_startup_timeout_secs,
             interval=config.worker_health_interval_secs,
+            probe_timeout=config.worker_health_timeout_secs or PROBE_TIMEOUT_SECS[plan.backend],
             failures=config.worker_health_failures,
             unhealthy_restart_after=config.worker_unhealthy_restart_secs,
         ),
@@ -142,6 +153,11 @@ async def _supervise(
     if code:
         console.print(f"[red]sglctl up stopped with errors; logs are in {config.run_dir}[/red]")
     return code
+
+
+def _refuse(console: Console, message: str) -> None:
+    """Print why ``sglctl up`` will not start; lines are not re-wrapped (flags stay whole)."""
+    console.print(f"[red]sglctl up:[/red] {escape(message)}", soft_wrap=True)
 
 
 def _log_through(console: Console) -> None:

@@ -1,13 +1,29 @@
 """One worker's life under supervision: start, become healthy, serve, crash, back off, restart.
 
-Each :class:`SupervisedWorker` runs as one asyncio task on the supervisor's loop and owns one
-slot of the shared-memory table. Every state change is written to that slot the moment it
-happens -- in particular a process exit is published from the exit future's callback, before
-anything else runs, because the router must stop sending to a dead worker within 100 ms.
+Each :class:`SupervisedWorker` runs as one asyncio task on the supervisor's loop and is the
+**only writer of its slot** in the shared-memory table (the supervisor asks it to change state,
+it never writes the slot itself). Every state change is written the moment it happens -- in
+particular a process exit is published from the exit future's callback, before anything else
+runs, because the router must stop sending to a dead worker within 100 ms. The restart loop
+(backoff, crash window, crash loop -> failed) is :func:`~sglctl.supervisor.backoff.keep_restarting`,
+the same one the router child uses.
 
 States (``WorkerState``): STARTING (first start, until the health check passes), HEALTHY,
 UNHEALTHY (alive but failing the supervisor's probes), RESTARTING (exited or being replaced;
 covers the backoff and the next start-up), FAILED (crash loop: given up), REMOVED.
+
+**Health under ``sglctl up`` has one source: these probes.** The supervisor must probe anyway
+(it decides restarts), so it publishes the verdict in the table and the router follows it
+within ~10 ms instead of probing the same workers again. The probe is tuned to notice a hung
+worker (SIGSTOPped, deadlocked: it accepts a connection but answers nothing) within seconds:
+probe every ``interval`` (1 s), each with a ``probe_timeout`` (1 s for sim workers, so about
+2-3 s in all; 3 s for SGLang, whose ``/health`` runs a one-token generation and answers after
+about 1 s, so about 5-7 s), a failure re-probed at once, ``failures`` (2) in a row mark it
+UNHEALTHY -- because the router interrupts and retries elsewhere the requests of a worker
+marked so. Being unhealthy costs the worker only its traffic: it is *restarted* only after
+staying unhealthy for ``unhealthy_restart_after`` (300 s), so a worker that is merely slow for
+a while (a long prefill, a GC pause) comes back at its next good probe instead of losing its
+cache and minutes of model loading.
 """
 
 from __future__ import annotations
@@ -19,11 +35,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
+from sglctl.polling import PollTimeout, poll
 from sglctl.state_table import StateTable, WorkerSlot, WorkerState
-from sglctl.supervisor.backoff import CrashHistory, RestartPolicy
+from sglctl.supervisor.backoff import Attempt, CrashHistory, RestartPolicy, keep_restarting
 from sglctl.supervisor.logfile import RotatingLog
 from sglctl.supervisor.plan import WorkerSpec
 from sglctl.supervisor.process import ChildProcess
@@ -33,16 +51,22 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class HealthSettings:
-    """How the supervisor decides a worker is up, and later whether it is still up."""
+    """How the supervisor decides a worker is up, and later whether it is still up.
+
+    Defaults detect a hung worker in ``interval + failures * probe_timeout`` = about 3 s at
+    worst (see the module docstring for why that matters and why restarts wait much longer).
+    """
 
     path: str = "/health"
     startup_timeout: float = 1800.0
     #: Seconds between probes of a running worker; 0 watches the process only.
-    interval: float = 5.0
-    failures: int = 3
+    interval: float = 1.0
+    #: Consecutive failed probes (a failure is re-probed at once) before UNHEALTHY.
+    failures: int = 2
     #: Alive but unhealthy this long: restart it (0 = never).
     unhealthy_restart_after: float = 300.0
-    probe_timeout: float = 5.0
+    #: A probe that has no answer within this many seconds failed.
+    probe_timeout: float = 1.0
 
 
 #: ``listener(worker, state, detail)``: the start-up display and the control server use it.
@@ -50,7 +74,7 @@ Listener = Callable[["SupervisedWorker", WorkerState, str], None]
 
 
 class SupervisedWorker:
-    """Keeps one worker process alive and its table slot current."""
+    """Keeps one worker process alive and its table slot current (the slot's one writer)."""
 
     def __init__(
         self,
@@ -82,7 +106,6 @@ class SupervisedWorker:
         self.task: asyncio.Task[None] | None = None
         #: Resolved once: True at the first HEALTHY, False if it fails or is removed first.
         self.settled: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._healthy_at: float | None = None  # monotonic, while HEALTHY/UNHEALTHY
 
     # -- public ----------------------------------------------------------------------------
     @property
@@ -97,6 +120,18 @@ class SupervisedWorker:
     def state(self) -> WorkerState:
         return self.slot.state
 
+    def describe(self) -> dict[str, Any]:
+        """The worker as the control socket reports it."""
+        return {
+            "worker_id": self.worker_id,
+            "url": self.url,
+            "state": self.state.label,
+            "pid": self.slot.pid,
+            "gpus": self.spec.gpus_label,
+            "restarts": self.slot.restarts,
+            "log": str(self.log.path),
+        }
+
     def start(self) -> None:
         self.task = asyncio.create_task(self._run(), name=f"worker-{self.worker_id}")
 
@@ -106,8 +141,17 @@ class SupervisedWorker:
         if self.task is not None:
             self.task.cancel()
 
-    async def stop(self, final_state: WorkerState | None = None) -> None:
-        """Stop for good: no restart, process tree terminated, slot set to ``final_state``."""
+    async def remove(self) -> None:
+        """Take the worker out of routing at once (REMOVED), then stop its process for good."""
+        self._publish(WorkerState.REMOVED, "removing")
+        await self.stop(final_state=WorkerState.REMOVED)
+
+    async def stop(self, final_state: WorkerState | None = None, *, announce: bool = True) -> None:
+        """Stop for good: no restart, process tree terminated, slot set to ``final_state``.
+
+        ``announce=False`` (shutdown of the whole run) writes the slot without telling the
+        listener, so Ctrl-C does not print one "removed" line per worker.
+        """
         self.begin_stop()
         if self.task is not None:
             with contextlib.suppress(asyncio.CancelledError):
@@ -117,7 +161,7 @@ class SupervisedWorker:
             await asyncio.to_thread(self.child.drain)
             self.log.mark(f"stopped (exit code {self.child.returncode})")
         if final_state is not None:
-            self._publish(final_state, "stopped")
+            self._publish(final_state, "stopped", notify=announce)
         self._settle(False)
         self.log.close()
 
@@ -126,10 +170,10 @@ class SupervisedWorker:
         if self.child is not None:
             self.child.kill_now()
 
-    # -- lifecycle -------------------------------------------------------------------------
+    # -- lifecycle (driven by keep_restarting) ---------------------------------------------
     async def _run(self) -> None:
         try:
-            await self._lifecycle()
+            await keep_restarting(self, self.crashes, lambda: self.stopping)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -137,65 +181,69 @@ class SupervisedWorker:
             self._publish(WorkerState.FAILED, "supervisor error")
             self._settle(False)
 
-    async def _lifecycle(self) -> None:
-        first = True
-        while not self.stopping:
-            child = self._spawn(WorkerState.STARTING if first else WorkerState.RESTARTING)
-            first = False
-            if child is None:
-                outcome = "could not be started"
-            else:
-                outcome = await self._until_healthy(child)
-                if outcome == "healthy":
-                    self._healthy_at = time.monotonic()
-                    self._publish(WorkerState.HEALTHY, "", healthy_since=time.time())
-                    self._settle(True)
-                    outcome = await self._watch(child)
-            if self.stopping:
-                return
-            healthy_for = (
-                time.monotonic() - self._healthy_at if self._healthy_at is not None else 0.0
-            )
-            self._healthy_at = None
-            if child is not None:
-                if child.alive():
-                    log.warning(
-                        "worker %d (pid %d) %s; stopping it", self.worker_id, child.pid, outcome
-                    )
-                    self._publish(WorkerState.RESTARTING, outcome)
-                await child.stop(self.stop_timeout)
-                await asyncio.to_thread(child.drain)
-                outcome = _describe_exit(child.returncode) if outcome == "exited" else outcome
-            delay = self.crashes.record_crash(healthy_for)
-            tail = self.log.tail(30)
-            if delay is None:
-                log.error(
-                    "worker %d %s; %d crashes within %.0f s: giving up on it (log: %s)\n%s",
-                    self.worker_id,
-                    outcome,
-                    self.crashes.recent_crashes,
-                    self.crashes.policy.window,
-                    self.log.path,
-                    tail,
-                )
-                self.log.mark(f"{outcome}; failed (crash loop)")
-                self._publish(WorkerState.FAILED, f"{outcome}; crash loop", tail=tail)
-                self._settle(False)
-                return
-            log.warning(
-                "worker %d %s%s; restarting in %.1f s (%d recent crashes, limit %d)",
+    async def attempt(self, first: bool) -> Attempt:
+        """Start the process, wait until healthy, watch it; stop it when it must be replaced."""
+        child = self._spawn(WorkerState.STARTING if first else WorkerState.RESTARTING)
+        if child is None:
+            return Attempt("could not be started")
+        healthy_at: float | None = None
+        outcome = await self._until_healthy(child)
+        if outcome == "healthy":
+            healthy_at = time.monotonic()
+            log.info(
+                "worker %d (pid %d) is healthy at %s after %.1f s",
                 self.worker_id,
-                outcome,
-                f" after {healthy_for:.1f} s healthy" if healthy_for else "",
-                delay,
-                self.crashes.recent_crashes,
-                self.crashes.policy.max_crashes,
+                child.pid,
+                self.url,
+                time.time() - self.slot.started_at,
             )
-            self.log.mark(f"{outcome}; restarting in {delay:.1f} s")
-            self._publish(
-                WorkerState.RESTARTING, f"{outcome}; restarting in {delay:.1f} s", tail=tail
-            )
-            await asyncio.sleep(delay)
+            self._publish(WorkerState.HEALTHY, "", healthy_since=time.time())
+            self._settle(True)
+            outcome = await self._watch(child)
+        up_for = time.monotonic() - healthy_at if healthy_at is not None else 0.0
+        if child.alive() and not self.stopping:
+            log.warning("worker %d (pid %d) %s; stopping it", self.worker_id, child.pid, outcome)
+            self._publish(WorkerState.RESTARTING, outcome)
+        await child.stop(self.stop_timeout)
+        await asyncio.to_thread(child.drain)
+        if outcome == "exited":
+            outcome = child.describe_exit()
+        return Attempt(outcome, up_for, pid=child.pid)
+
+    def restarting(self, attempt: Attempt, delay: float, crashes: CrashHistory) -> None:
+        log.warning(
+            "worker %d%s %s%s; restarting in %.1f s (%d crashes in the last %.0f s; failed at %d)",
+            self.worker_id,
+            f" (pid {attempt.pid})" if attempt.pid else "",
+            attempt.outcome,
+            f" after {attempt.up_for:.1f} s healthy" if attempt.up_for else "",
+            delay,
+            crashes.recent_crashes,
+            crashes.policy.window,
+            crashes.policy.max_crashes,
+        )
+        self.log.mark(f"{attempt.outcome}; restarting in {delay:.1f} s")
+        self._publish(
+            WorkerState.RESTARTING,
+            f"{attempt.outcome}; restarting in {delay:.1f} s",
+            tail=self.log.tail(30),
+        )
+
+    def given_up(self, attempt: Attempt, crashes: CrashHistory) -> None:
+        tail = self.log.tail(30)
+        log.error(
+            "worker %d%s %s; %d crashes within %.0f s: giving up on it (log: %s)\n%s",
+            self.worker_id,
+            f" (pid {attempt.pid})" if attempt.pid else "",
+            attempt.outcome,
+            crashes.recent_crashes,
+            crashes.policy.window,
+            self.log.path,
+            tail,
+        )
+        self.log.mark(f"{attempt.outcome}; failed (crash loop)")
+        self._publish(WorkerState.FAILED, f"{attempt.outcome}; crash loop", tail=tail)
+        self._settle(False)
 
     def _spawn(self, state: WorkerState) -> ChildProcess | None:
         try:
@@ -215,11 +263,22 @@ class SupervisedWorker:
         self.slot.exit_code = 0
         self.slot.healthy_since = 0.0
         child.exited.add_done_callback(self._on_exit)
+        log.info(
+            "worker %d %s at %s (pid %d%s)",
+            self.worker_id,
+            "starting" if state == WorkerState.STARTING else "restarting",
+            self.url,
+            child.pid,
+            f", GPUs {self.spec.gpus_label}" if self.spec.gpus_label else "",
+        )
         self._publish(state, f"pid {child.pid}")
         return child
 
     def _on_exit(self, exited: asyncio.Future[int]) -> None:
-        """Runs on the loop the instant the exit is seen: take the worker out of routing."""
+        """Runs on the loop the instant the exit is seen: take the worker out of routing.
+
+        It only publishes; the restart loop logs the exit once it knows the restart delay.
+        """
         if (
             self.stopping
             or exited.cancelled()
@@ -228,22 +287,28 @@ class SupervisedWorker:
         ):
             return
         self.slot.exit_code = exited.result()
-        self._publish(WorkerState.RESTARTING, _describe_exit(exited.result()))
+        self._publish(WorkerState.RESTARTING, self.child.describe_exit())
 
     async def _until_healthy(self, child: ChildProcess) -> str:
         """Probe until healthy; 'healthy', 'exited' or a timeout description."""
-        deadline = time.monotonic() + self.health.startup_timeout
-        interval = 0.05
-        while True:
+
+        async def passes() -> bool | None:
+            return True if await self._probe() is None else None
+
+        timeout = self.health.startup_timeout
+        try:
+            await poll(
+                passes,
+                timeout,
+                what=f"{self.url}{self.health.path}",
+                interval=0.1,
+                alive=child.alive,
+            )
+        except PollTimeout as exc:
             if not child.alive():
                 return "exited"
-            if await self._probe():
-                return "healthy"
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return f"did not pass its health check within {self.health.startup_timeout:g} s"
-            await asyncio.wait({child.exited}, timeout=min(interval, remaining))
-            interval = min(interval * 1.5, 1.0)
+            return f"did not pass its health check within {timeout:g} s (last: {exc.last})"
+        return "healthy" if child.alive() else "exited"
 
     async def _watch(self, child: ChildProcess) -> str:
         """While it runs: probe now and then; return 'exited' or why it is being replaced."""
@@ -252,30 +317,41 @@ class SupervisedWorker:
             return "exited"
         failures = 0
         unhealthy_since: float | None = None
+        pause = self.health.interval
         while True:
-            await asyncio.wait({child.exited}, timeout=self.health.interval)
+            await asyncio.wait({child.exited}, timeout=pause)
             if not child.alive():
                 return "exited"
-            ok = await self._probe()
+            problem = await self._probe()
             if not child.alive():
                 return "exited"
-            if ok:
-                failures = 0
+            if problem is None:
+                failures, pause, unhealthy_since = 0, self.health.interval, None
                 if self.state == WorkerState.UNHEALTHY:
-                    log.info("worker %d passes its health check again", self.worker_id)
+                    log.info(
+                        "worker %d (pid %d) answers its health check again: back in routing",
+                        self.worker_id,
+                        child.pid,
+                    )
                     self._publish(WorkerState.HEALTHY, "recovered")
-                unhealthy_since = None
                 continue
             failures += 1
+            # Confirm a failure at once: a hung worker leaves routing after `failures` probe
+            # timeouts, not after `failures` intervals.
+            pause = 0.0 if failures < self.health.failures else self.health.interval
+            limit = self.health.unhealthy_restart_after
             if failures >= self.health.failures and self.state == WorkerState.HEALTHY:
                 log.warning(
-                    "worker %d failed %d health checks in a row: unhealthy",
+                    "worker %d (pid %d) failed %d health checks in a row (%s): unhealthy, "
+                    "out of routing%s",
                     self.worker_id,
+                    child.pid,
                     failures,
+                    problem,
+                    f"; restarted if still unhealthy after {limit:.0f} s" if limit > 0 else "",
                 )
-                self._publish(WorkerState.UNHEALTHY, f"{failures} failed health checks")
+                self._publish(WorkerState.UNHEALTHY, f"{failures} failed health checks ({problem})")
                 unhealthy_since = time.monotonic()
-            limit = self.health.unhealthy_restart_after
             if (
                 unhealthy_since is not None
                 and limit > 0
@@ -283,19 +359,33 @@ class SupervisedWorker:
             ):
                 return f"was unhealthy for {limit:.0f} s"
 
-    async def _probe(self) -> bool:
+    async def _probe(self) -> str | None:
+        """One health probe: None when it passed, else what went wrong (for the logs)."""
         try:
             response = await self.client.get(
                 self.url + self.health.path, timeout=self.health.probe_timeout
             )
-        except httpx.HTTPError:
-            return False
-        return response.status_code == 200
+        except httpx.TimeoutException:
+            return f"no answer within {self.health.probe_timeout:g} s"
+        except httpx.HTTPError as exc:
+            return type(exc).__name__
+        return None if response.status_code == 200 else f"HTTP {response.status_code}"
 
     # -- publishing ------------------------------------------------------------------------
     def _publish(
-        self, state: WorkerState, detail: str, *, healthy_since: float | None = None, tail: str = ""
+        self,
+        state: WorkerState,
+        detail: str,
+        *,
+        healthy_since: float | None = None,
+        tail: str = "",
+        notify: bool = True,
     ) -> None:
+        """Write the slot now and tell the listener. The one place the slot is written.
+
+        The human-readable log line is written by the caller, which knows why (an exit,
+        a failed probe, a restart delay); here only a debug line records the transition.
+        """
         previous = self.slot.state
         self.slot.state = state
         self.slot.changed_at = time.time()
@@ -303,29 +393,17 @@ class SupervisedWorker:
             self.slot.healthy_since = healthy_since
         self.table.write_slot(self.slot_index, self.slot)
         if state != previous:
-            if previous == WorkerState.EMPTY:
-                log.info("worker %d %s at %s (%s)", self.worker_id, state.label, self.url, detail)
-            else:
-                log.info(
-                    "worker %d %s -> %s %s", self.worker_id, previous.label, state.label, detail
-                )
-        if self.listener is not None:
+            log.debug(
+                "worker %d slot %d: %s -> %s (%s)",
+                self.worker_id,
+                self.slot_index,
+                previous.label,
+                state.label,
+                detail,
+            )
+        if notify and self.listener is not None:
             self.listener(self, state, tail or detail)
 
     def _settle(self, ok: bool) -> None:
         if not self.settled.done():
             self.settled.set_result(ok)
-
-
-def _describe_exit(code: int | None) -> str:
-    if code is None:
-        return "exited"
-    if code < 0:
-        import signal
-
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        return f"was killed by {name}"
-    return f"exited with code {code}"

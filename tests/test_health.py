@@ -24,6 +24,7 @@ def anyio_backend() -> str:
 class FakeWorker:
     url: str
     health_ok: bool = True
+    source: str = "static"
 
 
 @dataclass
@@ -231,7 +232,7 @@ def test_invalid_parameters() -> None:
 
 # -- interrupting requests stuck on an ejected worker ------------------------------------------
 async def test_interrupt_fails_over_an_attempt_waiting_on_the_worker() -> None:
-    from sglctl.router.health import InFlightWatcher
+    from sglctl.router.inflight import InFlightWatcher
 
     watcher = InFlightWatcher()
     outcome: list[str] = []
@@ -260,7 +261,7 @@ async def test_interrupt_fails_over_an_attempt_waiting_on_the_worker() -> None:
 
 
 async def test_outside_cancellation_still_propagates() -> None:
-    from sglctl.router.health import InFlightWatcher
+    from sglctl.router.inflight import InFlightWatcher
 
     watcher = InFlightWatcher()
     seen: list[bool] = []
@@ -283,7 +284,7 @@ async def test_outside_cancellation_still_propagates() -> None:
 
 
 async def test_interrupt_while_not_reading_only_marks_the_attempt() -> None:
-    from sglctl.router.health import InFlightWatcher
+    from sglctl.router.inflight import InFlightWatcher
 
     watcher = InFlightWatcher()
     gate = asyncio.Event()

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from sglctl.net import find_free_port
-from sglctl.router.config import parse_args
+from sglctl.router.flags import parse_args
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -19,8 +19,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sglctl.router.app import Router, create_app
-from sglctl.router.config import RouterConfig, parse_args
+from sglctl.router.app import create_app
+from sglctl.router.config import RouterConfig
+from sglctl.router.flags import parse_args
+from sglctl.router.router import Router
 
 pytestmark = pytest.mark.anyio
 
@@ -508,7 +510,7 @@ def test_config_defaults_match_the_contract() -> None:
         c.health_success_threshold,
     ) == (5, 3, 2)
     assert (c.max_concurrent_requests, c.queue_size, c.queue_timeout_secs) == (-1, 100, 60)
-    assert c.metrics_port == 29000 and c.worker_startup_timeout_secs == 600
+    assert c.metrics_port == 29000 and c.worker_startup_timeout_secs == 1800
     assert c.unsupported == []
 
 
@@ -606,5 +608,13 @@ def test_bad_worker_urls_are_usage_errors(flags: list[str]) -> None:
         parse_args(flags)
 
 
-def test_worker_urls_without_scheme_get_http() -> None:
-    assert parse_args(["--worker-urls", "127.0.0.1:8000/"]).worker_urls == ["http://127.0.0.1:8000"]
+def test_worker_urls_need_a_scheme_and_the_error_names_the_flag(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--worker-urls", "notaurl"])
+    err = capsys.readouterr().err
+    assert "--worker-urls" in err and "http://notaurl" in err
+    assert parse_args(["--worker-urls", "http://127.0.0.1:8000/"]).worker_urls == [
+        "http://127.0.0.1:8000"
+    ]

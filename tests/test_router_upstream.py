@@ -7,7 +7,8 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from sglctl.router.upstream import UpstreamError, UpstreamPool, UpstreamTimeout
+from sglctl.router.upstream import UpstreamError, UpstreamTimeout
+from sglctl.router.upstream_native import UpstreamPool
 
 pytestmark = pytest.mark.anyio
 

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import pytest
+from support import async_wait_until
 
 from sglctl.net import find_free_port
 from sglctl.router.health import HealthChecker
@@ -199,15 +200,10 @@ async def test_run_takes_a_worker_out_and_brings_it_back(server: TinyServer) -> 
     hc = checker()
     task = asyncio.create_task(hc.run(registry))
     try:
-        deadline = time.monotonic() + 10
         server.status = 500
-        while worker.health_ok and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        assert not worker.health_ok
+        await async_wait_until(lambda: not worker.health_ok, what="the worker taken out")
         server.status = 200
-        while not worker.health_ok and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        assert worker.health_ok
+        await async_wait_until(lambda: worker.health_ok, what="the worker back")
         assert hc.rounds >= 5  # the loop survived the failing round
     finally:
         task.cancel()

@@ -18,6 +18,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from support import async_wait_until
 
 from sglctl.router.app import create_app
 from sglctl.router.config import RouterConfig
@@ -304,10 +305,7 @@ async def test_queue_full_is_429_with_retry_after(harness) -> None:
     async with harness(["a"], "--max-concurrent-requests", "1", "--queue-size", "0") as h:
         h.stubs["a"].delay = 0.3
         slow = asyncio.create_task(h.client.post("/generate", json={"text": "x"}))
-        deadline = asyncio.get_running_loop().time() + 5
-        while h.router.admission.active == 0:
-            assert asyncio.get_running_loop().time() < deadline
-            await asyncio.sleep(0.005)
+        await async_wait_until(lambda: h.router.admission.active, what="the slot taken")
         r = await h.client.post("/generate", json={"text": "y"})
         assert r.status_code == 429
         assert int(r.headers["retry-after"]) >= 1
@@ -321,10 +319,7 @@ async def test_queue_timeout_is_429(harness) -> None:
     ) as h:
         h.stubs["a"].delay = 0.5
         slow = asyncio.create_task(h.client.post("/generate", json={"text": "x"}))
-        deadline = asyncio.get_running_loop().time() + 5
-        while h.router.admission.active == 0:
-            assert asyncio.get_running_loop().time() < deadline
-            await asyncio.sleep(0.005)
+        await async_wait_until(lambda: h.router.admission.active, what="the slot taken")
         r = await h.client.post("/generate", json={"text": "y"})
         assert r.status_code == 429
         assert "retry-after" in r.headers
@@ -439,13 +434,9 @@ async def test_load_is_counted_while_in_flight(harness) -> None:
     async with harness(["a"]) as h:
         h.stubs["a"].delay = 0.3
         task = asyncio.create_task(h.client.post("/generate", json={"text": "x"}))
-        deadline = asyncio.get_running_loop().time() + 5
-        while True:
-            loads = (await h.client.get("/get_loads")).json()["workers"]
-            if loads[0]["load"] == 1:
-                break
-            assert asyncio.get_running_loop().time() < deadline
-            await asyncio.sleep(0.01)
+        worker = h.router.registry.all()[0]
+        await async_wait_until(lambda: worker.in_flight == 1, what="the load counted")
+        assert (await h.client.get("/get_loads")).json()["workers"][0]["load"] == 1
         await task
         assert (await h.client.get("/get_loads")).json()["workers"][0]["load"] == 0
 

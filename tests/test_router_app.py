@@ -609,3 +609,172 @@ def test_worker_urls_need_a_scheme_and_the_error_names_the_flag(
     assert parse_args(["--worker-urls", "http://127.0.0.1:8000/"]).worker_urls == [
         "http://127.0.0.1:8000"
     ]
+
+
+# -- issue 9 items 4-6: admin bodies, add_worker answers at once, one URL validator ----------
+async def test_admin_body_over_the_cap_is_413_before_it_is_buffered(harness) -> None:
+    async with harness(["a"]) as h:
+        sent = 0
+
+        async def huge() -> AsyncIterator[bytes]:  # no Content-Length: refused while read
+            nonlocal sent
+            for _ in range(300):
+                sent += 1 << 20
+                yield b" " * (1 << 20)
+
+        r = await h.client.post("/workers", content=huge())
+        assert r.status_code == 413
+        error_of(r)
+        assert sent < 8 << 20  # refused after the first chunks, not after 300 MB
+        declared = await h.client.post(
+            "/add_worker", content=b"{}", headers={"content-length": str(300 << 20)}
+        )
+        assert declared.status_code == 413
+
+
+async def test_add_worker_refused_connection_is_503_at_once(harness) -> None:
+    # The startup timeout is long: a refused connection must not wait for it.
+    async with harness(["a"], "--worker-startup-timeout-secs", "600") as h:
+        started = asyncio.get_running_loop().time()
+        r = await h.client.post("/add_worker", params={"url": "http://nowhere:1234"})
+        assert r.status_code == 503
+        assert "refused" in str(error_of(r)["message"])
+        assert asyncio.get_running_loop().time() - started < 30
+        assert "http://nowhere:1234" not in h.router.registry
+
+
+async def test_add_worker_not_ready_yet_is_202_pending_then_admitted(harness) -> None:
+    async with harness(
+        ["a"], "--worker-startup-check-interval", "0.05", "--disable-circuit-breaker", extra=["b"]
+    ) as h:
+        h.stubs["b"].healthy = False  # loading its model
+        r = await h.client.post("/add_worker", params={"url": "http://b"})
+        assert r.status_code == 202, r.text
+        assert r.json()["status"] == "pending"
+        worker = h.router.registry.get("http://b")
+        assert worker is not None and not worker.is_routable() and worker.source == "admin"
+        h.stubs["b"].healthy = True
+        await async_wait_until(worker.is_routable, timeout=20, what="the pending worker admitted")
+        item = (await h.client.get(f"/workers/{worker.id}")).json()
+        assert item["source"] == "admin" and item["meta"] == {}
+
+
+async def test_add_worker_wait_is_cancelled_by_shutdown(harness) -> None:
+    async with harness(
+        ["a"], "--worker-startup-timeout-secs", "600", "--worker-startup-check-interval", "0.05",
+        extra=["b"],
+    ) as h:  # fmt: skip
+        h.stubs["b"].healthy = False
+        call = asyncio.create_task(
+            h.client.post("/add_worker", params={"url": "http://b", "wait": "600"})
+        )
+        await async_wait_until(lambda: h.router._admin_tasks, what="the wait to start")
+        h.router.begin_shutdown()
+        r = await asyncio.wait_for(call, 30)
+        assert r.status_code == 503 and "shutting down" in str(error_of(r)["message"])
+        assert "http://b" not in h.router.registry
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("notaurl", "http://notaurl"),
+        ("http://user:hunter2@b", "credentials"),
+        ("http://b/abc", "path"),
+        ("http://b?q=1", "query"),
+        ("http://b#frag", "fragment"),
+        ("ftp://b", "scheme"),
+        ("http://", "host"),
+    ],
+)
+async def test_admin_refuses_bad_worker_urls_naming_the_field(
+    harness, url: str, expected: str
+) -> None:
+    async with harness(["a"]) as h:
+        for r in (
+            await h.client.post("/add_worker", params={"url": url}),
+            await h.client.post("/workers", json={"url": url}),
+        ):
+            assert r.status_code == 400
+            message = str(error_of(r)["message"])
+            assert expected in message and "'url'" in message
+            assert "hunter2" not in message
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--worker-urls", "notaurl"],
+        ["--worker-urls", "http://user:hunter2@h:1"],
+        ["--worker-urls", "http://h:1/abc"],
+        ["--worker-urls", "http://h:1?q=1"],
+        ["--pd-disaggregation", "--prefill", "notaurl", "--decode", "http://d"],
+        ["--mode", "pd", "--prefill-urls", "http://p", "--decode-urls", "notaurl"],
+    ],
+)
+def test_start_up_refuses_bad_worker_urls_naming_the_flag(
+    flags: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(flags)
+    err = capsys.readouterr().err
+    assert "hunter2" not in err
+    flag = (
+        "--worker-urls"
+        if "--worker-urls" in flags
+        else "--prefill"
+        if "notaurl" in flags[2]
+        else "--decode"
+    )
+    assert flag in err
+
+
+def test_urls_are_normalised_one_way_everywhere() -> None:
+    from sglctl.router.workers import WorkerRegistry
+
+    registry = WorkerRegistry()
+    worker = registry.add("HTTP://B:8000/", source="k8s", meta={"pod": "p-0", "namespace": "ns"})
+    assert worker.url == "http://b:8000" and "http://b:8000/" in registry
+    assert worker.to_json()["meta"] == {"pod": "p-0", "namespace": "ns"}
+    assert parse_args(["--worker-urls", "http://B:8000/"]).worker_urls == ["http://b:8000"]
+
+
+# -- issue 10: the flag table and the config ----------------------------------------------------
+def test_every_config_field_has_a_flag_and_every_flag_a_help_with_its_default() -> None:
+    import argparse
+    import dataclasses
+
+    from sglctl.router.flags import build_parser
+
+    parser = build_parser()
+    dests = {a.dest for a in parser._actions}
+    built = {"pd_disaggregation", "prefill_servers", "unsupported"}
+    missing = {f.name for f in dataclasses.fields(RouterConfig)} - dests - built
+    assert not missing, f"RouterConfig fields without a flag: {missing}"
+    text = parser.format_help()
+    for flag in ("--cache-threshold", "--balance-abs-threshold", "--queue-size",
+                 "--max-worker-retries", "--worker-startup-timeout-secs"):  # fmt: skip
+        action = next(a for a in parser._actions if flag in a.option_strings)
+        assert action.help and action.help is not argparse.SUPPRESS, flag
+    assert "(default: 1800.0)" in text
+    assert "manual" not in text.split("--policy", 1)[1].split("\n", 1)[0]
+
+
+@pytest.mark.parametrize(
+    ("flags", "hint"),
+    [(["--policy", "manual"], "cache_aware"), (["--dp-aware"], "--dp-size")],
+)
+def test_refusals_say_what_to_use_instead(flags: list[str], hint: str) -> None:
+    (_flag, message), *_ = parse_args(flags).unsupported
+    assert hint in message
+
+
+def test_non_loopback_bind_without_api_key_warns_once(caplog: pytest.LogCaptureFixture) -> None:
+    from sglctl.router.main import warn_if_exposed
+
+    with caplog.at_level("WARNING", logger="sglctl.router.main"):
+        assert warn_if_exposed(parse_args(["--host", "0.0.0.0"]))
+        assert not warn_if_exposed(parse_args(["--host", "0.0.0.0", "--api-key", "k"]))
+        assert not warn_if_exposed(parse_args(["--host", "127.0.0.1"]))
+        assert not warn_if_exposed(parse_args(["--host", "::1"]))
+    assert len(caplog.records) == 1 and "--api-key" in caplog.records[0].getMessage()

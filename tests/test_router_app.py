@@ -8,18 +8,21 @@ sockets with real sim workers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import httpx
 import orjson
 import pytest
+import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from support import async_wait_until
 
+from sglctl.net import find_free_port
 from sglctl.router.app import create_app
 from sglctl.router.config import RouterConfig
 from sglctl.router.flags import parse_args
@@ -93,6 +96,8 @@ class Harness:
     router: Router
     client: httpx.AsyncClient
     stubs: dict[str, Stub]
+    #: Each stub's worker URL (``http://NAME`` in process, a real port with ``native``).
+    urls: dict[str, str] = field(default_factory=dict)
 
 
 def make_config(workers: list[str], *flags: str) -> RouterConfig:
@@ -108,27 +113,67 @@ def make_config(workers: list[str], *flags: str) -> RouterConfig:
     return parse_args([*argv, *flags])
 
 
-@pytest.fixture
-def harness() -> Callable[..., object]:
-    """``async with harness(["a", "b"], *flags) as h``: stubs a, b behind a started router."""
-    import contextlib
+@contextlib.asynccontextmanager
+async def served(stubs: dict[str, Stub]) -> AsyncIterator[dict[str, str]]:
+    """Each stub on a real uvicorn server on a free 127.0.0.1 port: ``{name: url}``."""
+    servers: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
+    urls: dict[str, str] = {}
+    try:
+        for name, stub in stubs.items():
+            port = find_free_port()
+            server = uvicorn.Server(
+                uvicorn.Config(stub.app(), host="127.0.0.1", port=port, log_level="warning")
+            )
+            server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+            servers.append((server, asyncio.create_task(server.serve())))
+            await async_wait_until(lambda s=server: s.started, timeout=30, what=f"stub {name}")
+            urls[name] = f"http://127.0.0.1:{port}"
+        yield urls
+    finally:
+        for server, _ in servers:
+            server.should_exit = True
+        for _, task in servers:
+            await asyncio.wait_for(task, 30)
+
+
+@pytest.fixture(params=["httpx"])
+def harness(request: pytest.FixtureRequest) -> Callable[..., object]:
+    """``async with harness(["a", "b"], *flags) as h``: stubs a, b behind a started router.
+
+    ``httpx`` (the default): stubs in process behind an injected transport, which forces the
+    httpx upstream. ``native`` (``@pytest.mark.parametrize("harness", ["httpx", "native"],
+    indirect=True)``): stubs on real sockets and the router's default native upstream client.
+    """
+    mode = request.param
 
     @contextlib.asynccontextmanager
     async def build(names: list[str], *flags: str, extra: list[str] = ()) -> AsyncIterator[Harness]:  # type: ignore[assignment]
         stubs = {n: Stub(n) for n in [*names, *extra]}
-        config = make_config([f"http://{n}" for n in names], *flags)
-        router = Router(config, transport=HostTransport(stubs))
-        app = create_app(router)
-        await router.start()
-        try:
-            async with httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app), base_url="http://router"
-            ) as client:
-                yield Harness(router, client, stubs)
-        finally:
-            await router.stop()
+        async with contextlib.AsyncExitStack() as stack:
+            if mode == "native":
+                urls = await stack.enter_async_context(served(stubs))
+                urls["gone"] = f"http://127.0.0.1:{find_free_port()}"  # nothing listens
+                config = make_config([urls[n] for n in names], *flags)
+                assert config.upstream_client == "native"
+                router = Router(config)
+            else:
+                urls = {n: f"http://{n}" for n in [*stubs, "gone"]}
+                config = make_config([urls[n] for n in names], *flags)
+                router = Router(config, transport=HostTransport(stubs))
+            app = create_app(router)
+            await router.start()
+            try:
+                async with httpx.AsyncClient(
+                    transport=httpx.ASGITransport(app=app), base_url="http://router"
+                ) as client:
+                    yield Harness(router, client, stubs, urls)
+            finally:
+                await router.stop()
 
     return build
+
+
+BOTH_UPSTREAMS = pytest.mark.parametrize("harness", ["httpx", "native"], indirect=True)
 
 
 def error_of(response: httpx.Response) -> dict[str, object]:
@@ -140,16 +185,18 @@ def error_of(response: httpx.Response) -> dict[str, object]:
 
 
 # -- happy path -----------------------------------------------------------------------------
+@BOTH_UPSTREAMS
 async def test_generate_is_forwarded_byte_for_byte(harness) -> None:
     async with harness(["a"]) as h:
         raw = b'{"text": "hello",   "sampling_params": {"max_new_tokens": 4}}'
         r = await h.client.post("/generate", content=raw)
         assert r.status_code == 200
         assert r.json()["worker"] == "a"
-        assert r.headers["x-sglctl-worker"] == "http://a"
+        assert r.headers["x-sglctl-worker"] == h.urls["a"]
         assert h.stubs["a"].bodies == [raw]
 
 
+@BOTH_UPSTREAMS
 async def test_openai_routes_and_info_endpoints(harness) -> None:
     async with harness(["a"]) as h:
         chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -194,6 +241,7 @@ async def test_bad_input_is_400_and_never_reaches_a_worker(
         assert h.stubs["a"].calls == 0
 
 
+@BOTH_UPSTREAMS
 async def test_payload_over_limit_is_413(harness) -> None:
     async with harness(["a"], "--max-payload-size", "1000") as h:
         r = await h.client.post("/generate", json={"text": "x" * 2000})
@@ -209,6 +257,7 @@ async def test_payload_over_limit_is_413(harness) -> None:
         assert h.stubs["a"].calls == 0
 
 
+@BOTH_UPSTREAMS
 async def test_unknown_path_404_and_wrong_method_405(harness) -> None:
     async with harness(["a"]) as h:
         r = await h.client.get("/no/such/path")
@@ -219,6 +268,7 @@ async def test_unknown_path_404_and_wrong_method_405(harness) -> None:
         error_of(r)
 
 
+@BOTH_UPSTREAMS
 async def test_no_worker_is_503(harness) -> None:
     async with harness([]) as h:
         r = await h.client.post("/generate", json={"text": "x"})
@@ -237,6 +287,7 @@ async def test_unhealthy_workers_are_503(harness) -> None:
         assert (await h.client.post("/generate", json={"text": "x"})).status_code == 503
 
 
+@BOTH_UPSTREAMS
 async def test_all_workers_failing_is_502_with_last_error(harness) -> None:
     async with harness(["a", "b"]) as h:
         for stub in h.stubs.values():
@@ -254,6 +305,7 @@ async def test_all_workers_failing_is_502_with_last_error(harness) -> None:
         assert 'sglang_router_requests_total{route="/generate",status="502"} 1.0' in metrics
 
 
+@BOTH_UPSTREAMS
 async def test_failure_is_retried_on_another_worker(harness) -> None:
     async with harness(["a", "b"], "--policy", "round_robin") as h:
         h.stubs["a"].status = 503
@@ -263,14 +315,16 @@ async def test_failure_is_retried_on_another_worker(harness) -> None:
             assert r.json()["worker"] == "b"
 
 
+@BOTH_UPSTREAMS
 async def test_unreachable_worker_is_retried_elsewhere(harness) -> None:
     async with harness(["a"], "--policy", "round_robin", extra=[]) as h:
-        h.router.registry.add("http://gone")  # no stub: connection refused
+        gone = h.router.registry.add(h.urls["gone"])  # nothing listens: connection refused
         for _ in range(4):
             assert (await h.client.post("/generate", json={"text": "x"})).json()["worker"] == "a"
-        assert h.router.registry.get("http://gone").errors_total >= 1  # type: ignore[union-attr]
+        assert gone.errors_total >= 1
 
 
+@BOTH_UPSTREAMS
 async def test_worker_4xx_passes_through_without_retry(harness) -> None:
     async with harness(["a", "b"]) as h:
         for stub in h.stubs.values():
@@ -280,6 +334,7 @@ async def test_worker_4xx_passes_through_without_retry(harness) -> None:
         assert h.stubs["a"].calls + h.stubs["b"].calls == 1
 
 
+@BOTH_UPSTREAMS
 async def test_disable_retries(harness) -> None:
     async with harness(["a", "b"], "--disable-retries") as h:
         for stub in h.stubs.values():
@@ -301,6 +356,7 @@ async def test_circuit_breaker_takes_a_failing_worker_out(harness) -> None:
         assert h.stubs["a"].calls == calls_before
 
 
+@BOTH_UPSTREAMS
 async def test_queue_full_is_429_with_retry_after(harness) -> None:
     async with harness(["a"], "--max-concurrent-requests", "1", "--queue-size", "0") as h:
         h.stubs["a"].delay = 0.3
@@ -313,6 +369,7 @@ async def test_queue_full_is_429_with_retry_after(harness) -> None:
         assert (await slow).status_code == 200
 
 
+@BOTH_UPSTREAMS
 async def test_queue_timeout_is_429(harness) -> None:
     async with harness(
         ["a"], "--max-concurrent-requests", "1", "--queue-size", "5", "--queue-timeout-secs", "0.05"
@@ -387,6 +444,7 @@ async def test_api_key_guards_admin_calls(harness) -> None:
         assert (await h.client.get("/list_workers")).status_code == 200  # reading needs no key
 
 
+@BOTH_UPSTREAMS
 async def test_flush_cache_fans_out_and_clears_the_tree(harness) -> None:
     async with harness(["a", "b"]) as h:
         await h.client.post("/generate", json={"text": "some prompt " * 20})
@@ -430,6 +488,7 @@ async def test_metrics_and_stats(harness) -> None:
             assert stats[name] >= 0
 
 
+@BOTH_UPSTREAMS
 async def test_load_is_counted_while_in_flight(harness) -> None:
     async with harness(["a"]) as h:
         h.stubs["a"].delay = 0.3
@@ -531,6 +590,7 @@ def test_bad_flag_values_are_usage_errors(capsys: pytest.CaptureFixture[str]) ->
             parse_args(flags)
 
 
+@BOTH_UPSTREAMS
 async def test_orjson_body_shapes(harness) -> None:
     async with harness(["a"]) as h:
         r = await h.client.post("/generate", content=orjson.dumps({"text": ["a", "b"]}))
@@ -612,6 +672,7 @@ def test_worker_urls_need_a_scheme_and_the_error_names_the_flag(
 
 
 # -- issue 9 items 4-6: admin bodies, add_worker answers at once, one URL validator ----------
+@BOTH_UPSTREAMS
 async def test_admin_body_over_the_cap_is_413_before_it_is_buffered(harness) -> None:
     async with harness(["a"]) as h:
         sent = 0

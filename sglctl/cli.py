@@ -148,7 +148,8 @@ def _add_worker(
     from sglctl.router import admin_client
 
     result = _admin_call(lambda: admin_client.add_worker(router, url, api_key=api_key))
-    typer.echo(f"added {result.get('url', url)}")
+    pending = result.get("status") == "pending"
+    typer.echo(result.get("message", url) if pending else f"added {result.get('url', url)}")
 
 
 @app.command("remove-worker")

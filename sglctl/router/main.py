@@ -14,7 +14,8 @@ import ipaddress
 import logging
 import socket
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
@@ -167,9 +168,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "sglctl router") -> None
     try:
         import uvloop
 
-        runner = uvloop.run
+        runner: Callable[[Coroutine[Any, Any, None]], None] = uvloop.run
     except ImportError:  # pragma: no cover - uvloop ships with uvicorn[standard]
-        runner = asyncio.run  # type: ignore[assignment]
+        runner = asyncio.run
     try:
         with contextlib.suppress(KeyboardInterrupt):
             runner(serve(config))

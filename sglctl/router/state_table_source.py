@@ -48,6 +48,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from sglctl.router.urls import InvalidWorkerURL
 from sglctl.router.workers import DuplicateWorkerError, UnknownWorkerError, WorkerRegistry
 from sglctl.state_table import (
     RouterColumns,
@@ -192,8 +193,13 @@ class StateTableSource:
             if restarted and slot.url in registry:
                 self._drop(registry, known)  # a new process: fresh tree, health and breaker
             if slot.url not in registry:
-                with contextlib.suppress(DuplicateWorkerError):
+                try:
                     registry.add(slot.url, source="supervisor", meta={"slot": str(index)})
+                except DuplicateWorkerError:
+                    pass
+                except InvalidWorkerURL as exc:  # a supervisor bug; never kill the source
+                    log.error("state table slot %d: %s; worker ignored", index, exc)
+                    return
                 log.info("state table: worker %s (pid %d) is in rotation", slot.url, slot.pid)
             with contextlib.suppress(UnknownWorkerError):
                 registry.set_available(slot.url, True)

@@ -195,11 +195,15 @@ async def add_worker(request: Request) -> Response:
     if problem is None:
         worker = _register(router, url, healthy=True)
         return _added(worker, 200, f"added worker {url}")
-    if wait is not None or problem.startswith("refused"):
+    if wait is None and problem.startswith("refused"):
         raise RouterError(
             503,
-            f"worker {url} did not pass its health check within {timeout:g}s: {problem}"
-            + ("; is it running, and is the URL right?" if problem.startswith("refused") else ""),
+            f"worker {url} is unreachable (connection refused), so it cannot pass its "
+            "health check; is it running, and is the URL right? Nothing was added.",
+        )
+    if wait is not None:
+        raise RouterError(
+            503, f"worker {url} did not pass its health check within {timeout:g}s: {problem}"
         )
     worker = _register(router, url, healthy=False)
     router.spawn_admin(_admit_when_healthy(router, worker), f"admit {url}")

@@ -171,18 +171,20 @@ def _add_worker(
     )
     started = time.monotonic()
     try:
-        result = admin_client.add_worker(router, url, timeout=wait, api_key=api_key)
+        # The router itself waits (?wait=): it answers 200 once the worker is healthy, 503
+        # with the last probe's error when it is not by then, and at once when refused.
+        result = admin_client.add_worker(router, url, api_key=api_key, wait=wait)
     except AdminError as exc:
+        hint = ""
         if time.monotonic() - started >= wait * 0.95:
-            typer.echo(
-                f"error: no answer within {wait:g} s: {url} is not healthy yet (check it is "
-                "running and reachable from the router; raise --timeout to wait longer)",
-                err=True,
+            hint = (
+                f" (no answer within {wait:g} s: check the worker is running and "
+                "reachable from the router; raise --timeout to wait longer)"
             )
-        else:
-            typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {exc}{hint}", err=True)
         raise typer.Exit(1) from None
-    typer.echo(f"added {result.get('url', url)}")
+    pending = result.get("status") == "pending"
+    typer.echo(result.get("message", url) if pending else f"added {result.get('url', url)}")
 
 
 @app.command("remove-worker")

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import pytest
+from support import async_wait_until
 
 from sglctl.net import find_free_port
 from sglctl.router.health import HealthChecker
@@ -24,6 +25,7 @@ def anyio_backend() -> str:
 class FakeWorker:
     url: str
     health_ok: bool = True
+    source: str = "static"
 
 
 @dataclass
@@ -198,15 +200,10 @@ async def test_run_takes_a_worker_out_and_brings_it_back(server: TinyServer) -> 
     hc = checker()
     task = asyncio.create_task(hc.run(registry))
     try:
-        deadline = time.monotonic() + 10
         server.status = 500
-        while worker.health_ok and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        assert not worker.health_ok
+        await async_wait_until(lambda: not worker.health_ok, what="the worker taken out")
         server.status = 200
-        while not worker.health_ok and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        assert worker.health_ok
+        await async_wait_until(lambda: worker.health_ok, what="the worker back")
         assert hc.rounds >= 5  # the loop survived the failing round
     finally:
         task.cancel()
@@ -231,7 +228,7 @@ def test_invalid_parameters() -> None:
 
 # -- interrupting requests stuck on an ejected worker ------------------------------------------
 async def test_interrupt_fails_over_an_attempt_waiting_on_the_worker() -> None:
-    from sglctl.router.health import InFlightWatcher
+    from sglctl.router.inflight import InFlightWatcher
 
     watcher = InFlightWatcher()
     outcome: list[str] = []
@@ -260,7 +257,7 @@ async def test_interrupt_fails_over_an_attempt_waiting_on_the_worker() -> None:
 
 
 async def test_outside_cancellation_still_propagates() -> None:
-    from sglctl.router.health import InFlightWatcher
+    from sglctl.router.inflight import InFlightWatcher
 
     watcher = InFlightWatcher()
     seen: list[bool] = []
@@ -283,7 +280,7 @@ async def test_outside_cancellation_still_propagates() -> None:
 
 
 async def test_interrupt_while_not_reading_only_marks_the_attempt() -> None:
-    from sglctl.router.health import InFlightWatcher
+    from sglctl.router.inflight import InFlightWatcher
 
     watcher = InFlightWatcher()
     gate = asyncio.Event()

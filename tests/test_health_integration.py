@@ -4,13 +4,13 @@ and the defaults that keep a router private (127.0.0.1, admin behind the key).""
 from __future__ import annotations
 
 import re
-import time
 
 import httpx
 import pytest
+from support import wait_until
 
 from sglctl.net import find_free_port
-from sglctl.router.config import parse_args
+from sglctl.router.flags import parse_args
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -24,15 +24,6 @@ FAST = [
     "--health-success-threshold",
     "2",
 ]
-
-
-def poll(predicate, timeout: float = 20) -> float:  # type: ignore[no-untyped-def]
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if predicate():
-            return time.monotonic() - started
-        time.sleep(0.02)
-    raise AssertionError("condition not met in time")
 
 
 def gauge(client: httpx.Client, name: str, worker: str) -> float:
@@ -58,7 +49,7 @@ def test_a_dead_worker_leaves_and_a_revived_one_returns(procs) -> None:  # type:
         assert client.get("/readiness").json()["healthy_workers"] == 2
 
         flaky.popen.kill()
-        poll(lambda: not is_healthy(client, flaky.url))
+        wait_until(lambda: not is_healthy(client, flaky.url), timeout=20)
         assert gauge(client, "sglang_router_worker_healthy", flaky.url) == 0
         readiness = client.get("/readiness").json()
         assert (readiness["healthy_workers"], readiness["total_workers"]) == (1, 2)
@@ -73,7 +64,7 @@ def test_a_dead_worker_leaves_and_a_revived_one_returns(procs) -> None:  # type:
 
         revived = procs.sim_worker("--speedup", "100", port=port)
         assert revived.url == flaky.url
-        poll(lambda: is_healthy(client, flaky.url))
+        wait_until(lambda: is_healthy(client, flaky.url), timeout=20)
         assert gauge(client, "sglang_router_worker_healthy", flaky.url) == 1
 
 
@@ -82,7 +73,7 @@ def test_no_healthy_worker_means_503_everywhere(procs) -> None:  # type: ignore[
     router = procs.router([only.url], "--metrics-port", str(find_free_port()), *FAST)
     with httpx.Client(base_url=router.url, timeout=10, trust_env=False) as client:
         only.popen.kill()
-        poll(lambda: not is_healthy(client, only.url))
+        wait_until(lambda: not is_healthy(client, only.url), timeout=20)
         assert client.get("/health").status_code == 503
         assert client.get("/readiness").json()["status"] == "not_ready"
         assert client.get("/liveness").status_code == 200  # the router itself is fine

@@ -8,19 +8,25 @@ sockets with real sim workers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import httpx
 import orjson
 import pytest
+import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from support import async_wait_until
 
-from sglctl.router.app import Router, create_app
-from sglctl.router.config import RouterConfig, parse_args
+from sglctl.net import find_free_port
+from sglctl.router.app import create_app
+from sglctl.router.config import RouterConfig
+from sglctl.router.flags import parse_args
+from sglctl.router.router import Router
 
 pytestmark = pytest.mark.anyio
 
@@ -90,6 +96,8 @@ class Harness:
     router: Router
     client: httpx.AsyncClient
     stubs: dict[str, Stub]
+    #: Each stub's worker URL (``http://NAME`` in process, a real port with ``native``).
+    urls: dict[str, str] = field(default_factory=dict)
 
 
 def make_config(workers: list[str], *flags: str) -> RouterConfig:
@@ -105,27 +113,67 @@ def make_config(workers: list[str], *flags: str) -> RouterConfig:
     return parse_args([*argv, *flags])
 
 
-@pytest.fixture
-def harness() -> Callable[..., object]:
-    """``async with harness(["a", "b"], *flags) as h``: stubs a, b behind a started router."""
-    import contextlib
+@contextlib.asynccontextmanager
+async def served(stubs: dict[str, Stub]) -> AsyncIterator[dict[str, str]]:
+    """Each stub on a real uvicorn server on a free 127.0.0.1 port: ``{name: url}``."""
+    servers: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
+    urls: dict[str, str] = {}
+    try:
+        for name, stub in stubs.items():
+            port = find_free_port()
+            server = uvicorn.Server(
+                uvicorn.Config(stub.app(), host="127.0.0.1", port=port, log_level="warning")
+            )
+            server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+            servers.append((server, asyncio.create_task(server.serve())))
+            await async_wait_until(lambda s=server: s.started, timeout=30, what=f"stub {name}")
+            urls[name] = f"http://127.0.0.1:{port}"
+        yield urls
+    finally:
+        for server, _ in servers:
+            server.should_exit = True
+        for _, task in servers:
+            await asyncio.wait_for(task, 30)
+
+
+@pytest.fixture(params=["httpx"])
+def harness(request: pytest.FixtureRequest) -> Callable[..., object]:
+    """``async with harness(["a", "b"], *flags) as h``: stubs a, b behind a started router.
+
+    ``httpx`` (the default): stubs in process behind an injected transport, which forces the
+    httpx upstream. ``native`` (``@pytest.mark.parametrize("harness", ["httpx", "native"],
+    indirect=True)``): stubs on real sockets and the router's default native upstream client.
+    """
+    mode = request.param
 
     @contextlib.asynccontextmanager
     async def build(names: list[str], *flags: str, extra: list[str] = ()) -> AsyncIterator[Harness]:  # type: ignore[assignment]
         stubs = {n: Stub(n) for n in [*names, *extra]}
-        config = make_config([f"http://{n}" for n in names], *flags)
-        router = Router(config, transport=HostTransport(stubs))
-        app = create_app(router)
-        await router.start()
-        try:
-            async with httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app), base_url="http://router"
-            ) as client:
-                yield Harness(router, client, stubs)
-        finally:
-            await router.stop()
+        async with contextlib.AsyncExitStack() as stack:
+            if mode == "native":
+                urls = await stack.enter_async_context(served(stubs))
+                urls["gone"] = f"http://127.0.0.1:{find_free_port()}"  # nothing listens
+                config = make_config([urls[n] for n in names], *flags)
+                assert config.upstream_client == "native"
+                router = Router(config)
+            else:
+                urls = {n: f"http://{n}" for n in [*stubs, "gone"]}
+                config = make_config([urls[n] for n in names], *flags)
+                router = Router(config, transport=HostTransport(stubs))
+            app = create_app(router)
+            await router.start()
+            try:
+                async with httpx.AsyncClient(
+                    transport=httpx.ASGITransport(app=app), base_url="http://router"
+                ) as client:
+                    yield Harness(router, client, stubs, urls)
+            finally:
+                await router.stop()
 
     return build
+
+
+BOTH_UPSTREAMS = pytest.mark.parametrize("harness", ["httpx", "native"], indirect=True)
 
 
 def error_of(response: httpx.Response) -> dict[str, object]:
@@ -137,16 +185,18 @@ def error_of(response: httpx.Response) -> dict[str, object]:
 
 
 # -- happy path -----------------------------------------------------------------------------
+@BOTH_UPSTREAMS
 async def test_generate_is_forwarded_byte_for_byte(harness) -> None:
     async with harness(["a"]) as h:
         raw = b'{"text": "hello",   "sampling_params": {"max_new_tokens": 4}}'
         r = await h.client.post("/generate", content=raw)
         assert r.status_code == 200
         assert r.json()["worker"] == "a"
-        assert r.headers["x-sglctl-worker"] == "http://a"
+        assert r.headers["x-sglctl-worker"] == h.urls["a"]
         assert h.stubs["a"].bodies == [raw]
 
 
+@BOTH_UPSTREAMS
 async def test_openai_routes_and_info_endpoints(harness) -> None:
     async with harness(["a"]) as h:
         chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -191,6 +241,7 @@ async def test_bad_input_is_400_and_never_reaches_a_worker(
         assert h.stubs["a"].calls == 0
 
 
+@BOTH_UPSTREAMS
 async def test_payload_over_limit_is_413(harness) -> None:
     async with harness(["a"], "--max-payload-size", "1000") as h:
         r = await h.client.post("/generate", json={"text": "x" * 2000})
@@ -206,6 +257,7 @@ async def test_payload_over_limit_is_413(harness) -> None:
         assert h.stubs["a"].calls == 0
 
 
+@BOTH_UPSTREAMS
 async def test_unknown_path_404_and_wrong_method_405(harness) -> None:
     async with harness(["a"]) as h:
         r = await h.client.get("/no/such/path")
@@ -216,6 +268,7 @@ async def test_unknown_path_404_and_wrong_method_405(harness) -> None:
         error_of(r)
 
 
+@BOTH_UPSTREAMS
 async def test_no_worker_is_503(harness) -> None:
     async with harness([]) as h:
         r = await h.client.post("/generate", json={"text": "x"})
@@ -234,6 +287,7 @@ async def test_unhealthy_workers_are_503(harness) -> None:
         assert (await h.client.post("/generate", json={"text": "x"})).status_code == 503
 
 
+@BOTH_UPSTREAMS
 async def test_all_workers_failing_is_502_with_last_error(harness) -> None:
     async with harness(["a", "b"]) as h:
         for stub in h.stubs.values():
@@ -251,6 +305,7 @@ async def test_all_workers_failing_is_502_with_last_error(harness) -> None:
         assert 'sglang_router_requests_total{route="/generate",status="502"} 1.0' in metrics
 
 
+@BOTH_UPSTREAMS
 async def test_failure_is_retried_on_another_worker(harness) -> None:
     async with harness(["a", "b"], "--policy", "round_robin") as h:
         h.stubs["a"].status = 503
@@ -260,14 +315,16 @@ async def test_failure_is_retried_on_another_worker(harness) -> None:
             assert r.json()["worker"] == "b"
 
 
+@BOTH_UPSTREAMS
 async def test_unreachable_worker_is_retried_elsewhere(harness) -> None:
     async with harness(["a"], "--policy", "round_robin", extra=[]) as h:
-        h.router.registry.add("http://gone")  # no stub: connection refused
+        gone = h.router.registry.add(h.urls["gone"])  # nothing listens: connection refused
         for _ in range(4):
             assert (await h.client.post("/generate", json={"text": "x"})).json()["worker"] == "a"
-        assert h.router.registry.get("http://gone").errors_total >= 1  # type: ignore[union-attr]
+        assert gone.errors_total >= 1
 
 
+@BOTH_UPSTREAMS
 async def test_worker_4xx_passes_through_without_retry(harness) -> None:
     async with harness(["a", "b"]) as h:
         for stub in h.stubs.values():
@@ -277,6 +334,7 @@ async def test_worker_4xx_passes_through_without_retry(harness) -> None:
         assert h.stubs["a"].calls + h.stubs["b"].calls == 1
 
 
+@BOTH_UPSTREAMS
 async def test_disable_retries(harness) -> None:
     async with harness(["a", "b"], "--disable-retries") as h:
         for stub in h.stubs.values():
@@ -298,14 +356,12 @@ async def test_circuit_breaker_takes_a_failing_worker_out(harness) -> None:
         assert h.stubs["a"].calls == calls_before
 
 
+@BOTH_UPSTREAMS
 async def test_queue_full_is_429_with_retry_after(harness) -> None:
     async with harness(["a"], "--max-concurrent-requests", "1", "--queue-size", "0") as h:
         h.stubs["a"].delay = 0.3
         slow = asyncio.create_task(h.client.post("/generate", json={"text": "x"}))
-        deadline = asyncio.get_running_loop().time() + 5
-        while h.router.admission.active == 0:
-            assert asyncio.get_running_loop().time() < deadline
-            await asyncio.sleep(0.005)
+        await async_wait_until(lambda: h.router.admission.active, what="the slot taken")
         r = await h.client.post("/generate", json={"text": "y"})
         assert r.status_code == 429
         assert int(r.headers["retry-after"]) >= 1
@@ -313,16 +369,14 @@ async def test_queue_full_is_429_with_retry_after(harness) -> None:
         assert (await slow).status_code == 200
 
 
+@BOTH_UPSTREAMS
 async def test_queue_timeout_is_429(harness) -> None:
     async with harness(
         ["a"], "--max-concurrent-requests", "1", "--queue-size", "5", "--queue-timeout-secs", "0.05"
     ) as h:
         h.stubs["a"].delay = 0.5
         slow = asyncio.create_task(h.client.post("/generate", json={"text": "x"}))
-        deadline = asyncio.get_running_loop().time() + 5
-        while h.router.admission.active == 0:
-            assert asyncio.get_running_loop().time() < deadline
-            await asyncio.sleep(0.005)
+        await async_wait_until(lambda: h.router.admission.active, what="the slot taken")
         r = await h.client.post("/generate", json={"text": "y"})
         assert r.status_code == 429
         assert "retry-after" in r.headers
@@ -390,6 +444,7 @@ async def test_api_key_guards_admin_calls(harness) -> None:
         assert (await h.client.get("/list_workers")).status_code == 200  # reading needs no key
 
 
+@BOTH_UPSTREAMS
 async def test_flush_cache_fans_out_and_clears_the_tree(harness) -> None:
     async with harness(["a", "b"]) as h:
         await h.client.post("/generate", json={"text": "some prompt " * 20})
@@ -433,17 +488,14 @@ async def test_metrics_and_stats(harness) -> None:
             assert stats[name] >= 0
 
 
+@BOTH_UPSTREAMS
 async def test_load_is_counted_while_in_flight(harness) -> None:
     async with harness(["a"]) as h:
         h.stubs["a"].delay = 0.3
         task = asyncio.create_task(h.client.post("/generate", json={"text": "x"}))
-        deadline = asyncio.get_running_loop().time() + 5
-        while True:
-            loads = (await h.client.get("/get_loads")).json()["workers"]
-            if loads[0]["load"] == 1:
-                break
-            assert asyncio.get_running_loop().time() < deadline
-            await asyncio.sleep(0.01)
+        worker = h.router.registry.all()[0]
+        await async_wait_until(lambda: worker.in_flight == 1, what="the load counted")
+        assert (await h.client.get("/get_loads")).json()["workers"][0]["load"] == 1
         await task
         assert (await h.client.get("/get_loads")).json()["workers"][0]["load"] == 0
 
@@ -508,7 +560,7 @@ def test_config_defaults_match_the_contract() -> None:
         c.health_success_threshold,
     ) == (5, 3, 2)
     assert (c.max_concurrent_requests, c.queue_size, c.queue_timeout_secs) == (-1, 100, 60)
-    assert c.metrics_port == 29000 and c.worker_startup_timeout_secs == 600
+    assert c.metrics_port == 29000 and c.worker_startup_timeout_secs == 1800
     assert c.unsupported == []
 
 
@@ -538,6 +590,7 @@ def test_bad_flag_values_are_usage_errors(capsys: pytest.CaptureFixture[str]) ->
             parse_args(flags)
 
 
+@BOTH_UPSTREAMS
 async def test_orjson_body_shapes(harness) -> None:
     async with harness(["a"]) as h:
         r = await h.client.post("/generate", content=orjson.dumps({"text": ["a", "b"]}))
@@ -606,5 +659,183 @@ def test_bad_worker_urls_are_usage_errors(flags: list[str]) -> None:
         parse_args(flags)
 
 
-def test_worker_urls_without_scheme_get_http() -> None:
-    assert parse_args(["--worker-urls", "127.0.0.1:8000/"]).worker_urls == ["http://127.0.0.1:8000"]
+def test_worker_urls_need_a_scheme_and_the_error_names_the_flag(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--worker-urls", "notaurl"])
+    err = capsys.readouterr().err
+    assert "--worker-urls" in err and "http://notaurl" in err
+    assert parse_args(["--worker-urls", "http://127.0.0.1:8000/"]).worker_urls == [
+        "http://127.0.0.1:8000"
+    ]
+
+
+# -- issue 9 items 4-6: admin bodies, add_worker answers at once, one URL validator ----------
+@BOTH_UPSTREAMS
+async def test_admin_body_over_the_cap_is_413_before_it_is_buffered(harness) -> None:
+    async with harness(["a"]) as h:
+        sent = 0
+
+        async def huge() -> AsyncIterator[bytes]:  # no Content-Length: refused while read
+            nonlocal sent
+            for _ in range(300):
+                sent += 1 << 20
+                yield b" " * (1 << 20)
+
+        r = await h.client.post("/workers", content=huge())
+        assert r.status_code == 413
+        error_of(r)
+        assert sent < 8 << 20  # refused after the first chunks, not after 300 MB
+        declared = await h.client.post(
+            "/add_worker", content=b"{}", headers={"content-length": str(300 << 20)}
+        )
+        assert declared.status_code == 413
+
+
+async def test_add_worker_refused_connection_is_503_at_once(harness) -> None:
+    # The startup timeout is long: a refused connection must not wait for it.
+    async with harness(["a"], "--worker-startup-timeout-secs", "600") as h:
+        started = asyncio.get_running_loop().time()
+        r = await h.client.post("/add_worker", params={"url": "http://nowhere:1234"})
+        assert r.status_code == 503
+        assert "refused" in str(error_of(r)["message"])
+        assert asyncio.get_running_loop().time() - started < 30
+        assert "http://nowhere:1234" not in h.router.registry
+
+
+async def test_add_worker_not_ready_yet_is_202_pending_then_admitted(harness) -> None:
+    async with harness(
+        ["a"], "--worker-startup-check-interval", "0.05", "--disable-circuit-breaker", extra=["b"]
+    ) as h:
+        h.stubs["b"].healthy = False  # loading its model
+        r = await h.client.post("/add_worker", params={"url": "http://b"})
+        assert r.status_code == 202, r.text
+        assert r.json()["status"] == "pending"
+        worker = h.router.registry.get("http://b")
+        assert worker is not None and not worker.is_routable() and worker.source == "admin"
+        h.stubs["b"].healthy = True
+        await async_wait_until(worker.is_routable, timeout=20, what="the pending worker admitted")
+        item = (await h.client.get(f"/workers/{worker.id}")).json()
+        assert item["source"] == "admin" and item["meta"] == {}
+
+
+async def test_add_worker_wait_is_cancelled_by_shutdown(harness) -> None:
+    async with harness(
+        ["a"], "--worker-startup-timeout-secs", "600", "--worker-startup-check-interval", "0.05",
+        extra=["b"],
+    ) as h:  # fmt: skip
+        h.stubs["b"].healthy = False
+        call = asyncio.create_task(
+            h.client.post("/add_worker", params={"url": "http://b", "wait": "600"})
+        )
+        await async_wait_until(lambda: h.router._admin_tasks, what="the wait to start")
+        h.router.begin_shutdown()
+        r = await asyncio.wait_for(call, 30)
+        assert r.status_code == 503 and "shutting down" in str(error_of(r)["message"])
+        assert "http://b" not in h.router.registry
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("notaurl", "http://notaurl"),
+        ("http://user:hunter2@b", "credentials"),
+        ("http://b/abc", "path"),
+        ("http://b?q=1", "query"),
+        ("http://b#frag", "fragment"),
+        ("ftp://b", "scheme"),
+        ("http://", "host"),
+    ],
+)
+async def test_admin_refuses_bad_worker_urls_naming_the_field(
+    harness, url: str, expected: str
+) -> None:
+    async with harness(["a"]) as h:
+        for r in (
+            await h.client.post("/add_worker", params={"url": url}),
+            await h.client.post("/workers", json={"url": url}),
+        ):
+            assert r.status_code == 400
+            message = str(error_of(r)["message"])
+            assert expected in message and "'url'" in message
+            assert "hunter2" not in message
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--worker-urls", "notaurl"],
+        ["--worker-urls", "http://user:hunter2@h:1"],
+        ["--worker-urls", "http://h:1/abc"],
+        ["--worker-urls", "http://h:1?q=1"],
+        ["--pd-disaggregation", "--prefill", "notaurl", "--decode", "http://d"],
+        ["--mode", "pd", "--prefill-urls", "http://p", "--decode-urls", "notaurl"],
+    ],
+)
+def test_start_up_refuses_bad_worker_urls_naming_the_flag(
+    flags: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(flags)
+    err = capsys.readouterr().err
+    assert "hunter2" not in err
+    flag = (
+        "--worker-urls"
+        if "--worker-urls" in flags
+        else "--prefill"
+        if "notaurl" in flags[2]
+        else "--decode"
+    )
+    assert flag in err
+
+
+def test_urls_are_normalised_one_way_everywhere() -> None:
+    from sglctl.router.workers import WorkerRegistry
+
+    registry = WorkerRegistry()
+    worker = registry.add("HTTP://B:8000/", source="k8s", meta={"pod": "p-0", "namespace": "ns"})
+    assert worker.url == "http://b:8000" and "http://b:8000/" in registry
+    assert worker.to_json()["meta"] == {"pod": "p-0", "namespace": "ns"}
+    assert parse_args(["--worker-urls", "http://B:8000/"]).worker_urls == ["http://b:8000"]
+
+
+# -- issue 10: the flag table and the config ----------------------------------------------------
+def test_every_config_field_has_a_flag_and_every_flag_a_help_with_its_default() -> None:
+    import argparse
+    import dataclasses
+
+    from sglctl.router.flags import build_parser
+
+    parser = build_parser()
+    dests = {a.dest for a in parser._actions}
+    built = {"pd_disaggregation", "prefill_servers", "unsupported"}
+    missing = {f.name for f in dataclasses.fields(RouterConfig)} - dests - built
+    assert not missing, f"RouterConfig fields without a flag: {missing}"
+    text = parser.format_help()
+    for flag in ("--cache-threshold", "--balance-abs-threshold", "--queue-size",
+                 "--max-worker-retries", "--worker-startup-timeout-secs"):  # fmt: skip
+        action = next(a for a in parser._actions if flag in a.option_strings)
+        assert action.help and action.help is not argparse.SUPPRESS, flag
+    assert "(default: 1800.0)" in text
+    assert "manual" not in text.split("--policy", 1)[1].split("\n", 1)[0]
+
+
+@pytest.mark.parametrize(
+    ("flags", "hint"),
+    [(["--policy", "manual"], "cache_aware"), (["--dp-aware"], "--dp-size")],
+)
+def test_refusals_say_what_to_use_instead(flags: list[str], hint: str) -> None:
+    (_flag, message), *_ = parse_args(flags).unsupported
+    assert hint in message
+
+
+def test_non_loopback_bind_without_api_key_warns_once(caplog: pytest.LogCaptureFixture) -> None:
+    from sglctl.router.main import warn_if_exposed
+
+    with caplog.at_level("WARNING", logger="sglctl.router.main"):
+        assert warn_if_exposed(parse_args(["--host", "0.0.0.0"]))
+        assert not warn_if_exposed(parse_args(["--host", "0.0.0.0", "--api-key", "k"]))
+        assert not warn_if_exposed(parse_args(["--host", "127.0.0.1"]))
+        assert not warn_if_exposed(parse_args(["--host", "::1"]))
+    assert len(caplog.records) == 1 and "--api-key" in caplog.records[0].getMessage()

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+from support import wait_until
 
 from sglctl.net import find_free_port
 
@@ -22,17 +23,6 @@ FAST = ("--speedup", "50")
 def router_flags(*extra: str) -> tuple[str, ...]:
     """Every router in a test gets its own metrics port (never the 29000 default)."""
     return ("--metrics-port", str(find_free_port()), *extra)
-
-
-def poll(predicate, timeout: float = 10.0, interval: float = 0.02):  # type: ignore[no-untyped-def]
-    """Call ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(interval)
 
 
 def test_every_endpoint_through_the_router(procs) -> None:
@@ -77,7 +67,7 @@ def test_every_endpoint_through_the_router(procs) -> None:
 def test_streaming_is_relayed_as_it_is_generated(procs) -> None:
     worker = procs.sim_worker("--speedup", "1")
     router = procs.router([worker.url], *router_flags())
-    body = {"text": "Tell me a story", "stream": True, "sampling_params": {"max_new_tokens": 40}}
+    body = {"text": "Tell me a story", "stream": True, "sampling_params": {"max_new_tokens": 100}}
     arrivals: list[float] = []
     lines: list[bytes] = []
     start = time.monotonic()
@@ -90,8 +80,10 @@ def test_streaming_is_relayed_as_it_is_generated(procs) -> None:
                 lines.append(line.encode())
     assert lines[-1] == b"data: [DONE]"
     assert len(lines) > 10
-    # Chunk by chunk: the first event arrived long before the last (no buffering).
-    assert arrivals[0] < arrivals[-1] / 3
+    # Chunk by chunk: the events arrive spread over the generation (100 decode steps, about
+    # 0.5 s at --speedup 1), not at once at the end. A buffering router would deliver them
+    # within a few ms; a loaded machine only spreads them further, never closer.
+    assert arrivals[-1] - arrivals[0] > 0.2, arrivals
 
 
 def test_openai_client_through_the_router(procs) -> None:
@@ -194,10 +186,10 @@ def test_add_and_remove_while_requests_run_loses_nothing(procs) -> None:
     for t in threads:
         t.start()
     try:
-        poll(lambda: len(results) >= 10)
+        wait_until(lambda: len(results) >= 10)
         added = httpx.post(router.url + "/add_worker", params={"url": w3.url}, timeout=30)
         assert added.status_code == 200
-        poll(
+        wait_until(
             lambda: any(
                 w["url"] == w3.url and w["requests_total"] > 0
                 for w in httpx.get(router.url + "/workers").json()["workers"]
@@ -207,7 +199,7 @@ def test_add_and_remove_while_requests_run_loses_nothing(procs) -> None:
         removed = httpx.post(router.url + "/remove_worker", params={"url": w1.url}, timeout=30)
         assert removed.status_code == 200
         count = len(results)
-        poll(lambda: len(results) >= count + 20)
+        wait_until(lambda: len(results) >= count + 20)
     finally:
         stop.set()
         for t in threads:
@@ -228,8 +220,10 @@ def test_client_disconnect_mid_stream_cancels_upstream_and_frees_load(procs) -> 
         assert loads[0]["load"] == 1
     # 2000 tokens take ~13 s at speedup 1; the abort must come long before.
     started = time.monotonic()
-    poll(lambda: httpx.get(router.url + "/get_loads").json()["workers"][0]["load"] == 0, timeout=5)
-    poll(lambda: httpx.get(worker.url + "/get_load").json()[0]["num_reqs"] == 0, timeout=5)
+    wait_until(
+        lambda: httpx.get(router.url + "/get_loads").json()["workers"][0]["load"] == 0, timeout=5
+    )
+    wait_until(lambda: httpx.get(worker.url + "/get_load").json()[0]["num_reqs"] == 0, timeout=5)
     assert time.monotonic() - started < 5
 
 
@@ -326,8 +320,10 @@ def test_client_giving_up_on_a_non_streamed_request_cancels_it_upstream(procs) -
     body = {"text": "long answer", "sampling_params": {"max_new_tokens": 2000}}  # ~13 s
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(router.url + "/generate", json=body, timeout=httpx.Timeout(30, read=0.5))
-    poll(lambda: httpx.get(router.url + "/get_loads").json()["workers"][0]["load"] == 0, timeout=5)
-    poll(lambda: httpx.get(worker.url + "/get_load").json()[0]["num_reqs"] == 0, timeout=5)
+    wait_until(
+        lambda: httpx.get(router.url + "/get_loads").json()["workers"][0]["load"] == 0, timeout=5
+    )
+    wait_until(lambda: httpx.get(worker.url + "/get_load").json()[0]["num_reqs"] == 0, timeout=5)
     stats = httpx.get(router.url + "/stats").json()
     assert stats["errors_total"] == 1
 

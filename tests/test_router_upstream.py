@@ -6,8 +6,10 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 import pytest
+from support import async_wait_until
 
-from sglctl.router.upstream import UpstreamError, UpstreamPool, UpstreamTimeout
+from sglctl.router.upstream import UpstreamError, UpstreamTimeout
+from sglctl.router.upstream_native import UpstreamPool
 
 pytestmark = pytest.mark.anyio
 
@@ -139,7 +141,10 @@ async def test_stale_idle_connection_is_retried_on_a_new_one() -> None:
         for _ in range(3):
             r = await pool.request(url, b"POST", b"/x", [], b"{}", deadline())
             assert await r.read() == b"ok"
-            await asyncio.sleep(0.05)  # let the server's close arrive
+            await async_wait_until(  # the server's close has reached the idle connection
+                lambda: all(c.closed for o in pool._origins.values() for c in o.idle),
+                what="the idle connection closed by the server",
+            )
         assert server.connections == 3
     pool.close_all()
 

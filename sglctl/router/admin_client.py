@@ -41,9 +41,23 @@ def _call(
     return data if isinstance(data, dict) else {"result": data}
 
 
-def add_worker(router: str, url: str, timeout: float = 660.0, api_key: str | None = None) -> dict:
-    """``POST /add_worker?url=``; returns once the worker passed its health check."""
-    return _call("POST", router, "/add_worker", timeout, api_key, url=url)
+def add_worker(
+    router: str,
+    url: str,
+    timeout: float = 30.0,
+    api_key: str | None = None,
+    wait: float | None = None,
+) -> dict:
+    """``POST /add_worker?url=``: the router answers within seconds (``status`` "ok", or
+    "pending" when the worker is not healthy yet and will join once it is).
+
+    ``wait``: seconds the router may wait for the worker to pass its health check instead
+    (``?wait=``); the HTTP timeout is then ``wait`` plus a margin for the router's answer, so a
+    caller's bound holds even when the router itself does not answer.
+    """
+    if wait is None:
+        return _call("POST", router, "/add_worker", timeout, api_key, url=url)
+    return _call("POST", router, "/add_worker", wait + 5.0, api_key, url=url, wait=f"{wait:g}")
 
 
 def remove_worker(router: str, url: str, timeout: float = 30.0, api_key: str | None = None) -> dict:

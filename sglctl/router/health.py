@@ -13,8 +13,10 @@ flap a worker in and out of rotation. Transitions are logged (warning when a wor
 info when it returns); individual probes only at debug.
 
 The checker owns no workers: it reads ``registry.all()`` each round and flips
-``worker.health_ok``. Workers added later are probed from the next round; state kept for
-removed workers is dropped.
+``worker.health_ok`` -- except for workers whose ``source`` is in ``skip_sources``: under
+``sglctl up`` the supervisor checks its own workers, and one source of health per worker
+keeps the two from disagreeing or doubling the probe traffic. Workers added later are
+probed from the next round; state kept for removed workers is dropped.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -37,9 +39,11 @@ class CheckedWorker(Protocol):
 
     url: str
     health_ok: bool
+    #: Where the worker came from; workers of a source in ``skip_sources`` are not probed.
+    source: str
 
 
-class WorkerSource(Protocol):
+class CheckedRegistry(Protocol):
     """What the checker needs from the registry."""
 
     def all(self) -> Iterable[CheckedWorker]: ...
@@ -75,7 +79,11 @@ class HealthChecker:
         *,
         enabled: bool = True,
         on_change: ChangeCallback | None = None,
+        skip_sources: Collection[str] = (),
     ) -> None:
+        """``skip_sources``: worker origins whose health someone else owns (under ``sglctl
+        up``, "supervisor": the supervisor probes and restarts those workers itself, see
+        :mod:`~sglctl.router.state_table_source`)."""
         if interval_secs <= 0 or timeout_secs <= 0:
             raise ValueError("health check interval and timeout must be > 0")
         self.interval_secs = interval_secs
@@ -85,6 +93,7 @@ class HealthChecker:
         self.endpoint = endpoint if endpoint.startswith("/") else "/" + endpoint
         self.enabled = enabled
         self.on_change = on_change
+        self.skip_sources = frozenset(skip_sources)
         self._client = client
         self._own_client = client is None
         self._status: dict[str, HealthStatus] = {}
@@ -94,7 +103,7 @@ class HealthChecker:
         """The checker's view of ``url`` (an empty status before its first probe)."""
         return self._status.get(url) or HealthStatus()
 
-    async def run(self, registry: WorkerSource) -> None:
+    async def run(self, registry: CheckedRegistry) -> None:
         """Probe every worker forever (until cancelled); a no-op loop when disabled.
 
         A failing round (a bug, not a failing worker) is logged and the loop goes on:
@@ -124,9 +133,9 @@ class HealthChecker:
         finally:
             await self.aclose()
 
-    async def check_all(self, registry: WorkerSource) -> None:
+    async def check_all(self, registry: CheckedRegistry) -> None:
         """One round: probe every worker concurrently and apply the thresholds."""
-        workers = list(registry.all())
+        workers = [w for w in registry.all() if w.source not in self.skip_sources]
         live = {w.url for w in workers}
         for url in list(self._status):
             if url not in live:
@@ -233,85 +242,3 @@ class HealthChecker:
 def _describe(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-class Watch:
-    """One attempt in flight at one worker, as seen by :class:`InFlightWatcher`.
-
-    ``reading`` is True while the attempt's task awaits the worker (sending the request or
-    reading the answer); only then is the task cancelled by :meth:`InFlightWatcher.interrupt`,
-    so the cancellation always lands inside an upstream read, never in code that talks to the
-    client. When the worker is ejected while the attempt does something else (a stream relay
-    handing a chunk to the client), ``reason`` is set and the attempt checks it before its next
-    read.
-    """
-
-    __slots__ = ("_cancelled", "reading", "reason", "streaming", "task", "url")
-
-    def __init__(self, url: str, task: asyncio.Task[object] | None) -> None:
-        self.url = url
-        self.task = task
-        self.reading = False
-        #: Set once the answer is being relayed to the client: the relay then owns the watch.
-        self.streaming = False
-        self.reason: str | None = None
-        self._cancelled = False
-
-    def interrupted(self) -> bool:
-        """Call on ``CancelledError``: True if the cancel was ours (and then absorb it).
-
-        False means the cancellation came from elsewhere (client gone, shutdown) and must
-        propagate. When both happened, the outside cancel wins.
-        """
-        if not self._cancelled:
-            return False
-        self._cancelled = False
-        uncancel = getattr(self.task, "uncancel", None)  # Python >= 3.11
-        return not (uncancel is not None and uncancel() > 0)
-
-
-class InFlightWatcher:
-    """Lets the health checker interrupt requests stuck on a worker it just ejected.
-
-    Taking a stalled worker out of routing protects new requests only; the ones already waiting
-    on it would wait for ``--request-timeout-secs`` (30 minutes by default). So when a worker
-    turns unhealthy, every attempt still waiting on it is interrupted: attempts whose answer has
-    not reached the client fail over to another worker like any connection error, and streams
-    already relaying end with an error event instead of hanging. The thresholds
-    (``--health-failure-threshold`` consecutive failed probes) are what keeps this from firing
-    on a worker that is merely slow.
-    """
-
-    def __init__(self) -> None:
-        self._watches: dict[str, set[Watch]] = {}
-
-    def watch(self, url: str) -> Watch:
-        """Register the current task's attempt at ``url``; pair with :meth:`unwatch`."""
-        watch = Watch(url, asyncio.current_task())
-        self._watches.setdefault(url, set()).add(watch)
-        return watch
-
-    def unwatch(self, watch: Watch) -> None:
-        watches = self._watches.get(watch.url)
-        if watches is not None:
-            watches.discard(watch)
-            if not watches:
-                del self._watches[watch.url]
-
-    def count(self, url: str) -> int:
-        return len(self._watches.get(url, ()))
-
-    def interrupt(self, url: str, reason: str) -> int:
-        """Interrupt every attempt at ``url``; returns how many were interrupted."""
-        interrupted = 0
-        for watch in list(self._watches.get(url, ())):
-            if watch.reason is not None:
-                continue
-            watch.reason = reason
-            interrupted += 1
-            if watch.reading and watch.task is not None and not watch.task.done():
-                watch._cancelled = True
-                watch.task.cancel()
-        if interrupted:
-            log.warning("interrupted %d requests in flight at %s: %s", interrupted, url, reason)
-        return interrupted

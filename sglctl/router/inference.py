@@ -9,23 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from sglctl.router.admission import AdmissionRejected, parse_priority
 from sglctl.router.errors import RouterError
+from sglctl.router.pd import forward_pd
 from sglctl.router.proxy import Finish
 from sglctl.router.request import parse_inference, read_body
-
-if TYPE_CHECKING:
-    from sglctl.router.app import Router
+from sglctl.router.router import Router
 
 KEYED_ROUTES = ("/generate", "/v1/chat/completions", "/v1/completions")
 UNKEYED_ROUTES = ("/v1/embeddings", "/v1/rerank", "/v1/score", "/classify", "/encode")
-DEFAULT_REQUEST_ID_HEADERS = ("x-request-id", "x-correlation-id", "x-trace-id", "request-id")
 #: Status recorded for requests whose client went away before the answer (nginx's 499).
 CLIENT_CLOSED = 499
 
@@ -58,85 +54,73 @@ class DisconnectWatcher:
         self._watch.cancel()
 
 
-def routes(router: Router) -> list[Route]:
-    config = router.config
-    limit = config.max_payload_size
-    needs_text = router.policy.needs_text
-    id_headers = tuple(h.lower() for h in config.request_id_headers) or DEFAULT_REQUEST_ID_HEADERS
-    passed = frozenset(h.encode("latin-1") for h in ("authorization", *id_headers))
-    admission = router.admission
-    metrics = router.metrics
-    stats = router.stats
+def forward_headers(request: Request, passed: frozenset[bytes]) -> list[tuple[bytes, bytes]]:
+    """Headers for the worker: JSON content type, the caller's credentials, request ids."""
+    headers = [(b"content-type", b"application/json")]
+    for name, value in request.scope["headers"]:  # raw, names already lower-case
+        if name in passed:
+            headers.append((name, value))
+    return headers
 
-    def forward_headers(request: Request) -> list[tuple[bytes, bytes]]:
-        """Headers for the worker: JSON content type, the caller's credentials, request ids."""
-        headers = [(b"content-type", b"application/json")]
-        for name, value in request.scope["headers"]:  # raw, names already lower-case
-            if name in passed:
-                headers.append((name, value))
-        return headers
 
-    async def handle(request: Request) -> Response:
-        route: str = request.scope["path"]
-        started = time.perf_counter()
-        finish = Finish()
+async def forward(request: Request) -> Response:
+    """Every inference route: read and check the body, admit, route, forward."""
+    router: Router = request.app.state.router
+    route: str = request.scope["path"]
+    started = time.perf_counter()
+    finish = Finish()
+    metrics, stats, admission = router.metrics, router.stats, router.admission
 
-        def record(status: int, ok: bool) -> None:
-            elapsed = time.perf_counter() - started
-            metrics.observe(route, status, elapsed)
-            stats.record(elapsed, ok)
+    def record(status: int, ok: bool) -> None:
+        elapsed = time.perf_counter() - started
+        metrics.observe(route, status, elapsed)
+        stats.record(elapsed, ok)
 
-        finish.add(record)
+    finish.add(record)
+    try:
+        body = await read_body(request, router.config.max_payload_size)
+        parsed = parse_inference(route, body, need_key=router.policy.needs_text)
         try:
-            body = await read_body(request, limit)
-            parsed = parse_inference(route, body, need_key=needs_text)
-            try:
-                priority = parse_priority(parsed.payload.get("priority"))
-            except ValueError as exc:
-                raise RouterError(400, str(exc)) from None
-            if admission.enabled:
-                await admission.acquire(priority)
-                finish.add(lambda status, ok: admission.release())
-            headers = forward_headers(request)
-            forwarder = router.forwarder
-            assert forwarder is not None, "router not started"
-            # Until the answer starts, a client that hangs up cancels this task, and with it
-            # the request at the worker (a long non-streamed generation must not run on for
-            # nobody). From the first byte on, Starlette's streaming response does the same.
-            watcher = DisconnectWatcher(request)
-            try:
-                if config.is_pd:
-                    from sglctl.router.pd import forward_pd
-
-                    return await forward_pd(router, route, parsed, headers, finish)
-                query = request.scope.get("query_string")
-                target = f"{route}?{query.decode('latin-1')}" if query else route
-                return await forwarder.forward(target, body, headers, parsed.key, finish)
-            except asyncio.CancelledError:
-                if not watcher.absorb_cancel():
-                    raise
-                finish(CLIENT_CLOSED, False)
-                return Response(status_code=CLIENT_CLOSED)
-            finally:
-                watcher.stop()
-        except RouterError as exc:
-            finish(exc.status, False)
-            raise
-        except AdmissionRejected as exc:
-            finish(429, False)
-            raise RouterError(
-                429, str(exc), headers={"Retry-After": str(exc.retry_after)}
-            ) from None
-        except ClientDisconnect:
-            # The client hung up while sending its body: nobody is left to answer, and an
-            # unhandled exception would log a traceback per disconnect.
+            priority = parse_priority(parsed.payload.get("priority"))
+        except ValueError as exc:
+            raise RouterError(400, str(exc)) from None
+        if admission.enabled:
+            await admission.acquire(priority)
+            finish.add(lambda status, ok: admission.release())
+        headers = forward_headers(request, router.forwarded_headers)
+        forwarder = router.forwarder
+        assert forwarder is not None, "router not started"
+        # Until the answer starts, a client that hangs up cancels this task, and with it
+        # the request at the worker (a long non-streamed generation must not run on for
+        # nobody). From the first byte on, Starlette's streaming response does the same.
+        watcher = DisconnectWatcher(request)
+        try:
+            if router.config.is_pd:
+                return await forward_pd(router, route, parsed, headers, finish)
+            query = request.scope.get("query_string")
+            target = f"{route}?{query.decode('latin-1')}" if query else route
+            return await forwarder.forward(target, body, headers, parsed.key, finish)
+        except asyncio.CancelledError:
+            if not watcher.absorb_cancel():
+                raise
             finish(CLIENT_CLOSED, False)
             return Response(status_code=CLIENT_CLOSED)
-        except asyncio.CancelledError:
-            finish(CLIENT_CLOSED, False)
-            raise
-        except Exception:
-            finish(500, False)
-            raise
-
-    return [Route(path, handle, methods=["POST"]) for path in (*KEYED_ROUTES, *UNKEYED_ROUTES)]
+        finally:
+            watcher.stop()
+    except RouterError as exc:
+        finish(exc.status, False)
+        raise
+    except AdmissionRejected as exc:
+        finish(429, False)
+        raise RouterError(429, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
+    except ClientDisconnect:
+        # The client hung up while sending its body: nobody is left to answer, and an
+        # unhandled exception would log a traceback per disconnect.
+        finish(CLIENT_CLOSED, False)
+        return Response(status_code=CLIENT_CLOSED)
+    except asyncio.CancelledError:
+        finish(CLIENT_CLOSED, False)
+        raise
+    except Exception:
+        finish(500, False)
+        raise

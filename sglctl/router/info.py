@@ -8,30 +8,30 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from sglctl import __version__
-from sglctl.router.admin import json_response
+from sglctl.router.config import RouterConfig
 from sglctl.router.errors import RouterError
-
-if TYPE_CHECKING:
-    from sglctl.router.app import Router
+from sglctl.router.responses import json_response
+from sglctl.router.router import Router
+from sglctl.router.workers import WorkerRegistry
 
 log = logging.getLogger(__name__)
 
 
-async def get_from_worker(router: Router, path: str, timeout: float) -> tuple[str, httpx.Response]:
+async def get_from_worker(
+    registry: WorkerRegistry, client: httpx.AsyncClient | None, path: str, timeout: float
+) -> tuple[str, httpx.Response]:
     """GET ``path`` from the first routable worker that answers 200 (503/502 otherwise)."""
-    client = router.client
-    assert client is not None
-    workers = router.registry.routable()
+    assert client is not None, "router not started"
+    workers = registry.routable()
     if not workers:
         raise RouterError(503, "no healthy worker available")
     last = ""
@@ -47,86 +47,98 @@ async def get_from_worker(router: Router, path: str, timeout: float) -> tuple[st
     raise RouterError(502, f"no worker answered {path}; last error: {last}")
 
 
-def routes(router: Router) -> list[Route]:
+def _router(request: Request) -> Router:
+    router: Router = request.app.state.router
+    return router
+
+
+def _info_timeout(config: RouterConfig) -> float:
+    return max(config.health_check_timeout_secs, 1.0) * 2
+
+
+async def health(request: Request) -> Response:
+    registry = _router(request).registry
+    healthy = len(registry.routable())
+    if healthy:
+        return json_response(
+            {"status": "healthy", "healthy_workers": healthy, "total_workers": len(registry)}
+        )
+    raise RouterError(503, f"no healthy worker ({len(registry)} registered)")
+
+
+async def liveness(request: Request) -> Response:
+    return json_response({"status": "alive"})
+
+
+async def readiness(request: Request) -> Response:
+    registry = _router(request).registry
+    healthy = len(registry.routable())
+    body = {
+        "status": "ready" if healthy else "not_ready",
+        "healthy_workers": healthy,
+        "total_workers": len(registry),
+    }
+    return json_response(body, 200 if healthy else 503)
+
+
+async def health_generate(request: Request) -> Response:
+    router = _router(request)
+    # A one-token generation; a worker that cannot do it in a minute is not healthy.
+    timeout = min(router.config.request_timeout_secs, 60.0)
+    url, _ = await get_from_worker(router.registry, router.client, "/health_generate", timeout)
+    return json_response({"status": "healthy", "worker": url})
+
+
+async def passthrough(request: Request) -> Response:
+    """``/v1/models``, ``/get_model_info``: the first routable worker's answer, as is."""
+    router = _router(request)
+    _, response = await get_from_worker(
+        router.registry, router.client, request.scope["path"], _info_timeout(router.config)
+    )
+    return Response(
+        response.content,
+        status_code=200,
+        media_type=response.headers.get("content-type", "application/json"),
+    )
+
+
+async def server_info(request: Request) -> Response:
+    router = _router(request)
     registry = router.registry
-    config = router.config
-    info_timeout = max(config.health_check_timeout_secs, 1.0) * 2
+    url, response = await get_from_worker(
+        registry, router.client, "/get_server_info", _info_timeout(router.config)
+    )
+    try:
+        data: dict[str, Any] = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        raise RouterError(502, f"{url} answered /get_server_info with invalid JSON") from None
+    if not isinstance(data, dict):
+        data = {"worker_info": data}
+    data["router"] = {
+        "name": "sglctl",
+        "version": __version__,
+        "policy": router.policy.name,
+        "workers": len(registry),
+        "healthy_workers": len(registry.routable()),
+        "worker_urls": [w.url for w in registry.all()],
+        "answered_by": url,
+    }
+    return json_response(data)
 
-    async def health(request: Request) -> Response:
-        healthy = len(registry.routable())
-        if healthy:
-            return json_response(
-                {"status": "healthy", "healthy_workers": healthy, "total_workers": len(registry)}
-            )
-        raise RouterError(503, f"no healthy worker ({len(registry)} registered)")
 
-    async def liveness(request: Request) -> Response:
-        return json_response({"status": "alive"})
+async def metrics(request: Request) -> Response:
+    return Response(_router(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    async def readiness(request: Request) -> Response:
-        healthy = len(registry.routable())
-        body = {
-            "status": "ready" if healthy else "not_ready",
-            "healthy_workers": healthy,
-            "total_workers": len(registry),
-        }
-        return json_response(body, 200 if healthy else 503)
 
-    async def health_generate(request: Request) -> Response:
-        # A one-token generation; a worker that cannot do it in a minute is not healthy.
-        timeout = min(config.request_timeout_secs, 60.0)
-        url, _ = await get_from_worker(router, "/health_generate", timeout)
-        return json_response({"status": "healthy", "worker": url})
-
-    async def passthrough(request: Request) -> Response:
-        _, response = await get_from_worker(router, request.scope["path"], info_timeout)
-        return Response(
-            response.content,
-            status_code=200,
-            media_type=response.headers.get("content-type", "application/json"),
-        )
-
-    async def server_info(request: Request) -> Response:
-        url, response = await get_from_worker(router, "/get_server_info", info_timeout)
-        try:
-            data: dict[str, Any] = orjson.loads(response.content)
-        except orjson.JSONDecodeError:
-            raise RouterError(502, f"{url} answered /get_server_info with invalid JSON") from None
-        if not isinstance(data, dict):
-            data = {"worker_info": data}
-        data["router"] = {
-            "name": "sglctl",
-            "version": __version__,
-            "policy": router.policy.name,
-            "workers": len(registry),
-            "healthy_workers": len(registry.routable()),
-            "worker_urls": [w.url for w in registry.all()],
-            "answered_by": url,
-        }
-        return json_response(data)
-
-    async def metrics(request: Request) -> Response:
-        return Response(router.metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-    async def stats(request: Request) -> Response:
-        data: dict[str, Any] = router.stats.snapshot()
-        data.update(
-            workers=len(registry),
-            healthy_workers=len(registry.routable()),
-            policy=router.policy.name,
-            uptime_secs=round(time.time() - router.started_at, 3),
-            in_flight=sum(w.in_flight for w in registry.all()),
-        )
-        return json_response(data)
-
-    return [
-        Route("/health", health, methods=["GET"]),
-        Route("/liveness", liveness, methods=["GET"]),
-        Route("/readiness", readiness, methods=["GET"]),
-        Route("/health_generate", health_generate, methods=["GET"]),
-        Route("/v1/models", passthrough, methods=["GET"]),
-        Route("/get_model_info", passthrough, methods=["GET"]),
-        Route("/get_server_info", server_info, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
-        Route("/stats", stats, methods=["GET"]),
-    ]
+async def stats(request: Request) -> Response:
+    router = _router(request)
+    registry = router.registry
+    data: dict[str, Any] = router.stats.snapshot()
+    data.update(
+        workers=len(registry),
+        healthy_workers=len(registry.routable()),
+        policy=router.policy.name,
+        uptime_secs=round(time.time() - router.started_at, 3),
+        in_flight=sum(w.in_flight for w in registry.all()),
+    )
+    return json_response(data)

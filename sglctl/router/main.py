@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
@@ -22,17 +24,18 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from sglctl.logs import configure_logging
-from sglctl.router.config import RouterConfig, parse_args
+from sglctl.router.config import RouterConfig
+from sglctl.router.flags import parse_args
 
 log = logging.getLogger(__name__)
 
 
-def metrics_app(render: object) -> Starlette:
+def metrics_app(render: Callable[[], bytes]) -> Starlette:
     """A tiny app that serves only ``GET /metrics`` (the ``--metrics-port`` listener)."""
     from prometheus_client import CONTENT_TYPE_LATEST
 
     async def metrics(request: Request) -> Response:
-        return Response(render(), media_type=CONTENT_TYPE_LATEST)  # type: ignore[operator]
+        return Response(render(), media_type=CONTENT_TYPE_LATEST)
 
     return Starlette(routes=[Route("/metrics", metrics, methods=["GET"])])
 
@@ -70,7 +73,8 @@ def listen(host: str, port: int, what: str) -> socket.socket:
 
 async def serve(config: RouterConfig) -> None:
     """Run the router until SIGINT/SIGTERM."""
-    from sglctl.router.app import Router, create_app
+    from sglctl.router.app import create_app
+    from sglctl.router.router import Router
 
     sockets = [listen(config.host, config.port, "requests (--host/--port)")]
     metrics_sockets: list[socket.socket] = []
@@ -129,6 +133,29 @@ async def serve(config: RouterConfig) -> None:
         raise SystemExit(1)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a --host value) is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def warn_if_exposed(config: RouterConfig) -> bool:
+    """One warning line when the admin API is open to the network (non-loopback, no key)."""
+    if config.api_key or is_loopback(config.host):
+        return False
+    log.warning(
+        "listening on %s without --api-key: anyone who reaches port %d can add and remove "
+        "workers (POST /add_worker); pass --api-key KEY or bind --host 127.0.0.1",
+        config.host,
+        config.port,
+    )
+    return True
+
+
 def main(argv: Sequence[str] | None = None, prog: str = "sglctl router") -> None:
     """Parse ``argv`` (default ``sys.argv[1:]``) and run the router."""
     config = parse_args(argv, prog=prog)
@@ -137,22 +164,13 @@ def main(argv: Sequence[str] | None = None, prog: str = "sglctl router") -> None
         _, reason = config.unsupported[0]
         print(f"error: {reason}", file=sys.stderr)
         raise SystemExit(2)
-    if config.is_pd:
-        try:
-            import sglctl.router.pd  # noqa: F401
-        except ImportError:
-            print(
-                "error: prefill/decode disaggregation (--pd-disaggregation / --mode pd) is not "
-                "implemented by this sglctl build",
-                file=sys.stderr,
-            )
-            raise SystemExit(2) from None
+    warn_if_exposed(config)
     try:
         import uvloop
 
-        runner = uvloop.run
+        runner: Callable[[Coroutine[Any, Any, None]], None] = uvloop.run
     except ImportError:  # pragma: no cover - uvloop ships with uvicorn[standard]
-        runner = asyncio.run  # type: ignore[assignment]
+        runner = asyncio.run
     try:
         with contextlib.suppress(KeyboardInterrupt):
             runner(serve(config))

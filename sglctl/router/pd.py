@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
@@ -28,12 +28,9 @@ from starlette.responses import Response, StreamingResponse
 from sglctl.router.errors import RouterError
 from sglctl.router.proxy import WORKER_HEADER, Finish
 from sglctl.router.request import ParsedRequest
-from sglctl.router.upstream import Response as UpstreamResponse
-from sglctl.router.upstream import UpstreamError
+from sglctl.router.router import Router
+from sglctl.router.upstream import UpstreamError, UpstreamResponse
 from sglctl.router.workers import Worker
-
-if TYPE_CHECKING:
-    from sglctl.router.app import Router
 
 log = logging.getLogger(__name__)
 _rng = random.SystemRandom()

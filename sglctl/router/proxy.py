@@ -33,11 +33,10 @@ import orjson
 from starlette.responses import Response, StreamingResponse
 
 from sglctl.router.errors import RouterError
-from sglctl.router.health import InFlightWatcher, Watch
+from sglctl.router.inflight import InFlightWatcher, Watch
 from sglctl.router.policies.base import NO_KEY, Policy, RouteKey
 from sglctl.router.retry import RetryBudget, RetryPolicy, retryable_status
-from sglctl.router.upstream import Response as UpstreamResponse
-from sglctl.router.upstream import Upstream, UpstreamError, UpstreamTimeout
+from sglctl.router.upstream import Upstream, UpstreamError, UpstreamResponse, UpstreamTimeout
 from sglctl.router.workers import Worker, WorkerRegistry
 
 log = logging.getLogger(__name__)
@@ -302,6 +301,4 @@ class Forwarder:
 
 def _release_probe(worker: Worker) -> None:
     """The request ended with no verdict (client gone): free a half-open probe slot."""
-    release = getattr(worker.breaker, "release", None)
-    if release is not None:
-        release()
+    worker.breaker.release()

@@ -20,8 +20,10 @@ from sglctl.router.workers import DuplicateWorkerError, WorkerRegistry
 log = logging.getLogger(__name__)
 
 
-class WorkerSourceProtocol(Protocol):
-    """A background task that adds, removes and (un)marks workers in the registry."""
+class WorkerSource(Protocol):
+    """Something that feeds the registry: a background task adding, removing and (un)marking
+    workers, each registered with its origin (``Worker.source``: "static", "admin",
+    "supervisor", "k8s") and the labels it knows (``meta``)."""
 
     async def run(self, registry: WorkerRegistry) -> None: ...
 
@@ -50,6 +52,6 @@ class StaticSource:
         entries += [(u, "decode", None) for u in self.decode]
         for url, role, port in entries:
             try:
-                registry.add(url, role=role, bootstrap_port=port)
+                registry.add(url, role=role, bootstrap_port=port, source="static")
             except DuplicateWorkerError:
                 log.warning("worker %s given twice on the command line; using it once", url)

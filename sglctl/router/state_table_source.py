@@ -15,6 +15,18 @@ Mapping of supervisor states to the registry:
 * STARTING, RESTARTING, FAILED, REMOVED, EMPTY -- not registered (removed if it was).
   Requests in flight to a removed worker finish or fail over through the retry logic.
 
+One source of health per worker: the supervisor's. These workers are registered with
+``source="supervisor"`` and the router's own ``HealthChecker`` skips them
+(``sglctl.router.router.EXTERNALLY_CHECKED``); it keeps probing static and admin-added
+workers. Why: the supervisor already probes every worker it starts, because it owns their
+restarts, and the table tells the router of each verdict within ~10 ms; a second checker in
+the router doubled the probe traffic and could disagree with the supervisor (eject a worker
+the supervisor still counts healthy, or keep one it is restarting). A supervisor mark of
+UNHEALTHY, or of a state that takes the worker out (restarting, failed, removed), interrupts
+the worker's requests in flight exactly as a health ejection does (``on_sick`` ->
+``Router.interrupt``): attempts with nothing sent to the client yet are retried on another
+worker, streams end with an error event.
+
 Changes are edge-triggered per slot: the source acts when a slot's (url, state, pid) changes,
 not on every poll, so a worker an operator removed through the admin API stays removed until
 its slot changes again.
@@ -32,9 +44,11 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from sglctl.router.urls import InvalidWorkerURL
 from sglctl.router.workers import DuplicateWorkerError, UnknownWorkerError, WorkerRegistry
 from sglctl.state_table import (
     RouterColumns,
@@ -79,8 +93,12 @@ class StateTableSource:
         columns_interval: float = 0.25,
         totals_interval: float = 1.0,
         attach_timeout: float = 10.0,
+        on_sick: Callable[[str, str], object] | None = None,
     ) -> None:
+        """``on_sick(url, reason)``: the supervisor marked a worker unhealthy or gone; the
+        router interrupts its requests in flight (``Router.interrupt``)."""
         self.name = name
+        self.on_sick = on_sick
         self.stats = stats
         self.poll_interval = poll_interval
         self.columns_interval = columns_interval
@@ -175,19 +193,33 @@ class StateTableSource:
             if restarted and slot.url in registry:
                 self._drop(registry, known)  # a new process: fresh tree, health and breaker
             if slot.url not in registry:
-                with contextlib.suppress(DuplicateWorkerError):
-                    registry.add(slot.url)
+                try:
+                    registry.add(slot.url, source="supervisor", meta={"slot": str(index)})
+                except DuplicateWorkerError:
+                    pass
+                except InvalidWorkerURL as exc:  # a supervisor bug; never kill the source
+                    log.error("state table slot %d: %s; worker ignored", index, exc)
+                    return
                 log.info("state table: worker %s (pid %d) is in rotation", slot.url, slot.pid)
             with contextlib.suppress(UnknownWorkerError):
                 registry.set_available(slot.url, True)
         elif slot.state == WorkerState.UNHEALTHY:
             with contextlib.suppress(UnknownWorkerError):
                 registry.set_available(slot.url, False)
+                self._sick(slot.url, f"the supervisor marked worker {slot.url} unhealthy")
         elif slot.url in registry:
             log.info("state table: worker %s is %s; out of rotation", slot.url, slot.state.label)
             self._drop(registry, known)
+            self._sick(slot.url, f"the supervisor marked worker {slot.url} {slot.state.label}")
         if slot.state == WorkerState.EMPTY:
             self._known.pop(index, None)
+
+    def _sick(self, url: str, reason: str) -> None:
+        if self.on_sick is not None:
+            try:
+                self.on_sick(url, reason)
+            except Exception:
+                log.exception("interrupting requests at %s failed", url)
 
     def _drop(self, registry: WorkerRegistry, known: _Known) -> None:
         """Remove the worker, keeping its counters for the next incarnation."""

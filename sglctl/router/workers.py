@@ -16,20 +16,38 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
+from sglctl.router.urls import lookup_key, parse_worker_url
+
 log = logging.getLogger(__name__)
 
 
 class Breaker(Protocol):
-    """What the registry and the proxy need from a circuit breaker (helper E's class)."""
+    """Everything the registry, the proxy and the metrics call on a circuit breaker.
+
+    :class:`~sglctl.router.circuit_breaker.CircuitBreaker` and :class:`AlwaysClosed` both
+    implement all of it, so no caller needs ``getattr`` to find out.
+    """
 
     @property
     def state(self) -> str: ...
 
-    def allow(self) -> bool: ...
+    def is_available(self) -> bool:
+        """Whether the worker may be offered to a policy (not open)."""
+        ...
+
+    def allow(self) -> bool:
+        """Let one request through (in half-open, one probe at a time)."""
+        ...
+
+    def release(self) -> None:
+        """A request ended with no verdict (client gone): free its half-open probe slot."""
+        ...
 
     def record_success(self) -> None: ...
 
     def record_failure(self) -> None: ...
+
+    def reset(self) -> None: ...
 
 
 class AlwaysClosed:
@@ -57,6 +75,11 @@ class AlwaysClosed:
         pass
 
 
+#: Where a worker can come from (``Worker.source``): the command line, the admin API, the
+#: supervisor's shared-memory table, Kubernetes discovery.
+ORIGINS = ("static", "admin", "supervisor", "k8s")
+
+
 def worker_id(url: str) -> str:
     """A short stable id for a URL, usable in paths (``DELETE /workers/{id}``)."""
     return hashlib.sha1(url.encode()).hexdigest()[:12]
@@ -73,8 +96,10 @@ class Worker:
         "health_ok",
         "id",
         "in_flight",
+        "meta",
         "requests_total",
         "role",
+        "source",
         "url",
     )
 
@@ -84,12 +109,19 @@ class Worker:
         breaker: Breaker | None = None,
         role: str = "regular",
         bootstrap_port: int | None = None,
+        *,
+        source: str = "static",
+        meta: dict[str, str] | None = None,
     ) -> None:
         self.url = url
         self.id = worker_id(url)
         #: "regular", "prefill" or "decode" (PD mode).
         self.role = role
         self.bootstrap_port = bootstrap_port
+        #: Where the worker came from (one of :data:`ORIGINS`): decides who checks its health.
+        self.source = source
+        #: Labels from its source, e.g. ``{"pod": ..., "namespace": ...}`` for Kubernetes.
+        self.meta: dict[str, str] = dict(meta or {})
         #: Requests dispatched to this worker and not yet finished (last byte sent or cancelled).
         self.in_flight = 0
         self.requests_total = 0
@@ -126,10 +158,7 @@ class Worker:
 
     def is_routable(self) -> bool:
         """Healthy, available and not shut off by its circuit breaker."""
-        if not (self.health_ok and self.available):
-            return False
-        probe = getattr(self.breaker, "is_available", None)
-        return bool(probe()) if probe is not None else self.breaker.state != "open"
+        return self.health_ok and self.available and self.breaker.is_available()
 
     def to_json(self) -> dict[str, object]:
         """The ``GET /workers`` item (0.3.2 field names plus sglctl's counters)."""
@@ -143,6 +172,8 @@ class Worker:
             "requests_total": self.requests_total,
             "errors_total": self.errors_total,
             "circuit_breaker_state": self.breaker_state,
+            "source": self.source,
+            "meta": dict(self.meta),
             **({"bootstrap_port": self.bootstrap_port} if self.role == "prefill" else {}),
         }
 
@@ -163,14 +194,6 @@ Listener = Callable[[str, Worker], None]
 BreakerFactory = Callable[[str], Breaker]
 
 
-def normalize_url(url: str) -> str:
-    """Strip whitespace and trailing slashes; add ``http://`` when no scheme is given."""
-    url = url.strip().rstrip("/")
-    if "://" not in url:
-        url = "http://" + url
-    return url
-
-
 class WorkerRegistry:
     """The set of workers, keyed by URL, with change listeners."""
 
@@ -180,21 +203,38 @@ class WorkerRegistry:
         self._breaker_factory = breaker_factory
 
     # -- membership ------------------------------------------------------------------------
-    def add(self, url: str, *, role: str = "regular", bootstrap_port: int | None = None) -> Worker:
-        """Register ``url``; raises :class:`DuplicateWorkerError` if it is already known."""
-        url = normalize_url(url)
+    def add(
+        self,
+        url: str,
+        *,
+        role: str = "regular",
+        bootstrap_port: int | None = None,
+        source: str = "static",
+        meta: dict[str, str] | None = None,
+    ) -> Worker:
+        """Register ``url`` (validated by :func:`~sglctl.router.urls.parse_worker_url`).
+
+        Raises :class:`~sglctl.router.urls.InvalidWorkerURL` for a malformed URL and
+        :class:`DuplicateWorkerError` if it is already known. ``source`` is one of
+        :data:`ORIGINS`; ``meta`` holds the source's labels (shown by ``GET /workers``).
+        """
+        url = parse_worker_url(url)
         if url in self._workers:
             raise DuplicateWorkerError(f"worker {url} is already registered")
         breaker = self._breaker_factory(url) if self._breaker_factory else None
-        worker = Worker(url, breaker, role=role, bootstrap_port=bootstrap_port)
+        worker = Worker(
+            url, breaker, role=role, bootstrap_port=bootstrap_port, source=source, meta=meta
+        )
         self._workers[url] = worker
-        log.info("worker added: %s (%s); %d workers", url, role, len(self._workers))
+        log.info(
+            "worker added: %s (%s, from %s); %d workers", url, role, source, len(self._workers)
+        )
         self._notify("added", worker)
         return worker
 
     def remove(self, url: str) -> Worker:
         """Forget ``url``; raises :class:`UnknownWorkerError`. Requests in flight to it finish."""
-        url = normalize_url(url)
+        url = lookup_key(url)
         worker = self._workers.pop(url, None)
         if worker is None:
             raise UnknownWorkerError(url)
@@ -208,11 +248,11 @@ class WorkerRegistry:
         return worker
 
     def get(self, url: str) -> Worker | None:
-        return self._workers.get(normalize_url(url))
+        return self._workers.get(lookup_key(url))
 
     def find(self, url_or_id: str) -> Worker | None:
         """Look a worker up by URL or by its :func:`worker_id`."""
-        worker = self._workers.get(normalize_url(url_or_id))
+        worker = self._workers.get(lookup_key(url_or_id))
         if worker is not None:
             return worker
         return next((w for w in self._workers.values() if w.id == url_or_id), None)
@@ -227,7 +267,7 @@ class WorkerRegistry:
         return iter(list(self._workers.values()))
 
     def __contains__(self, url: object) -> bool:
-        return isinstance(url, str) and normalize_url(url) in self._workers
+        return isinstance(url, str) and lookup_key(url) in self._workers
 
     # -- routing ---------------------------------------------------------------------------
     def routable(self, role: str | None = None) -> list[Worker]:
@@ -240,7 +280,7 @@ class WorkerRegistry:
 
     def set_available(self, url: str, available: bool) -> None:
         """Take a worker in or out of rotation; effective for the very next request."""
-        worker = self._workers.get(normalize_url(url))
+        worker = self._workers.get(lookup_key(url))
         if worker is None:
             raise UnknownWorkerError(url)
         if worker.available != available:

@@ -324,9 +324,9 @@ def _validate_router_args(router_args: list[str]) -> RouterConfig:
     Imported lazily: the router's config module is the one piece of the router the
     supervisor may import (the reverse is not allowed).
     """
-    from sglctl.router import config as router_config
+    from sglctl.router import flags as router_flags
 
-    cfg = router_config.parse_args([*router_args, "--state-table", "check"], prog="sglctl up")
+    cfg = router_flags.parse_args([*router_args, "--state-table", "check"], prog="sglctl up")
     if cfg.unsupported:
         raise UsageError("; ".join(reason for _, reason in cfg.unsupported))
     return cfg

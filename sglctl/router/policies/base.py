@@ -37,6 +37,10 @@ class Policy(ABC):
     name = "base"
     #: Whether the router must extract the routing text from the body for this policy.
     needs_text = False
+    #: Selections that matched / missed a cached prefix (``sglang_router_cache_*_total``);
+    #: zero for policies without a cache model.
+    cache_hits = 0
+    cache_misses = 0
 
     @abstractmethod
     def select(self, workers: Sequence[Worker], key: RouteKey = NO_KEY) -> Worker | None:
@@ -59,6 +63,10 @@ class Policy(ABC):
 
     def on_worker_removed(self, worker: Worker) -> None:
         """A worker left the registry: forget anything kept about it."""
+
+    def tree_size(self) -> int:
+        """Characters held by the policy's prefix tree (0 for policies without one)."""
+        return 0
 
     def flush(self) -> None:
         """The workers' caches were flushed: forget cache state."""

@@ -110,6 +110,9 @@ class CacheAwarePolicy(Policy):
     def on_worker_removed(self, worker: Worker) -> None:
         self.tree.remove_tenant(worker.url)
 
+    def tree_size(self) -> int:
+        return self.tree.total_size()
+
     def flush(self) -> None:
         self.tree.clear()
 

@@ -1,0 +1,292 @@
+"""The router's shared state: one object per router process, built from a ``RouterConfig``.
+
+:class:`Router` holds everything requests share -- config, registry, policies, the upstream
+client and forwarder, metrics, admission, health checker, worker sources -- and runs the
+background tasks (sources, health checks, policy maintenance, admin admissions) from
+:meth:`Router.start` to :meth:`Router.stop`. The HTTP handlers reach it as
+``request.app.state.router`` (:mod:`~sglctl.router.app` puts it there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+import httpx
+
+from sglctl.router.admission import AdmissionController
+from sglctl.router.circuit_breaker import CircuitBreaker
+from sglctl.router.config import RouterConfig
+from sglctl.router.health import CheckedWorker, HealthChecker
+from sglctl.router.metrics import RouterMetrics
+from sglctl.router.policies import Policy, make_policy
+from sglctl.router.proxy import Forwarder
+from sglctl.router.retry import RetryBudget, RetryPolicy
+from sglctl.router.sources import StaticSource, WorkerSource
+from sglctl.router.stats import RollingStats
+from sglctl.router.upstream import Upstream
+from sglctl.router.upstream_httpx import HttpxUpstream
+from sglctl.router.upstream_native import UpstreamPool
+from sglctl.router.workers import Breaker, Worker, WorkerRegistry
+
+log = logging.getLogger(__name__)
+
+#: Request headers passed to workers as request ids when --request-id-headers is not given.
+DEFAULT_REQUEST_ID_HEADERS = ("x-request-id", "x-correlation-id", "x-trace-id", "request-id")
+#: Worker origins whose health the router does not probe: the supervisor owns theirs.
+EXTERNALLY_CHECKED = ("supervisor",)
+
+
+class Router:
+    """Everything a router process shares between requests."""
+
+    def __init__(
+        self,
+        config: RouterConfig,
+        *,
+        extra_sources: list[WorkerSource] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        """``transport`` replaces the network for worker calls (in-process tests)."""
+        self.config = config
+        self._transport = transport
+        self.started_at = time.time()
+        self.registry = WorkerRegistry(self._make_breaker)
+        prefill_policy = config.prefill_policy if config.is_pd else None
+        self.policy: Policy = make_policy(prefill_policy or config.policy, config)
+        # PD mode picks the decode worker with its own policy (and its own tree, if cache-aware).
+        self.decode_policy: Policy | None = (
+            make_policy(config.decode_policy or config.policy, config) if config.is_pd else None
+        )
+        self.registry.add_listener(self._on_membership)
+        self.retry = RetryPolicy(
+            max_worker_retries=config.max_worker_retries,
+            max_total_retries=config.max_total_retries,
+            initial_backoff_ms=config.retry_initial_backoff_ms,
+            max_backoff_ms=config.retry_max_backoff_ms,
+            multiplier=config.retry_backoff_multiplier,
+            jitter=config.retry_jitter_factor,
+            enabled=not config.disable_retries,
+        )
+        self.retry_budget = RetryBudget()
+        self.admission = AdmissionController(
+            config.max_concurrent_requests, config.queue_size, config.queue_timeout_secs
+        )
+        self.metrics = RouterMetrics(
+            self.registry, self._scrape_extra, config.prometheus_duration_buckets
+        )
+        self.stats = RollingStats()
+        self.health = HealthChecker(
+            interval_secs=config.health_check_interval_secs,
+            timeout_secs=config.health_check_timeout_secs,
+            failure_threshold=config.health_failure_threshold,
+            success_threshold=config.health_success_threshold,
+            endpoint=config.health_check_endpoint,
+            enabled=not config.disable_health_check,
+            on_change=self._on_health_change,
+            skip_sources=EXTERNALLY_CHECKED,
+        )
+        self.sources: list[WorkerSource] = list(extra_sources or [])
+        self.static = StaticSource(config.worker_urls, config.prefill_servers, config.decode_urls)
+        self.client: httpx.AsyncClient | None = None
+        self.forwarder: Forwarder | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        #: Admin work in progress (a ``?wait`` probe, a pending worker's admission): cancelled
+        #: as soon as shutdown begins, so that no admin call holds the router's exit.
+        self._admin_tasks: set[asyncio.Task[Any]] = set()
+        self._restore_signals: list[tuple[int, Any]] = []
+        #: Names of the headers passed to workers (the caller's credentials, request ids).
+        id_headers = [h.lower() for h in config.request_id_headers] or list(
+            DEFAULT_REQUEST_ID_HEADERS
+        )
+        self.forwarded_headers = frozenset(
+            h.encode("latin-1") for h in ("authorization", *id_headers)
+        )
+
+    # -- wiring ----------------------------------------------------------------------------
+    def _make_breaker(self, url: str) -> Breaker:
+        c = self.config
+        return CircuitBreaker(
+            failure_threshold=c.cb_failure_threshold,
+            success_threshold=c.cb_success_threshold,
+            timeout_secs=c.cb_timeout_duration_secs,
+            window_secs=c.cb_window_duration_secs or 120.0,
+            enabled=not c.disable_circuit_breaker,
+            name=url,
+        )
+
+    def _on_health_change(self, worker: CheckedWorker, healthy: bool) -> None:
+        if not healthy:
+            self.interrupt(worker.url, f"worker {worker.url} failed its health checks")
+
+    def interrupt(self, url: str, reason: str) -> int:
+        """Fail over the requests in flight at ``url`` now (see :mod:`.inflight`).
+
+        Called when a worker is taken out for being sick -- by the health checker or by the
+        supervisor's mark in the state table: it may hold stuck requests (a hung GPU), which
+        would otherwise wait for ``--request-timeout-secs``.
+        """
+        if self.forwarder is None:
+            return 0
+        return self.forwarder.in_flight.interrupt(url, reason)
+
+    def _on_membership(self, event: str, worker: Worker) -> None:
+        policies = [self.policy, self.decode_policy] if self.decode_policy else [self.policy]
+        if self.config.is_pd:
+            policies = (
+                [self.policy] if worker.role == "prefill" else [self.decode_policy or self.policy]
+            )
+        for policy in policies:
+            if event == "added":
+                policy.on_worker_added(worker)
+            elif event == "removed":
+                policy.on_worker_removed(worker)
+
+    def _scrape_extra(self) -> dict[str, float]:
+        extra: dict[str, float] = {}
+        for policy in (self.policy, self.decode_policy):
+            if policy is None:
+                continue
+            extra["cache_hits"] = extra.get("cache_hits", 0) + policy.cache_hits
+            extra["cache_misses"] = extra.get("cache_misses", 0) + policy.cache_misses
+            extra["tree_size"] = extra.get("tree_size", 0) + policy.tree_size()
+        stats = self.admission.stats()
+        extra["queued"] = stats.queued
+        extra["rejected"] = stats.rejected_full_total + stats.rejected_timeout_total
+        return extra
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        c = self.config
+        # One connection pool for everything the router sends to workers: unbounded
+        # connections (admission control is the place to limit concurrency), keep-alive.
+        transport = self._transport or httpx.AsyncHTTPTransport(
+            limits=httpx.Limits(
+                max_connections=None, max_keepalive_connections=1024, keepalive_expiry=60.0
+            ),
+            trust_env=False,
+        )
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(c.request_timeout_secs, connect=10.0),
+            trust_env=False,
+            follow_redirects=False,
+            transport=transport,
+        )
+        # The hot path's client: sglctl's lean one, or httpx over the shared transport (always
+        # when a test injects a transport).
+        if self._transport is not None or c.upstream_client == "httpx":
+            self.upstream: Upstream = HttpxUpstream(transport)
+        else:
+            self.upstream = UpstreamPool(fallback=HttpxUpstream(transport))
+        self.forwarder = Forwarder(
+            self.registry,
+            self.policy,
+            self.upstream,
+            self.retry,
+            budget=self.retry_budget,
+            request_timeout_secs=c.request_timeout_secs,
+            on_retry=self.metrics.retry,
+        )
+        self._chain_signals()
+        await self.static.run(self.registry)
+        # Other worker sources. With --state-table the supervisor's shared-memory table
+        # drives membership (helper C's StateTableSource, imported lazily so a plain router
+        # never loads the shared-memory code).
+        if c.state_table:
+            from sglctl.router.state_table_source import StateTableSource
+
+            self.sources.append(
+                StateTableSource(c.state_table, stats=self.stats, on_sick=self.interrupt)
+            )
+        for source in self.sources:
+            self._spawn(source.run(self.registry), f"source {type(source).__name__}")
+        self._spawn(self.health.run(self.registry), "health checker")
+        for policy in (self.policy, self.decode_policy):
+            if policy is not None:
+                self._spawn(policy.run_background(), f"{policy.name} maintenance")
+        log.info(
+            "router ready: policy %s, %d workers%s",
+            self.policy.name,
+            len(self.registry),
+            f", state table {c.state_table}" if c.state_table else "",
+        )
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        task.add_done_callback(_report_task_end)
+        self._tasks.append(task)
+
+    def spawn_admin(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Run admin work as a task that shutdown cancels (see :meth:`begin_shutdown`)."""
+        task = asyncio.create_task(coro, name=name)
+        self._admin_tasks.add(task)
+        task.add_done_callback(self._admin_tasks.discard)
+        task.add_done_callback(_report_task_end)
+        return task
+
+    def begin_shutdown(self) -> None:
+        """Cancel admin work in progress: a client waiting in ``/add_worker?wait=`` gets
+        its answer (503) at once instead of holding the server's graceful-shutdown wait."""
+        for task in list(self._admin_tasks):
+            task.cancel()
+
+    def _chain_signals(self) -> None:
+        """Call :meth:`begin_shutdown` on SIGINT/SIGTERM, then the handler already there.
+
+        The server (uvicorn) waits for requests in progress *before* it runs the app's
+        shutdown, so an admin call waiting for a worker would hold Ctrl-C for the whole
+        grace period; hearing the signal ourselves ends such calls first. Only from the main
+        thread (signal handlers cannot be set elsewhere; in-process tests run without).
+        """
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous = signal.getsignal(sig)
+            except ValueError:
+                return
+
+            def handler(signum: int, frame: Any, previous: Any = previous) -> None:
+                loop.call_soon_threadsafe(self.begin_shutdown)
+                if callable(previous):
+                    previous(signum, frame)
+                elif previous == signal.SIG_DFL and signum == signal.SIGINT:
+                    raise KeyboardInterrupt
+
+            try:
+                signal.signal(sig, handler)
+            except ValueError:  # not the main thread
+                return
+            self._restore_signals.append((sig, previous))
+
+    async def stop(self) -> None:
+        self.begin_shutdown()
+        for sig, previous in self._restore_signals:
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(sig, previous)
+        self._restore_signals.clear()
+        for task in [*self._tasks, *self._admin_tasks]:
+            task.cancel()
+        for task in [*self._tasks, *self._admin_tasks]:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        self._tasks.clear()
+        if self.forwarder is not None:
+            self.forwarder.upstream.close_all()
+        if self.client is not None:
+            await self.client.aclose()
+        log.info("router stopped")
+
+
+def _report_task_end(task: asyncio.Task[Any]) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        log.error("background task %r died: %r", task.get_name(), exc, exc_info=exc)

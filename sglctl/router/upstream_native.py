@@ -1,0 +1,378 @@
+"""A lean HTTP/1.1 client for the router's hot path: keep-alive pools, httptools parsing.
+
+Why not httpx here: the router forwards every inference request, and on this path httpx spent
+more CPU than the router's own work -- mostly in httpcore's connection pool, which rescans
+every pooled connection (quadratically: ``len([... for c in connections])`` inside a loop over
+them) and polls each idle socket on every request, so the cost per request grows with the
+concurrency. ``benchmarks/bench_router.py`` measures both clients in the same run (RESULTS.md,
+"Router speed"). httpx is still used everywhere off the hot path (health checks, admin, info),
+and ``--upstream-client httpx`` switches the hot path back to it
+(:mod:`~sglctl.router.upstream_httpx`).
+
+What this client does, and all it does:
+
+- one idle-connection stack per worker origin (LIFO: the warmest connection first), no limit
+  on connections (admission control is where concurrency is limited), idle connections
+  dropped after ``keepalive_expiry`` seconds;
+- requests are written as one buffer; responses parsed by httptools (llhttp, C), with
+  Content-Length, chunked and close-delimited bodies;
+- a body is either read whole (:meth:`NativeResponse.read`) or iterated chunk by chunk as it
+  arrives (``async for``), with back-pressure: reading from the worker pauses while more than
+  1 MiB waits for a slow client;
+- every wait has a deadline; closing a response before its end closes the connection, which
+  is how the worker learns that the client went away;
+- a request that fails on a *reused* connection before any byte of answer came back (the
+  worker closed the idle connection at the same moment) is resent once on a new connection.
+
+Errors are :class:`~sglctl.router.upstream.UpstreamError` (connection refused/reset/closed,
+malformed answer: the worker did not serve the request) and its subclass ``UpstreamTimeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import cast
+from urllib.parse import urlsplit
+
+import httptools
+
+from sglctl.router.upstream import Upstream, UpstreamError, UpstreamResponse, UpstreamTimeout
+
+_HIGH_WATER = 1 << 20
+_LOW_WATER = 1 << 16
+
+
+class _Origin:
+    """A worker origin: where to connect and what to send as ``Host``."""
+
+    __slots__ = ("host", "host_header", "idle", "port")
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise UpstreamError(
+                f"unsupported worker URL {url!r} (the native client speaks plain http)"
+            )
+        self.host = parts.hostname
+        self.port = parts.port or 80
+        self.host_header = parts.netloc.encode("latin-1")
+        self.idle: deque[_Connection] = deque()
+
+
+class _Connection(asyncio.Protocol):
+    """One TCP connection to a worker, carrying one request at a time."""
+
+    def __init__(self, origin: _Origin) -> None:
+        self.origin = origin
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self.idle_since = 0.0
+        self.response: NativeResponse | None = None
+        self.paused = False
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        response = self.response
+        if response is None:  # bytes nobody asked for: the connection is unusable
+            self.close()
+            return
+        response.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            response._fail(UpstreamError("worker tried to upgrade the connection"))
+            self.close()
+        except httptools.HttpParserError as exc:
+            response._fail(UpstreamError(f"malformed response from worker: {exc}"))
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        response = self.response
+        if response is not None and not response.complete:
+            if response.headers_done and not response.has_length:
+                response._finish()  # a close-delimited body ends with the connection
+            else:
+                reason = f": {exc}" if exc else ""
+                response._fail(UpstreamError(f"worker closed the connection{reason}"))
+
+    def pause_writing(self) -> None:  # pragma: no cover - request bodies are small
+        pass
+
+    def resume_writing(self) -> None:  # pragma: no cover
+        pass
+
+    # -- httptools callbacks ---------------------------------------------------------------
+    def on_header(self, name: bytes, value: bytes) -> None:
+        assert self.response is not None
+        self.response.raw_headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        response = self.response
+        assert response is not None
+        response.status = self.parser.get_status_code()
+        response.keep_alive = self.parser.should_keep_alive()
+        response.has_length = any(
+            n in (b"content-length", b"transfer-encoding") for n, _ in response.raw_headers
+        )
+        response.headers_done = True
+        response._wake()
+
+    def on_body(self, body: bytes) -> None:
+        response = self.response
+        assert response is not None
+        response.chunks.append(body)
+        response.buffered += len(body)
+        if response.buffered > _HIGH_WATER and not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+        response._wake()
+
+    def on_message_complete(self) -> None:
+        assert self.response is not None
+        self.response._finish()
+
+    # -- helpers ---------------------------------------------------------------------------
+    def resume(self) -> None:
+        if self.paused and self.transport is not None and not self.closed:
+            self.paused = False
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class NativeResponse:
+    """A worker's answer: status and headers first, then the body, whole or streamed."""
+
+    def __init__(self, pool: UpstreamPool, conn: _Connection, deadline: float) -> None:
+        self._pool = pool
+        self._conn = conn
+        self._deadline = deadline
+        self.status = 0
+        self.raw_headers: list[tuple[bytes, bytes]] = []
+        self.headers_done = False
+        self.has_length = False
+        self.keep_alive = False
+        self.complete = False
+        self.got_bytes = False
+        self.chunks: deque[bytes] = deque()
+        self.buffered = 0
+        self._error: UpstreamError | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._released = False
+
+    # -- for the protocol ------------------------------------------------------------------
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _finish(self) -> None:
+        self.complete = True
+        self._wake()
+
+    def _fail(self, error: UpstreamError) -> None:
+        if self._error is None and not self.complete:
+            self._error = error
+        self._wake()
+
+    async def _wait(self) -> None:
+        """Wait for the protocol's next event, up to the request's deadline."""
+        loop = asyncio.get_running_loop()
+        remaining = self._deadline - loop.time()
+        if remaining <= 0:
+            raise UpstreamTimeout("worker did not answer within the request timeout")
+        waiter = self._waiter = loop.create_future()
+        handle = loop.call_later(remaining, _expire, waiter)
+        try:
+            await waiter
+        finally:
+            handle.cancel()
+            self._waiter = None
+
+    # -- for the caller --------------------------------------------------------------------
+    def header(self, name: str) -> str | None:
+        key = name.encode("latin-1")
+        for n, v in self.raw_headers:
+            if n == key:
+                return v.decode("latin-1")
+        return None
+
+    async def wait_headers(self) -> None:
+        while not self.headers_done:
+            if self._error is not None:
+                raise self._error
+            await self._wait()
+
+    async def read(self) -> bytes:
+        """The whole body (then the connection goes back to the pool)."""
+        while not self.complete:
+            if self._error is not None:
+                raise self._error
+            self._conn.resume()
+            await self._wait()
+        body = b"".join(self.chunks)
+        self.chunks.clear()
+        self._release()
+        return body
+
+    def __aiter__(self) -> NativeResponse:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while True:
+            if self.chunks:
+                chunk = self.chunks.popleft()
+                self.buffered -= len(chunk)
+                if self.buffered < _LOW_WATER:
+                    self._conn.resume()
+                return chunk
+            if self.complete:
+                self._release()
+                raise StopAsyncIteration
+            if self._error is not None:
+                raise self._error
+            await self._wait()
+
+    async def aclose(self) -> None:
+        """Done with the answer: reuse the connection if it ended cleanly, else close it."""
+        self._release()
+
+    def _release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        conn = self._conn
+        conn.response = None
+        if self.complete and self.keep_alive and not conn.closed and self._error is None:
+            self._pool._put_idle(conn)
+        else:
+            conn.close()
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(UpstreamTimeout("worker did not answer within the request timeout"))
+
+
+class UpstreamPool:
+    """Keep-alive connections to every worker; see the module docstring."""
+
+    def __init__(
+        self,
+        connect_timeout: float = 10.0,
+        keepalive_expiry: float = 60.0,
+        fallback: Upstream | None = None,
+    ) -> None:
+        """``fallback`` serves the worker URLs this client does not speak (https)."""
+        self.connect_timeout = connect_timeout
+        self.keepalive_expiry = keepalive_expiry
+        self.fallback = fallback
+        self._origins: dict[str, _Origin] = {}
+
+    def _origin(self, base_url: str) -> _Origin:
+        origin = self._origins.get(base_url)
+        if origin is None:
+            if len(self._origins) > 4096:  # workers come and go; never grow without bound
+                self.close_all()
+            origin = self._origins[base_url] = _Origin(base_url)
+        return origin
+
+    def _put_idle(self, conn: _Connection) -> None:
+        conn.idle_since = time.monotonic()
+        conn.origin.idle.append(conn)
+
+    def _take_idle(self, origin: _Origin) -> _Connection | None:
+        now = time.monotonic()
+        idle = origin.idle
+        while idle:
+            conn = idle.pop()
+            if conn.closed:
+                continue
+            if now - conn.idle_since > self.keepalive_expiry:
+                conn.close()
+                continue
+            return conn
+        return None
+
+    async def _connect(self, origin: _Origin, deadline: float) -> _Connection:
+        loop = asyncio.get_running_loop()
+        timeout = min(self.connect_timeout, max(deadline - loop.time(), 0.001))
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: _Connection(origin), origin.host, origin.port),
+                timeout,
+            )
+        except (asyncio.TimeoutError, TimeoutError):
+            raise UpstreamTimeout(f"connecting to {origin.host}:{origin.port} timed out") from None
+        except OSError as exc:
+            raise UpstreamError(
+                f"cannot connect to {origin.host}:{origin.port}: {exc.strerror or exc}"
+            ) from None
+        return conn
+
+    async def request(
+        self,
+        base_url: str,
+        method: bytes,
+        path: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        deadline: float,
+    ) -> UpstreamResponse:
+        """Send a request to ``base_url`` + ``path``; returns once the response head arrived.
+
+        ``deadline`` is on the event loop's clock and bounds everything, body reads included.
+        """
+        if self.fallback is not None and not base_url.startswith("http://"):
+            return await self.fallback.request(base_url, method, path, headers, body, deadline)
+        try:
+            origin = self._origin(base_url)
+        except ValueError as exc:  # a port that is not a number
+            raise UpstreamError(f"invalid worker URL {base_url!r}: {exc}") from None
+        head = [b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (method, path, origin.host_header)]
+        for name, value in headers:
+            head.append(b"%s: %s\r\n" % (name, value))
+        head.append(b"content-length: %d\r\n\r\n" % len(body))
+        payload = b"".join(head) + body
+        for _ in range(2):
+            conn = self._take_idle(origin)
+            reused = conn is not None
+            if conn is None:
+                conn = await self._connect(origin, deadline)
+            response = NativeResponse(self, conn, deadline)
+            conn.response = response
+            try:
+                assert conn.transport is not None
+                conn.transport.write(payload)
+                await response.wait_headers()
+                return response
+            except UpstreamTimeout:
+                response._release()
+                raise
+            except UpstreamError:
+                response._release()
+                if reused and not response.got_bytes:
+                    continue  # the worker closed the idle connection as we reused it
+                raise
+            except BaseException:
+                response._release()
+                raise
+        raise UpstreamError("worker closed the connection")  # pragma: no cover
+
+    def close_all(self) -> None:
+        if self.fallback is not None:
+            self.fallback.close_all()
+        for origin in self._origins.values():
+            while origin.idle:
+                origin.idle.pop().close()
+        self._origins.clear()

@@ -31,7 +31,7 @@ from sglctl.router.circuit_breaker import CircuitBreaker
 from sglctl.router.config import RouterConfig
 from sglctl.router.errors import RouterError, error_response
 from sglctl.router.health import HealthChecker
-from sglctl.router.metrics import RouterMetrics
+from sglctl.router.metrics import RouterMetrics, state_table_reader
 from sglctl.router.policies import Policy, make_policy
 from sglctl.router.proxy import Forwarder
 from sglctl.router.retry import RetryBudget, RetryPolicy
@@ -79,7 +79,15 @@ class Router:
             config.max_concurrent_requests, config.queue_size, config.queue_timeout_secs
         )
         self.metrics = RouterMetrics(
-            self.registry, self._scrape_extra, config.prometheus_duration_buckets
+            self.registry,
+            self._scrape_extra,
+            config.prometheus_duration_buckets,
+            # [observability] scrape-time views: policies (cache hits, tree per worker),
+            # admission (queue), the supervisor's table (restarts, state); --access-log.
+            policies=lambda: [p for p in (self.policy, self.decode_policy) if p is not None],
+            admission=self.admission,
+            supervisor_slots=state_table_reader(config.state_table),
+            access_log=config.access_log,
         )
         self.stats = RollingStats()
         self.health = HealthChecker(

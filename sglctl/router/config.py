@@ -108,6 +108,8 @@ class RouterConfig:
     api_key: str | None = None
     log_level: str = "info"
     log_dir: str | None = None
+    log_json: bool = False  # [observability] --log-json
+    access_log: bool = False  # [observability] --access-log
     request_id_headers: list[str] = field(default_factory=list)
     cors_allowed_origins: list[str] = field(default_factory=list)
 
@@ -231,6 +233,14 @@ def build_parser(prog: str = "sglctl router") -> argparse.ArgumentParser:
     g = p.add_argument_group("logging")
     g.add_argument("--log-level", choices=LOG_LEVELS, default=d.log_level)
     g.add_argument("--log-dir", default=None)
+    # [observability] structured logs and the access log
+    g.add_argument("--log-json", action="store_true", help="one JSON object per log line")
+    g.add_argument(
+        "--access-log",
+        action="store_true",
+        help="log one line per inference request (method, path, status, worker, duration, "
+        "TTFT, retries)",
+    )
 
     g = p.add_argument_group("metrics")
     g.add_argument(
@@ -520,6 +530,8 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "sglctl router") -
         api_key=ns.api_key,
         log_level=log_level,
         log_dir=ns.log_dir,
+        log_json=ns.log_json,  # [observability]
+        access_log=ns.access_log,  # [observability]
         request_id_headers=list(ns.request_id_headers or []),
         cors_allowed_origins=list(ns.cors_allowed_origins or []),
         unsupported=_unsupported(ns),

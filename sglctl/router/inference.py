@@ -80,10 +80,11 @@ def routes(router: Router) -> list[Route]:
         route: str = request.scope["path"]
         started = time.perf_counter()
         finish = Finish()
+        obs = metrics.begin(route, started)  # [observability] the task's current request
 
         def record(status: int, ok: bool) -> None:
             elapsed = time.perf_counter() - started
-            metrics.observe(route, status, elapsed)
+            metrics.finish(obs, status, elapsed)  # [observability]
             stats.record(elapsed, ok)
 
         finish.add(record)
@@ -95,7 +96,9 @@ def routes(router: Router) -> list[Route]:
             except ValueError as exc:
                 raise RouterError(400, str(exc)) from None
             if admission.enabled:
+                queued_at = time.perf_counter()  # [observability] queue wait
                 await admission.acquire(priority)
+                metrics.observe_queue_wait(time.perf_counter() - queued_at)  # [observability]
                 finish.add(lambda status, ok: admission.release())
             headers = forward_headers(request)
             forwarder = router.forwarder

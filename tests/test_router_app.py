@@ -248,7 +248,10 @@ async def test_all_workers_failing_is_502_with_last_error(harness) -> None:
         assert calls <= 1 + h.router.config.max_total_retries
         metrics = (await h.client.get("/metrics")).text
         assert "sglang_router_retries_total" in metrics
-        assert 'sglang_router_requests_total{code="502",route="/generate",status="upstream_error"} 1.0' in metrics
+        assert (
+            'sglang_router_requests_total{code="502",route="/generate",status="upstream_error"} 1.0'
+            in metrics
+        )
 
 
 async def test_failure_is_retried_on_another_worker(harness) -> None:

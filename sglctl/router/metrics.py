@@ -140,7 +140,7 @@ class _Histogram:
 class RequestObservation:
     """What the metrics learn about one request while it runs."""
 
-    __slots__ = ("attempts", "first_byte", "route", "started", "tail", "worker")
+    __slots__ = ("attempts", "first_byte", "prev", "route", "started", "tail", "worker")
 
     def __init__(self, route: str, started: float) -> None:
         self.route = route
@@ -149,8 +149,10 @@ class RequestObservation:
         self.first_byte = 0.0
         self.worker = ""
         self.attempts = 0
-        #: The last streamed chunk that carried data (completion_tokens is read from it).
+        #: The last two streamed chunks (the last may be only ``data: [DONE]``):
+        #: completion_tokens is read from them.
         self.tail = b""
+        self.prev = b""
 
 
 _current: contextvars.ContextVar[RequestObservation | None] = contextvars.ContextVar(
@@ -216,8 +218,9 @@ def note_chunk(chunk: bytes) -> None:
         return
     if not obs.first_byte:
         obs.first_byte = time.perf_counter()
-    if not chunk.startswith(b"data: [DONE]"):
-        obs.tail = chunk
+    # Two stores, no test: half the cost of checking for "[DONE]" on every chunk.
+    obs.prev = obs.tail
+    obs.tail = chunk
 
 
 _TOKENS_KEY = b'"completion_tokens":'
@@ -550,7 +553,9 @@ class RouterMetrics:
         if code < 400:
             if obs.first_byte:
                 ttft = obs.first_byte - obs.started
-                tokens = completion_tokens(obs.tail) if obs.tail else None
+                tokens = completion_tokens(obs.tail)
+                if tokens is None:
+                    tokens = completion_tokens(obs.prev)
                 if tokens is not None and tokens > 1:
                     tpot = self.tpot.get(route)
                     if tpot is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -16,12 +17,13 @@ from sglctl.router.metrics import (
     completion_tokens,
     note_attempt,
     note_chunk,
+    state_table_reader,
     status_class,
 )
 from sglctl.router.policies.base import RouteKey
 from sglctl.router.policies.cache_aware import CacheAwarePolicy
 from sglctl.router.workers import WorkerRegistry
-from sglctl.state_table import WorkerSlot, WorkerState
+from sglctl.state_table import StateTable, WorkerSlot, WorkerState
 
 
 def samples(m: RouterMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -197,3 +199,24 @@ def test_a_failing_hook_does_not_break_the_scrape() -> None:
     m = RouterMetrics(WorkerRegistry(), supervisor_slots=broken)
     m.discovery_stats = lambda: 1 / 0  # type: ignore[assignment,return-value]
     assert b"sglang_router_requests_total" in m.render()
+
+
+def test_supervisor_restarts_and_state_come_from_the_shared_memory_table() -> None:
+    name = f"sglctl-test-metrics-{os.getpid()}"
+    table, _ = StateTable.create(name, n_slots=2)
+    try:
+        table.write_slot(
+            0, WorkerSlot(state=WorkerState.RESTARTING, url="http://127.0.0.2:1", restarts=3)
+        )
+        m = RouterMetrics(WorkerRegistry(), supervisor_slots=state_table_reader(name))
+        s = samples(m)
+        worker = (("worker", "http://127.0.0.2:1"),)
+        assert s[("sglang_router_worker_restarts_total", worker)] == 3
+        assert s[("sglang_router_worker_state", (("state", "restarting"), *worker))] == 1
+        # The table going away (sglctl up stopped) leaves the families empty, not an error.
+        table.unlink()
+        assert ("sglang_router_worker_restarts_total", worker) not in samples(m)
+        assert state_table_reader(None)() == []
+    finally:
+        table.unlink()
+        table.close()

@@ -175,7 +175,7 @@ def note_attempt(
         obs.attempts += 1
     if route_log.isEnabledFor(logging.DEBUG):
         route_log.debug(
-            "route: policy=%s chosen=%s decision=%s text_chars=%d loads=%s",
+            "route: policy=%s chosen=%s decision=%s key_len=%d loads=%s",
             policy.name,
             worker.url,
             _decision(policy),
@@ -408,7 +408,7 @@ class _StateCollector(Collector):
         yield from (queued, capacity, running, rejected)
         wait = HistogramMetricFamily(
             "sglang_router_queue_wait_seconds",
-            "Time requests waited for admission (admitted or not)",
+            "Time admitted requests waited for an admission slot (0 when one was free)",
         )
         wait.add_metric([], m.queue_wait.cumulative(), sum_value=m.queue_wait.total)
         yield wait

@@ -95,4 +95,5 @@ def test_router_writes_json_access_and_routing_lines(procs) -> None:  # type: ig
     routing = [e for e in logged if e["logger"] == "sglctl.router.routing"]
     assert routing and served_by in str(routing[0]["message"])
     assert "policy=cache_aware" in str(routing[0]["message"])
+    assert "match_len=" in str(routing[0]["message"])
     assert not [e for e in logged if str(e["logger"]).startswith(("httpx", "httpcore"))]

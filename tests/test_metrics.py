@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -19,6 +20,7 @@ from sglctl.router.metrics import (
     note_chunk,
     state_table_reader,
     status_class,
+    trace_routing,
 )
 from sglctl.router.policies.base import RouteKey
 from sglctl.router.policies.cache_aware import CacheAwarePolicy
@@ -138,11 +140,15 @@ def test_note_attempt_records_the_worker_and_logs_the_decision(
         m.finish(obs, 200)
 
     with caplog.at_level(logging.DEBUG, logger="sglctl"):
+        trace_routing(policy)  # debug: the match is looked up before each decision
         asyncio.run(request())
         asyncio.run(request())
     routes = [r.getMessage() for r in caplog.records if r.name == "sglctl.router.routing"]
     assert "decision=cache_miss" in routes[0] and "policy=cache_aware" in routes[0]
+    assert "match_len=0 " in routes[0]
     assert "decision=cache_hit" in routes[2] and "'http://a': 0" in routes[2]
+    matched = int(re.search(r"match_len=(\d+)", routes[2]).group(1))  # type: ignore[union-attr]
+    assert matched >= 384  # the whole 400-character key but its partial last block
     access = [r for r in caplog.records if r.name == "sglctl.access"]
     assert len(access) == 2
     assert access[0].retries == 1 and access[0].status == 200  # type: ignore[attr-defined]

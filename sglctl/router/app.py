@@ -31,7 +31,7 @@ from sglctl.router.circuit_breaker import CircuitBreaker
 from sglctl.router.config import RouterConfig
 from sglctl.router.errors import RouterError, error_response
 from sglctl.router.health import HealthChecker
-from sglctl.router.metrics import RouterMetrics, state_table_reader
+from sglctl.router.metrics import RouterMetrics, state_table_reader, trace_routing
 from sglctl.router.policies import Policy, make_policy
 from sglctl.router.proxy import Forwarder
 from sglctl.router.retry import RetryBudget, RetryPolicy
@@ -65,6 +65,7 @@ class Router:
             make_policy(config.decode_policy or config.policy, config) if config.is_pd else None
         )
         self.registry.add_listener(self._on_membership)
+        trace_routing(self.policy, self.decode_policy)  # [observability] debug: match lengths
         self.retry = RetryPolicy(
             max_worker_retries=config.max_worker_retries,
             max_total_retries=config.max_total_retries,

@@ -48,11 +48,12 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from sglctl.router.policies.base import NO_KEY, RouteKey
 from sglctl.router.workers import Worker, WorkerRegistry
 
 if TYPE_CHECKING:
     from sglctl.router.admission import AdmissionController
-    from sglctl.router.policies.base import Policy, RouteKey
+    from sglctl.router.policies.base import Policy
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("sglctl.access")
@@ -174,14 +175,51 @@ def note_attempt(
         obs.worker = worker.url
         obs.attempts += 1
     if route_log.isEnabledFor(logging.DEBUG):
+        best, matched = _matches.pop(id(policy), (None, 0))
         route_log.debug(
-            "route: policy=%s chosen=%s decision=%s key_len=%d loads=%s",
+            "route: policy=%s chosen=%s decision=%s key_len=%d match_len=%d best_match=%s loads=%s",
             policy.name,
             worker.url,
             _decision(policy),
             len(key.text or "") if key.text is not None else len(key.input_ids or ()),
+            matched,
+            best or "-",
             {w.url: w.in_flight for w in candidates},
         )
+
+
+#: id(policy) -> (worker with the longest cached prefix, its length) of the decision being
+#: made; filled by :func:`trace_routing`'s wrapper, read once by :func:`note_attempt`.
+_matches: dict[int, tuple[str | None, int]] = {}
+
+
+def trace_routing(*policies: Policy | None) -> None:
+    """At debug level, let the routing log say how long a prefix each decision matched.
+
+    The cache-aware policy inserts the request into its tree as it decides, so the match
+    can only be seen *before* ``select``: each policy with a prefix tree gets its
+    ``select`` wrapped to look the match up first. That doubles the prefix work per
+    request, so it is done only when ``sglctl.router.routing`` logs at debug level
+    (``--log-level debug``); otherwise this does nothing and the hot path is untouched.
+    """
+    if not route_log.isEnabledFor(logging.DEBUG):
+        return
+    for policy in policies:
+        tree = getattr(policy, "tree", None)
+        prefixes = getattr(policy, "prefixes", None)
+        if policy is None or tree is None or prefixes is None:
+            continue
+        policy.select = _traced(policy, policy.select, tree, prefixes)  # type: ignore[method-assign]
+
+
+def _traced(policy: Policy, select: Any, tree: Any, prefixes: Any) -> Any:
+    def traced(workers: Sequence[Worker], key: RouteKey = NO_KEY) -> Worker | None:
+        if not key.empty and workers:
+            _matches[id(policy)] = tree.match(prefixes(key), [w.url for w in workers])
+        result: Worker | None = select(workers, key)
+        return result
+
+    return traced
 
 
 _last_counts: dict[int, tuple[int, int, int]] = {}

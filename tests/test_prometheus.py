@@ -157,6 +157,7 @@ def prometheus(procs, tmp_path: Path, prometheus_tools: tuple[str, str]) -> Iter
         config = tmp_path / "prometheus.yml"
         config.write_text(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+            f"rule_files: ['{MONITORING / 'alerts.yml'}']\n"
             "scrape_configs:\n  - job_name: sglctl-router\n"
             f"    static_configs:\n      - targets: ['{target}']\n"
         )
@@ -313,5 +314,26 @@ def test_real_prometheus_answers_the_seed_queries(procs, prometheus) -> None:  #
             value = prom.scalar(f"histogram_quantile(0.95, sum by (le) (rate({name}_bucket[5m])))")
             assert value is not None and 0 < value < 30, (name, value)
         assert prom.scalar("sglang_router_healthy_workers") == 2
+
+        # The example alert rules evaluate cleanly against the real series, and the
+        # success-ratio alert is pending: 10 of 12 router/worker-caused outcomes succeeded.
+        def rules() -> list[dict[str, Any]]:
+            groups = prom.client.get("/api/v1/rules").json()["data"]["groups"]
+            return [rule for group in groups for rule in group["rules"]]
+
+        wait_until(
+            lambda: any(
+                r["name"] == "SglctlLowSuccessRatio" and r["state"] != "inactive" for r in rules()
+            ),
+            timeout=30,
+            what="the success-ratio alert to become pending",
+        )
+        assert {r["name"]: r["health"] for r in rules()} == {
+            "SglctlNoHealthyWorker": "ok",
+            "SglctlLowSuccessRatio": "ok",
+            "SglctlWorkerCrashLooping": "ok",
+            "SglctlQueueFull": "ok",
+        }
+        assert {r["name"] for r in rules() if r["state"] != "inactive"} == {"SglctlLowSuccessRatio"}
     finally:
         client.close()

@@ -1,7 +1,14 @@
 """Logging set-up shared by every sglctl process.
 
 One format everywhere (time with milliseconds, level, logger, message) so that the router's,
-the supervisor's and the workers' logs can be merged and read side by side at 3 a.m.
+the supervisor's and the workers' logs can be merged and read side by side at 3 a.m. With
+``json=True`` (``--log-json``) each line is one JSON object instead, for log shippers (Loki,
+Elasticsearch, CloudWatch): ``time`` (UTC, ISO 8601, ms), ``level``, ``logger``, ``message``,
+and the request fields of :data:`REQUEST_FIELDS` when the record carries them (the access log
+does), plus ``exception`` with the traceback when there is one.
+
+Third-party clients (httpx, httpcore) stay at warning even at ``--log-level debug``: their
+per-connection lines would bury the router's own debug lines (routing decisions, retries).
 """
 
 from __future__ import annotations
@@ -10,14 +17,61 @@ import logging
 import logging.handlers
 import os
 import sys
+import time
+from typing import Any
+
+import orjson
 
 LOG_FORMAT = "%(asctime)s.%(msecs)03d %(levelname)-7s %(name)s: %(message)s"
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 LEVELS = ("debug", "info", "warning", "error")
+#: Record attributes copied into a JSON line when present (set with ``extra=`` by the caller).
+REQUEST_FIELDS = (
+    "request_id",
+    "method",
+    "path",
+    "status",
+    "worker",
+    "duration_ms",
+    "ttft_ms",
+    "retries",
+)
+#: Loggers kept at warning whatever the level: per-request noise from libraries.
+NOISY_LOGGERS = ("httpx", "httpcore", "uvicorn.access")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": _iso_time(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name in REQUEST_FIELDS:
+            value = record.__dict__.get(name)
+            if value is not None:
+                entry[name] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            entry["exception"] = record.exc_text
+        return orjson.dumps(entry, default=str).decode()
+
+
+def _iso_time(created: float) -> str:
+    millis = int(created * 1000) % 1000
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{millis:03d}Z"
+
+
+def make_formatter(json: bool = False) -> logging.Formatter:
+    return JsonFormatter() if json else logging.Formatter(LOG_FORMAT, DATE_FORMAT)
 
 
 def configure_logging(
-    level: str = "info", log_dir: str | None = None, name: str = "sglctl"
+    level: str = "info", log_dir: str | None = None, name: str = "sglctl", json: bool = False
 ) -> None:
     """Send sglctl's logs to stderr and, with ``log_dir``, to a rotated ``<name>.log`` there.
 
@@ -30,7 +84,7 @@ def configure_logging(
     root.setLevel(level.upper())
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    formatter = logging.Formatter(LOG_FORMAT, DATE_FORMAT)
+    formatter = make_formatter(json)
     stream = logging.StreamHandler(sys.stderr)
     stream.setFormatter(formatter)
     root.addHandler(stream)
@@ -41,8 +95,5 @@ def configure_logging(
         )
         rotating.setFormatter(formatter)
         root.addHandler(rotating)
-    # Per-request access lines from uvicorn and httpx drown the useful ones; keep them at
-    # warning unless the user asked for debug.
-    if level.lower() != "debug":
-        for noisy in ("httpx", "httpcore", "uvicorn.access"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+    for noisy in NOISY_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -302,7 +302,10 @@ async def test_all_workers_failing_is_502_with_last_error(harness) -> None:
         assert calls <= 1 + h.router.config.max_total_retries
         metrics = (await h.client.get("/metrics")).text
         assert "sglang_router_retries_total" in metrics
-        assert 'sglang_router_requests_total{route="/generate",status="502"} 1.0' in metrics
+        assert (
+            'sglang_router_requests_total{code="502",route="/generate",status="upstream_error"} 1.0'
+            in metrics
+        )
 
 
 @BOTH_UPSTREAMS
@@ -469,7 +472,7 @@ async def test_metrics_and_stats(harness) -> None:
             await h.client.post("/generate", json={"text": prompt})
         text = (await h.client.get("/metrics")).text
         for name in (
-            'sglang_router_requests_total{route="/generate",status="200"} 3.0',
+            'sglang_router_requests_total{code="200",route="/generate",status="success"} 3.0',
             "sglang_router_request_duration_seconds_bucket",
             'sglang_router_worker_pending_requests{worker="http://a"} 0.0',
             'sglang_router_worker_healthy{worker="http://a"} 1.0',

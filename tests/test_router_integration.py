@@ -61,7 +61,8 @@ def test_every_endpoint_through_the_router(procs) -> None:
         assert c.get("/nope").status_code == 404
     separate = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10)
     assert separate.status_code == 200
-    assert 'sglang_router_requests_total{route="/generate",status="200"}' in separate.text
+    ok = 'sglang_router_requests_total{code="200",route="/generate",status="success"}'
+    assert ok in separate.text
 
 
 def test_streaming_is_relayed_as_it_is_generated(procs) -> None:

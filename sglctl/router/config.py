@@ -100,6 +100,8 @@ class RouterConfig:
     api_key: str | None = None
     log_level: str = "info"
     log_dir: str | None = None
+    log_json: bool = False
+    access_log: bool = False
     request_id_headers: list[str] = field(default_factory=list)
     cors_allowed_origins: list[str] = field(default_factory=list)
 

@@ -353,6 +353,15 @@ def build_parser(prog: str = "sglctl router") -> argparse.ArgumentParser:
     g = p.add_argument_group("logging")
     g.add_argument("--log-level", choices=LOG_LEVELS, default=d.log_level, help="log verbosity")
     g.add_argument("--log-dir", default=None, help="also write logs to files in this directory")
+    g.add_argument(
+        "--log-json", action="store_true", help="one JSON object per log line (for log shippers)"
+    )
+    g.add_argument(
+        "--access-log",
+        action="store_true",
+        help="log one line per inference request (method, path, status, worker, duration, "
+        "TTFT, retries); off by default",
+    )
 
     g = p.add_argument_group("metrics")
     g.add_argument(

@@ -70,10 +70,11 @@ async def forward(request: Request) -> Response:
     started = time.perf_counter()
     finish = Finish()
     metrics, stats, admission = router.metrics, router.stats, router.admission
+    obs = metrics.begin(route, started)  # the task's current request (TTFT, retries, worker)
 
     def record(status: int, ok: bool) -> None:
         elapsed = time.perf_counter() - started
-        metrics.observe(route, status, elapsed)
+        metrics.finish(obs, status, elapsed)
         stats.record(elapsed, ok)
 
     finish.add(record)
@@ -85,7 +86,9 @@ async def forward(request: Request) -> Response:
         except ValueError as exc:
             raise RouterError(400, str(exc)) from None
         if admission.enabled:
+            queued_at = time.perf_counter()
             await admission.acquire(priority)
+            metrics.observe_queue_wait(time.perf_counter() - queued_at)
             finish.add(lambda status, ok: admission.release())
         headers = forward_headers(request, router.forwarded_headers)
         forwarder = router.forwarder

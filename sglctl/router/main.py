@@ -159,7 +159,7 @@ def warn_if_exposed(config: RouterConfig) -> bool:
 def main(argv: Sequence[str] | None = None, prog: str = "sglctl router") -> None:
     """Parse ``argv`` (default ``sys.argv[1:]``) and run the router."""
     config = parse_args(argv, prog=prog)
-    configure_logging(config.log_level, config.log_dir, name="router")
+    configure_logging(config.log_level, config.log_dir, name="router", json=config.log_json)
     if config.unsupported:
         _, reason = config.unsupported[0]
         print(f"error: {reason}", file=sys.stderr)

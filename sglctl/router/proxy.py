@@ -34,6 +34,7 @@ from starlette.responses import Response, StreamingResponse
 
 from sglctl.router.errors import RouterError
 from sglctl.router.inflight import InFlightWatcher, Watch
+from sglctl.router.metrics import note_attempt, note_chunk  # [observability]
 from sglctl.router.policies.base import NO_KEY, Policy, RouteKey
 from sglctl.router.retry import RetryBudget, RetryPolicy, retryable_status
 from sglctl.router.upstream import Upstream, UpstreamError, UpstreamResponse, UpstreamTimeout
@@ -152,6 +153,7 @@ class Forwarder:
             if attempts.total and self.on_retry is not None:
                 self.on_retry()  # counted when a retry is really sent, not when one is allowed
             attempts.record(worker.url)
+            note_attempt(self.policy, candidates, key, worker)  # [observability]
             watch = self.in_flight.watch(worker.url)
             try:
                 return await self._attempt(
@@ -274,6 +276,7 @@ class Forwarder:
                         break
                     finally:
                         watch.reading = False
+                    note_chunk(chunk)  # [observability] TTFT / TPOT
                     yield chunk
                 else:
                     problem = watch.reason

@@ -23,7 +23,7 @@ from sglctl.router.admission import AdmissionController
 from sglctl.router.circuit_breaker import CircuitBreaker
 from sglctl.router.config import RouterConfig
 from sglctl.router.health import CheckedWorker, HealthChecker
-from sglctl.router.metrics import RouterMetrics
+from sglctl.router.metrics import RouterMetrics, state_table_reader
 from sglctl.router.policies import Policy, make_policy
 from sglctl.router.proxy import Forwarder
 from sglctl.router.retry import RetryBudget, RetryPolicy
@@ -78,7 +78,15 @@ class Router:
             config.max_concurrent_requests, config.queue_size, config.queue_timeout_secs
         )
         self.metrics = RouterMetrics(
-            self.registry, self._scrape_extra, config.prometheus_duration_buckets
+            self.registry,
+            self._scrape_extra,
+            config.prometheus_duration_buckets,
+            # Scrape-time views: policies (cache hits, tree per worker), admission (queue),
+            # the supervisor's table (restarts, state); and --access-log.
+            policies=lambda: [p for p in (self.policy, self.decode_policy) if p is not None],
+            admission=self.admission,
+            supervisor_slots=state_table_reader(config.state_table),
+            access_log=config.access_log,
         )
         self.stats = RollingStats()
         self.health = HealthChecker(

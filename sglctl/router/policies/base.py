@@ -41,6 +41,11 @@ class Policy(ABC):
     #: zero for policies without a cache model.
     cache_hits = 0
     cache_misses = 0
+    #: What the last ``select`` decided and how long a cached prefix it matched, for the
+    #: debug-level routing log (``cache_hit``, ``cache_miss``, ``balance_fallback``, ...).
+    #: Read right after ``select`` returns (no ``await`` in between), so it is this request's.
+    last_decision = "n/a"
+    last_match = 0
 
     @abstractmethod
     def select(self, workers: Sequence[Worker], key: RouteKey = NO_KEY) -> Worker | None:
@@ -67,6 +72,10 @@ class Policy(ABC):
     def tree_size(self) -> int:
         """Characters held by the policy's prefix tree (0 for policies without one)."""
         return 0
+
+    def tree_sizes(self) -> dict[str, int]:
+        """Characters the prefix tree holds per worker URL (empty without a tree)."""
+        return {}
 
     def flush(self) -> None:
         """The workers' caches were flushed: forget cache state."""

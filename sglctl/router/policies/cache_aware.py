@@ -77,28 +77,35 @@ class CacheAwarePolicy(Policy):
     def select(self, workers: Sequence[Worker], key: RouteKey = NO_KEY) -> Worker | None:
         if not workers:
             return None
+        self.last_match = 0
         if len(workers) == 1:
             chosen = workers[0]
+            self.last_decision = "single_worker"
             if not key.empty:
                 self.tree.insert(self.prefixes(key), chosen.url)
             return chosen
         if key.empty:
             self.cache_misses += 1
+            self.last_decision = "no_text"
             return min(workers, key=_load)
         prefixes = self.prefixes(key)
         if self.is_imbalanced(workers):
             self.balance_fallbacks += 1
             self.cache_misses += 1
+            self.last_decision = "balance_fallback"
             chosen = min(workers, key=_load)
         else:
             by_load = sorted(workers, key=_load)
             best_url, matched = self.tree.match(prefixes, (w.url for w in by_load))
+            self.last_match = matched
             by_url = {w.url: w for w in by_load}
             if best_url is not None and matched / prefixes.length > self.cache_threshold:
                 self.cache_hits += 1
+                self.last_decision = "cache_hit"
                 chosen = by_url[best_url]
             else:
                 self.cache_misses += 1
+                self.last_decision = "cache_miss"
                 smallest = self.tree.smallest(w.url for w in by_load)
                 chosen = by_url[smallest] if smallest is not None else by_load[0]
         self.tree.insert(prefixes, chosen.url)
@@ -112,6 +119,9 @@ class CacheAwarePolicy(Policy):
 
     def tree_size(self) -> int:
         return self.tree.total_size()
+
+    def tree_sizes(self) -> dict[str, int]:
+        return {name: self.tree.size(name) for name in self.tree.tenants()}
 
     def flush(self) -> None:
         self.tree.clear()

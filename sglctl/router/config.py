@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from sglctl import argtypes
+from sglctl.router import http_server  # hardening-server: HTTP limits and their flags
+from sglctl.router.http_server import HttpLimits  # hardening-server
 
 POLICIES = ("cache_aware", "round_robin", "random", "power_of_two", "shortest_queue")
 #: Policy names the SGLang Router knows but sglctl does not implement (rejected at start-up).
@@ -110,6 +112,9 @@ class RouterConfig:
     log_dir: str | None = None
     request_id_headers: list[str] = field(default_factory=list)
     cors_allowed_origins: list[str] = field(default_factory=list)
+
+    # hardening-server: header/body limits and timeouts of the HTTP server (http_server.py).
+    http_limits: HttpLimits = field(default_factory=HttpLimits)
 
     #: Flags the user set that sglctl cannot honour: ``(flag, reason)``; see
     #: :func:`unsupported_features`.
@@ -259,6 +264,8 @@ def build_parser(prog: str = "sglctl router") -> argparse.ArgumentParser:
     g.add_argument(
         "--api-key", default=None, help="admin endpoints require `Authorization: Bearer KEY`"
     )
+
+    http_server.add_flags(p)  # hardening-server: --max-request-header-bytes, ... timeouts
 
     g = p.add_argument_group("admission control")
     g.add_argument("--max-concurrent-requests", type=int, default=d.max_concurrent_requests)
@@ -522,5 +529,6 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "sglctl router") -
         log_dir=ns.log_dir,
         request_id_headers=list(ns.request_id_headers or []),
         cors_allowed_origins=list(ns.cors_allowed_origins or []),
+        http_limits=http_server.limits_from_args(ns),  # hardening-server
         unsupported=_unsupported(ns),
     )

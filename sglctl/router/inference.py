@@ -18,7 +18,7 @@ from starlette.routing import Route
 from sglctl.router.admission import AdmissionRejected, parse_priority
 from sglctl.router.errors import RouterError
 from sglctl.router.proxy import Finish
-from sglctl.router.request import parse_inference, read_body
+from sglctl.router.request import parse_inference_async, read_body
 
 if TYPE_CHECKING:
     from sglctl.router.app import Router
@@ -89,7 +89,7 @@ def routes(router: Router) -> list[Route]:
         finish.add(record)
         try:
             body = await read_body(request, limit)
-            parsed = parse_inference(route, body, need_key=needs_text)
+            parsed = await parse_inference_async(route, body, need_key=needs_text)
             try:
                 priority = parse_priority(parsed.payload.get("priority"))
             except ValueError as exc:

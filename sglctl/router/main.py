@@ -1,9 +1,9 @@
 """Entry point: ``sglctl router ...`` and ``python -m sglctl.router ...``.
 
 Parses the flags into a :class:`~sglctl.router.config.RouterConfig`, refuses flags it cannot
-honour with one clear line, and serves the app with uvicorn (uvloop, httptools) on
-``--host/--port``, plus a second listener for ``/metrics`` on ``--metrics-host/--metrics-port``
-in the same event loop.
+honour with one clear line, and serves the app with uvicorn (uvloop, httptools, with the
+connection limits of :mod:`sglctl.router.http_server`) on ``--host/--port``, plus a second
+listener for ``/metrics`` on ``--metrics-host/--metrics-port`` in the same event loop.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from starlette.routing import Route
 
 from sglctl.logs import configure_logging
 from sglctl.router.config import RouterConfig, parse_args
+from sglctl.router.http_server import log_accept_errors, protocol_class, raise_fd_limit
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +82,14 @@ async def serve(config: RouterConfig) -> None:
             )
         )
 
+    raise_fd_limit()
+    log_accept_errors(asyncio.get_running_loop())
     router = Router(config)
     app = create_app(router)
     common = {
         "loop": "none",
-        "http": "httptools",
+        # uvicorn's httptools protocol plus header/body limits and timeouts (http_server.py).
+        "http": protocol_class(config.http_limits),
         "access_log": False,
         "log_config": None,
         "proxy_headers": False,

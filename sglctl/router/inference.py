@@ -89,7 +89,9 @@ def routes(router: Router) -> list[Route]:
         finish.add(record)
         try:
             body = await read_body(request, limit)
-            parsed = await parse_inference_async(route, body, need_key=needs_text)
+            parsed = await parse_inference_async(
+                route, body, need_key=needs_text, need_payload=config.is_pd
+            )
             try:
                 priority = parse_priority(parsed.payload.get("priority"))
             except ValueError as exc:

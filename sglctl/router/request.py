@@ -6,19 +6,25 @@ type-checked (400 with a message naming the field). The routing text comes from 
 parse: ``text`` or ``input_ids`` (``/generate``), ``prompt`` (completions), or the
 ``messages`` contents (chat). The original bytes are what gets forwarded.
 
-Bodies above :data:`OFF_LOOP_BYTES` are parsed in a worker thread (:func:`parse_inference_async`):
-a 1M-key, 8.8 MB object takes orjson about 0.5 s, and parsed on the event loop it held every
-other request for that long (262 ms measured for a concurrent one). orjson does not keep the
-GIL from the loop for long while building the objects (the loop's longest stall measured 16 ms
-during a 0.4 s parse in a thread), so a thread is enough; two threads at most, so that a burst
-of huge bodies queues instead of multiplying their parse memory.
+Bodies above :data:`OFF_LOOP_BYTES` are parsed in a helper process
+(:func:`parse_inference_async`): a 1M-key, 8.8 MB object takes orjson about 0.5 s, and parsed
+on the event loop it held every other request for that long (262 ms measured for a concurrent
+one). A thread is not enough: orjson builds the objects without giving the GIL back, and the
+loop was measured stalled for the whole parse (1.1-1.5 s under load) from the second large
+body on. The helper sends back only what the router reads (the routing key, ``stream``,
+``priority``), not the parsed object, so the loop pays for copying the bytes, not for
+rebuilding a million keys. PD mode re-serialises the whole object (``pd.with_bootstrap``), so
+there (``need_payload``) big bodies are parsed in the loop as before.
 """
 
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+import logging
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -26,6 +32,8 @@ from starlette.requests import Request
 
 from sglctl.router.errors import RouterError
 from sglctl.router.policies.base import NO_KEY, RouteKey
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -193,17 +201,46 @@ def parse_inference(route: str, body: bytes, *, need_key: bool = True) -> Parsed
 
 #: Bodies larger than this are parsed off the event loop (about 15 ms of orjson on the loop).
 OFF_LOOP_BYTES = 256 * 1024
-_parse_pool: ThreadPoolExecutor | None = None
+#: The only payload fields the router reads outside PD mode (inference.py: ``priority``).
+_SUMMARY_FIELDS = ("stream", "priority", "model")
+_parse_pool: ProcessPoolExecutor | None = None
 
 
-async def parse_inference_async(route: str, body: bytes, *, need_key: bool = True) -> ParsedRequest:
-    """:func:`parse_inference`, in a worker thread when ``body`` is large (module docstring)."""
-    if len(body) <= OFF_LOOP_BYTES:
-        return parse_inference(route, body, need_key=need_key)
+def _parse_summary(route: str, body: bytes, need_key: bool) -> ParsedRequest:
+    """In the helper process: parse and check, and keep only what crosses back cheaply."""
+    parsed = parse_inference(route, body, need_key=need_key)
+    small = {k: parsed.payload[k] for k in _SUMMARY_FIELDS if k in parsed.payload}
+    return ParsedRequest(b"", small, parsed.key, parsed.stream)
+
+
+def _pool() -> ProcessPoolExecutor:
     global _parse_pool
     if _parse_pool is None:
-        _parse_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sglctl-parse")
+        # spawn, not fork: the router has threads and sockets a forked child must not share.
+        # Two helpers: big bodies queue rather than multiply their parse memory.
+        _parse_pool = ProcessPoolExecutor(
+            max_workers=2, mp_context=multiprocessing.get_context("spawn")
+        )
+    return _parse_pool
+
+
+async def parse_inference_async(
+    route: str, body: bytes, *, need_key: bool = True, need_payload: bool = False
+) -> ParsedRequest:
+    """:func:`parse_inference`, off the event loop for large bodies (module docstring).
+
+    Off the loop, ``payload`` holds only the fields in ``_SUMMARY_FIELDS``; ``need_payload``
+    (PD mode) keeps the whole object and so parses in the loop.
+    """
+    if len(body) <= OFF_LOOP_BYTES or need_payload:
+        return parse_inference(route, body, need_key=need_key)
+    global _parse_pool
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(
-        _parse_pool, lambda: parse_inference(route, body, need_key=need_key)
-    )
+    try:
+        parsed = await loop.run_in_executor(_pool(), _parse_summary, route, body, need_key)
+    except BrokenProcessPool:
+        # A helper died (OOM killer?): start a fresh pool next time, answer this one here.
+        log.warning("JSON parse helper process died; parsing this %d-byte body inline", len(body))
+        _parse_pool = None
+        return parse_inference(route, body, need_key=need_key)
+    return replace(parsed, body=body)

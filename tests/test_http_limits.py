@@ -10,16 +10,19 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from support import wait_until
 
 from sglctl.net import find_free_port
-from sglctl.spawn import ManagedProcess, spawn_router, spawn_sim_worker
+from sglctl.spawn import ManagedProcess, spawn, spawn_router, spawn_sim_worker
 
 HEAD_TIMEOUT = 1.0
 BODY_IDLE = 1.0
@@ -241,3 +244,72 @@ def test_a_large_body_sent_quickly_and_streaming_still_work(router: ManagedProce
             lines = [line for line in stream.iter_lines() if line]
         assert stream.status_code == 200
         assert lines[-1] == "data: [DONE]"
+
+
+def _router_with_fd_limit(
+    logs: Path, worker: str, soft: int, hard: int, *extra: str
+) -> ManagedProcess:
+    """A router whose RLIMIT_NOFILE is ``(soft, hard)`` from its first instruction on."""
+    port = find_free_port()
+    limit = (
+        "import os, resource, sys; "
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {hard})); "
+        "os.execv(sys.argv[1], sys.argv[1:])"
+    )
+    args = [sys.executable, "-c", limit, sys.executable, "-m", "sglctl.router"]
+    args += ["--host", "127.0.0.1", "--port", str(port), "--worker-urls", worker]
+    args += ["--metrics-port", str(find_free_port()), *extra]
+    return spawn(
+        f"router-fd-{port}",
+        args,
+        url=f"http://127.0.0.1:{port}",
+        log_dir=logs,
+        health_path="/liveness",
+    )
+
+
+def test_at_the_fd_limit_clients_get_503_and_it_is_logged(
+    router: ManagedProcess, tmp_path: Path
+) -> None:
+    with httpx.Client(base_url=router.url, timeout=10) as client:
+        worker_url = client.get("/list_workers").json()["urls"][0]
+    limited = _router_with_fd_limit(tmp_path, worker_url, 64, 64)
+    held: list[socket.socket] = []
+    seen: Counter[int] = Counter()
+    try:
+        # Idle connections eat descriptors; long before the kernel says EMFILE the router
+        # answers new ones with 503 (uvloop would accept and drop them: a bare EOF).
+        for _ in range(80):
+            sock = connect(limited)
+            held.append(sock)
+            sock.sendall(b"GET /liveness HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, _, body = read_response(sock, bytearray())
+            seen[status] += 1
+            if status == 503:
+                assert_json_error(body, 503)
+                break
+        assert seen[503] == 1, seen
+        wait_until(
+            lambda: "file descriptor" in limited.log_tail(200),
+            timeout=10,
+            what="an fd-limit log line",
+        )
+    finally:
+        for sock in held:
+            sock.close()
+        limited.stop()
+
+
+def test_the_soft_fd_limit_is_raised_to_the_hard_limit_at_start(
+    router: ManagedProcess, tmp_path: Path
+) -> None:
+    with httpx.Client(base_url=router.url, timeout=10) as client:
+        worker_url = client.get("/list_workers").json()["urls"][0]
+    limited = _router_with_fd_limit(tmp_path, worker_url, 256, 1024)
+    try:
+        limits = Path(f"/proc/{limited.pid}/limits").read_text()
+        line = next(x for x in limits.splitlines() if x.startswith("Max open files"))
+        assert line.split()[3:5] == ["1024", "1024"], line
+        assert "soft 256 -> 1024" in limited.log_tail(200)
+    finally:
+        limited.stop()

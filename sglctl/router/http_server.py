@@ -26,10 +26,12 @@ connection (and its buffers) forever. :class:`LimitedHttpToolsProtocol` adds, pe
   keeps descriptors for the worker connections of the requests in flight.
 
 Errors are OpenAI-style JSON with ``Connection: close``; the connection then half-closes and
-reads (and drops) what the client is still sending for :data:`LINGER_SECS`, so a client busy
-sending a huge header reads the 431 instead of a connection reset. A limit hit while an earlier
-pipelined response is still being written does not interleave: the connection stops reading and
-closes after that response. Keep-alive, pipelining and streaming are uvicorn's, unchanged.
+reads (and drops) what the client is still sending, up to :data:`LINGER_SECS` and
+:data:`LINGER_BYTES`, so a client that is still sending its header reads the 431 instead of a
+connection reset. The fd-limit 503 closes at once instead: that descriptor is what is short.
+A limit hit while an earlier pipelined response is still being written does not interleave:
+the connection stops reading and closes after that response. Keep-alive, pipelining and
+streaming are uvicorn's, unchanged.
 
 :func:`raise_fd_limit` (soft RLIMIT_NOFILE to the hard limit) and :func:`log_accept_errors`
 (asyncio's own EMFILE report, when running without uvloop) are the process-wide half.
@@ -53,8 +55,9 @@ from sglctl.router.errors import error_body
 
 log = logging.getLogger(__name__)
 
-#: Seconds a refused connection keeps draining the client's bytes before it is closed.
+#: A refused connection drains the client's bytes for this long, or this many, then closes.
 LINGER_SECS = 2.0
+LINGER_BYTES = 1 << 20
 #: Descriptors kept free for the worker-side connections of requests in flight.
 FD_RESERVE = 32
 
@@ -248,6 +251,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._body_last = 0.0
         self._linger_timer: asyncio.TimerHandle | None = None
         self._discarding = False  # refused: drop whatever else the client sends
+        self._lingered = 0
 
     # -- connection lifecycle ---------------------------------------------------------------
 
@@ -270,6 +274,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 "the router is out of file descriptors; retry shortly",
                 extra_headers=[(b"retry-after", b"1")],
             )
+            self.transport.close()  # no lingering: this descriptor is what is short
             return
         self._arm_head_timer()
 
@@ -288,6 +293,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self._discarding:
+            self._lingered += len(data)
+            if self._lingered > LINGER_BYTES:
+                self.transport.close()
             return
         self._unset_keepalive_if_required()
         if self._in_head and self._head_timer is None:
@@ -327,6 +335,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._header_count = 0
+        if self._head_timer is None:  # a pipelined request that began inside the last read
+            self._arm_head_timer()
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_count += 1

@@ -24,6 +24,7 @@ from starlette.routing import Route
 from sglctl.logs import configure_logging
 from sglctl.router.config import RouterConfig, parse_args
 from sglctl.router.http_server import log_accept_errors, protocol_class, raise_fd_limit
+from sglctl.router.request import shutdown_parse_pool
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,7 @@ async def serve(config: RouterConfig) -> None:
         if metrics_server is not None and metrics_task is not None:
             metrics_server.should_exit = True
             await metrics_task
+        shutdown_parse_pool()
     if not main.started:
         raise SystemExit(1)
 

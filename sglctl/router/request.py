@@ -224,6 +224,14 @@ def _pool() -> ProcessPoolExecutor:
     return _parse_pool
 
 
+def shutdown_parse_pool() -> None:
+    """Stop the helper processes (the router's shutdown; a later big body starts new ones)."""
+    global _parse_pool
+    if _parse_pool is not None:
+        _parse_pool.shutdown(wait=True, cancel_futures=True)
+        _parse_pool = None
+
+
 async def parse_inference_async(
     route: str, body: bytes, *, need_key: bool = True, need_payload: bool = False
 ) -> ParsedRequest:

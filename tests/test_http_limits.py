@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import socket
 import sys
 import threading
@@ -22,6 +23,7 @@ import pytest
 from support import wait_until
 
 from sglctl.net import find_free_port
+from sglctl.router.http_server import RateLimitedLog
 from sglctl.spawn import ManagedProcess, spawn, spawn_router, spawn_sim_worker
 
 HEAD_TIMEOUT = 1.0
@@ -313,3 +315,42 @@ def test_the_soft_fd_limit_is_raised_to_the_hard_limit_at_start(
         assert "soft 256 -> 1024" in limited.log_tail(200)
     finally:
         limited.stop()
+
+
+def test_a_refused_request_after_good_ones_on_the_same_connection(router: ManagedProcess) -> None:
+    """431 after a finished request is answered; after a pipelined one, that answer comes first."""
+    too_many = b"GET /liveness HTTP/1.1\r\nHost: x\r\n" + b"X-H: v\r\n" * 200 + b"\r\n"
+    buffer = bytearray()
+    with connect(router) as sock:
+        sock.sendall(_generate())
+        assert read_response(sock, buffer)[0] == 200
+        sock.sendall(too_many)
+        status, _, body = read_response(sock, buffer)
+        assert status == 431
+        assert_json_error(body, 431)
+        assert read_until_closed(sock) == b""
+    buffer.clear()
+    with connect(router) as sock:
+        sock.sendall(_generate() + too_many)  # the refusal must not cut into the 200
+        status, _, body = read_response(sock, buffer)
+        assert status == 200
+        assert "text" in json.loads(body)
+        assert bytes(buffer) + read_until_closed(sock) == b""  # then closed, nothing else
+
+
+def test_rate_limited_log_keeps_one_line_a_second_per_kind_and_counts_the_rest(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    logger = logging.getLogger("test.rate_limited")
+    limited = RateLimitedLog(logger, interval=3600.0)
+    with caplog.at_level(logging.WARNING, logger="test.rate_limited"):
+        for _ in range(3):
+            limited(logging.WARNING, "a", "kind a %d", 1)
+        limited(logging.WARNING, "b", "kind b")
+        limited.interval = 0.0
+        limited(logging.WARNING, "a", "kind a %d", 2)
+    assert [r.getMessage() for r in caplog.records] == [
+        "kind a 1",
+        "kind b",
+        "kind a 2 (and 2 more like it since the last such line)",
+    ]

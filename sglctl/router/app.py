@@ -19,6 +19,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.routing import Route
 
 from sglctl import __version__
@@ -27,6 +28,25 @@ from sglctl.router.errors import RouterError, error_response
 from sglctl.router.router import Router
 
 log = logging.getLogger(__name__)
+
+
+class _AnyTextConvertor(Convertor[str]):
+    """Like Starlette's ``path``, but also across newlines (``%0A`` in a worker id).
+
+    With ``path`` (``.*``, no DOTALL) such a URL matches no route and gets a 404 before the
+    admin handler can say 401 to a caller without the API key; the handler must decide.
+    """
+
+    regex = "(?s:.*)"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("anytext", _AnyTextConvertor())
 
 ROUTES = [
     # Inference: parsed once, admitted, routed, forwarded (inference.py, proxy.py, pd.py).
@@ -38,8 +58,8 @@ ROUTES = [
     Route("/list_workers", admin.list_workers, methods=["GET"]),
     Route("/workers", admin.workers, methods=["GET"]),
     Route("/workers", admin.add_worker, methods=["POST"]),
-    Route("/workers/{worker:path}", admin.get_worker, methods=["GET"]),
-    Route("/workers/{worker:path}", admin.delete_worker, methods=["DELETE"]),
+    Route("/workers/{worker:anytext}", admin.get_worker, methods=["GET"]),
+    Route("/workers/{worker:anytext}", admin.delete_worker, methods=["DELETE"]),
     Route("/get_loads", admin.get_loads, methods=["GET"]),
     Route("/flush_cache", admin.flush_cache, methods=["POST"]),
     # Health and information.

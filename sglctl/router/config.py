@@ -105,6 +105,13 @@ class RouterConfig:
     request_id_headers: list[str] = field(default_factory=list)
     cors_allowed_origins: list[str] = field(default_factory=list)
 
+    # The HTTP server's defences against slow and hostile clients (http_server.py).
+    max_request_header_bytes: int = 65_536
+    max_request_headers: int = 100
+    request_header_timeout_secs: float = 10.0
+    request_body_idle_timeout_secs: float = 10.0
+    request_body_timeout_secs: float = 60.0
+
     #: Flags the user set that sglctl cannot honour: ``(flag, reason)``, the reason saying
     #: what to use instead; see :data:`sglctl.router.flags.REFUSED`.
     unsupported: list[tuple[str, str]] = field(default_factory=list)

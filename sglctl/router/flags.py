@@ -424,6 +424,40 @@ def build_parser(prog: str = "sglctl router") -> argparse.ArgumentParser:
         "reaches the port can add workers",
     )
 
+    g = p.add_argument_group("slow and hostile clients (sglctl)")
+    g.add_argument(
+        "--max-request-header-bytes",
+        type=argtypes.positive_int,
+        default=d.max_request_header_bytes,
+        help="request line + headers larger than this get 431",
+    )
+    g.add_argument(
+        "--max-request-headers",
+        type=argtypes.positive_int,
+        default=d.max_request_headers,
+        help="more header fields than this get 431",
+    )
+    g.add_argument(
+        "--request-header-timeout-secs",
+        type=argtypes.non_negative_float,
+        default=d.request_header_timeout_secs,
+        help="a request head not complete this long after the connection opened (or after "
+        "its first byte on a keep-alive connection) gets 408; 0 = off",
+    )
+    g.add_argument(
+        "--request-body-idle-timeout-secs",
+        type=argtypes.non_negative_float,
+        default=d.request_body_idle_timeout_secs,
+        help="a request body with no new byte for this long gets 408; 0 = off",
+    )
+    g.add_argument(
+        "--request-body-timeout-secs",
+        type=argtypes.non_negative_float,
+        default=d.request_body_timeout_secs,
+        help="a request body not complete this long after the router started reading it gets "
+        "408, however steadily it trickles; 0 = off",
+    )
+
     g = p.add_argument_group("admission control")
     g.add_argument(
         "--max-concurrent-requests",

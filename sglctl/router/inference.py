@@ -17,7 +17,7 @@ from sglctl.router.admission import AdmissionRejected, parse_priority
 from sglctl.router.errors import RouterError
 from sglctl.router.pd import forward_pd
 from sglctl.router.proxy import Finish
-from sglctl.router.request import parse_inference, read_body
+from sglctl.router.request import parse_inference_async, read_body
 from sglctl.router.router import Router
 
 KEYED_ROUTES = ("/generate", "/v1/chat/completions", "/v1/completions")
@@ -80,7 +80,9 @@ async def forward(request: Request) -> Response:
     finish.add(record)
     try:
         body = await read_body(request, router.config.max_payload_size)
-        parsed = parse_inference(route, body, need_key=router.policy.needs_text)
+        parsed = await parse_inference_async(
+            route, body, need_key=router.policy.needs_text, need_payload=router.config.is_pd
+        )
         try:
             priority = parse_priority(parsed.payload.get("priority"))
         except ValueError as exc:

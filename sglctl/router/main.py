@@ -1,9 +1,9 @@
 """Entry point: ``sglctl router ...`` and ``python -m sglctl.router ...``.
 
 Parses the flags into a :class:`~sglctl.router.config.RouterConfig`, refuses flags it cannot
-honour with one clear line, and serves the app with uvicorn (uvloop, httptools) on
-``--host/--port``, plus a second listener for ``/metrics`` on ``--metrics-host/--metrics-port``
-in the same event loop.
+honour with one clear line, and serves the app with uvicorn (uvloop, httptools, with the
+connection limits of :mod:`sglctl.router.http_server`) on ``--host/--port``, plus a second
+listener for ``/metrics`` on ``--metrics-host/--metrics-port`` in the same event loop.
 """
 
 from __future__ import annotations
@@ -26,6 +26,13 @@ from starlette.routing import Route
 from sglctl.logs import configure_logging
 from sglctl.router.config import RouterConfig
 from sglctl.router.flags import parse_args
+from sglctl.router.http_server import (
+    limits_of,
+    log_accept_errors,
+    protocol_class,
+    raise_fd_limit,
+)
+from sglctl.router.request import shutdown_parse_pool
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +92,14 @@ async def serve(config: RouterConfig) -> None:
             )
         )
 
+    raise_fd_limit()
+    log_accept_errors(asyncio.get_running_loop())
     router = Router(config)
     app = create_app(router)
     common = {
         "loop": "none",
-        "http": "httptools",
+        # uvicorn's httptools protocol plus header/body limits and timeouts (http_server.py).
+        "http": protocol_class(limits_of(config)),
         "access_log": False,
         "log_config": None,
         "proxy_headers": False,
@@ -129,6 +139,7 @@ async def serve(config: RouterConfig) -> None:
         if metrics_server is not None and metrics_task is not None:
             metrics_server.should_exit = True
             await metrics_task
+        shutdown_parse_pool()
     if not main.started:
         raise SystemExit(1)
 

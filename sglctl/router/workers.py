@@ -73,8 +73,10 @@ class Worker:
         "health_ok",
         "id",
         "in_flight",
+        "meta",
         "requests_total",
         "role",
+        "source",
         "url",
     )
 
@@ -84,8 +86,14 @@ class Worker:
         breaker: Breaker | None = None,
         role: str = "regular",
         bootstrap_port: int | None = None,
+        source: str = "static",
+        meta: dict[str, str] | None = None,
     ) -> None:
         self.url = url
+        #: Who registered it ("static", "k8s", "supervisor", ...) and what that source knows
+        #: about it (for k8s: the pod name and namespace).
+        self.source = source
+        self.meta: dict[str, str] = dict(meta or {})
         self.id = worker_id(url)
         #: "regular", "prefill" or "decode" (PD mode).
         self.role = role
@@ -180,13 +188,23 @@ class WorkerRegistry:
         self._breaker_factory = breaker_factory
 
     # -- membership ------------------------------------------------------------------------
-    def add(self, url: str, *, role: str = "regular", bootstrap_port: int | None = None) -> Worker:
+    def add(
+        self,
+        url: str,
+        *,
+        role: str = "regular",
+        bootstrap_port: int | None = None,
+        source: str = "static",
+        meta: dict[str, str] | None = None,
+    ) -> Worker:
         """Register ``url``; raises :class:`DuplicateWorkerError` if it is already known."""
         url = normalize_url(url)
         if url in self._workers:
             raise DuplicateWorkerError(f"worker {url} is already registered")
         breaker = self._breaker_factory(url) if self._breaker_factory else None
-        worker = Worker(url, breaker, role=role, bootstrap_port=bootstrap_port)
+        worker = Worker(
+            url, breaker, role=role, bootstrap_port=bootstrap_port, source=source, meta=meta
+        )
         self._workers[url] = worker
         log.info("worker added: %s (%s); %d workers", url, role, len(self._workers))
         self._notify("added", worker)

@@ -1,0 +1,141 @@
+"""A stand-in Kubernetes API server for the discovery tests: kmock's emulator in its own process.
+
+No kube-apiserver can be installed here, and the discovery tests must talk to a real HTTP server
+in another process (a patched client would test nothing of the list/watch protocol). kmock's
+``KubernetesEmulator`` speaks the REST and watch protocol for any resource and keeps objects in
+memory; it has no command line, so this script serves it over HTTP::
+
+    python tests/kmock_server.py --host 127.0.0.1 --port 8001
+
+and prints ``ready http://HOST:PORT`` on stdout once it listens. Besides the Kubernetes API it
+answers two test-only control calls, which do what a real API server does on its own now and
+then and which no client call can provoke:
+
+* ``POST /_control/cut-watches`` ends every open watch stream cleanly (the server closing a
+  watch after its timeout, or a load balancer recycling the connection);
+* ``POST /_control/gone?count=N`` answers the next N watch requests with the ``ERROR`` event a
+  real server sends when the requested resourceVersion is too old (``410 Gone``).
+
+What the emulator does not do (so the router must not rely on it): filter by label selector,
+keep resourceVersions (a re-watch streams every existing object as ``ADDED`` again), or replay
+deletions that happened while no watch was open.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp.web
+import attrs
+import kmock
+
+GONE_EVENT = {
+    "type": "ERROR",
+    "object": {
+        "apiVersion": "v1",
+        "kind": "Status",
+        "metadata": {},
+        "status": "Failure",
+        "message": "too old resource version",
+        "reason": "Expired",
+        "code": 410,
+    },
+}
+
+
+@attrs.define(kw_only=True)
+class ControlledEmulator(kmock.KubernetesEmulator):
+    """The emulator plus the two server-side events the tests need to provoke."""
+
+    cut: asyncio.Event = attrs.field(factory=asyncio.Event, init=False)
+    gone_pending: int = attrs.field(default=0, init=False)
+    watches_served: int = attrs.field(default=0, init=False)
+
+    async def _serve_watch(self, request: Any) -> AsyncIterator[Any]:
+        self.watches_served += 1
+        if self.gone_pending > 0:
+            self.gone_pending -= 1
+            yield b""
+            yield GONE_EVENT
+            return
+        cut = self.cut
+        events = super()._serve_watch(request).__aiter__()
+        try:
+            while True:
+                next_event = asyncio.ensure_future(events.__anext__())
+                cut_wait = asyncio.ensure_future(cut.wait())
+                done, _ = await asyncio.wait(
+                    {next_event, cut_wait}, return_when=asyncio.FIRST_COMPLETED
+                )
+                cut_wait.cancel()
+                if next_event not in done:
+                    next_event.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                        await next_event
+                    return
+                try:
+                    event = next_event.result()
+                except StopAsyncIteration:
+                    return
+                yield event
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+
+    def cut_watches(self) -> None:
+        """End every open watch stream now; later watches are not affected."""
+        self.cut.set()
+        self.cut = asyncio.Event()
+
+
+async def serve(host: str, port: int) -> None:
+    emulator = ControlledEmulator()
+    emulator.resources["v1/pods"] = kmock.ResourceInfo(
+        kind="Pod",
+        singular="pod",
+        namespaced=True,
+        verbs={"get", "list", "watch", "create", "update", "patch", "delete"},
+        subresources={"status"},
+    )
+
+    async def dispatch(raw: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        if raw.path == "/_control/cut-watches" and raw.method == "POST":
+            emulator.cut_watches()
+            return aiohttp.web.json_response({"status": "ok"})
+        if raw.path == "/_control/gone" and raw.method == "POST":
+            emulator.gone_pending += int(raw.query.get("count", "1"))
+            return aiohttp.web.json_response({"status": "ok"})
+        if raw.path == "/_control/stats":
+            return aiohttp.web.json_response({"watches_served": emulator.watches_served})
+        return await emulator(raw)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with emulator:
+        runner = aiohttp.web.ServerRunner(aiohttp.web.Server(dispatch), shutdown_timeout=1)
+        await runner.setup()
+        site = aiohttp.web.TCPSite(runner, host, port)
+        await site.start()
+        print(f"ready http://{host}:{port}", flush=True)
+        try:
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    asyncio.run(serve(args.host, args.port))
+
+
+if __name__ == "__main__":
+    main()

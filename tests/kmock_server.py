@@ -14,7 +14,9 @@ then and which no client call can provoke:
 * ``POST /_control/cut-watches`` ends every open watch stream cleanly (the server closing a
   watch after its timeout, or a load balancer recycling the connection);
 * ``POST /_control/gone?count=N`` answers the next N watch requests with the ``ERROR`` event a
-  real server sends when the requested resourceVersion is too old (``410 Gone``).
+  real server sends when the requested resourceVersion is too old (``410 Gone``);
+* ``POST /_control/forget?namespace=NS&name=N`` drops a pod without a watch event (a change
+  a client missed while its history was compacted: only a relist finds it out).
 
 What the emulator does not do (so the router must not rely on it): filter by label selector,
 keep resourceVersions (a re-watch streams every existing object as ``ADDED`` again), or replay
@@ -64,7 +66,8 @@ class ControlledEmulator(kmock.KubernetesEmulator):
             yield GONE_EVENT
             return
         cut = self.cut
-        events = super()._serve_watch(request).__aiter__()
+        events = self._watch_events(request).__aiter__()
+        next_event: asyncio.Future[Any] | None = None
         try:
             while True:
                 next_event = asyncio.ensure_future(events.__anext__())
@@ -74,9 +77,6 @@ class ControlledEmulator(kmock.KubernetesEmulator):
                 )
                 cut_wait.cancel()
                 if next_event not in done:
-                    next_event.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                        await next_event
                     return
                 try:
                     event = next_event.result()
@@ -84,7 +84,44 @@ class ControlledEmulator(kmock.KubernetesEmulator):
                     return
                 yield event
         finally:
+            # Also when the client went away and this handler is cancelled mid-wait.
+            if next_event is not None and not next_event.done():
+                next_event.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await next_event
             await events.aclose()  # type: ignore[attr-defined]
+
+    async def _watch_events(self, request: Any) -> AsyncIterator[Any]:
+        """The emulator's watch, without its gap: it lists the objects and only then subscribes
+        to changes, so a change made in between was lost (seen with 3 watchers). Here the bus
+        position is marked under the same lock that every change is made under."""
+        yield b""  # send the headers now, as the emulator does
+        bus = self._buses[request.resource]
+        async with self._lock:
+            mark = await bus.mark()
+            existing = [
+                {"type": "ADDED", "object": obj.raw}
+                for (resource, namespace, name), obj in self._objects.items()
+                if not obj.deleted and self._selected(request, resource, namespace, name)
+            ]
+        try:
+            for event in existing:
+                yield event
+            async for event in mark:
+                meta = event.get("object", {}).get("metadata", {})
+                namespace, name = meta.get("namespace"), meta.get("name")
+                if self._selected(request, request.resource, namespace, name):
+                    yield event
+        finally:
+            await bus.unmark(mark)
+
+    @staticmethod
+    def _selected(request: Any, resource: Any, namespace: str | None, name: str) -> bool:
+        return bool(
+            resource == request.resource
+            and (request.namespace is None or namespace == request.namespace)
+            and (request.name is None or name == request.name)
+        )
 
     def cut_watches(self) -> None:
         """End every open watch stream now; later watches are not affected."""
@@ -108,6 +145,11 @@ async def serve(host: str, port: int) -> None:
             return aiohttp.web.json_response({"status": "ok"})
         if raw.path == "/_control/gone" and raw.method == "POST":
             emulator.gone_pending += int(raw.query.get("count", "1"))
+            return aiohttp.web.json_response({"status": "ok"})
+        if raw.path == "/_control/forget" and raw.method == "POST":
+            # Drop a pod without a watch event: what a client misses when the server compacts
+            # history while its watch is down (only a relist can tell it is gone).
+            del emulator.objects["v1/pods", raw.query["namespace"], raw.query["name"]]
             return aiohttp.web.json_response({"status": "ok"})
         if raw.path == "/_control/stats":
             return aiohttp.web.json_response({"watches_served": emulator.watches_served})

@@ -18,15 +18,17 @@ then and which no client call can provoke:
 * ``POST /_control/forget?namespace=NS&name=N`` drops a pod without a watch event (a change
   a client missed while its history was compacted: only a relist finds it out).
 
-What the emulator does not do (so the router must not rely on it): filter by label selector,
-keep resourceVersions (a re-watch streams every existing object as ``ADDED`` again), or replay
-deletions that happened while no watch was open.
+What the emulator does not do (so the router must not rely on it): filter by label selector.
+This script adds what list+watch clients depend on and the emulator lacks: resourceVersions on
+lists and events, and watches that replay the events after a given version (see
+:class:`VersionedBus`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import signal
 from collections.abc import AsyncIterator
@@ -48,6 +50,35 @@ GONE_EVENT = {
         "code": 410,
     },
 }
+
+
+#: The last resourceVersion handed out (one emulator per process, one counter for all kinds).
+_last_version = 0
+
+
+@attrs.define
+class VersionedBus(kmock.Bus[Any]):
+    """The emulator's event bus, plus what it lacks: resourceVersions and their history.
+
+    Every event gets the next version (in ``object.metadata.resourceVersion``) and is kept,
+    so a watch from version N replays what came after N, as a real API server does. Without
+    this, a change made between a client's list and its watch (or while a cut watch was
+    being re-opened) was lost, and tests flaked on what a real server gets right.
+    """
+
+    history: list[tuple[int, dict[str, Any]]] = attrs.field(factory=list, init=False)
+
+    async def put(self, *items: Any) -> None:
+        global _last_version
+        stamped = []
+        for item in items:
+            _last_version += 1
+            obj = dict(item.get("object") or {})
+            obj["metadata"] = {**obj.get("metadata", {}), "resourceVersion": str(_last_version)}
+            event = {**item, "object": obj}
+            self.history.append((_last_version, event))
+            stamped.append(event)
+        await super().put(*stamped)
 
 
 @attrs.define(kw_only=True)
@@ -92,28 +123,51 @@ class ControlledEmulator(kmock.KubernetesEmulator):
             await events.aclose()  # type: ignore[attr-defined]
 
     async def _watch_events(self, request: Any) -> AsyncIterator[Any]:
-        """The emulator's watch, without its gap: it lists the objects and only then subscribes
-        to changes, so a change made in between was lost (seen with 3 watchers). Here the bus
-        position is marked under the same lock that every change is made under."""
+        """The emulator's watch with resourceVersions and without its gap.
+
+        The emulator lists the objects and only then subscribes to changes, so a change made
+        in between was lost (seen with 3 watchers). Here the bus position is marked under the
+        lock every change is made under. With ``resourceVersion=N`` the events after N are
+        replayed; without, the current objects come as ``ADDED``, as from a real server.
+        """
         yield b""  # send the headers now, as the emulator does
         bus = self._buses[request.resource]
+        since = request.params.get("resourceVersion") if request.params else None
         async with self._lock:
             mark = await bus.mark()
-            existing = [
-                {"type": "ADDED", "object": obj.raw}
-                for (resource, namespace, name), obj in self._objects.items()
-                if not obj.deleted and self._selected(request, resource, namespace, name)
-            ]
+            if since and since.isdigit():
+                first = [e for v, e in getattr(bus, "history", []) if v > int(since)]
+            else:
+                first = [
+                    {"type": "ADDED", "object": obj.raw}
+                    for (resource, namespace, name), obj in self._objects.items()
+                    if not obj.deleted and self._selected(request, resource, namespace, name)
+                ]
         try:
-            for event in existing:
-                yield event
+            for event in first:
+                if self._selected_event(request, event):
+                    yield event
             async for event in mark:
-                meta = event.get("object", {}).get("metadata", {})
-                namespace, name = meta.get("namespace"), meta.get("name")
-                if self._selected(request, request.resource, namespace, name):
+                if self._selected_event(request, event):
                     yield event
         finally:
             await bus.unmark(mark)
+
+    async def _serve_list(self, request: Any) -> Any:
+        """The emulator's list, with the resourceVersion it was taken at (read under the lock
+        every change is made under, so a watch from it misses nothing)."""
+        async with self._lock:
+            version = _last_version
+            items = [
+                obj.raw
+                for (resource, namespace, name), obj in self._objects.items()
+                if not obj.deleted and self._selected(request, resource, namespace, name)
+            ]
+        return {"kind": "PodList", "metadata": {"resourceVersion": str(version)}, "items": items}
+
+    def _selected_event(self, request: Any, event: dict[str, Any]) -> bool:
+        meta = event.get("object", {}).get("metadata", {})
+        return self._selected(request, request.resource, meta.get("namespace"), meta.get("name"))
 
     @staticmethod
     def _selected(request: Any, resource: Any, namespace: str | None, name: str) -> bool:
@@ -130,7 +184,7 @@ class ControlledEmulator(kmock.KubernetesEmulator):
 
 
 async def serve(host: str, port: int) -> None:
-    emulator = ControlledEmulator()
+    emulator = ControlledEmulator(buses=collections.defaultdict(VersionedBus))
     emulator.resources["v1/pods"] = kmock.ResourceInfo(
         kind="Pod",
         singular="pod",

@@ -64,11 +64,15 @@ def test_current_gateway_flags():
         ns_of(
             [
                 "--service-discovery",
-                "--selector", "app=sglang", "tier=gpu",
-                "--service-discovery-port", "8000",
-                "--service-discovery-namespace", "inference",
+                "--selector",
+                "app=sglang",
+                "tier=gpu",
+                "--service-discovery-port",
+                "8000",
+                "--service-discovery-namespace",
+                "inference",
             ]
-        )  # fmt: skip
+        )
     )
     assert cfg == K8sDiscoveryConfig(
         selector={"app": "sglang", "tier": "gpu"}, port=8000, namespace="inference"
@@ -90,10 +94,14 @@ def test_pd_selectors_and_the_common_api_selector():
         ns_of(
             [
                 "--service-discovery",
-                "--prefill-selector", "app=sglang", "role=prefill",
-                "--decode-selector", "app=sglang", "role=decode",
+                "--prefill-selector",
+                "app=sglang",
+                "role=prefill",
+                "--decode-selector",
+                "app=sglang",
+                "role=decode",
             ]
-        )  # fmt: skip
+        )
     )
     assert cfg is not None and cfg.pd_mode
     assert [role for role, _ in cfg.roles()] == ["prefill", "decode"]

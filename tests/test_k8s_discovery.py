@@ -527,3 +527,18 @@ def test_three_router_replicas_discover_the_same_pods(kube, run_source, pod_port
     kube.set_status("w1", ip=POD_IPS[1], ready=False)
     for r in replicas:
         wait_until(lambda r=r: r.routable() == everyone - {url(POD_IPS[1], pod_port)})
+
+
+def test_new_ip_is_a_new_worker_and_unselected_labels_remove_it(kube, run_source, pod_port):
+    src = run_source(config(pod_port, kubeconfig=kubeconfig_of(kube)))
+    u0, u1 = url(POD_IPS[0], pod_port), url(POD_IPS[1], pod_port)
+    kube.create_pod("w0", ip=POD_IPS[0], ready=True)
+    wait_until(lambda: src.routable() == {u0}, what="join")
+    kube.set_status("w0", ip=POD_IPS[1], ready=True)  # same pod name, new address
+    wait_until(lambda: set(src.workers()) == {u1}, what="the old URL replaced by the new")
+    kube.client.patch(
+        Pod, "w0", {"metadata": {"labels": {"app": "other"}}}, namespace=NS,
+        patch_type=PatchType.MERGE,
+    )  # fmt: skip
+    wait_until(lambda: src.workers() == {}, what="a pod no longer selected to leave")
+    assert src.stats()["workers_removed_total"] == 2

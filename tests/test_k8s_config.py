@@ -150,6 +150,21 @@ def test_credentials_from_kubeconfig_env(tmp_path: Path, monkeypatch: pytest.Mon
     assert single is not None and single.cluster.server == "https://10.9.9.9:6443"
 
 
+def test_in_cluster_service_account(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    for name, text in {"token": "tok", "namespace": "sglang", "ca.crt": "x"}.items():
+        (tmp_path / name).write_text(text)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    single = load_kube_config(service_account_dir=tmp_path).get()
+    assert single is not None
+    assert single.cluster.server == "https://10.96.0.1:443"
+    assert single.namespace == "sglang"
+    # no token mounted: not in a pod after all, so KUBECONFIG is used (missing here)
+    with pytest.raises(ValueError, match="KUBECONFIG"):
+        load_kube_config(service_account_dir=tmp_path / "nothing")
+
+
 def test_no_credentials_says_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))

@@ -36,9 +36,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from lightkube import AsyncClient, ConfigError, KubeConfig
@@ -52,23 +54,32 @@ from sglctl.router.workers import DuplicateWorkerError, UnknownWorkerError, Work
 log = logging.getLogger(__name__)
 
 ALL_NAMESPACES = "*"
+SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 PodKey = tuple[str, str]
 
 
-def load_kube_config(path: str | None = None) -> KubeConfig:
+def load_kube_config(
+    path: str | None = None, *, service_account_dir: Path = SERVICE_ACCOUNT_DIR
+) -> KubeConfig:
     """Credentials as every Kubernetes tool finds them, or a ValueError that says what to do.
 
-    ``path`` given: that kubeconfig. Else lightkube's lookup: the in-cluster service account
-    (``KUBERNETES_SERVICE_HOST`` set and the token file present), then ``KUBECONFIG``, then
-    ``~/.kube/config``.
+    ``path`` given: that kubeconfig. Else the in-cluster service account when
+    ``KUBERNETES_SERVICE_HOST`` is set and its token file exists (token, CA and namespace from
+    ``service_account_dir``), else the first file of ``KUBECONFIG``, else ``~/.kube/config``.
     """
     try:
-        return KubeConfig.from_file(path) if path else KubeConfig.from_env()
-    except ConfigError as exc:
+        if path:
+            return KubeConfig.from_file(path)
+        if os.environ.get("KUBERNETES_SERVICE_HOST") and (service_account_dir / "token").is_file():
+            return KubeConfig.from_service_account(service_account_dir)
+        kubeconfig = os.environ.get("KUBECONFIG", "").split(os.pathsep)[0]
+        return KubeConfig.from_file(kubeconfig or "~/.kube/config")
+    except (ConfigError, KeyError, OSError, ValueError) as exc:
         raise ValueError(
-            f"--service-discovery: no Kubernetes credentials ({exc}). In a pod, mount the "
-            "service account token (automountServiceAccountToken); elsewhere set KUBECONFIG "
-            "or create ~/.kube/config"
+            f"--service-discovery: no usable Kubernetes credentials ({type(exc).__name__}: "
+            f"{exc}). In a pod, mount the service account token (automountServiceAccountToken) "
+            "and keep KUBERNETES_SERVICE_HOST/PORT; elsewhere set KUBECONFIG or create "
+            "~/.kube/config"
         ) from exc
 
 

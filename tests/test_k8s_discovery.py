@@ -542,3 +542,16 @@ def test_new_ip_is_a_new_worker_and_unselected_labels_remove_it(kube, run_source
     )  # fmt: skip
     wait_until(lambda: src.workers() == {}, what="a pod no longer selected to leave")
     assert src.stats()["workers_removed_total"] == 2
+
+
+def test_repeated_gone_backs_off_but_recovers(kube, run_source, pod_port):
+    src = run_source(config(pod_port, kubeconfig=kubeconfig_of(kube)))
+    u0, u1 = url(POD_IPS[0], pod_port), url(POD_IPS[1], pod_port)
+    kube.create_pod("w0", ip=POD_IPS[0], ready=True)
+    wait_until(lambda: src.routable() == {u0}, what="join")
+    kube.control("gone", count=3)  # three watches in a row answered 410
+    kube.control("cut-watches")
+    wait_until(lambda: src.stats()["gone_total"] == 3, what="three 410s")
+    kube.create_pod("w1", ip=POD_IPS[1], ready=True)
+    wait_until(lambda: src.routable() == {u0, u1}, what="watching again after the 410s")
+    assert src.stats()["lists_total"] == 4

@@ -160,10 +160,11 @@ class K8sDiscoverySource:
             self._server,
             self.config.port,
         )
-        backoff = self.backoff_initial
-        need_list = True
-        version: str | None = None
         try:
+            backoff = self.backoff_initial
+            need_list = True
+            version: str | None = None
+            events_at_last_gone = -1
             while True:
                 try:
                     if need_list:
@@ -173,19 +174,25 @@ class K8sDiscoverySource:
                         backoff = self.backoff_initial
                     version = await self._watch(client, registry, version)
                     self._counters.watch_restarts += 1
+                    continue
                 except ApiError as exc:
+                    need_list = True
                     if exc.status.code == 410:
                         self._counters.gone += 1
                         log.info("k8s: watch answered 410 Gone (version too old); relisting")
-                        need_list = True
-                        continue
-                    self._unreachable(exc, registry)
+                        events = sum(self._counters.events.values())
+                        routine, events_at_last_gone = events != events_at_last_gone, events
+                        if routine:
+                            continue  # relist at once; a 410 again with no event between backs off
+                    else:
+                        self._unreachable(exc)
+                except (httpx2.HTTPError, OSError, asyncio.TimeoutError) as exc:
                     need_list = True
-                except Exception as exc:
-                    self._unreachable(exc, registry)
+                    self._unreachable(exc)
+                except Exception as exc:  # a bug here must not take the router down: say, retry
                     need_list = True
-                else:
-                    continue
+                    log.exception("k8s: unexpected error following pods; retrying with backoff")
+                    self._unreachable(exc)
                 await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
                 backoff = min(backoff * 2, self.backoff_max)
         finally:
@@ -321,7 +328,7 @@ class K8sDiscoverySource:
         )
 
     # -- outage bookkeeping ----------------------------------------------------------------
-    def _unreachable(self, exc: BaseException, registry: WorkerRegistry) -> None:
+    def _unreachable(self, exc: BaseException) -> None:
         self._counters.api_errors += 1
         self._failed_attempts += 1
         reason = _describe(exc)

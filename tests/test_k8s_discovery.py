@@ -35,6 +35,8 @@ from sglctl.router.workers import WorkerRegistry
 from sglctl.spawn import ManagedProcess, spawn
 from tests.support import wait_until
 
+pytest.importorskip("kmock", reason="kmock, the stand-in API server, needs Python 3.11+")
+
 T = TypeVar("T")
 NS = "sglang"
 LAUNCHER = Path(__file__).with_name("kmock_server.py")

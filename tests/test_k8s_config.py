@@ -11,7 +11,6 @@ from lightkube.models.core_v1 import PodCondition, PodStatus
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.core_v1 import Pod
 
-from sglctl.router.flags import build_parser
 from sglctl.router.discovery import (
     K8sDiscoveryConfig,
     config_from_namespace,
@@ -19,6 +18,7 @@ from sglctl.router.discovery import (
     parse_selector,
 )
 from sglctl.router.discovery.k8s_pods import pod_worker
+from sglctl.router.flags import build_parser
 
 
 # -- selectors -----------------------------------------------------------------------------

@@ -18,9 +18,9 @@ import yaml
 from lightkube import codecs
 from lightkube.generic_resource import create_namespaced_resource
 
-from sglctl.router.flags import build_parser, parse_args
 from sglctl.router.discovery import K8sDiscoveryConfig, config_from_namespace
 from sglctl.router.discovery.k8s_config import matches
+from sglctl.router.flags import build_parser, parse_args
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "k8s"
 CRDS = {

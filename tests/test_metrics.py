@@ -165,8 +165,6 @@ def test_scrape_time_views_of_policy_admission_supervisor_and_discovery() -> Non
     policy = CacheAwarePolicy()
     for url in ("http://a", "http://b"):
         policy.on_worker_added(registry.add(url))
-    for _ in range(3):
-        policy.select(registry.routable(), RouteKey(text="y" * 320))
     slots = [
         WorkerSlot(state=WorkerState.HEALTHY, url="http://a", restarts=2),
         WorkerSlot(state=WorkerState.FAILED, url="http://b", restarts=5),
@@ -180,9 +178,24 @@ def test_scrape_time_views_of_policy_admission_supervisor_and_discovery() -> Non
     )
     m.discovery_stats = lambda: {"workers": 3, "added_total": 4, "errors_total": 1}
     m.observe_queue_wait(0.2)
+
+    async def routed(code: int) -> None:  # one request routed by the cache-aware policy
+        key = RouteKey(text="y" * 320)
+        obs = m.begin("/generate")
+        worker = policy.select(registry.routable(), key)
+        assert worker is not None
+        note_attempt(policy, registry.routable(), key, worker)
+        m.finish(obs, code)
+
+    for code in (200, 200, 200, 502):  # a miss (new prefix), then hits
+        asyncio.run(routed(code))
     s = samples(m)
-    assert s[("sglang_router_cache_hits_total", ())] == 2
-    assert s[("sglang_router_cache_misses_total", ())] == 1
+    ok = (("code", "200"), ("route", "/generate"), ("status", "success"))
+    failed = (("code", "502"), ("route", "/generate"), ("status", "upstream_error"))
+    # Hits and misses carry requests_total's labels (the seed's hit-ratio query as written).
+    assert s[("sglang_router_cache_hits_total", ok)] == 2
+    assert s[("sglang_router_cache_misses_total", ok)] == 1
+    assert s[("sglang_router_cache_hits_total", failed)] == 1
     tree = {k[1]: v for k, v in s.items() if k[0] == "sglang_router_tree_size_chars"}
     assert sum(tree.values()) == 320 and len(tree) == 2  # 5 blocks of 64
     assert s[("sglang_router_queue_capacity", ())] == 7

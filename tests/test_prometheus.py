@@ -290,14 +290,17 @@ def test_real_prometheus_answers_the_seed_queries(procs, prometheus) -> None:  #
         assert {s["metric"]["worker"] for s in pending} == {w.url for w in good}
         assert all(float(s["value"][1]) == 0 for s in pending)
 
-        # Seed query 4: as written the label sets differ (hits have none), so it gives no
-        # series; the sum() form is hits per request over the window.
-        assert (
-            prom.query(
+        # Seed query 4, as written: hits carry requests_total's labels, so it gives one hit
+        # ratio per route and outcome; the successful /generate requests hit in round two.
+        as_written = {
+            (r["metric"]["status"], r["metric"]["code"]): float(r["value"][1])
+            for r in prom.query(
                 "rate(sglang_router_cache_hits_total[5m]) / rate(sglang_router_requests_total[5m])"
             )
-            == []
-        )
+        }
+        assert ("success", "200") in as_written
+        assert all(0.0 <= v <= 1.0 for v in as_written.values()), as_written
+        assert as_written[("success", "200")] > 0
         hit_ratio = prom.scalar(
             "sum(rate(sglang_router_cache_hits_total[5m])) "
             "/ sum(rate(sglang_router_requests_total[5m]))"

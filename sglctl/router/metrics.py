@@ -141,7 +141,16 @@ class _Histogram:
 class RequestObservation:
     """What the metrics learn about one request while it runs."""
 
-    __slots__ = ("attempts", "first_byte", "prev", "route", "started", "tail", "worker")
+    __slots__ = (
+        "attempts",
+        "cache_hit",
+        "first_byte",
+        "prev",
+        "route",
+        "started",
+        "tail",
+        "worker",
+    )
 
     def __init__(self, route: str, started: float) -> None:
         self.route = route
@@ -150,6 +159,9 @@ class RequestObservation:
         self.first_byte = 0.0
         self.worker = ""
         self.attempts = 0
+        #: The routing decision of the attempt that served it: a prefix hit (True), a miss
+        #: (False), or None when the policy does no cache-aware routing.
+        self.cache_hit: bool | None = None
         #: The last two streamed chunks (the last may be only ``data: [DONE]``):
         #: completion_tokens is read from them.
         self.tail = b""
@@ -174,6 +186,7 @@ def note_attempt(
     if obs is not None:
         obs.worker = worker.url
         obs.attempts += 1
+        obs.cache_hit = _CACHE_OUTCOME.get(policy.last_decision)
     if route_log.isEnabledFor(logging.DEBUG):
         route_log.debug(
             "route: policy=%s chosen=%s decision=%s key_len=%d match_len=%d loads=%s",
@@ -184,6 +197,15 @@ def note_attempt(
             policy.last_match,
             {w.url: w.in_flight for w in candidates},
         )
+
+
+#: ``Policy.last_decision`` -> counted as a cache hit / miss (others are not counted).
+_CACHE_OUTCOME = {
+    "cache_hit": True,
+    "cache_miss": False,
+    "balance_fallback": False,
+    "no_text": False,
+}
 
 
 def note_chunk(chunk: bytes) -> None:
@@ -320,32 +342,32 @@ class _StateCollector(Collector):
 
     @staticmethod
     def _policies(m: RouterMetrics) -> Iterator[Metric]:
-        extra = m.extra()
-        hits = extra.get("cache_hits", 0.0)
-        misses = extra.get("cache_misses", 0.0)
+        # Hits and misses carry requests_total's labels, so that the seed's query
+        # rate(cache_hits_total[5m]) / rate(requests_total[5m]) works as written (one hit
+        # ratio per route and outcome); sum() both sides for one figure.
+        labels = ["route", "status", "code"]
+        hits = CounterMetricFamily(
+            "sglang_router_cache_hits",
+            "Requests routed to a worker because of a prefix (cache) match, by outcome",
+            labels=labels,
+        )
+        misses = CounterMetricFamily(
+            "sglang_router_cache_misses",
+            "Requests routed without a cache match (new prefix or load-balance fallback)",
+            labels=labels,
+        )
+        for (route, code, hit), count in sorted(m.cache_counts.items()):
+            (hits if hit else misses).add_metric([route, status_class(code), str(code)], count)
+        yield hits
+        yield misses
         tree = GaugeMetricFamily(
             "sglang_router_tree_size_chars",
             "Characters each worker holds in the cache-aware policy's prefix tree",
             labels=["worker"],
         )
-        policies = m.policies()
-        if policies:
-            hits = misses = 0.0
-            for policy in policies:
-                hits += policy.cache_hits
-                misses += policy.cache_misses
-                for name, size in policy.tree_sizes().items():
-                    tree.add_metric([name], size)
-        yield CounterMetricFamily(
-            "sglang_router_cache_hits",
-            "Requests routed to a worker because of a prefix (cache) match",
-            value=hits,
-        )
-        yield CounterMetricFamily(
-            "sglang_router_cache_misses",
-            "Requests routed without a cache match (new prefix or load-balance fallback)",
-            value=misses,
-        )
+        for policy in m.policies():
+            for name, size in policy.tree_sizes().items():
+                tree.add_metric([name], size)
         yield tree
 
     @staticmethod
@@ -374,10 +396,6 @@ class _StateCollector(Collector):
             running.add_metric([], stats.active)
             rejected.add_metric(["queue_full"], stats.rejected_full_total)
             rejected.add_metric(["queue_timeout"], stats.rejected_timeout_total)
-        else:
-            extra = m.extra()
-            queued.add_metric([], extra.get("queued", 0))
-            rejected.add_metric(["any"], extra.get("rejected", 0))
         yield from (queued, capacity, running, rejected)
         wait = HistogramMetricFamily(
             "sglang_router_queue_wait_seconds",
@@ -468,15 +486,13 @@ def _no_policies() -> Sequence[Policy]:
 class RouterMetrics:
     """The router's Prometheus registry and its per-request instruments.
 
-    ``extra`` is the older scrape hook (cache hits/misses, queue), used when ``policies`` and
-    ``admission`` are not given. ``discovery_stats`` is the service-discovery hook: a function
+    ``discovery_stats`` is the service-discovery hook: a function
     returning some of the keys of :data:`DISCOVERY_METRICS` (assign it after construction).
     """
 
     def __init__(
         self,
         registry: WorkerRegistry,
-        extra: Callable[[], dict[str, float]] = dict,
         buckets: Sequence[float] | None = None,
         *,
         policies: Callable[[], Sequence[Policy]] = _no_policies,
@@ -485,7 +501,6 @@ class RouterMetrics:
         access_log: bool = False,
     ) -> None:
         self.workers = registry
-        self.extra = extra
         self.policies = policies
         self.admission = admission
         self.supervisor_slots = supervisor_slots
@@ -494,6 +509,8 @@ class RouterMetrics:
         self.buckets = tuple(buckets) if buckets else DEFAULT_BUCKETS
         #: (route, HTTP code) -> requests; the status class is derived at scrape time.
         self.request_counts: dict[tuple[str, int], int] = {}
+        #: (route, HTTP code, cache hit?) -> requests routed by a cache-aware decision.
+        self.cache_counts: dict[tuple[str, int, bool], int] = {}
         self.duration: dict[str, _Histogram] = {}
         self.ttft: dict[str, _Histogram] = {}
         self.tpot: dict[str, _Histogram] = {}
@@ -518,6 +535,9 @@ class RouterMetrics:
         key = (route, code)
         counts = self.request_counts
         counts[key] = counts.get(key, 0) + 1
+        if obs.cache_hit is not None:
+            cache_key = (route, code, obs.cache_hit)
+            self.cache_counts[cache_key] = self.cache_counts.get(cache_key, 0) + 1
         hist = self.duration.get(route)
         if hist is None:
             hist = self.duration[route] = _Histogram(self.buckets)

@@ -79,7 +79,6 @@ class Router:
         )
         self.metrics = RouterMetrics(
             self.registry,
-            self._scrape_extra,
             config.prometheus_duration_buckets,
             # Scrape-time views: policies (cache hits, tree per worker), admission (queue),
             # the supervisor's table (restarts, state); and --access-log.
@@ -154,19 +153,6 @@ class Router:
                 policy.on_worker_added(worker)
             elif event == "removed":
                 policy.on_worker_removed(worker)
-
-    def _scrape_extra(self) -> dict[str, float]:
-        extra: dict[str, float] = {}
-        for policy in (self.policy, self.decode_policy):
-            if policy is None:
-                continue
-            extra["cache_hits"] = extra.get("cache_hits", 0) + policy.cache_hits
-            extra["cache_misses"] = extra.get("cache_misses", 0) + policy.cache_misses
-            extra["tree_size"] = extra.get("tree_size", 0) + policy.tree_size()
-        stats = self.admission.stats()
-        extra["queued"] = stats.queued
-        extra["rejected"] = stats.rejected_full_total + stats.rejected_timeout_total
-        return extra
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:

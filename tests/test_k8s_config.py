@@ -11,12 +11,8 @@ from lightkube.models.core_v1 import PodCondition, PodStatus
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.core_v1 import Pod
 
-from sglctl.router.discovery import (
-    K8sDiscoveryConfig,
-    config_from_namespace,
-    load_kube_config,
-    parse_selector,
-)
+from sglctl.router.discovery import K8sDiscoveryConfig, config_from_namespace, parse_selector
+from sglctl.router.discovery.k8s import load_kube_config
 from sglctl.router.discovery.k8s_pods import pod_worker
 from sglctl.router.flags import build_parser
 

@@ -570,8 +570,6 @@ def test_config_defaults_match_the_contract() -> None:
 @pytest.mark.parametrize(
     "flags",
     [
-        ["--service-discovery", "--selector", "app=sglang"],
-        ["--k8s-namespace", "default"],
         ["--policy", "manual"],
         ["--dp-aware"],
         ["--model-path", "meta-llama/Llama-3-8B"],

@@ -329,18 +329,6 @@ def test_pd_pods_through_pd_disaggregation_and_selectors(kube, routers, tmp_path
         decode.stop()
 
 
-def test_pd_selectors_without_static_urls_are_accepted_and_pd_needs_role_selectors():
-    from sglctl.router.flags import parse_args
-
-    cfg = parse_args(
-        ["--pd-disaggregation", "--prefill-selector", "r=p", "--decode-selector", "r=d"]
-    )
-    assert cfg.is_pd and cfg.k8s_discovery is not None and cfg.unsupported == []
-    assert parse_args(["--prefill-selector", "r=p", "--decode-selector", "r=d"]).is_pd
-    with pytest.raises(SystemExit):
-        parse_args(["--pd-disaggregation", "--service-discovery", "--selector", "app=sglang"])
-
-
 def test_three_router_replicas_discover_the_same_pods(kube, routers, pod_port):
     replicas = [routers.start(*FLAG_FAMILIES["service-discovery"](pod_port)) for _ in range(3)]
     everyone = {url(ip, pod_port) for ip in REGULAR_IPS}

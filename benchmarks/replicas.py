@@ -11,12 +11,15 @@ at 10-20% of the hits. This script measures it on sglctl:
 1. Starts N sim workers (default 8) with a finite KV cache and a ``--speedup``.
 2. Replays the same slice of the Mooncake conversation trace (``sglctl.bench``, at the
    trace's own timestamps divided by ``--speedup``) through 1 router, then through R routers
-   (default 3) with the requests spread round-robin over the replicas, as a Service's
-   clients would be (the worst case for the trees: consecutive turns of one conversation go
-   to different replicas). Worker caches are flushed before each setup, so both start cold.
+   (default 3) with the requests spread over the replicas as a Service's clients would be,
+   two ways (``--spread``): ``request`` -- each request to the next replica, round-robin (the
+   worst case for the trees: consecutive turns of one conversation go to different
+   replicas); ``session`` -- each conversation (the trace's first two blocks) stays on one
+   replica, as long-lived client connections or ``sessionAffinity`` give. Worker caches are
+   flushed before each setup, so every setup starts cold.
 3. Prints one row per setup -- hit ratio (the workers' ``cached_tokens`` over prompt tokens),
-   TTFT p50/p99, max/mean requests per worker, errors -- and the ratio of the R-replica hit
-   ratio to the 1-replica one.
+   TTFT p50/p99, max/mean requests per worker, errors -- and the ratio of each R-replica hit
+   ratio to the 1-router one.
 
 The routers take their workers from static ``--worker-urls`` (discovery gives them the same
 list; what is measured is routing, not membership). Everything runs on 127.0.0.1 and every
@@ -31,16 +34,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import itertools
 import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import orjson
 from rich.console import Console
 from rich.table import Table
 
@@ -50,6 +55,7 @@ sys.path.insert(0, str(REPO))
 from sglctl.bench.report import fmt_ms  # noqa: E402
 from sglctl.bench.runner import BenchResult, RunConfig, run_workload  # noqa: E402
 from sglctl.bench.textgen import PromptBuilder  # noqa: E402
+from sglctl.bench.workload import Workload  # noqa: E402
 from sglctl.bench.workloads import trace_workload  # noqa: E402
 from sglctl.net import find_free_port, wait_for_http  # noqa: E402
 from sglctl.polling import poll_sync  # noqa: E402
@@ -96,15 +102,51 @@ FULL = Settings(
 )  # fmt: skip
 
 
+#: How clients reach the replicas: ``request`` -- every request picks the next replica
+#: (round-robin); ``session`` -- a conversation stays on one replica (what long-lived client
+#: connections or ``sessionAffinity`` give behind a Service).
+SPREADS = ("request", "session")
+Picker = Callable[[bytes], int | None]
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
+
+
+def session_picker(workload: Workload, builder: PromptBuilder, replicas: int) -> Picker:
+    """Replica of each prompt by its conversation: the trace's first two blocks.
+
+    A conversation's later turns repeat its earlier prompt (same leading hash ids), so
+    ``hash_ids[:2]`` -- the shared system block and the conversation's first own block --
+    names it. The transport sees only the body, so prompts are mapped by their digest.
+    """
+    by_prompt: dict[bytes, int] = {}
+    for req in workload.requests:
+        session = "/".join(seg.key for seg in req.segments[:2])
+        replica = int.from_bytes(_digest(session)[:4], "big") % replicas
+        by_prompt[_digest(builder.prompt(req))] = replica
+
+    def pick(body: bytes) -> int | None:
+        try:
+            text = orjson.loads(body).get("text")
+        except (orjson.JSONDecodeError, AttributeError):
+            return None
+        return by_prompt.get(_digest(text)) if isinstance(text, str) else None
+
+    return pick
+
+
 class SpreadTransport(httpx.AsyncBaseTransport):
-    """Sends each request for the front router to the next replica in turn.
+    """Sends each request for the front router to one of the replicas.
 
     The bench runner talks to one URL; this transport plays the Service in front of the
-    replicas (round-robin per request). Requests to anything else (the runner reading the
-    workers' counters) go where they were addressed.
+    replicas: ``pick(body)`` chooses the replica (None, or no picker: the next one in turn).
+    Requests to anything else (the runner reading the workers' counters) go where they were
+    addressed.
     """
 
-    def __init__(self, replicas: Sequence[str]) -> None:
+    def __init__(self, replicas: Sequence[str], pick: Picker | None = None) -> None:
+        self.pick = pick
         self.targets = [httpx.URL(u) for u in replicas]
         self.front = (self.targets[0].host, self.targets[0].port)
         self.turn = itertools.count()
@@ -116,7 +158,8 @@ class SpreadTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if (request.url.host, request.url.port) == self.front:
-            i = next(self.turn) % len(self.targets)
+            chosen = self.pick(await request.aread()) if self.pick else None
+            i = chosen if chosen is not None else next(self.turn) % len(self.targets)
             self.sent[i] += 1
             target = self.targets[i]
             request.url = request.url.copy_with(host=target.host, port=target.port)
@@ -163,11 +206,12 @@ def start_routers(
                 )
             )
         for router in routers:
+
+            def ready(r: ManagedProcess = router) -> bool | None:
+                return True if _healthy(r) >= len(worker_urls) else None
+
             poll_sync(
-                lambda r=router: True if _healthy(r) >= len(worker_urls) else None,
-                timeout=60,
-                what=f"{router.name} routing to every worker",
-                alive=router.alive,
+                ready, timeout=60, what=f"{router.name} routing to every worker", alive=router.alive
             )
     except BaseException:
         for r in routers:
@@ -192,26 +236,27 @@ def flush(worker_urls: Sequence[str]) -> None:
 
 def run_setup(
     replicas: int,
+    spread: str,
     settings: Settings,
     worker_urls: list[str],
     builder: PromptBuilder,
-    trace: Path,
+    workload: Workload,
     log_dir: Path,
     policy: str,
 ) -> tuple[BenchResult, list[int]]:
     flush(worker_urls)
     routers = start_routers(log_dir, replicas, worker_urls, policy)
-    transport = SpreadTransport([r.url for r in routers])
+    pick = session_picker(workload, builder, replicas) if spread == "session" else None
+    transport = SpreadTransport([r.url for r in routers], pick)
     try:
         config = RunConfig(
             url=routers[0].url,
             mode="trace",
             speedup=settings.speedup,
             worker_urls=worker_urls,
-            label=f"{replicas} replica{'s' if replicas > 1 else ''}",
+            label=label(replicas, spread),
             duration=900.0,
         )
-        workload = trace_workload(trace, limit=settings.max_requests)
         result = asyncio.run(
             run_workload(workload, config, console=console, builder=builder, transport=transport)
         )
@@ -219,6 +264,10 @@ def run_setup(
         for r in routers:
             r.stop()
     return result, transport.sent
+
+
+def label(replicas: int, spread: str) -> str:
+    return "1 router" if replicas == 1 else f"{replicas} replicas, spread per {spread}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -233,6 +282,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--speedup", type=float, help="trace time compression (wall clock)")
     parser.add_argument("--kv-cache-tokens", type=int)
     parser.add_argument("--policy", default="cache_aware")
+    parser.add_argument(
+        "--spread",
+        choices=(*SPREADS, "both"),
+        default="both",
+        help="how clients reach the replicas: a new replica per request (round-robin), one "
+        "per conversation (sticky sessions), or both setups",
+    )
     parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
     args = parser.parse_args(argv)
     base = QUICK if args.quick else FULL
@@ -259,16 +315,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     workers = start_workers(log_dir, settings)
     urls = [w.url for w in workers]
     builder = PromptBuilder(max_blocks=8192)
-    rows: dict[int, tuple[BenchResult, list[int]]] = {}
+    workload = trace_workload(args.trace, limit=settings.max_requests)
+    spreads = SPREADS if args.spread == "both" else (args.spread,)
+    setups = [(1, "request"), *((settings.replicas, spread) for spread in spreads)]
+    rows: dict[tuple[int, str], tuple[BenchResult, list[int]]] = {}
     try:
-        for replicas in (1, settings.replicas):
-            rows[replicas] = run_setup(
-                replicas, settings, urls, builder, args.trace, log_dir, args.policy
+        for replicas, spread in setups:
+            rows[replicas, spread] = run_setup(
+                replicas, spread, settings, urls, builder, workload, log_dir, args.policy
             )
-            s = rows[replicas][0].summary
+            s = rows[replicas, spread][0].summary
             console.print(
-                f"  {replicas} replica(s): hit {s.hit_ratio:.3f}, TTFT p50 {fmt_ms(s.ttft_p50)},"
-                f" max/mean {s.request_imbalance:.2f}, errors {s.errors}"
+                f"  {label(replicas, spread)}: hit {s.hit_ratio:.3f}, TTFT p50 "
+                f"{fmt_ms(s.ttft_p50)}, max/mean {s.request_imbalance:.2f}, errors {s.errors}"
             )
     finally:
         for w in workers:
@@ -280,10 +339,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in header:
         table.add_column(name, justify="left" if name == "routers" else "right")
     out: dict[str, object] = {"settings": settings.__dict__, "policy": args.policy}
-    for replicas, (result, sent) in rows.items():
+    for (replicas, spread), (result, sent) in rows.items():
         s = result.summary
         cells = [
-            str(replicas),
+            label(replicas, spread),
             f"{s.completed}/{s.requests}",
             str(s.errors),
             f"{s.hit_ratio:.3f}",
@@ -294,21 +353,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             "/".join(str(n) for n in sent),
         ]
         table.add_row(*cells)
-        out[f"replicas_{replicas}"] = dict(zip(header, cells, strict=True))
+        out[label(replicas, spread)] = dict(zip(header, cells, strict=True))
     console.print(table)
-    one, many = rows[1][0].summary.hit_ratio, rows[settings.replicas][0].summary.hit_ratio
-    ratio = many / one if one else float("nan")
-    ideal = rows[1][0].summary.ideal
+    one = rows[1, "request"][0].summary.hit_ratio
+    for spread in spreads:
+        many = rows[settings.replicas, spread][0].summary.hit_ratio
+        ratio = many / one if one else float("nan")
+        out[f"hit_ratio_ratio_per_{spread}"] = ratio
+        console.print(
+            f"hit ratio {label(settings.replicas, spread)} / 1 router: [bold]{ratio:.2f}[/] "
+            f"({(1 - ratio):.0%} of the hits lost)"
+        )
+    ideal = rows[1, "request"][0].summary.ideal
     console.print(
-        f"hit ratio {settings.replicas} replicas / 1 replica: [bold]{ratio:.2f}[/] "
-        f"({(1 - ratio):.0%} of the hits lost); ideal (one unlimited cache): "
-        f"{ideal.token_weighted if ideal else float('nan'):.3f}"
+        f"ideal (one unlimited cache): {ideal.token_weighted if ideal else float('nan'):.3f}"
     )
     console.print(
         f"took {time.monotonic() - started:.0f} s; load average before "
         f"{load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} (2-core machine)"
     )
-    out["hit_ratio_ratio"] = ratio
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=2, default=str))

@@ -33,6 +33,8 @@ REGULAR_IPS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
 PREFILL_IP, DECODE_IP = "127.0.0.5", "127.0.0.6"
 #: A change (pod created/ready/unready/deleted) must reach routing within this.
 FOLLOW_SECS = 1.0
+#: Tokens of the streams in flight while their pod is deleted.
+STREAM_TOKENS = 600
 #: The environment of a process that must not find any cluster credentials.
 NO_CLUSTER_ENV = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
 
@@ -237,7 +239,8 @@ def test_router_follows_the_pods_it_discovers(kube, routers, pod_port, family):
 
     # Deletion while requests stream from the pod: none is lost, none goes there afterwards.
     with ThreadPoolExecutor(6) as pool:
-        streams = [pool.submit(stream_generate, router, 300) for _ in range(6)]
+        # ~4 s each at the sims' speed: all six are surely in flight together.
+        streams = [pool.submit(stream_generate, router, STREAM_TOKENS) for _ in range(6)]
         wait_until(
             lambda: sum(w["load"] for w in workers_of(router).values()) == len(streams),
             what="every stream in flight",
@@ -250,7 +253,8 @@ def test_router_follows_the_pods_it_discovers(kube, routers, pod_port, family):
         assert status == 200
         assert lines[-1] == b"data: [DONE]", "a request in flight at a deleted pod must finish"
         assert (
-            orjson.loads(lines[-2].removeprefix(b"data: "))["meta_info"]["completion_tokens"] == 300
+            orjson.loads(lines[-2].removeprefix(b"data: "))["meta_info"]["completion_tokens"]
+            == STREAM_TOKENS
         )
     assert sum(1 for _, worker, _ in results if worker == u0) == in_flight >= 1
     assert u0 not in served_by(router, 4)

@@ -62,6 +62,10 @@ class WorkerRow:
     gpu_utilization: float | None = None
     gpu_memory_used_mib: int | None = None
     gpu_memory_total_mib: int | None = None
+    #: Where the router got the worker ("static", "admin", "supervisor", "k8s") and, for
+    #: Kubernetes, its pod as "namespace/name".
+    source: str = ""
+    pod: str = ""
 
 
 @dataclass
@@ -129,6 +133,7 @@ class LocalCollector:
                 in_flight=cols.in_flight if router_alive else 0,
                 served=served_count(cols.served, cols.errors),
                 errors=cols.errors,
+                source="supervisor",
             )
             _add_gpu_figures(row, gpus)
             rows.append(row)
@@ -195,6 +200,8 @@ class RemoteCollector:
                         int(item.get("errors_total", 0) or 0),
                     ),
                     errors=int(item.get("errors_total", 0) or 0),
+                    source=str(item.get("source") or ""),
+                    pod=_pod_of(item.get("meta")),
                 )
             )
         if stats:
@@ -205,6 +212,13 @@ class RemoteCollector:
             router.latency_p99_ms = stats.get("latency_p99_ms")
         await _add_cache_hit_rates(self.client, rows)
         return Snapshot(source=f"HTTP {self.router_url}", taken_at=now, router=router, workers=rows)
+
+
+def _pod_of(meta: object) -> str:
+    """``namespace/name`` of a discovered worker's pod (``/workers`` meta), else ""."""
+    if not isinstance(meta, dict) or not meta.get("pod"):
+        return ""
+    return "/".join(str(p) for p in (meta.get("namespace"), meta["pod"]) if p)
 
 
 def served_count(dispatched: int, errors: int) -> int:
@@ -362,9 +376,17 @@ def render(snapshot: Snapshot) -> Group:
     if with_gpus:
         columns[2:2] = ["GPUs"]
         columns += ["util", "mem GiB"]
+    # Where each worker comes from, only when that tells workers apart (mixed sources), and
+    # the pod of each discovered one.
+    with_source = len({w.source for w in snapshot.workers}) > 1
+    with_pod = any(w.pod for w in snapshot.workers)
+    extra = (["source"] if with_source else []) + (["pod"] if with_pod else [])
+    columns[2:2] = extra
     for name in columns:
         table.add_column(
-            name, justify="left" if name in ("worker", "state") else "right", no_wrap=True
+            name,
+            justify="left" if name in ("worker", "state", "source", "pod") else "right",
+            no_wrap=True,
         )
     for w in snapshot.workers:
         cells: list[str | Text] = [
@@ -388,6 +410,9 @@ def render(snapshot: Snapshot) -> Group:
                 else "-"
             )
             cells += [_fmt(w.gpu_utilization, ".0f", "%"), memory]
+        cells[2:2] = ([w.source or "-"] if with_source else []) + (
+            [w.pod or "-"] if with_pod else []
+        )
         table.add_row(*cells)
     r = snapshot.router
     router_state = Text("up", style="green") if r.alive else Text("not answering", style="red")

@@ -11,14 +11,10 @@ from lightkube.models.core_v1 import PodCondition, PodStatus
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.core_v1 import Pod
 
-from sglctl.router.discovery import (
-    K8sDiscoveryConfig,
-    config_from_namespace,
-    load_kube_config,
-    parse_selector,
-)
+from sglctl.router.discovery import K8sDiscoveryConfig, config_from_namespace, parse_selector
+from sglctl.router.discovery.k8s import load_kube_config
 from sglctl.router.discovery.k8s_pods import pod_worker
-from sglctl.router.flags import build_parser
+from sglctl.router.flags import build_parser, parse_args
 
 
 # -- selectors -----------------------------------------------------------------------------
@@ -235,3 +231,59 @@ def test_a_running_ready_matching_pod_is_a_worker():
 )
 def test_not_a_worker(kwargs):
     assert pod_worker(pod(**kwargs), CFG) is None
+
+
+# -- the router's parse_args: discovery wired into RouterConfig ------------------------------
+def test_parse_args_sets_discovery_and_refuses_nothing():
+    cfg = parse_args(["--service-discovery", "--selector", "app=sglang"])
+    assert cfg.k8s_discovery == K8sDiscoveryConfig(selector={"app": "sglang"})
+    assert cfg.unsupported == [] and not cfg.is_pd
+    assert parse_args([]).k8s_discovery is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--service-discovery", "--selector", "app"], "--selector/--k8s-pod-selector"),
+        (["--k8s-pod-selector", "app!=x"], "--selector/--k8s-pod-selector"),
+        (["--prefill-selector", "a=b", "--decode-selector", "=x"], "--decode-selector"),
+        (["--service-discovery"], "--service-discovery needs a label selector"),
+    ],
+)
+def test_malformed_discovery_flags_are_usage_errors_naming_the_flag(argv, flag, capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_args(argv)
+    assert info.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_pd_rule_static_urls_or_a_running_source():
+    # PD through discovery alone: --pd-disaggregation with role selectors, no URL at all.
+    cfg = parse_args(
+        ["--pd-disaggregation", "--prefill-selector", "r=p", "--decode-selector", "r=d"]
+    )
+    assert cfg.is_pd and cfg.k8s_discovery is not None and cfg.k8s_discovery.pd_mode
+    assert parse_args(["--prefill-selector", "r=p", "--decode-selector", "r=d"]).is_pd
+    # PD from the supervisor's table (sglctl up --prefill-dp/--decode-dp): no URL either.
+    assert parse_args(["--pd-disaggregation", "--state-table", "sglctl-30000"]).is_pd
+    # Discovered workers and static ones combine, in PD mode too.
+    mixed = parse_args(
+        ["--pd-disaggregation", "--prefill", "http://10.0.0.1:30000", "8998",
+         "--prefill-selector", "r=p", "--decode-selector", "r=d"]
+    )  # fmt: skip
+    assert [p.url for p in mixed.prefill_servers] == ["http://10.0.0.1:30000"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--pd-disaggregation"], "at least one prefill and one decode worker"),
+        (["--pd-disaggregation", "--prefill", "http://p:1"], "at least one prefill"),
+        (["--pd-disaggregation", "--selector", "app=sglang"], "--prefill-selector and --decode"),
+        (["--decode", "http://d:1"], "need --pd-disaggregation"),
+    ],
+)
+def test_pd_rule_refusals(argv, needle, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert needle in capsys.readouterr().err

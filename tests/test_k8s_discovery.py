@@ -30,7 +30,8 @@ from lightkube.resources.core_v1 import Pod
 from lightkube.types import PatchType
 
 from sglctl.net import find_free_port, port_is_free
-from sglctl.router.discovery import K8sDiscoveryConfig, K8sDiscoverySource
+from sglctl.router.discovery import K8sDiscoveryConfig
+from sglctl.router.discovery.k8s import K8sDiscoverySource
 from sglctl.router.workers import WorkerRegistry
 from sglctl.spawn import ManagedProcess, spawn
 from tests.support import wait_until

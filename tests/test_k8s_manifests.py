@@ -151,10 +151,12 @@ def _merge(base: Any, patch: Any) -> Any:
 def test_router_args_are_accepted_by_sglctl_router():
     assert len(router_containers()) == 2  # router.yaml and pd-router.yaml
     for name, container in router_containers():
-        # Today sglctl's parser accepts these flags (and lists discovery as unsupported
-        # until it is wired in); parsing must not fail.
-        parse_args(container["args"])
-        assert discovery_of(container).namespace == "sglang", name
+        config = parse_args(container["args"])
+        assert config.unsupported == [], f"{name}: refused {config.unsupported}"
+        assert config.k8s_discovery == discovery_of(container), name
+        assert config.k8s_discovery.namespace == "sglang", name
+        assert config.is_pd == config.k8s_discovery.pd_mode, name
+        assert not config.worker_urls and not config.prefill_servers, "discovery alone"
 
 
 def test_router_selects_the_worker_pods_on_their_port():

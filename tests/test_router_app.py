@@ -570,8 +570,6 @@ def test_config_defaults_match_the_contract() -> None:
 @pytest.mark.parametrize(
     "flags",
     [
-        ["--service-discovery", "--selector", "app=sglang"],
-        ["--k8s-namespace", "default"],
         ["--policy", "manual"],
         ["--dp-aware"],
         ["--model-path", "meta-llama/Llama-3-8B"],
@@ -812,7 +810,7 @@ def test_every_config_field_has_a_flag_and_every_flag_a_help_with_its_default() 
 
     parser = build_parser()
     dests = {a.dest for a in parser._actions}
-    built = {"pd_disaggregation", "prefill_servers", "unsupported"}
+    built = {"pd_disaggregation", "prefill_servers", "unsupported", "k8s_discovery"}
     missing = {f.name for f in dataclasses.fields(RouterConfig)} - dests - built
     assert not missing, f"RouterConfig fields without a flag: {missing}"
     text = parser.format_help()

@@ -280,13 +280,13 @@ def test_cli_admin_commands(procs) -> None:
 
 def test_unsupported_flag_fails_at_start_with_one_line() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "sglctl.router", "--service-discovery", "--selector", "app=x"],
+        [sys.executable, "-m", "sglctl.router", "--dp-aware"],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert result.returncode == 2
-    assert "Kubernetes" in result.stderr
+    assert "--dp-aware is not supported" in result.stderr
 
 
 def test_pd_mode_with_prefill_and_decode_sim_workers(procs) -> None:

@@ -11,7 +11,8 @@ Modules, one concern each:
 * ``urls`` - the one worker-URL validator (flags, admin API, registry);
 * ``workers`` - ``Worker`` and ``WorkerRegistry``: membership, load slots, routability;
 * ``sources`` - the ``WorkerSource`` protocol and ``--worker-urls``; ``state_table_source``
-  - membership and health from ``sglctl up``'s shared-memory table;
+  - membership and health from ``sglctl up``'s shared-memory table; ``discovery`` - workers
+  (and PD roles) from Kubernetes pods, list + watch (``RouterConfig.k8s_discovery``);
 * ``health`` - active health checks; ``circuit_breaker`` - per-worker breaker;
 * ``tree`` / ``policies`` - the prefix tree and the routing policies behind one interface;
 * ``request`` - body limits and parsing of inference requests; ``admission`` - the

@@ -8,6 +8,10 @@ environment. The defaults here are the ones ``--help`` shows (CONTRACT.md sectio
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the discovery package is only loaded when discovery is on
+    from sglctl.router.discovery.k8s_config import K8sDiscoveryConfig
 
 
 @dataclass(frozen=True)
@@ -87,14 +91,10 @@ class RouterConfig:
     metrics_port: int = 29000
     prometheus_duration_buckets: list[float] | None = None
 
-    # Kubernetes service discovery (declared for compatibility; see flags.REFUSED).
-    service_discovery: bool = False
-    k8s_namespace: str | None = None
-    k8s_pod_selector: list[str] = field(default_factory=list)
-    k8s_port: int = 30000
-    prefill_selector: list[str] = field(default_factory=list)
-    decode_selector: list[str] = field(default_factory=list)
-    bootstrap_port_annotation: str = "sglang.ai/bootstrap-port"
+    # Kubernetes service discovery: both flag families (--service-discovery/--selector/...
+    # and --k8s-*) parsed into one config; None when discovery is off. Discovered workers
+    # join the static --worker-urls (and the state table's), they do not replace them.
+    k8s_discovery: K8sDiscoveryConfig | None = None
 
     # Misc.
     api_key: str | None = None

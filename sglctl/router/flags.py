@@ -25,6 +25,12 @@ from typing import Any
 
 from sglctl import argtypes
 from sglctl.router.config import PrefillServer, RouterConfig
+from sglctl.router.discovery.k8s_config import (
+    DEFAULT_BOOTSTRAP_PORT_ANNOTATION,
+    DEFAULT_PORT,
+    K8sDiscoveryConfig,
+    config_from_namespace,
+)
 from sglctl.router.urls import InvalidWorkerURL, parse_worker_url
 
 POLICIES = ("cache_aware", "round_robin", "random", "power_of_two", "shortest_queue")
@@ -78,16 +84,9 @@ _COMPAT_VALUE_DESTS = (
 )
 _COMPAT_LIST_DESTS = ("ca_cert_paths", "control_plane_api_keys")
 _NOT_ROUTING = "sglctl routes HTTP to SGLang workers only; drop it (set it on the workers)"
-_K8S_USED = ("service_discovery", "k8s_namespace", "k8s_pod_selector")
 
 #: THE list of refused flags (start-up fails on the first one used, with its message).
 REFUSED: tuple[Refusal, ...] = (
-    Refusal(
-        "--service-discovery/--k8s-*",
-        lambda ns: any(getattr(ns, d) for d in (*_K8S_USED, "prefill_selector", "decode_selector")),
-        "Kubernetes service discovery is not supported by this sglctl build; "
-        "pass --worker-urls or add workers with `sglctl add-worker URL`",
-    ),
     Refusal(
         "--policy manual",
         _policy_is("manual"),
@@ -304,14 +303,18 @@ def build_parser(prog: str = "sglctl router") -> argparse.ArgumentParser:
 
     g = p.add_argument_group("Kubernetes service discovery")
     g.add_argument(
-        "--service-discovery", action="store_true", help="find workers among Kubernetes pods"
+        "--service-discovery",
+        action="store_true",
+        help="find workers among Kubernetes pods (any selector or namespace flag below, of "
+        "either name, turns it on too); they join the --worker-urls",
     )
     g.add_argument(
         "--k8s-namespace",
         "--service-discovery-namespace",
         dest="k8s_namespace",
         default=None,
-        help="namespace to watch (default: all the service account may list)",
+        help="namespace to watch (default: all namespaces, which needs a ClusterRole; the "
+        "example manifests use one namespace and a Role)",
     )
     g.add_argument(
         "--k8s-pod-selector",
@@ -320,22 +323,22 @@ def build_parser(prog: str = "sglctl router") -> argparse.ArgumentParser:
         nargs="+",
         default=[],
         metavar="KEY=VALUE",
-        help="label selector of the worker pods",
+        help="label selector of the worker pods (equality only: k=v, several are ANDed)",
     )
     g.add_argument(
         "--k8s-port",
         "--service-discovery-port",
         dest="k8s_port",
         type=argtypes.port,
-        default=d.k8s_port,
-        help="port of the workers in their pods",
+        default=DEFAULT_PORT,
+        help="port of the workers in their pods (30000, SGLang's own; the gateway's default is 80)",
     )
     g.add_argument(
         "--prefill-selector",
         nargs="+",
         default=[],
         metavar="KEY=VALUE",
-        help="PD mode: label selector of the prefill pods",
+        help="PD mode (turned on by these two): label selector of the prefill pods",
     )
     g.add_argument(
         "--decode-selector",
@@ -346,8 +349,8 @@ def build_parser(prog: str = "sglctl router") -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--bootstrap-port-annotation",
-        default=d.bootstrap_port_annotation,
-        help="pod annotation holding a prefill pod's bootstrap port",
+        default=DEFAULT_BOOTSTRAP_PORT_ANNOTATION,
+        help="pod annotation holding a prefill pod's bootstrap port (none: the worker's default)",
     )
 
     g = p.add_argument_group("logging")
@@ -624,19 +627,68 @@ def _prefill(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> list[Pr
     return [PrefillServer(url, port) for url, (_, port) in zip(urls, items, strict=True)]
 
 
+def _discovery(
+    ns: argparse.Namespace, parser: argparse.ArgumentParser
+) -> K8sDiscoveryConfig | None:
+    """The Kubernetes discovery config of either flag family; a bad value is a usage error
+    naming the flag (``config_from_namespace``'s messages do)."""
+    try:
+        return config_from_namespace(ns)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def _check_pd(
+    pd: bool,
+    *,
+    prefill: Sequence[PrefillServer],
+    decode: Sequence[str],
+    discovery: K8sDiscoveryConfig | None,
+    state_table: str | None,
+    parser: argparse.ArgumentParser,
+) -> None:
+    """THE rule for which workers PD mode needs at start-up, in one place.
+
+    Static ``--prefill``/``--decode`` lists must name both roles, unless the workers come
+    from a source that keeps running: Kubernetes discovery (its prefill/decode selectors) or
+    the supervisor's ``--state-table`` (``sglctl up --prefill-dp P --decode-dp D``). Then PD
+    mode may start with no URL at all and the workers join as they appear.
+    """
+    if not pd:
+        if prefill or decode:
+            parser.error("--prefill/--decode need --pd-disaggregation (or --mode pd)")
+        return
+    if discovery is not None and not discovery.pd_mode:
+        parser.error(
+            "PD mode with service discovery needs --prefill-selector and --decode-selector "
+            "(which pods are prefill and which decode workers); --selector alone selects "
+            "regular workers, which PD mode cannot route to"
+        )
+    if discovery is None and not state_table and (not prefill or not decode):
+        parser.error(
+            "PD mode needs at least one prefill and one decode worker (--prefill/--decode), "
+            "or service discovery (--service-discovery --prefill-selector k=v "
+            "--decode-selector k=v)"
+        )
+
+
 def parse_args(argv: Sequence[str] | None = None, prog: str = "sglctl router") -> RouterConfig:
     """Parse router flags into a :class:`RouterConfig` (exits with a usage error on bad flags)."""
     parser = build_parser(prog)
     ns = parser.parse_args(argv)
-    pd = ns.mode == "pd" or ns.pd_disaggregation
+    discovery = _discovery(ns, parser)
+    # PD mode as the SGLang Router turns it on, plus: prefill/decode selectors imply it.
+    pd = ns.mode == "pd" or ns.pd_disaggregation or bool(discovery and discovery.pd_mode)
     prefill = _prefill(ns, parser)
     decode = _urls([*ns.decode_urls, *ns.decode], "--decode", parser)
-    if pd and (not prefill or not decode):
-        parser.error(
-            "PD mode needs at least one prefill and one decode worker (--prefill/--decode)"
-        )
-    if not pd and (prefill or decode):
-        parser.error("--prefill/--decode need --pd-disaggregation (or --mode pd)")
+    _check_pd(
+        pd,
+        prefill=prefill,
+        decode=decode,
+        discovery=discovery,
+        state_table=ns.state_table,
+        parser=parser,
+    )
     if not 0.0 <= ns.cache_threshold <= 1.0:
         parser.error(f"--cache-threshold must be within [0, 1], got {ns.cache_threshold}")
     built: dict[str, Any] = {
@@ -644,6 +696,7 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "sglctl router") -
         "pd_disaggregation": pd,
         "prefill_servers": prefill,
         "decode_urls": decode,
+        "k8s_discovery": discovery,
         "log_level": "warning" if ns.log_level == "warn" else ns.log_level,
         "unsupported": refusals(ns),
     }

@@ -71,13 +71,26 @@ async def liveness(request: Request) -> Response:
 
 
 async def readiness(request: Request) -> Response:
-    registry = _router(request).registry
+    """Ready while some worker is routable; with discovery on, also what discovery sees.
+
+    The status follows the workers only: a selector that matches no pod, or an API server
+    out of reach, is a ``warning`` (the reason a router has no workers, or why its list may
+    be stale), not a reason of its own to take the router out of its Service -- the last
+    known workers still serve.
+    """
+    router = _router(request)
+    registry = router.registry
     healthy = len(registry.routable())
-    body = {
+    body: dict[str, Any] = {
         "status": "ready" if healthy else "not_ready",
         "healthy_workers": healthy,
         "total_workers": len(registry),
     }
+    discovery = router.discovery_status()
+    if discovery is not None:
+        body["discovery"] = discovery.to_json()
+        if not discovery.ok:
+            body["warning"] = discovery.message
     return json_response(body, 200 if healthy else 503)
 
 

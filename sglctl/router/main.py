@@ -33,6 +33,7 @@ from sglctl.router.http_server import (
     raise_fd_limit,
 )
 from sglctl.router.request import shutdown_parse_pool
+from sglctl.router.router import StartupError
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +186,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "sglctl router") -> None
     try:
         with contextlib.suppress(KeyboardInterrupt):
             runner(serve(config))
-    except ListenError as exc:
+    except (ListenError, StartupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
 

@@ -79,6 +79,11 @@ DISCOVERY_METRICS: dict[str, tuple[str, str, str]] = {
         "counter",
         "Workers removed from the router by service discovery",
     ),
+    "events_total": (
+        "sglang_router_discovery_events",
+        "counter",
+        "Watch events received by service discovery (pods added, changed, deleted)",
+    ),
     "errors_total": (
         "sglang_router_discovery_errors",
         "counter",

@@ -5,6 +5,11 @@ client and forwarder, metrics, admission, health checker, worker sources -- and 
 background tasks (sources, health checks, policy maintenance, admin admissions) from
 :meth:`Router.start` to :meth:`Router.stop`. The HTTP handlers reach it as
 ``request.app.state.router`` (:mod:`~sglctl.router.app` puts it there).
+
+Worker sources combine: the static ``--worker-urls`` (and PD lists) are added at start, and
+the sources that keep running -- the supervisor's table (``--state-table``) and Kubernetes
+discovery (``config.k8s_discovery``) -- add and remove theirs beside them, each worker
+tagged with its source. A URL already registered by one source is left to it.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import logging
 import signal
 import time
 from collections.abc import Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -34,12 +39,20 @@ from sglctl.router.upstream_httpx import HttpxUpstream
 from sglctl.router.upstream_native import UpstreamPool
 from sglctl.router.workers import Breaker, Worker, WorkerRegistry
 
+if TYPE_CHECKING:
+    from sglctl.router.discovery.k8s import DiscoveryStatus, K8sDiscoverySource
+
 log = logging.getLogger(__name__)
 
 #: Request headers passed to workers as request ids when --request-id-headers is not given.
 DEFAULT_REQUEST_ID_HEADERS = ("x-request-id", "x-correlation-id", "x-trace-id", "request-id")
 #: Worker origins whose health the router does not probe: the supervisor owns theirs.
 EXTERNALLY_CHECKED = ("supervisor",)
+
+
+class StartupError(RuntimeError):
+    """A setting that cannot work here (e.g. no Kubernetes credentials): one line for the
+    operator, printed by :func:`sglctl.router.main.main` instead of a traceback."""
 
 
 class Router:
@@ -99,6 +112,10 @@ class Router:
             skip_sources=EXTERNALLY_CHECKED,
         )
         self.sources: list[WorkerSource] = list(extra_sources or [])
+        self.discovery = self._make_discovery(config)
+        if self.discovery is not None:
+            self.sources.append(self.discovery)
+            self.metrics.discovery_stats = self.discovery.metrics_stats
         self.static = StaticSource(config.worker_urls, config.prefill_servers, config.decode_urls)
         self.client: httpx.AsyncClient | None = None
         self.forwarder: Forwarder | None = None
@@ -116,6 +133,24 @@ class Router:
         )
 
     # -- wiring ----------------------------------------------------------------------------
+    @staticmethod
+    def _make_discovery(config: RouterConfig) -> K8sDiscoverySource | None:
+        """The Kubernetes source when discovery is on (credentials are read here, so a
+        router that cannot reach any cluster says so before it listens)."""
+        if config.k8s_discovery is None:
+            return None
+        # Imported here: lightkube costs ~200 ms that a router without discovery skips.
+        from sglctl.router.discovery.k8s import K8sDiscoverySource
+
+        try:
+            return K8sDiscoverySource(config.k8s_discovery)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
+
+    def discovery_status(self) -> DiscoveryStatus | None:
+        """What ``/readiness`` says about discovery (None when it is off)."""
+        return self.discovery.status() if self.discovery is not None else None
+
     def _make_breaker(self, url: str) -> Breaker:
         c = self.config
         return CircuitBreaker(
@@ -204,10 +239,14 @@ class Router:
             if policy is not None:
                 self._spawn(policy.run_background(), f"{policy.name} maintenance")
         log.info(
-            "router ready: policy %s, %d workers%s",
+            "router ready: policy %s%s, %d workers%s%s",
             self.policy.name,
+            ", PD mode" if c.is_pd else "",
             len(self.registry),
             f", state table {c.state_table}" if c.state_table else "",
+            f", k8s discovery of {c.k8s_discovery.describe()} in {c.k8s_discovery.where()}"
+            if c.k8s_discovery
+            else "",
         )
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:

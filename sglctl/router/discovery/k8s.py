@@ -142,6 +142,9 @@ class K8sDiscoverySource:
         self._down_reason = ""
         self._failed_attempts = 0
         self._warned_empty = False
+        #: Wall-clock time the API server last answered (a list, an event, a watch that
+        #: ended cleanly): the metrics' "last sync" gauge.
+        self._last_sync: float | None = None
         self._server = self._server_url()
 
     # -- the loop --------------------------------------------------------------------------
@@ -211,6 +214,7 @@ class K8sDiscoverySource:
         for key in [k for k in self._pods if k not in seen]:
             self._apply(key, None, registry)
         self._synced = True
+        self._last_sync = time.time()
         self._check_empty()
         log.debug("k8s: listed %d pods, %d tracked", len(pods), len(self._pods))
         try:
@@ -232,6 +236,7 @@ class K8sDiscoverySource:
             async for event, pod in stream:
                 self._counters.events[event] = self._counters.events.get(event, 0) + 1
                 last = (pod.metadata.resourceVersion if pod.metadata else None) or last
+                self._last_sync = time.time()
                 if event == "BOOKMARK":
                     continue
                 worker = None if event == "DELETED" else pod_worker(pod, self.config)
@@ -240,6 +245,7 @@ class K8sDiscoverySource:
 
         try:
             await asyncio.wait_for(consume(), self.watch_timeout)
+            self._last_sync = time.time()  # the server ended the stream cleanly
         except asyncio.TimeoutError:
             pass
         finally:
@@ -412,6 +418,21 @@ class K8sDiscoverySource:
         }
         for event, n in c.events.items():
             out[f"events_{event.lower()}_total"] = n
+        return out
+
+    def metrics_stats(self) -> dict[str, float]:
+        """The keys of :data:`sglctl.router.metrics.DISCOVERY_METRICS`, for the router's
+        ``metrics.discovery_stats`` hook (``sglang_router_discovery_*``)."""
+        c = self._counters
+        out: dict[str, float] = {
+            "workers": sum(1 for t in self._pods.values() if t.registered),
+            "added_total": c.workers_added,
+            "removed_total": c.workers_removed,
+            "errors_total": c.api_errors + c.gone,
+            "events_total": sum(c.events.values()),
+        }
+        if self._last_sync is not None:
+            out["last_sync_timestamp"] = self._last_sync
         return out
 
     # -- helpers ---------------------------------------------------------------------------

@@ -50,6 +50,10 @@ class WorkerRow:
     url: str
     state: str
     worker_id: int | None = None
+    #: "regular", "prefill" or "decode" (a PD layout's pools).
+    role: str = "regular"
+    #: A prefill worker's bootstrap port (the table's, so only for a local run).
+    bootstrap_port: int | None = None
     gpus: str = ""
     pid: int | None = None
     uptime_secs: float | None = None
@@ -122,6 +126,8 @@ class LocalCollector:
                 url=slot.url,
                 state=slot.state.label,
                 worker_id=slot.worker_id,
+                role=slot.role,
+                bootstrap_port=slot.bootstrap_port or None,
                 gpus=slot.gpus,
                 pid=slot.pid or None,
                 uptime_secs=now - slot.started_at if running and slot.started_at else None,
@@ -189,6 +195,8 @@ class RemoteCollector:
                 WorkerRow(
                     url=str(item.get("url", "?")),
                     state="healthy" if healthy else "unhealthy",
+                    role=str(item.get("worker_type") or "regular"),
+                    bootstrap_port=_int_or_none(item.get("bootstrap_port")),
                     in_flight=int(item.get("load", 0) or 0),
                     served=served_count(
                         int(item.get("requests_total", 0) or 0),
@@ -205,6 +213,10 @@ class RemoteCollector:
             router.latency_p99_ms = stats.get("latency_p99_ms")
         await _add_cache_hit_rates(self.client, rows)
         return Snapshot(source=f"HTTP {self.router_url}", taken_at=now, router=router, workers=rows)
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def served_count(dispatched: int, errors: int) -> int:
@@ -350,9 +362,18 @@ class _Flow:
         yield line
 
 
+def _role_cell(row: WorkerRow) -> str:
+    """``prefill:8998`` (with its bootstrap port when known), ``decode``, ``regular``."""
+    if row.role == "prefill" and row.bootstrap_port:
+        return f"prefill:{row.bootstrap_port}"
+    return row.role
+
+
 def render(snapshot: Snapshot) -> Group:
-    """One dashboard frame. GPU columns appear only when some worker has GPUs."""
+    """One dashboard frame. GPU columns appear only when some worker has GPUs, the role
+    column only in a PD layout (some worker is not "regular")."""
     with_gpus = any(w.gpus for w in snapshot.workers)
+    with_roles = any(w.role != "regular" for w in snapshot.workers)
     table = Table(
         expand=False, header_style="bold", pad_edge=False, box=None, collapse_padding=True
     )
@@ -362,9 +383,11 @@ def render(snapshot: Snapshot) -> Group:
     if with_gpus:
         columns[2:2] = ["GPUs"]
         columns += ["util", "mem GiB"]
+    if with_roles:
+        columns[2:2] = ["role"]
     for name in columns:
         table.add_column(
-            name, justify="left" if name in ("worker", "state") else "right", no_wrap=True
+            name, justify="left" if name in ("worker", "state", "role") else "right", no_wrap=True
         )
     for w in snapshot.workers:
         cells: list[str | Text] = [
@@ -388,6 +411,8 @@ def render(snapshot: Snapshot) -> Group:
                 else "-"
             )
             cells += [_fmt(w.gpu_utilization, ".0f", "%"), memory]
+        if with_roles:
+            cells[2:2] = [_role_cell(w)]
         table.add_row(*cells)
     r = snapshot.router
     router_state = Text("up", style="green") if r.alive else Text("not answering", style="red")
@@ -422,6 +447,7 @@ def render(snapshot: Snapshot) -> Group:
                 "busy: in-flight",
                 "served: answered (failed attempts not counted)",
                 "hit: prefix cache hit rate",
+                *(["role: PD pool (prefill:bootstrap port)"] if with_roles else []),
             )
         ]
     )

@@ -631,7 +631,8 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "sglctl router") -
     pd = ns.mode == "pd" or ns.pd_disaggregation
     prefill = _prefill(ns, parser)
     decode = _urls([*ns.decode_urls, *ns.decode], "--decode", parser)
-    if pd and (not prefill or not decode):
+    # With --state-table the workers (and their roles) come from `sglctl up`'s table.
+    if pd and (not prefill or not decode) and not ns.state_table:
         parser.error(
             "PD mode needs at least one prefill and one decode worker (--prefill/--decode)"
         )

@@ -132,13 +132,21 @@ async def _supervise(
         worker_stop_timeout=config.worker_stop_timeout_secs,
         log_max_bytes=config.log_max_bytes,
         log_backups=config.log_backups,
-        router_argv=router_command(config.router_args, table.name),
+        router_argv=router_command(config.router_args, table.name, pd=config.is_pd),
         router_url=config.router_url,
         router_grace_period=config.shutdown_grace_period_secs,
         control_path=control_path,
     )
     gpu_pool = [g.index for g in detect_gpus().gpus] if plan.backend == "sglang" else []
-    factory = WorkerFactory(plan.backend, plan.model, config.tp_size, gpu_pool, config.worker_args)
+    factory = WorkerFactory(
+        plan.backend,
+        plan.model,
+        config.tp_size,
+        gpu_pool,
+        config.worker_args,
+        pd=config.is_pd,
+        bootstrap_base_port=config.bootstrap_base_port,
+    )
     supervisor = Supervisor(settings, table, plan.workers, factory, config.worker_base_port)
     view = StartupView(console, plan)
     supervisor.listener = view.on_worker

@@ -199,14 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
         "prefill/decode disaggregation (PD layout, instead of --dp-size)",
         "P prefill workers get the first GPU groups, D decode workers the next ones; each "
         "prefill worker gets its own bootstrap port, decode workers fetch the KV from it; "
-        "the router runs in PD mode. Transfer-backend flags (e.g. "
-        "--disaggregation-transfer-backend mooncake, --disaggregation-ib-device) go after "
-        "`--` and reach every worker unchanged.",
+        "the router runs in PD mode. Transfer-backend flags (such as "
+        "--disaggregation-transfer-backend mooncake) go after `--` and reach every worker "
+        "unchanged.",
     )
     g.add_argument(
         "--prefill-dp",
         type=argtypes.positive_int,
         default=argparse.SUPPRESS,
+        metavar="P",
         help="prefill workers, started with --disaggregation-mode prefill "
         "(default: none, a regular layout; needs --decode-dp)",
     )
@@ -214,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--decode-dp",
         type=argtypes.positive_int,
         default=argparse.SUPPRESS,
+        metavar="D",
         help="decode workers, started with --disaggregation-mode decode "
         "(default: none; needs --prefill-dp)",
     )
@@ -221,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--bootstrap-base-port",
         type=argtypes.port,
         default=d.bootstrap_base_port,
+        metavar="PORT",
         help="prefill worker j's --disaggregation-bootstrap-port is this + j "
         "(kept across its restarts)",
     )

@@ -154,6 +154,7 @@ class Supervisor:
                 + str(run_dir)
             )
             return
+        _warn_empty_pools(self.specs, healthy)
         if self.settings.router_argv is not None:
             assert self.client is not None
             self.router = SupervisedRouter(
@@ -311,3 +312,17 @@ class Supervisor:
         for worker in self.workers.values():
             worker.kill_now()
         self._stop.set()
+
+
+def _warn_empty_pools(specs: list[WorkerSpec], healthy: list[SupervisedWorker]) -> None:
+    """A PD layout serves nothing without both pools: say so at once rather than let every
+    request's 503 be the first sign (the failed workers' logs are what to read)."""
+    planned = {spec.role for spec in specs} - {"regular"}
+    running = {worker.spec.role for worker in healthy}
+    for role in sorted(planned - running):
+        log.error(
+            "no %s worker could be started: PD requests get 503 until one is "
+            "(sglctl add-worker --local --role %s, after reading the failed workers' logs)",
+            role,
+            role,
+        )

@@ -502,6 +502,7 @@ class StateTable:
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.created_at)),
         )
         _unlink(name)
+        _remove_control_socket(info)
         return slots
 
     @classmethod

@@ -337,7 +337,7 @@ def test_killed_supervisor_leaves_no_orphans_and_next_run_replaces_its_table(
     second = start_up(dp_size=1, port=first.port)  # ... and the next run on that port takes over
     assert "replacing stale state table" in second.log()
     # (the fixture gives both runs the same run dir: the log says the old socket went first)
-    assert "removed control socket" in second.log() and "left by a stopped run" in second.log()
+    assert "removed control socket" in second.log() and "left by the same run" in second.log()
     assert second.interrupt() == 0
     second.assert_nothing_left()
 

@@ -74,7 +74,6 @@ def run_up(argv: Sequence[str]) -> int:
         return 2
     console.print(plan.backend_reason)
 
-    remove_stale_segments()  # tables and control sockets of runs killed with -9
     name = segment_name_for_port(config.port)
     control_path = control_socket_path(config.run_dir, config.port)
     try:
@@ -94,6 +93,9 @@ def run_up(argv: Sequence[str]) -> int:
         _refuse(console, str(exc) + listing)
         return 1
     try:
+        # Our own port's stale table was taken over above (its slots name the orphans to
+        # stop); now the tables and control sockets of other runs killed with -9.
+        remove_stale_segments()
         stop_orphans(stale)
         try:
             check_ports(config, plan)

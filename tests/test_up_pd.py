@@ -110,8 +110,8 @@ def test_the_router_runs_in_pd_mode_fed_by_the_table() -> None:
         (["--dp-size", "2", "--prefill-dp", "1", "--decode-dp", "1"], "give one or the other"),
         (["--prefill-dp", "1"], "--prefill-dp needs --decode-dp too"),
         (["--decode-dp", "2"], "--decode-dp needs --prefill-dp too"),
-        (["--prefill-dp", "1", "--decode-dp", "1", "--pd-disaggregation"],
-         "sets the router's PD mode itself"),
+        (["--pd-disaggregation"], "use --prefill-dp P --decode-dp D instead"),
+        (["--dp-size", "2", "--mode", "pd"], "needs prefill and decode workers"),
         (["--prefill-dp", "1", "--decode-dp", "1", "--prefill", "http://x:1"], "drop --prefill"),
         (["--prefill-dp", "1", "--decode-dp", "1", "--", "--disaggregation-mode", "decode"],
          "sglctl up sets it per worker"),
@@ -135,6 +135,12 @@ def _escape(word: str) -> str:
 def test_zero_prefill_or_decode_workers_are_refused_by_the_parser() -> None:
     with pytest.raises(SystemExit):
         parse_up_args(["--prefill-dp", "0", "--decode-dp", "1"])
+
+
+def test_router_mode_flags_that_agree_with_the_layout_are_accepted() -> None:
+    assert not parse_up_args(["--mode", "regular"]).is_pd
+    cfg = parse_up_args(["--prefill-dp", "1", "--decode-dp", "1", "--pd-disaggregation"])
+    assert cfg.is_pd and cfg.n_workers == 2
 
 
 @pytest.mark.parametrize(

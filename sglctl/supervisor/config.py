@@ -29,11 +29,9 @@ DEFAULT_BOOTSTRAP_BASE_PORT = 8998
 #: Worker flags ``sglctl up`` sets itself in a PD layout (one value per worker, not one for
 #: all): given after ``--`` they would override the plan, so they are refused.
 PLANNED_WORKER_FLAGS = ("--disaggregation-mode", "--disaggregation-bootstrap-port")
-#: Router flags that name workers or the PD mode: ``sglctl up`` sets them from its own plan.
+#: Router flags that name workers: ``sglctl up`` starts its own and tells the router of them.
 PLANNED_ROUTER_FLAGS = (
     "--worker-urls",
-    "--mode",
-    "--pd-disaggregation",
     "--prefill",
     "--prefill-urls",
     "--decode",
@@ -346,6 +344,12 @@ def parse_up_args(argv: Sequence[str]) -> UpConfig:
     _check_layout(ns, router_args, worker_args)
     pd = hasattr(ns, "prefill_dp")
     router = _validate_router_args(router_args, pd=pd)
+    if router.is_pd and not pd:
+        raise UsageError(
+            "the router's PD mode (--pd-disaggregation, --mode pd) needs prefill and decode "
+            "workers: use --prefill-dp P --decode-dp D instead (sglctl up then runs the "
+            "router in PD mode itself)"
+        )
     port = int(router.port)
     # Our own flags' dests are UpConfig's field names: copy every one the parser set ...
     own_fields = {f.name for f in fields(UpConfig)} - _FROM_ROUTER - {"run_dir", "max_workers"}
@@ -403,14 +407,9 @@ def _check_layout(
         )
     for flag in PLANNED_ROUTER_FLAGS:
         if _has_flag(router_args, flag):
-            what = (
-                "sets the router's PD mode itself with --prefill-dp/--decode-dp"
-                if flag in ("--mode", "--pd-disaggregation")
-                else "starts its own workers"
-            )
             raise UsageError(
-                f"sglctl up {what}; drop {flag} (or run `sglctl router {flag} ...` for "
-                "workers started elsewhere)"
+                f"sglctl up starts its own workers; drop {flag} (or run `sglctl router "
+                f"{flag} ...` for workers started elsewhere)"
             )
     for flag in PLANNED_WORKER_FLAGS:
         if _has_flag(worker_args, flag):

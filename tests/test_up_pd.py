@@ -299,7 +299,7 @@ def test_up_pd_1_2_serves_heals_the_prefill_and_grows_the_decode_pool(
 
             # kill -9 the prefill: restarted on the same bootstrap port, and serving again.
             os.kill(prefill.pid, signal.SIGKILL)
-            wait_until(
+            back = wait_until(
                 lambda: (
                     table.read_worker(0).pid != prefill.pid
                     and table.read_worker(0).state == WorkerState.HEALTHY
@@ -312,12 +312,13 @@ def test_up_pd_1_2_serves_heals_the_prefill_and_grows_the_decode_pool(
             info = client.get(prefill.url + "/get_server_info").json()
             assert info["disaggregation_bootstrap_port"] == bootstrap
             prompts = iter(range(10_000))
-            wait_until(
+            back += wait_until(
                 lambda: _generate(client, up.url, f"again {next(prompts)} " * 8).status_code == 200,
                 10,
                 "requests to work again through the restarted prefill",
                 interval=0.1,
             )
+            print(f"PD requests served again {back:.2f} s after kill -9 of the prefill")
             for i in range(3):
                 r = _generate(client, up.url, f"after the restart {i} " * 8, stream=i == 1)
                 assert r.status_code == 200, r.text

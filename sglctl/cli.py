@@ -131,6 +131,8 @@ def _admin_call(call: Callable[[], T]) -> T:
 #: a new local one may be a real model that loads for many minutes.
 ADD_TIMEOUT_SECS = 30.0
 ADD_LOCAL_TIMEOUT_SECS = 1800.0
+#: ``add-worker --local --role``: the pools of a PD layout.
+LOCAL_ROLES = ("prefill", "decode")
 
 
 @app.command("add-worker")
@@ -143,6 +145,13 @@ def _add_worker(
     local: bool = typer.Option(
         False, "--local", help="Have the local `sglctl up` start one more worker (free GPU/port)."
     ),
+    role: str | None = typer.Option(
+        None,
+        "--role",
+        help="With --local in a PD layout: the pool it joins, prefill (it gets a free "
+        "bootstrap port) or decode.",
+        show_default=False,
+    ),
     timeout: float | None = typer.Option(
         None,
         "--timeout",
@@ -154,9 +163,19 @@ def _add_worker(
     ),
 ) -> None:
     """Add a worker to a running router (returns once the worker is healthy)."""
+    if role is not None and role not in LOCAL_ROLES:
+        typer.echo(f"error: --role must be prefill or decode, not {role!r}", err=True)
+        raise typer.Exit(2)
     if local:
-        _add_local_worker(url, router, timeout or ADD_LOCAL_TIMEOUT_SECS)
+        _add_local_worker(url, router, timeout or ADD_LOCAL_TIMEOUT_SECS, role)
         return
+    if role is not None:
+        typer.echo(
+            "error: --role needs --local (sglctl up starts the worker in that pool); "
+            "a worker added by URL joins the router's regular pool",
+            err=True,
+        )
+        raise typer.Exit(2)
     if url is None:
         typer.echo("error: give the worker's URL, or --local to start one", err=True)
         raise typer.Exit(2)
@@ -202,25 +221,33 @@ def _remove_worker(
     typer.echo(f"removed {result.get('url', url)}")
 
 
-def _add_local_worker(url: str | None, router: str, timeout: float) -> None:
+def _add_local_worker(url: str | None, router: str, timeout: float, role: str | None) -> None:
     """``add-worker --local``: ask the supervisor (control socket), not the router."""
     from sglctl.supervisor.control import ControlError, add_local_worker
 
     if url is not None:
         typer.echo("error: --local starts a new worker; do not give a URL", err=True)
         raise typer.Exit(2)
+    kind = f"{role} worker" if role else "worker"
     typer.echo(
-        f"asking the local sglctl up for one more worker (waiting up to {timeout:g} s "
+        f"asking the local sglctl up for one more {kind} (waiting up to {timeout:g} s "
         "for it to be healthy) ...",
         err=True,
     )
     try:
-        result = add_local_worker(router, timeout=timeout)
+        result = add_local_worker(router, timeout=timeout, role=role)
     except ControlError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     gpus = f" on GPU {result['gpus']}" if result.get("gpus") else ""
-    typer.echo(f"added worker {result['worker_id']} at {result['url']}{gpus} (pid {result['pid']})")
+    added_role = result.get("role") or "regular"
+    pool = "" if added_role == "regular" else f" {added_role}"
+    port = result.get("bootstrap_port")
+    bootstrap = f", bootstrap port {port}" if port else ""
+    typer.echo(
+        f"added{pool} worker {result['worker_id']} at {result['url']}{gpus} "
+        f"(pid {result['pid']}{bootstrap})"
+    )
 
 
 def _remove_managed_worker(url: str, router: str) -> bool:

@@ -14,8 +14,8 @@ generation in native byte order, see below)::
                           written once at creation (router URL, control socket, run dir,
                           model, backend)
     slot[i] (512 bytes)   supervisor part (offset 0): seq, state, worker id, pid, restarts,
-                          times, url, GPU ids, CRC -- router part (offset 264): seq,
-                          in-flight, served, errors, time, CRC
+                          times, url, GPU ids, role, bootstrap port, CRC -- router part
+                          (offset 320): seq, in-flight, served, errors, time, CRC
 
 **One writer per field.** The supervisor alone writes the header strings, the generation and
 the supervisor part of each slot; the router alone writes the router section and the router
@@ -82,11 +82,18 @@ from sglctl.proctree import process_start_time
 log = logging.getLogger(__name__)
 
 MAGIC = b"SGLCTLST"
-VERSION = 2  # 2: sequence words outside the packed payload, CRC-32 per part
+#: 2: sequence words outside the packed payload, CRC-32 per part. 3: the worker's PD role
+#: and bootstrap port in the supervisor part (the router part moved from 264 to 320).
+VERSION = 3
 HEADER_SIZE = 1024
 SLOT_SIZE = 512
 DEFAULT_SLOTS = 64
 NAME_PREFIX = "sglctl_"
+
+
+#: A worker's role, as the router names it (``Worker.role``); stored as its index here.
+#: "regular" is 0, so a slot written without a role reads as a regular worker.
+ROLES = ("regular", "prefill", "decode")
 
 
 class WorkerState(enum.IntEnum):
@@ -121,10 +128,12 @@ _HDR_STRINGS = struct.Struct("<128s256s256s128s16s")
 
 # -- slots ----------------------------------------------------------------------------------
 # Supervisor part at the slot's start: seq word, then state, worker_id, pid, pid_create_time,
-# restarts, exit_code, started_at, changed_at, healthy_since, url, gpus, CRC.
-_SLOT_SUP = struct.Struct("<IIQdIiddd128s64s")
-# Router part: seq word, then in_flight, served, errors, updated_at, CRC.
-_OFF_SLOT_ROUTER = 264
+# restarts, exit_code, started_at, changed_at, healthy_since, url, gpus, role (index in
+# ROLES), bootstrap_port (0: none), CRC.
+_SLOT_SUP = struct.Struct("<IIQdIiddd128s64sII")
+# Router part: seq word, then in_flight, served, errors, updated_at, CRC. At 320, not right
+# after the supervisor part, so that part can grow a field or two without moving it again.
+_OFF_SLOT_ROUTER = 320
 _SLOT_ROUTER = struct.Struct("<QQQd")
 _SEQ_SIZE = 8
 _CRC = struct.Struct("<I")
@@ -185,6 +194,11 @@ class WorkerSlot:
     healthy_since: float = 0.0
     url: str = ""
     gpus: str = ""
+    #: One of :data:`ROLES`: the router registers the worker in that pool (PD layouts).
+    role: str = "regular"
+    #: A prefill worker's ``--disaggregation-bootstrap-port``, which the router hands to the
+    #: decode side of each request (0: none).
+    bootstrap_port: int = 0
 
 
 @dataclass
@@ -488,6 +502,7 @@ class StateTable:
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.created_at)),
         )
         _unlink(name)
+        _remove_control_socket(info)
         return slots
 
     @classmethod
@@ -546,6 +561,8 @@ class StateTable:
             slot.healthy_since,
             _encode(slot.url, 128),
             _encode(slot.gpus, 64),
+            ROLES.index(slot.role),
+            slot.bootstrap_port,
         )
         self._seqlock_write(self._slot_offset(index), fields)
         gen = _OFF_GENERATION // 8
@@ -585,9 +602,10 @@ class StateTable:
     def read_worker(self, index: int) -> WorkerSlot:
         """The supervisor part of slot ``index``, never torn."""
         raw = self._seqlock_read(self._slot_offset(index), _SLOT_SUP.size)
-        (state, wid, pid, pctime, restarts, code, started, changed, healthy, url, gpus) = (
-            _SLOT_SUP.unpack(raw)
-        )
+        (
+            state, wid, pid, pctime, restarts, code, started, changed, healthy, url, gpus, role,
+            bootstrap_port,
+        ) = _SLOT_SUP.unpack(raw)  # fmt: skip
         known = state in WorkerState._value2member_map_
         return WorkerSlot(
             state=WorkerState(state) if known else WorkerState.EMPTY,
@@ -601,6 +619,8 @@ class StateTable:
             healthy_since=healthy,
             url=_decode(url),
             gpus=_decode(gpus),
+            role=ROLES[role] if role < len(ROLES) else "regular",
+            bootstrap_port=bootstrap_port,
         )
 
     def read_router_columns(self, index: int) -> RouterColumns:

@@ -50,6 +50,10 @@ class WorkerRow:
     url: str
     state: str
     worker_id: int | None = None
+    #: "regular", "prefill" or "decode" (a PD layout's pools).
+    role: str = "regular"
+    #: A prefill worker's bootstrap port (the table's, so only for a local run).
+    bootstrap_port: int | None = None
     gpus: str = ""
     pid: int | None = None
     uptime_secs: float | None = None
@@ -126,6 +130,8 @@ class LocalCollector:
                 url=slot.url,
                 state=slot.state.label,
                 worker_id=slot.worker_id,
+                role=slot.role,
+                bootstrap_port=slot.bootstrap_port or None,
                 gpus=slot.gpus,
                 pid=slot.pid or None,
                 uptime_secs=now - slot.started_at if running and slot.started_at else None,
@@ -194,6 +200,8 @@ class RemoteCollector:
                 WorkerRow(
                     url=str(item.get("url", "?")),
                     state="healthy" if healthy else "unhealthy",
+                    role=str(item.get("worker_type") or "regular"),
+                    bootstrap_port=_int_or_none(item.get("bootstrap_port")),
                     in_flight=int(item.get("load", 0) or 0),
                     served=served_count(
                         int(item.get("requests_total", 0) or 0),
@@ -219,6 +227,10 @@ def _pod_of(meta: object) -> str:
     if not isinstance(meta, dict) or not meta.get("pod"):
         return ""
     return "/".join(str(p) for p in (meta.get("namespace"), meta["pod"]) if p)
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def served_count(dispatched: int, errors: int) -> int:
@@ -364,9 +376,18 @@ class _Flow:
         yield line
 
 
+def _role_cell(row: WorkerRow) -> str:
+    """``prefill:8998`` (with its bootstrap port when known), ``decode``, ``regular``."""
+    if row.role == "prefill" and row.bootstrap_port:
+        return f"prefill:{row.bootstrap_port}"
+    return row.role
+
+
 def render(snapshot: Snapshot) -> Group:
-    """One dashboard frame. GPU columns appear only when some worker has GPUs."""
+    """One dashboard frame. GPU columns appear only when some worker has GPUs, the role
+    column only in a PD layout (some worker is not "regular")."""
     with_gpus = any(w.gpus for w in snapshot.workers)
+    with_roles = any(w.role != "regular" for w in snapshot.workers)
     table = Table(
         expand=False, header_style="bold", pad_edge=False, box=None, collapse_padding=True
     )
@@ -377,15 +398,16 @@ def render(snapshot: Snapshot) -> Group:
         columns[2:2] = ["GPUs"]
         columns += ["util", "mem GiB"]
     # Where each worker comes from, only when that tells workers apart (mixed sources), and
-    # the pod of each discovered one.
+    # the pod of each discovered one; the PD role when any worker has one.
     with_source = len({w.source for w in snapshot.workers}) > 1
     with_pod = any(w.pod for w in snapshot.workers)
-    extra = (["source"] if with_source else []) + (["pod"] if with_pod else [])
+    extra = (["role"] if with_roles else []) + (["source"] if with_source else [])
+    extra += ["pod"] if with_pod else []
     columns[2:2] = extra
     for name in columns:
         table.add_column(
             name,
-            justify="left" if name in ("worker", "state", "source", "pod") else "right",
+            justify="left" if name in ("worker", "state", "role", "source", "pod") else "right",
             no_wrap=True,
         )
     for w in snapshot.workers:
@@ -410,8 +432,10 @@ def render(snapshot: Snapshot) -> Group:
                 else "-"
             )
             cells += [_fmt(w.gpu_utilization, ".0f", "%"), memory]
-        cells[2:2] = ([w.source or "-"] if with_source else []) + (
-            [w.pod or "-"] if with_pod else []
+        cells[2:2] = (
+            ([_role_cell(w)] if with_roles else [])
+            + ([w.source or "-"] if with_source else [])
+            + ([w.pod or "-"] if with_pod else [])
         )
         table.add_row(*cells)
     r = snapshot.router
@@ -447,6 +471,7 @@ def render(snapshot: Snapshot) -> Group:
                 "busy: in-flight",
                 "served: answered (failed attempts not counted)",
                 "hit: prefix cache hit rate",
+                *(["role: PD pool (prefill:bootstrap port)"] if with_roles else []),
             )
         ]
     )

@@ -495,3 +495,32 @@ def test_sglctl_status_removes_a_segment_whose_owner_is_dead(name: str) -> None:
     assert result.returncode == 1, result.stderr  # no router answers there: that is fine
     assert name not in list_segments()
     assert f"removed stale shared-memory segment {name}" in result.stderr
+
+
+def test_role_and_bootstrap_port_round_trip_and_reach_the_registry(name: str) -> None:
+    """A PD layout's slots carry each worker's pool; the router registers it there, a prefill
+    with the bootstrap port the decode side is sent to."""
+    table, _ = StateTable.create(name, n_slots=4)
+    slots = [
+        WorkerSlot(state=WorkerState.HEALTHY, pid=5, url="http://a:1", role="prefill",
+                   bootstrap_port=8998),
+        WorkerSlot(state=WorkerState.HEALTHY, pid=6, url="http://b:1", role="decode"),
+        WorkerSlot(state=WorkerState.HEALTHY, pid=7, url="http://c:1"),
+    ]  # fmt: skip
+    for index, slot in enumerate(slots):
+        table.write_slot(index, slot)
+    with StateTable.attach(name) as reader:
+        assert [v.worker for v in reader.read_slots()] == slots
+    source, registry = _source_on(name)
+    source.sync(registry)
+    workers = {w.url: (w.role, w.bootstrap_port) for w in registry.all()}
+    assert workers == {
+        "http://a:1": ("prefill", 8998),
+        "http://b:1": ("decode", None),
+        "http://c:1": ("regular", None),
+    }
+    assert [w.url for w in registry.routable(role="prefill")] == ["http://a:1"]
+    assert source._table is not None
+    source._table.close()
+    table.unlink()
+    table.close()

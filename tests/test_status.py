@@ -9,6 +9,7 @@ import sys
 import httpx
 from rich.console import Console
 
+from sglctl.net import find_free_port
 from sglctl.status import RouterRow, Snapshot, WorkerRow, parse_metric, render, with_rates
 
 
@@ -54,9 +55,34 @@ def test_render_shows_states_and_gpu_columns_only_with_gpus() -> None:
     assert "42%" in console.export_text()
 
 
+def test_role_column_only_in_a_pd_layout_and_roles_in_json() -> None:
+    snap = _snap(0.0, 5, 5)
+    console = Console(width=140, record=True)
+    console.print(render(snap))
+    assert "role" not in console.export_text()  # a regular layout: no column to waste
+    snap.workers = [
+        WorkerRow(url="http://w:1", state="healthy", worker_id=0, role="prefill",
+                  bootstrap_port=8998),
+        WorkerRow(url="http://w:2", state="healthy", worker_id=1, role="decode"),
+    ]  # fmt: skip
+    console = Console(width=140, record=True)
+    console.print(render(snap))
+    lines = console.export_text().splitlines()
+    header = next(line for line in lines if " worker " in line)
+    assert header.split()[:3] == ["id", "worker", "role"]
+    assert any("prefill:8998" in line for line in lines)
+    assert any("w:2" in line and "decode" in line for line in lines)
+    workers = snap.to_json()["workers"]
+    assert [(w["role"], w["bootstrap_port"]) for w in workers] == [
+        ("prefill", 8998),
+        ("decode", None),
+    ]
+
+
 def test_remote_status_over_http(procs) -> None:  # type: ignore[no-untyped-def]
     workers = [procs.sim_worker("--speedup", "50") for _ in range(2)]
-    router = procs.router([w.url for w in workers])
+    # Its own metrics port: the default 29000 is shared with every other router on the host.
+    router = procs.router([w.url for w in workers], "--metrics-port", str(find_free_port()))
     with httpx.Client(timeout=10) as client:
         for i in range(4):
             body = {"text": f"prompt {i}", "sampling_params": {"max_new_tokens": 2}}
@@ -87,7 +113,6 @@ def test_remote_status_over_http(procs) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_status_says_when_no_router_answers() -> None:
-    from sglctl.net import find_free_port
 
     url = f"http://127.0.0.1:{find_free_port()}"
     result = subprocess.run(
@@ -164,7 +189,6 @@ def test_served_excludes_failed_attempts_in_both_modes(tmp_path) -> None:  # typ
     import asyncio
     import uuid
 
-    from sglctl.net import find_free_port
     from sglctl.state_table import RouterColumns, StateTable, WorkerSlot, WorkerState
     from sglctl.status import LocalCollector, served_count
 

@@ -16,6 +16,7 @@ import sys
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -248,9 +249,9 @@ def test_add_and_remove_workers_over_the_control_socket(tmp_path: Path, table: S
     real_make = factory.make
 
     def make(
-        worker_id: int, used_ports: set[int], used_gpus: set[int], base_port: int
+        worker_id: int, used_ports: set[int], used_gpus: set[int], base_port: int, **kw: Any
     ) -> WorkerSpec:
-        spec = real_make(worker_id, used_ports, used_gpus, base_port)
+        spec = real_make(worker_id, used_ports, used_gpus, base_port, **kw)
         return fake_spec(worker_id, port=spec.port)
 
     factory.make = make  # type: ignore[method-assign]

@@ -79,18 +79,30 @@ class Up:
 
 @pytest.fixture
 def start_up(tmp_path: Path) -> Iterator[Callable[..., Up]]:
+    with up_runner(tmp_path) as start:
+        yield start
+
+
+@contextlib.contextmanager
+def up_runner(tmp_path: Path) -> Iterator[Callable[..., Up]]:
+    """``start(*flags, ...)`` runs ``sglctl up``; every run is stopped (and its tree killed)
+    on the way out. The ``start_up`` fixture of this module and of ``test_up_pd.py``."""
     started: list[Up] = []
 
-    def start(*flags: str, dp_size: int = 2, worker_args: tuple[str, ...] = ("--speedup", "50"),
-              port: int | None = None, wait: bool = True) -> Up:  # fmt: skip
+    def start(*flags: str, dp_size: int | None = 2,
+              worker_args: tuple[str, ...] = ("--speedup", "50"), port: int | None = None,
+              wait: bool = True) -> Up:  # fmt: skip
+        """``dp_size=None``: the layout is in ``flags`` (``--prefill-dp P --decode-dp D``)."""
         port = port or find_free_port()
         # A random start: helpers' test runs share this machine, and two runs that both take
         # the first free block (20000) collide between the check and the workers' bind.
-        base = find_free_port_block(dp_size + 2, start=random.randrange(20000, 30000, 10))
+        block = (dp_size or 4) + 2
+        base = find_free_port_block(block, start=random.randrange(20000, 30000, 10))
         run_dir = tmp_path / f"run-{port}"
         output = tmp_path / f"up-{port}.out"
+        layout = ["--dp-size", str(dp_size)] if dp_size is not None else []
         args = [
-            sys.executable, "-m", "sglctl", "up", "--dp-size", str(dp_size), "--backend", "sim",
+            sys.executable, "-m", "sglctl", "up", *layout, "--backend", "sim",
             "--port", str(port), "--metrics-port", str(find_free_port()),
             "--worker-base-port", str(base), "--run-dir", str(run_dir),
             "--restart-initial-backoff-secs", "0.2", "--health-check-interval-secs", "1",
@@ -120,20 +132,22 @@ def start_up(tmp_path: Path) -> Iterator[Callable[..., Up]]:
             up.remember_tree()
         return up
 
-    yield start
-    for up in started:
-        if up.popen.poll() is None:
-            up.remember_tree()
-            up.popen.send_signal(signal.SIGINT)
-            try:
-                up.popen.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                up.popen.kill()
-                up.popen.wait()
-        for pid in up.tree:  # belt and braces: never leave anything running
-            with contextlib.suppress(psutil.NoSuchProcess):
-                psutil.Process(pid).kill()
-        print(f"----- sglctl up on {up.url} -----\n{up.log()[-5000:]}")
+    try:
+        yield start
+    finally:
+        for up in started:
+            if up.popen.poll() is None:
+                up.remember_tree()
+                up.popen.send_signal(signal.SIGINT)
+                try:
+                    up.popen.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    up.popen.kill()
+                    up.popen.wait()
+            for pid in up.tree:  # belt and braces: never leave anything running
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    psutil.Process(pid).kill()
+            print(f"----- sglctl up on {up.url} -----\n{up.log()[-5000:]}")
 
 
 def served_by(client: httpx.Client, router_url: str) -> dict[str, int]:
@@ -320,9 +334,10 @@ def test_killed_supervisor_leaves_no_orphans_and_next_run_replaces_its_table(
     wait_until(gone, 15, "the children of a killed supervisor to exit (PR_SET_PDEATHSIG)")
     assert first.segment in list_segments()  # the crashed run's table is still there ...
     assert Path(control_sock).exists()  # ... and its control socket
-    second = start_up(dp_size=1, port=first.port)  # ... and the next run removes both first
-    assert "removed stale state table" in second.log() and "is gone" in second.log()
-    assert "removed control socket" in second.log()
+    second = start_up(dp_size=1, port=first.port)  # ... and the next run on that port takes over
+    assert "replacing stale state table" in second.log()
+    # (the fixture gives both runs the same run dir: the log says the old socket went first)
+    assert "removed control socket" in second.log() and "left by the same run" in second.log()
     assert second.interrupt() == 0
     second.assert_nothing_left()
 

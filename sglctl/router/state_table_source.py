@@ -7,9 +7,10 @@ a killed worker leaves routing well inside the 100 ms budget, with no HTTP round
 
 Mapping of supervisor states to the registry:
 
-* HEALTHY -- registered and available. A worker coming back from a restart is registered
-  afresh: a new process has an empty KV cache, a clean health record and a closed breaker,
-  so the old prefix-tree entries and failure counts would only mislead routing.
+* HEALTHY -- registered and available, in the slot's role (``regular``; ``prefill`` with its
+  bootstrap port, or ``decode``, in a PD layout). A worker coming back from a restart is
+  registered afresh: a new process has an empty KV cache, a clean health record and a closed
+  breaker, so the old prefix-tree entries and failure counts would only mislead routing.
 * UNHEALTHY (alive but failing the supervisor's probes) -- kept, but unavailable: it may
   recover with its cache intact.
 * STARTING, RESTARTING, FAILED, REMOVED, EMPTY -- not registered (removed if it was).
@@ -194,7 +195,13 @@ class StateTableSource:
                 self._drop(registry, known)  # a new process: fresh tree, health and breaker
             if slot.url not in registry:
                 try:
-                    registry.add(slot.url, source="supervisor", meta={"slot": str(index)})
+                    registry.add(
+                        slot.url,
+                        role=slot.role,
+                        bootstrap_port=slot.bootstrap_port or None,
+                        source="supervisor",
+                        meta={"slot": str(index)},
+                    )
                 except DuplicateWorkerError:
                     pass
                 except InvalidWorkerURL as exc:  # a supervisor bug; never kill the source

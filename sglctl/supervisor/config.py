@@ -24,6 +24,19 @@ if TYPE_CHECKING:
 
 BACKENDS = ("auto", "sglang", "sim")
 DEFAULT_WORKER_BASE_PORT = 31000
+#: SGLang's own default ``--disaggregation-bootstrap-port``; prefill worker j gets this + j.
+DEFAULT_BOOTSTRAP_BASE_PORT = 8998
+#: Worker flags ``sglctl up`` sets itself in a PD layout (one value per worker, not one for
+#: all): given after ``--`` they would override the plan, so they are refused.
+PLANNED_WORKER_FLAGS = ("--disaggregation-mode", "--disaggregation-bootstrap-port")
+#: Router flags that name workers: ``sglctl up`` starts its own and tells the router of them.
+PLANNED_ROUTER_FLAGS = (
+    "--worker-urls",
+    "--prefill",
+    "--prefill-urls",
+    "--decode",
+    "--decode-urls",
+)
 #: The supervisor's probe timeout per backend. A hung worker is out of routing after about
 #: interval + failures x this, so it is as short as the backend allows: the sim answers
 #: /health at once; SGLang's /health runs a one-token generation through the scheduler and
@@ -47,6 +60,12 @@ class UpConfig:
 
     model_path: str | None = None
     dp_size: int = 1
+    #: A PD layout: this many prefill workers and ``decode_dp`` decode workers instead of
+    #: ``dp_size`` regular ones (0 and 0: a regular layout).
+    prefill_dp: int = 0
+    decode_dp: int = 0
+    #: Prefill worker j's ``--disaggregation-bootstrap-port`` is this + j.
+    bootstrap_base_port: int = DEFAULT_BOOTSTRAP_BASE_PORT
     tp_size: int = 1
     base_gpu_id: int = 0
     worker_base_port: int = DEFAULT_WORKER_BASE_PORT
@@ -89,6 +108,15 @@ class UpConfig:
     worker_args: list[str] = field(default_factory=list)
 
     @property
+    def is_pd(self) -> bool:
+        return self.prefill_dp > 0
+
+    @property
+    def n_workers(self) -> int:
+        """Workers the plan starts: ``dp_size``, or prefill + decode for a PD layout."""
+        return self.prefill_dp + self.decode_dp if self.is_pd else self.dp_size
+
+    @property
     def router_url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
         return f"http://{host}:{self.port}"
@@ -110,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start one SGLang worker per GPU group, keep them alive, and route to them. "
         "Every flag not listed here is a router flag (see `sglctl router --help`); "
         "arguments after `--` are passed to every worker.",
-        usage="sglctl up [--model-path M] [--dp-size N] [--tp-size T] [options] "
-        "[router flags] [-- worker args]",
+        usage="sglctl up [--model-path M] [--dp-size N | --prefill-dp P --decode-dp D] "
+        "[--tp-size T] [options] [router flags] [-- worker args]",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         # No abbreviations: an abbreviated router flag must reach the router, not match ours.
         allow_abbrev=False,
@@ -123,7 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="model to serve (required for real SGLang; sim workers default to a simulated Llama)",
     )
     g.add_argument(
-        "--dp-size", type=argtypes.positive_int, default=d.dp_size, help="number of workers"
+        "--dp-size",
+        type=argtypes.positive_int,
+        default=argparse.SUPPRESS,
+        help=f"number of (regular) workers (default: {d.dp_size}; not with --prefill-dp)",
     )
     g.add_argument(
         "--tp-size", type=argtypes.positive_int, default=d.tp_size, help="GPUs per worker"
@@ -160,6 +191,39 @@ def build_parser() -> argparse.ArgumentParser:
         type=argtypes.positive_int,
         default=d.max_workers,
         help="room for add-worker",
+    )
+
+    g = p.add_argument_group(
+        "prefill/decode disaggregation (PD layout, instead of --dp-size)",
+        "P prefill workers get the first GPU groups, D decode workers the next ones; each "
+        "prefill worker gets its own bootstrap port, decode workers fetch the KV from it; "
+        "the router runs in PD mode. Transfer-backend flags (such as "
+        "--disaggregation-transfer-backend mooncake) go after `--` and reach every worker "
+        "unchanged.",
+    )
+    g.add_argument(
+        "--prefill-dp",
+        type=argtypes.positive_int,
+        default=argparse.SUPPRESS,
+        metavar="P",
+        help="prefill workers, started with --disaggregation-mode prefill "
+        "(default: none, a regular layout; needs --decode-dp)",
+    )
+    g.add_argument(
+        "--decode-dp",
+        type=argtypes.positive_int,
+        default=argparse.SUPPRESS,
+        metavar="D",
+        help="decode workers, started with --disaggregation-mode decode "
+        "(default: none; needs --prefill-dp)",
+    )
+    g.add_argument(
+        "--bootstrap-base-port",
+        type=argtypes.port,
+        default=d.bootstrap_base_port,
+        metavar="PORT",
+        help="prefill worker j's --disaggregation-bootstrap-port is this + j "
+        "(kept across its restarts)",
     )
 
     g = p.add_argument_group(
@@ -277,19 +341,21 @@ def parse_up_args(argv: Sequence[str]) -> UpConfig:
         value = getattr(ns, flag[2:].replace("-", "_"), None)
         if value is not None:
             router_args = [flag, value, *router_args]
-    router = _validate_router_args(router_args)
-    if "--worker-urls" in router_args:
+    _check_layout(ns, router_args, worker_args)
+    pd = hasattr(ns, "prefill_dp")
+    router = _validate_router_args(router_args, pd=pd)
+    if router.is_pd and not pd:
         raise UsageError(
-            "sglctl up starts its own workers; drop --worker-urls (or run `sglctl router "
-            "--worker-urls ...` for workers started elsewhere)"
+            "the router's PD mode (--pd-disaggregation, --mode pd) needs prefill and decode "
+            "workers: use --prefill-dp P --decode-dp D instead (sglctl up then runs the "
+            "router in PD mode itself)"
         )
     port = int(router.port)
     # Our own flags' dests are UpConfig's field names: copy every one the parser set ...
     own_fields = {f.name for f in fields(UpConfig)} - _FROM_ROUTER - {"run_dir", "max_workers"}
     parsed = {name: getattr(ns, name) for name in own_fields if hasattr(ns, name)}
-    return UpConfig(
+    config = UpConfig(
         **parsed,
-        max_workers=max(ns.max_workers, ns.dp_size),
         run_dir=Path(ns.run_dir) if getattr(ns, "run_dir", None) else default_run_dir(port),
         # ... and take the shared router settings from the router's own parse.
         host=str(router.host),
@@ -301,6 +367,8 @@ def parse_up_args(argv: Sequence[str]) -> UpConfig:
         router_args=list(router_args),
         worker_args=worker_args,
     )
+    config.max_workers = max(ns.max_workers, config.n_workers)
+    return config
 
 
 #: UpConfig fields that come from the router's parser (or the split), never from ours.
@@ -318,15 +386,57 @@ _FROM_ROUTER = frozenset(
 )
 
 
-def _validate_router_args(router_args: list[str]) -> RouterConfig:
+def _check_layout(
+    ns: argparse.Namespace, router_args: Sequence[str], worker_args: Sequence[str]
+) -> None:
+    """Refuse flag combinations that contradict the plan, each with the fix."""
+    pd = hasattr(ns, "prefill_dp") or hasattr(ns, "decode_dp")
+    if pd and hasattr(ns, "dp_size"):
+        raise UsageError(
+            "--dp-size is for a regular layout, --prefill-dp/--decode-dp for a PD layout: "
+            "give one or the other (the PD layout starts --prefill-dp + --decode-dp workers)"
+        )
+    if pd and not (hasattr(ns, "prefill_dp") and hasattr(ns, "decode_dp")):
+        given, missing = (
+            ("--prefill-dp", "--decode-dp") if hasattr(ns, "prefill_dp") else
+            ("--decode-dp", "--prefill-dp")
+        )  # fmt: skip
+        raise UsageError(
+            f"{given} needs {missing} too: a PD layout has both pools "
+            "(e.g. --prefill-dp 1 --decode-dp 2)"
+        )
+    for flag in PLANNED_ROUTER_FLAGS:
+        if _has_flag(router_args, flag):
+            raise UsageError(
+                f"sglctl up starts its own workers; drop {flag} (or run `sglctl router "
+                f"{flag} ...` for workers started elsewhere)"
+            )
+    for flag in PLANNED_WORKER_FLAGS:
+        if _has_flag(worker_args, flag):
+            raise UsageError(
+                f"{flag} after `--` would give every worker the same value; sglctl up sets it "
+                "per worker: drop it and use --prefill-dp P --decode-dp D "
+                "(and --bootstrap-base-port for the bootstrap ports)"
+            )
+
+
+def _has_flag(args: Sequence[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
+def _validate_router_args(router_args: list[str], pd: bool = False) -> RouterConfig:
     """Run the router's own parser over the flags we pass it (exits on a bad one).
 
+    ``pd``: the router will run with ``--pd-disaggregation`` (its PD flags then apply).
     Imported lazily: the router's config module is the one piece of the router the
     supervisor may import (the reverse is not allowed).
     """
     from sglctl.router import flags as router_flags
 
-    cfg = router_flags.parse_args([*router_args, "--state-table", "check"], prog="sglctl up")
+    pd_flag = ["--pd-disaggregation"] if pd else []
+    cfg = router_flags.parse_args(
+        [*router_args, *pd_flag, "--state-table", "check"], prog="sglctl up"
+    )
     if cfg.unsupported:
         raise UsageError("; ".join(reason for _, reason in cfg.unsupported))
     return cfg

@@ -219,13 +219,19 @@ def call(control_path: str, request: dict[str, Any], timeout: float = 30.0) -> d
     return reply
 
 
-def add_local_worker(router_url: str | None = None, timeout: float = 1800.0) -> dict[str, Any]:
+def add_local_worker(
+    router_url: str | None = None, timeout: float = 1800.0, role: str | None = None
+) -> dict[str, Any]:
     """Ask the local supervisor for one more worker; returns once it is healthy (or failed).
 
-    ``timeout`` bounds only this client's wait: the worker keeps starting if it runs out.
+    ``role`` (prefill or decode) picks the pool of a PD layout. ``timeout`` bounds only this
+    client's wait: the worker keeps starting if it runs out.
     """
     info = find_local_run(router_url)
-    return call(info.control_path, {"op": "add"}, timeout=timeout)
+    request: dict[str, Any] = {"op": "add"}
+    if role is not None:
+        request["role"] = role
+    return call(info.control_path, request, timeout=timeout)
 
 
 def remove_managed_worker(worker_url: str, router_url: str | None = None) -> dict[str, Any] | None:

@@ -154,6 +154,7 @@ class Supervisor:
                 + str(run_dir)
             )
             return
+        _warn_empty_pools(self.specs, healthy)
         if self.settings.router_argv is not None:
             assert self.client is not None
             self.router = SupervisedRouter(
@@ -203,7 +204,10 @@ class Supervisor:
         if self._stop.is_set():
             raise ControlError("sglctl up is shutting down")
         if op == "add":
-            worker = await self.add_worker()
+            role = request.get("role")
+            if role is not None and not isinstance(role, str):
+                raise ControlError("role must be a string: prefill, decode or regular")
+            worker = await self.add_worker(role)
             ok = await worker.settled
             if not ok:
                 raise ControlError(
@@ -217,8 +221,12 @@ class Supervisor:
             return {"ok": True, **worker.describe()}
         raise ControlError(f"unknown op {op!r}; expected add, remove or list")
 
-    async def add_worker(self) -> SupervisedWorker:
-        """Start one more worker on a free GPU group and port (returns before it is healthy)."""
+    async def add_worker(self, role: str | None = None) -> SupervisedWorker:
+        """Start one more worker on a free GPU group and port (returns before it is healthy).
+
+        ``role``: the pool it joins in a PD layout (prefill, with a free bootstrap port, or
+        decode); a regular layout takes only regular workers.
+        """
         if self.factory is None:
             raise ControlError("this supervisor cannot add workers")
         async with self._lock:
@@ -234,9 +242,15 @@ class Supervisor:
             ]
             used_ports = {w.spec.port for w in live}
             used_gpus = {g for w in live for g in w.spec.gpu_ids}
+            used_bootstrap = {w.spec.bootstrap_port for w in live if w.spec.bootstrap_port}
             try:
                 spec = self.factory.make(
-                    self._next_worker_id, used_ports, used_gpus, self.base_port
+                    self._next_worker_id,
+                    used_ports,
+                    used_gpus,
+                    self.base_port,
+                    role=role,
+                    used_bootstrap_ports=used_bootstrap,
                 )
             except PlanError as exc:
                 raise ControlError(str(exc)) from exc
@@ -247,7 +261,12 @@ class Supervisor:
             worker = self._add(spec, slot)
             worker.start()
             log.info(
-                "adding worker %d at %s (GPUs %s)", spec.worker_id, spec.url, spec.gpus_label or "-"
+                "adding %s worker %d at %s (GPUs %s%s)",
+                spec.role,
+                spec.worker_id,
+                spec.url,
+                spec.gpus_label or "-",
+                f", bootstrap port {spec.bootstrap_port}" if spec.bootstrap_port else "",
             )
             return worker
 
@@ -293,3 +312,17 @@ class Supervisor:
         for worker in self.workers.values():
             worker.kill_now()
         self._stop.set()
+
+
+def _warn_empty_pools(specs: list[WorkerSpec], healthy: list[SupervisedWorker]) -> None:
+    """A PD layout serves nothing without both pools: say so at once rather than let every
+    request's 503 be the first sign (the failed workers' logs are what to read)."""
+    planned = {spec.role for spec in specs} - {"regular"}
+    running = {worker.spec.role for worker in healthy}
+    for role in sorted(planned - running):
+        log.error(
+            "no %s worker could be started: PD requests get 503 until one is "
+            "(sglctl add-worker --local --role %s, after reading the failed workers' logs)",
+            role,
+            role,
+        )

@@ -8,6 +8,14 @@ GPU assignment follows SGLang's own ``--base-gpu-id`` convention: worker ``i`` g
 ``tp_size`` GPUs starting at ``base_gpu_id + i * tp_size``, counted in the list of GPUs
 sglctl may use (all NVML indices, or those ``CUDA_VISIBLE_DEVICES`` names), and is told so
 with ``CUDA_VISIBLE_DEVICES`` -- the worker itself then sees GPUs ``0..tp_size-1``.
+
+A PD layout (``--prefill-dp P --decode-dp D``) is the same plan over ``P + D`` workers, the
+P prefill workers first: they get the first GPU groups and ports, then the decode workers.
+Each worker is told its role (``--disaggregation-mode prefill|decode``, the flag SGLang and
+the sim share) and each prefill worker its own ``--disaggregation-bootstrap-port``
+(``--bootstrap-base-port + j``), the port decode workers fetch its KV from. A spec is fixed
+for the worker's life, so a restarted prefill comes back on the same bootstrap port: the
+router and in-flight decode requests keep pointing at the right place.
 """
 
 from __future__ import annotations
@@ -37,6 +45,10 @@ class WorkerSpec:
     argv: tuple[str, ...]
     gpu_ids: tuple[int, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
+    #: "regular", "prefill" or "decode" (``sglctl.state_table.ROLES``).
+    role: str = "regular"
+    #: A prefill worker's bootstrap port; None for the other roles.
+    bootstrap_port: int | None = None
 
     @property
     def url(self) -> str:
@@ -97,23 +109,58 @@ def choose_backend(requested: str, gpus: GpuReport, has_sglang: bool) -> tuple[s
 
 
 def assign_gpus(
-    available: Sequence[int], dp_size: int, tp_size: int, base_gpu_id: int
+    available: Sequence[int],
+    dp_size: int,
+    tp_size: int,
+    base_gpu_id: int,
+    *,
+    pd: tuple[int, int] | None = None,
 ) -> list[tuple[int, ...]]:
-    """GPU ids for each worker: ``available[base + i*tp : base + (i+1)*tp]``."""
+    """GPU ids for each worker: ``available[base + i*tp : base + (i+1)*tp]``.
+
+    ``pd``: (prefill, decode) counts when the ``dp_size`` workers are a PD layout (prefill
+    first), so that a plan that does not fit names the flags the user gave.
+    """
     needed = base_gpu_id + dp_size * tp_size
     if needed > len(available):
         have = len(available)
         listing = ",".join(map(str, available)) if available else "none"
         fit = max(0, (have - base_gpu_id) // tp_size)
-        hint = f"lower --dp-size to {fit}" if fit else "lower --tp-size or --base-gpu-id"
+        if pd is None:
+            asked = f"--dp-size {dp_size}"
+            hint = f"lower --dp-size to {fit}" if fit else "lower --tp-size or --base-gpu-id"
+        else:
+            prefill, decode = pd
+            asked = f"--prefill-dp {prefill} + --decode-dp {decode}"
+            if fit > prefill:
+                hint = f"lower --decode-dp to {fit - prefill}"
+            elif fit >= 2:
+                hint = f"at most {fit} workers fit: e.g. --prefill-dp 1 --decode-dp {fit - 1}"
+            else:
+                hint = "a PD layout needs room for 2 workers: lower --tp-size or --base-gpu-id"
         raise PlanError(
-            f"--dp-size {dp_size} x --tp-size {tp_size} from --base-gpu-id {base_gpu_id} needs "
+            f"{asked} x --tp-size {tp_size} from --base-gpu-id {base_gpu_id} needs "
             f"{needed} GPUs, but {have} are available ({listing}): {hint}, or use --backend sim"
         )
     return [
         tuple(available[base_gpu_id + i * tp_size : base_gpu_id + (i + 1) * tp_size])
         for i in range(dp_size)
     ]
+
+
+def role_flags(role: str, bootstrap_port: int | None = None) -> tuple[str, ...]:
+    """The PD flags of a worker in ``role`` (none for a regular one); SGLang's names, which
+    the sim accepts too. Only prefill workers run a bootstrap server, so only they get a port."""
+    if role == "regular":
+        return ()
+    if role == "decode":
+        return ("--disaggregation-mode", "decode")
+    if role == "prefill":
+        if bootstrap_port is None:
+            raise PlanError("a prefill worker needs a bootstrap port")
+        return ("--disaggregation-mode", "prefill",
+                "--disaggregation-bootstrap-port", str(bootstrap_port))  # fmt: skip
+    raise PlanError(f"unknown worker role {role!r}; choose prefill or decode")
 
 
 def worker_command(
@@ -123,14 +170,19 @@ def worker_command(
     tp_size: int,
     extra: Sequence[str] = (),
     python: str = sys.executable,
+    role: str = "regular",
+    bootstrap_port: int | None = None,
 ) -> tuple[str, ...]:
-    """The exact argv of one worker (CONTRACT.md section 1)."""
+    """The exact argv of one worker (CONTRACT.md section 1); the PD flags come before the
+    user's ``extra``, which are passed unchanged (transfer backend, IB device ...)."""
     common = ("--model-path", model, "--host", WORKER_HOST, "--port", str(port))
+    pd = role_flags(role, bootstrap_port)
     if backend == "sglang":
-        return (python, "-m", "sglang.launch_server", *common, "--tp-size", str(tp_size), *extra)
+        return (python, "-m", "sglang.launch_server", *common, "--tp-size", str(tp_size), *pd,
+                *extra)  # fmt: skip
     if backend == "sim":
         return (python, "-m", "sglctl", "sim-worker", "--host", WORKER_HOST, "--port", str(port),
-                "--model-path", model, *extra)  # fmt: skip
+                "--model-path", model, *pd, *extra)  # fmt: skip
     raise PlanError(f"unknown backend {backend!r}")
 
 
@@ -142,15 +194,30 @@ def make_worker_spec(
     gpu_ids: Sequence[int],
     tp_size: int,
     extra: Sequence[str],
+    role: str = "regular",
+    bootstrap_port: int | None = None,
 ) -> WorkerSpec:
     env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpu_ids))} if backend == "sglang" else {}
     return WorkerSpec(
         worker_id=worker_id,
         port=port,
-        argv=worker_command(backend, model, port, tp_size, extra),
+        argv=worker_command(
+            backend, model, port, tp_size, extra, role=role, bootstrap_port=bootstrap_port
+        ),
         gpu_ids=tuple(gpu_ids),
         env=env,
+        role=role,
+        bootstrap_port=bootstrap_port,
     )
+
+
+def plan_roles(config: UpConfig) -> list[tuple[str, int | None]]:
+    """(role, bootstrap port) of each planned worker, in worker-id order: prefill first."""
+    if not config.is_pd:
+        return [("regular", None)] * config.dp_size
+    prefill = [("prefill", config.bootstrap_base_port + j) for j in range(config.prefill_dp)]
+    decode: list[tuple[str, int | None]] = [("decode", None)] * config.decode_dp
+    return [*prefill, *decode]
 
 
 def make_plan(config: UpConfig, gpus: GpuReport, has_sglang: bool) -> Plan:
@@ -159,17 +226,23 @@ def make_plan(config: UpConfig, gpus: GpuReport, has_sglang: bool) -> Plan:
     if backend == "sglang" and not config.model_path:
         raise PlanError("real SGLang workers need --model-path (a Hugging Face id or a local path)")
     model = config.model_path or sim_default_model()
-    if config.worker_base_port + config.dp_size - 1 > 65535:
+    n = config.n_workers
+    if config.worker_base_port + n - 1 > 65535:
         raise PlanError(
-            f"--worker-base-port {config.worker_base_port} leaves no room for "
-            f"{config.dp_size} workers: lower it"
+            f"--worker-base-port {config.worker_base_port} leaves no room for {n} workers: lower it"
+        )
+    if config.is_pd and config.bootstrap_base_port + config.prefill_dp - 1 > 65535:
+        raise PlanError(
+            f"--bootstrap-base-port {config.bootstrap_base_port} leaves no room for "
+            f"{config.prefill_dp} prefill workers: lower it"
         )
     if backend == "sglang":
+        pd = (config.prefill_dp, config.decode_dp) if config.is_pd else None
         groups = assign_gpus(
-            [g.index for g in gpus.gpus], config.dp_size, config.tp_size, config.base_gpu_id
+            [g.index for g in gpus.gpus], n, config.tp_size, config.base_gpu_id, pd=pd
         )
     else:
-        groups = [() for _ in range(config.dp_size)]
+        groups = [() for _ in range(n)]
     workers = [
         make_worker_spec(
             i,
@@ -179,8 +252,10 @@ def make_plan(config: UpConfig, gpus: GpuReport, has_sglang: bool) -> Plan:
             groups[i],
             config.tp_size,
             config.worker_args,
+            role=role,
+            bootstrap_port=bootstrap_port,
         )
-        for i in range(config.dp_size)
+        for i, (role, bootstrap_port) in enumerate(plan_roles(config))
     ]
     return Plan(backend=backend, backend_reason=reason, model=model, workers=workers)
 
@@ -202,6 +277,19 @@ def port_conflicts(config: UpConfig, plan: Plan, is_free: PortCheck = port_is_fr
     wanted += [
         (WORKER_HOST, w.port, f"worker {w.worker_id}", "--worker-base-port") for w in plan.workers
     ]
+    wanted += [
+        (WORKER_HOST, w.bootstrap_port, f"worker {w.worker_id}'s bootstrap server",
+         "--bootstrap-base-port")
+        for w in plan.workers
+        if w.bootstrap_port is not None
+    ]  # fmt: skip
+    blocks = {
+        "--worker-base-port": (config.worker_base_port, len(plan.workers)),
+        "--bootstrap-base-port": (
+            config.bootstrap_base_port,
+            sum(w.bootstrap_port is not None for w in plan.workers),
+        ),
+    }
     problems: list[str] = []
     seen: dict[int, str] = {}
     flagged: set[str] = set()
@@ -216,8 +304,8 @@ def port_conflicts(config: UpConfig, plan: Plan, is_free: PortCheck = port_is_fr
             problems.append(f"port {port} ({what}) is already in use on {host}")
             continue
         flagged.add(flag)
-        if flag == "--worker-base-port":
-            suggestion = suggest_port(config.worker_base_port, len(plan.workers), is_free)
+        if flag in blocks:
+            suggestion = suggest_port(*blocks[flag], is_free)
         else:
             suggestion = suggest_port(port, 1, is_free)
         problems.append(
@@ -253,7 +341,10 @@ class WorkerFactory:
     """Builds specs for workers added at run time (``sglctl add-worker --local``).
 
     A new worker takes the first ``tp_size`` GPUs of the pool that no live worker holds and
-    the first free port above every port in use.
+    the first free port above every port in use; a new prefill worker also the first free
+    bootstrap port from ``bootstrap_base_port`` up. In a PD layout every new worker needs a
+    role (prefill or decode); a regular layout only takes regular workers, since its router
+    does not run in PD mode.
     """
 
     backend: str
@@ -262,10 +353,36 @@ class WorkerFactory:
     gpu_pool: list[int]
     extra: list[str]
     is_free: PortCheck = port_is_free
+    pd: bool = False
+    bootstrap_base_port: int = 8998
+
+    def check_role(self, role: str | None) -> str:
+        """The role a new worker gets; PlanError (saying what to pass) when it cannot."""
+        if self.pd:
+            if role not in ("prefill", "decode"):
+                raise PlanError(
+                    "this sglctl up runs a PD layout: say which pool the new worker joins "
+                    "with --role prefill or --role decode"
+                )
+            return role
+        if role not in (None, "regular"):
+            raise PlanError(
+                f"--role {role} needs a PD layout (sglctl up --prefill-dp P --decode-dp D); "
+                "this run's router serves regular workers: drop --role"
+            )
+        return "regular"
 
     def make(
-        self, worker_id: int, used_ports: set[int], used_gpus: set[int], base_port: int
+        self,
+        worker_id: int,
+        used_ports: set[int],
+        used_gpus: set[int],
+        base_port: int,
+        role: str | None = None,
+        used_bootstrap_ports: set[int] | None = None,
     ) -> WorkerSpec:
+        role = self.check_role(role)
+        taken_bootstrap = used_bootstrap_ports or set()
         gpu_ids: tuple[int, ...] = ()
         if self.backend == "sglang":
             free = [g for g in self.gpu_pool if g not in used_gpus]
@@ -276,11 +393,33 @@ class WorkerFactory:
                     f"{len(free)} of {len(self.gpu_pool)} are free ({listing})"
                 )
             gpu_ids = tuple(free[: self.tp_size])
-        port = max([base_port - 1, *used_ports]) + 1
-        while port <= 65535 and (port in used_ports or not self.is_free(WORKER_HOST, port)):
-            port += 1
-        if port > 65535:
+        port = self._free_port(max([base_port - 1, *used_ports]) + 1, used_ports | taken_bootstrap)
+        if port is None:
             raise PlanError("no free port left for another worker")
+        bootstrap_port = None
+        if role == "prefill":
+            bootstrap_port = self._free_port(
+                self.bootstrap_base_port, used_ports | taken_bootstrap | {port}
+            )
+            if bootstrap_port is None:
+                raise PlanError(
+                    f"no free bootstrap port from --bootstrap-base-port {self.bootstrap_base_port}"
+                )
         return make_worker_spec(
-            worker_id, self.backend, self.model, port, gpu_ids, self.tp_size, self.extra
+            worker_id,
+            self.backend,
+            self.model,
+            port,
+            gpu_ids,
+            self.tp_size,
+            self.extra,
+            role=role,
+            bootstrap_port=bootstrap_port,
         )
+
+    def _free_port(self, start: int, taken: set[int]) -> int | None:
+        """The first port from ``start`` up that no worker uses and nothing listens on."""
+        port = start
+        while port <= 65535 and (port in taken or not self.is_free(WORKER_HOST, port)):
+            port += 1
+        return port if port <= 65535 else None

@@ -28,10 +28,12 @@ log = logging.getLogger(__name__)
 
 
 def router_command(
-    router_args: Sequence[str], state_table: str, python: str = sys.executable
+    router_args: Sequence[str], state_table: str, python: str = sys.executable, pd: bool = False
 ) -> list[str]:
-    """The router's argv: the user's router flags unchanged, plus the table to follow."""
-    return [python, "-m", "sglctl.router", *router_args, "--state-table", state_table]
+    """The router's argv: the user's router flags unchanged, plus the table to follow (and,
+    for a PD layout, PD mode: the table gives each worker's role and bootstrap port)."""
+    pd_flag = ["--pd-disaggregation"] if pd else []
+    return [python, "-m", "sglctl.router", *router_args, *pd_flag, "--state-table", state_table]
 
 
 class RouterStartError(RuntimeError):

@@ -18,7 +18,7 @@ from sglctl.state_table import WorkerState
 
 if TYPE_CHECKING:
     from sglctl.supervisor.core import Supervisor
-    from sglctl.supervisor.plan import Plan
+    from sglctl.supervisor.plan import Plan, WorkerSpec
     from sglctl.supervisor.worker import SupervisedWorker
 
 _STYLE = {
@@ -49,9 +49,7 @@ class StartupView:
 
     def __enter__(self) -> StartupView:
         for spec in self.plan.workers:
-            line = self._line(
-                spec.worker_id, spec.url, spec.gpus_label, WorkerState.STARTING, "launching"
-            )
+            line = self._line(spec, WorkerState.STARTING, "launching")
             self._tasks[spec.worker_id] = self.progress.add_task(line)
         self.progress.start()
         self._live = True
@@ -73,16 +71,14 @@ class StartupView:
             task = self._tasks.get(worker.worker_id)
             if task is None:
                 task = self._tasks[worker.worker_id] = self.progress.add_task("")
-            line = self._line(worker.worker_id, worker.url, worker.spec.gpus_label, state, summary)
+            line = self._line(worker.spec, state, summary)
             done = state in (WorkerState.HEALTHY, WorkerState.FAILED)
             self.progress.update(task, description=line, total=1, completed=1 if done else 0)
             if done:
                 self.progress.stop_task(task)
         elif state in (WorkerState.FAILED, WorkerState.HEALTHY, WorkerState.REMOVED):
             stamp = time.strftime("%H:%M:%S")
-            self.console.print(
-                self._line(worker.worker_id, worker.url, worker.spec.gpus_label, state, stamp)
-            )
+            self.console.print(self._line(worker.spec, state, stamp))
         # During start-up every failed attempt matters; later only giving up does (each
         # restart is in the supervisor's log already).
         if tail and (
@@ -94,12 +90,15 @@ class StartupView:
             )
 
     @staticmethod
-    def _line(worker_id: int, url: str, gpus: str, state: WorkerState, detail: str) -> str:
+    def _line(spec: WorkerSpec, state: WorkerState, detail: str) -> str:
         style = _STYLE.get(state, "")
-        where = f"GPU {gpus}" if gpus else "sim"
+        where = f"GPU {spec.gpus_label}" if spec.gpus_label else "sim"
+        if spec.role != "regular":
+            bootstrap = f" bootstrap :{spec.bootstrap_port}" if spec.bootstrap_port else ""
+            where = f"{spec.role}{bootstrap}, {where}"
         extra = f" [dim]{detail}[/dim]" if detail else ""
         label = f"[{style}]{state.label}[/{style}]"
-        return f"worker {worker_id} [dim]({where}, {url})[/dim] {label}{extra}"
+        return f"worker {spec.worker_id} [dim]({where}, {spec.url})[/dim] {label}{extra}"
 
 
 def announce(console: Console, supervisor: Supervisor, plan: Plan, router_url: str) -> None:
@@ -107,9 +106,15 @@ def announce(console: Console, supervisor: Supervisor, plan: Plan, router_url: s
     healthy = [w for w in supervisor.workers.values() if w.state == WorkerState.HEALTHY]
     failed = [w for w in supervisor.workers.values() if w.state == WorkerState.FAILED]
     kind = "simulated" if plan.backend == "sim" else "SGLang"
+    roles = [w.spec.role for w in healthy]
+    if any(role != "regular" for role in roles):  # a PD layout: say both pools
+        count = f"{roles.count('prefill')} prefill + {roles.count('decode')} decode {kind}"
+        count += " workers, router in PD mode"
+    else:
+        count = f"{len(healthy)} {kind} worker(s)"
     console.print(
         f"[bold green]sglctl is up:[/bold green] [bold]{router_url}[/bold]  "
-        f"({len(healthy)} {kind} worker(s), model {plan.model})"
+        f"({count}, model {plan.model})"
     )
     if failed:
         console.print(f"[red]{len(failed)} worker(s) failed to start and stay down: "

@@ -74,7 +74,6 @@ def run_up(argv: Sequence[str]) -> int:
         return 2
     console.print(plan.backend_reason)
 
-    remove_stale_segments()  # tables and control sockets of runs killed with -9
     name = segment_name_for_port(config.port)
     control_path = control_socket_path(config.run_dir, config.port)
     try:
@@ -94,6 +93,9 @@ def run_up(argv: Sequence[str]) -> int:
         _refuse(console, str(exc) + listing)
         return 1
     try:
+        # Our own port's stale table was taken over above (its slots name the orphans to
+        # stop); now the tables and control sockets of other runs killed with -9.
+        remove_stale_segments()
         stop_orphans(stale)
         try:
             check_ports(config, plan)
@@ -132,13 +134,21 @@ async def _supervise(
         worker_stop_timeout=config.worker_stop_timeout_secs,
         log_max_bytes=config.log_max_bytes,
         log_backups=config.log_backups,
-        router_argv=router_command(config.router_args, table.name),
+        router_argv=router_command(config.router_args, table.name, pd=config.is_pd),
         router_url=config.router_url,
         router_grace_period=config.shutdown_grace_period_secs,
         control_path=control_path,
     )
     gpu_pool = [g.index for g in detect_gpus().gpus] if plan.backend == "sglang" else []
-    factory = WorkerFactory(plan.backend, plan.model, config.tp_size, gpu_pool, config.worker_args)
+    factory = WorkerFactory(
+        plan.backend,
+        plan.model,
+        config.tp_size,
+        gpu_pool,
+        config.worker_args,
+        pd=config.is_pd,
+        bootstrap_base_port=config.bootstrap_base_port,
+    )
     supervisor = Supervisor(settings, table, plan.workers, factory, config.worker_base_port)
     view = StartupView(console, plan)
     supervisor.listener = view.on_worker

@@ -100,7 +100,13 @@ class SupervisedWorker:
         self.stop_timeout = stop_timeout
         self.listener = listener
         self.log = RotatingLog(log_dir / f"worker-{spec.worker_id}.log", log_max_bytes, log_backups)
-        self.slot = WorkerSlot(worker_id=spec.worker_id, url=spec.url, gpus=spec.gpus_label)
+        self.slot = WorkerSlot(
+            worker_id=spec.worker_id,
+            url=spec.url,
+            gpus=spec.gpus_label,
+            role=spec.role,
+            bootstrap_port=spec.bootstrap_port or 0,
+        )
         self.child: ChildProcess | None = None
         self.stopping = False
         self.task: asyncio.Task[None] | None = None
@@ -128,6 +134,8 @@ class SupervisedWorker:
             "state": self.state.label,
             "pid": self.slot.pid,
             "gpus": self.spec.gpus_label,
+            "role": self.spec.role,
+            "bootstrap_port": self.spec.bootstrap_port,
             "restarts": self.slot.restarts,
             "log": str(self.log.path),
         }
@@ -264,12 +272,13 @@ class SupervisedWorker:
         self.slot.healthy_since = 0.0
         child.exited.add_done_callback(self._on_exit)
         log.info(
-            "worker %d %s at %s (pid %d%s)",
+            "worker %d %s at %s (pid %d%s%s)",
             self.worker_id,
             "starting" if state == WorkerState.STARTING else "restarting",
             self.url,
             child.pid,
             f", GPUs {self.spec.gpus_label}" if self.spec.gpus_label else "",
+            _role_note(self.spec),
         )
         self._publish(state, f"pid {child.pid}")
         return child
@@ -407,3 +416,11 @@ class SupervisedWorker:
     def _settle(self, ok: bool) -> None:
         if not self.settled.done():
             self.settled.set_result(ok)
+
+
+def _role_note(spec: WorkerSpec) -> str:
+    """``, prefill, bootstrap port 8998`` for the logs; empty for a regular worker."""
+    if spec.role == "regular":
+        return ""
+    port = f", bootstrap port {spec.bootstrap_port}" if spec.bootstrap_port else ""
+    return f", {spec.role}{port}"

@@ -378,7 +378,7 @@ class PDPlan:
 
 
 def _raised(task: asyncio.Task[Any]) -> bool:
-    return not task.cancelled() and task.exception() is not None
+    return task.done() and not task.cancelled() and task.exception() is not None
 
 
 def _error(task: asyncio.Task[Any]) -> AttemptFailed | None:

@@ -38,13 +38,18 @@ def start_decode(procs: Any, *extra: str) -> ManagedProcess:
     return procs.sim_worker("--disaggregation-mode", "decode", *FAST, *extra)  # type: ignore[no-any-return]
 
 
+def start_router(procs: Any, *flags: str) -> ManagedProcess:
+    """A router subprocess in PD mode with its own metrics port (tests run side by side)."""
+    return procs.router([], *flags, "--metrics-port", str(find_free_port()))  # type: ignore[no-any-return]
+
+
 def pd_router(
     procs: Any, prefills: Sequence[str], decodes: Sequence[str], *extra: str
 ) -> ManagedProcess:
     """``--mode pd --prefill-urls ... --decode-urls ...``: no bootstrap ports given, so the
     router asks each prefill's /get_server_info."""
-    return procs.router(  # type: ignore[no-any-return]
-        [], "--mode", "pd", "--prefill-urls", *prefills, "--decode-urls", *decodes, *extra
+    return start_router(
+        procs, "--mode", "pd", "--prefill-urls", *prefills, "--decode-urls", *decodes, *extra
     )
 
 
@@ -164,8 +169,8 @@ def test_logprobs_of_the_prompt_come_from_the_prefill(procs) -> None:  # type: i
 def test_a_batch_gets_one_room_per_prompt(procs) -> None:  # type: ignore[no-untyped-def]
     prefill, port = start_prefill(procs)
     decode = start_decode(procs)
-    router = procs.router(
-        [], "--pd-disaggregation", "--prefill", prefill.url, str(port), "--decode", decode.url
+    router = start_router(
+        procs, "--pd-disaggregation", "--prefill", prefill.url, str(port), "--decode", decode.url
     )
     body = {"text": ["one", "two", "three"], "sampling_params": {"max_new_tokens": 3}}
     r = httpx.post(router.url + "/generate", json=body, timeout=60)
@@ -209,8 +214,8 @@ def test_pair_retry_never_reuses_a_failed_worker(procs) -> None:  # type: ignore
     flags = ["--pd-disaggregation", "--decode", decode.url]
     for url in [*dead, prefill.url]:
         flags += ["--prefill", url, str(port)]
-    router = procs.router(
-        [], *flags, "--prefill-policy", "round_robin", "--disable-health-check",
+    router = start_router(
+        procs, *flags, "--prefill-policy", "round_robin", "--disable-health-check",
         "--disable-circuit-breaker", "--retry-initial-backoff-ms", "1",
     )  # fmt: skip
     dead_attempts = 0
@@ -326,8 +331,8 @@ def test_kill_a_prefill_then_a_decode_under_load(procs) -> None:  # type: ignore
 def test_no_pair_is_a_503_naming_the_pools(procs, stream: bool) -> None:  # type: ignore[no-untyped-def]
     prefill, port = start_prefill(procs)
     dead = f"http://127.0.0.1:{find_free_port()}"
-    router = procs.router(
-        [], "--pd-disaggregation", "--prefill", prefill.url, str(port), "--decode", dead,
+    router = start_router(
+        procs, "--pd-disaggregation", "--prefill", prefill.url, str(port), "--decode", dead,
         "--health-check-interval-secs", "1", "--health-failure-threshold", "1",
     )  # fmt: skip
     body = {"text": "x", "stream": stream, "sampling_params": {"max_new_tokens": 2}}

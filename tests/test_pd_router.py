@@ -18,6 +18,7 @@ import orjson
 import pytest
 
 from sglctl.net import find_free_port
+from sglctl.router.pd import LogprobMerge
 from sglctl.spawn import ManagedProcess
 from tests.support import wait_until
 
@@ -344,3 +345,24 @@ def test_no_pair_is_a_503_naming_the_pools(procs, stream: bool) -> None:  # type
     error = answer().json()["error"]
     assert "1 prefill, 0 decode" in error["message"] and error["code"] == 503
     assert settled(prefill)
+
+
+def test_logprob_merge_reframes_events_split_across_chunks() -> None:
+    prefill = orjson.dumps(
+        [
+            {"meta_info": {"input_token_logprobs": [[None, 1, None], [-0.5, 2, None]]}},
+            {"meta_info": {"input_token_logprobs": [[None, 7, None]]}},
+        ]
+    )
+    merge = LogprobMerge(prefill)
+    event = b'data: {"index": 1, "meta_info": {"input_token_logprobs": []}}\n\n'
+    out = merge.chunk(event[:10]) + merge.chunk(event[10:] + b"data: [DONE]") + merge.chunk(b"\n\n")
+    first, done = out.split(b"\n\n")[:2]
+    assert orjson.loads(first[6:])["meta_info"]["input_token_logprobs"] == [[None, 7, None]]
+    assert done == b"data: [DONE]" and merge.end() == b""
+    whole = merge.whole(orjson.dumps({"meta_info": {"input_token_logprobs": [[-1.0, 3, None]]}}))
+    assert orjson.loads(whole)["meta_info"]["input_token_logprobs"] == [
+        [None, 1, None], [-0.5, 2, None], [-1.0, 3, None],
+    ]  # fmt: skip
+    assert merge.whole(b"not json") == b"not json"
+    assert merge.chunk(b"data: {broken\n\n") == b"data: {broken\n\n"

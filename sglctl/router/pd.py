@@ -305,6 +305,7 @@ class PDPlan:
             rejected = p_task.exception()
             assert isinstance(rejected, _Rejected)
             prefill.breaker.record_success()  # a 4xx is the request's fault, not the worker's
+            decode.breaker.release()
             finish(rejected.status, False)
             headers = {"x-sglctl-worker": prefill.url, PREFILL_HEADER: prefill.url}
             if rejected.content_type:
@@ -313,6 +314,7 @@ class PDPlan:
         head: Head = d_task.result()
         if not p_task.done():  # the decode's own 4xx came first: the prefill is moot
             await self._drop(p_task)
+            prefill.breaker.release()
             return await fw.deliver(head, deadline, finish, headers={PREFILL_HEADER: prefill.url})
         prefill_answer: bytes = p_task.result()
         prefill.breaker.record_success()

@@ -363,6 +363,9 @@ class Forwarder:
         are added to the answer's."""
         worker, response = head.worker, head.response
         status = response.status
+        if head.watch.reason is not None:  # ejected after its head came (PD: the prefill's wait)
+            await head.abandon(self.in_flight)
+            raise _Failure(f"{worker.url}: {head.watch.reason}", blamed=[worker])
         worker.breaker.record_success()
         out_headers = {WORKER_HEADER: worker.url, **(headers or {})}
         for name in _PASS_HEADERS:

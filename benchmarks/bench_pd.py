@@ -6,7 +6,8 @@ Four simulated GPUs, three layouts, each behind a real ``sglctl router``:
 * **regular** -- 4 ordinary sim workers, ``--policy cache_aware``;
 * **PD 2+2** -- 2 prefill + 2 decode sim workers (``--mode pd``: prefill cache-aware over the
   prefill pool, decode power-of-two), KV handed over through the sim's bootstrap channel;
-* **PD 1+3** -- 1 prefill + 3 decode workers.
+* **PD 1+3** -- 1 prefill + 3 decode workers;
+* **PD 3+1** -- only with ``--only "PD 3+1"``: the prefill-heavy split.
 
 The workload is the head of the Mooncake conversation trace
 (``/work/shared/traces/conversation_trace.jsonl``: real chat traffic, ~14k-token prompts with
@@ -51,6 +52,8 @@ from sglctl.spawn import ManagedProcess, spawn_router, spawn_sim_worker
 console = Console(width=130)
 TRACE = Path("/work/shared/traces/conversation_trace.jsonl")
 LAYOUTS = (("regular 4", 0, 0), ("PD 2+2", 2, 2), ("PD 1+3", 1, 3))
+#: Run only when named with ``--only``: the prefill-heavy split this trace calls for.
+EXTRA_LAYOUTS = (("PD 3+1", 3, 1),)
 
 
 @dataclasses.dataclass
@@ -186,8 +189,10 @@ async def main(args: argparse.Namespace) -> int:
     console.print(f"load average: {os.getloadavg()} on {os.cpu_count()} cores")
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-pd-") as tmp:
-        for name, prefill, decode in LAYOUTS:
-            if args.only and name not in args.only:
+        for name, prefill, decode in (*LAYOUTS, *EXTRA_LAYOUTS):
+            if (args.only and name not in args.only) or (
+                not args.only and (name, prefill, decode) in EXTRA_LAYOUTS
+            ):
                 continue
             console.print(f"[bold]{name}[/bold] ...")
             rows.append(await run_layout(name, prefill, decode, args, Path(tmp) / name))
@@ -205,7 +210,9 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument(
         "--stream-interval", type=int, default=8, help="tokens per streamed chunk (CPU bound)"
     )
-    p.add_argument("--only", nargs="*", default=[], help="layout names to run")
+    p.add_argument(
+        "--only", nargs="*", default=[], help="layout names to run (default: all but PD 3+1)"
+    )
     args = p.parse_args(argv)
     if args.requests is None:
         args.requests = 100 if args.quick else 240

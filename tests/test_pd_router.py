@@ -366,3 +366,29 @@ def test_logprob_merge_reframes_events_split_across_chunks() -> None:
     ]  # fmt: skip
     assert merge.whole(b"not json") == b"not json"
     assert merge.chunk(b"data: {broken\n\n") == b"data: {broken\n\n"
+
+
+def test_a_hung_prefill_is_interrupted_and_the_pair_retried(procs) -> None:  # type: ignore[no-untyped-def]
+    # The hung prefill (after two answers) accepts connections and never answers, /health
+    # included. Its health checks failing must interrupt the PD attempt stuck on it (in-flight
+    # interruption, shared with the regular path) and retry the pair on the other prefill,
+    # well before the decode's 120 s wait for the KV or the client's 60 s patience run out.
+    hung, _ = start_prefill(procs, "--stall-after", "2", "--disaggregation-timeout", "120")
+    good, _ = start_prefill(procs)
+    decode = start_decode(procs, "--disaggregation-timeout", "120")
+    router = pd_router(
+        procs, [hung.url, good.url], [decode.url], "--prefill-policy", "round_robin",
+        "--health-check-interval-secs", "0.3", "--health-check-timeout-secs", "2",
+        "--health-failure-threshold", "2", "--request-timeout-secs", "300",
+    )  # fmt: skip
+    with httpx.Client(base_url=router.url, timeout=60) as c:
+        for i in range(6):
+            body = {"text": f"request {i} " * 10, "sampling_params": {"max_new_tokens": 2}}
+            r = c.post("/generate", json=body)
+            assert r.status_code == 200, r.text
+    text = metrics(router)
+    assert metric(text, "sglang_router_worker_errors_total", hung.url) >= 1
+    assert metric(text, "sglang_router_worker_healthy", hung.url) == 0
+    # The decode half of the interrupted attempt was closed, not left waiting for the KV.
+    wait_until(lambda: disagg(decode)["rooms_waiting"] == 0, timeout=20, what="decode idle")
+    assert settled(good)

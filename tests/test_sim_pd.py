@@ -332,3 +332,11 @@ def test_bootstrap_fields_are_validated() -> None:
         with pytest.raises(APIError, match=message) as info:
             parse_bootstrap(bad, prompts, "decode")
         assert info.value.status == 400
+
+
+def test_client_closed_request_error_has_a_type() -> None:
+    """499 (client went away while a decode waited for KV) is not an HTTPStatus member."""
+    from sglctl.sim.errors import APIError, error_body
+
+    assert APIError("gone", status=499).type == "ClientClosedRequest"
+    assert error_body("gone", 499, openai=False)["error"]["type"] == "ClientClosedRequest"

@@ -222,7 +222,8 @@ def build_parser(prog: str = "sglctl router") -> argparse.ArgumentParser:
             type=policy_name,
             default=None,
             metavar=policy_choices,
-            help=f"PD mode: policy for the {role} workers (default: --policy)",
+            help=f"PD mode: policy for the {role} workers (default: "
+            + ("--policy)" if role == "prefill" else "power_of_two)"),
         )
     g.add_argument(
         "--cache-threshold",

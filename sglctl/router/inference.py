@@ -81,7 +81,7 @@ async def forward(request: Request) -> Response:
     try:
         body = await read_body(request, router.config.max_payload_size)
         parsed = await parse_inference_async(
-            route, body, need_key=router.policy.needs_text, need_payload=router.config.is_pd
+            route, body, need_key=router.needs_text, need_payload=router.config.is_pd
         )
         try:
             priority = parse_priority(parsed.payload.get("priority"))

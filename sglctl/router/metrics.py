@@ -26,7 +26,9 @@ then, so the whole answer *is* its TTFT. TPOT only for streams whose last chunk 
 ``completion_tokens`` (``/generate``'s ``meta_info``, OpenAI's ``usage`` with
 ``stream_options.include_usage``): ``(last byte - first chunk) / (completion_tokens - 1)``.
 A whole answer has no first-token time, so prefill and decode cannot be told apart there:
-it is not counted rather than mixed in. TTFT and TPOT count successful requests only.
+it is not counted rather than mixed in. TTFT and TPOT count successful requests only. In PD
+mode every request is a PD one and goes through the same relay, so these histograms are the
+PD TTFT and TPOT; ``sglang_router_pd_*`` adds the pair's own counters and the hand-over time.
 """
 
 from __future__ import annotations
@@ -264,6 +266,7 @@ class _StateCollector(Collector):
         yield from self._admission(m)
         yield from self._supervisor(m)
         yield from self._discovery(m)
+        yield from self._pd(m)
 
     @staticmethod
     def _requests(m: RouterMetrics) -> Iterator[Metric]:
@@ -437,6 +440,30 @@ class _StateCollector(Collector):
         yield from (restarts, state)
 
     @staticmethod
+    def _pd(m: RouterMetrics) -> Iterator[Metric]:
+        """PD mode (``pd.py``): halves sent per worker, KV transfer failures, hand-over time."""
+        for role, counts in (("prefill", m.pd_prefill_requests), ("decode", m.pd_decode_requests)):
+            family = CounterMetricFamily(
+                f"sglang_router_pd_{role}_requests",
+                f"PD attempts sent to each {role} worker (retries included)",
+                labels=["worker"],
+            )
+            for url, count in sorted(counts.items()):
+                family.add_metric([url], count)
+            yield family
+        yield CounterMetricFamily(
+            "sglang_router_pd_transfer_failures",
+            "PD attempts whose decode worker answered 5xx after a good prefill (KV hand-over)",
+            value=m.pd_transfer_failures,
+        )
+        prefill = HistogramMetricFamily(
+            "sglang_router_pd_prefill_duration_seconds",
+            "PD: from sending the pair to the prefill's answer (its KV handed over)",
+        )
+        prefill.add_metric([], m.pd_prefill.cumulative(), sum_value=m.pd_prefill.total)
+        yield prefill
+
+    @staticmethod
     def _discovery(m: RouterMetrics) -> Iterator[Metric]:
         try:
             stats = m.discovery_stats()
@@ -521,6 +548,11 @@ class RouterMetrics:
         self.tpot: dict[str, _Histogram] = {}
         self.queue_wait = _Histogram(DEFAULT_BUCKETS)
         self.retries = 0
+        #: PD mode: attempts per prefill / decode worker, transfer failures, hand-over time.
+        self.pd_prefill_requests: dict[str, int] = {}
+        self.pd_decode_requests: dict[str, int] = {}
+        self.pd_transfer_failures = 0
+        self.pd_prefill = _Histogram(TTFT_BUCKETS)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_StateCollector(self))
 
@@ -575,6 +607,16 @@ class RouterMetrics:
 
     def retry(self) -> None:
         self.retries += 1
+
+    def pd_dispatched(self, prefill: str, decode: str) -> None:
+        self.pd_prefill_requests[prefill] = self.pd_prefill_requests.get(prefill, 0) + 1
+        self.pd_decode_requests[decode] = self.pd_decode_requests.get(decode, 0) + 1
+
+    def pd_transfer_failed(self) -> None:
+        self.pd_transfer_failures += 1
+
+    def pd_prefill_done(self, seconds: float) -> None:
+        self.pd_prefill.observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

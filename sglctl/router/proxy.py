@@ -1,18 +1,29 @@
-"""The forwarding loop: pick a worker, send the request, retry elsewhere, relay the answer.
+"""The forwarding loop: pick workers, send the request, retry elsewhere, relay the answer.
+
+One loop (:meth:`Forwarder.run`) serves every inference request; what differs between a
+regular request and a prefill/decode (PD) one is a *plan* (:class:`Plan`): which workers one
+attempt goes to and how it is sent. A regular request's plan (:class:`_Single`, behind
+:meth:`Forwarder.forward`) sends it to one worker; the PD plan (:mod:`~sglctl.router.pd`)
+sends it to a prefill and a decode worker at once. Both use the same pieces here: the
+breaker check (:meth:`Forwarder.choose`), the load slot and in-flight watch of each leg
+(:meth:`Forwarder.open`), the failure bookkeeping and retries (:meth:`Forwarder.run`), and
+the relay of the answer (:meth:`Forwarder.deliver`).
 
 One request's life here:
 
-1. The policy picks among ``registry.routable()`` (minus workers this request already used up,
-   see :class:`~sglctl.router.retry.RetryAttempts`); the chosen worker's circuit breaker must
-   ``allow()`` it (in half-open it lets one probe through at a time).
-2. The original body bytes go to the worker over the shared upstream client
+1. The plan's policy picks among ``registry.routable()`` (minus workers this request already
+   used up, see :class:`~sglctl.router.retry.RetryAttempts`); the chosen worker's circuit
+   breaker must ``allow()`` it (in half-open it lets one probe through at a time).
+2. The body goes to the worker over the shared upstream client
    (:mod:`~sglctl.router.upstream`: pooled keep-alive connections). The worker's load
-   counter (``in_flight``) is held from here until the last byte went to the client, or the
-   client went away.
-3. A connect error, a timeout or a retryable status (:func:`~sglctl.router.retry.retryable_status`)
-   *before any byte reached the client* counts as a failure for that worker's breaker and is
-   retried on another worker after a backoff, within the retry limits and the fleet-wide
-   retry budget. Once streaming began there is no retry: a mid-stream failure ends the stream
+   counter (``in_flight``) is held from here until its last byte, a failure or the client
+   going away; the attempt is registered with :mod:`~sglctl.router.inflight` so that health
+   checks ejecting the worker interrupt it.
+3. A connect error, a timeout, an interruption or a retryable status
+   (:func:`~sglctl.router.retry.retryable_status`) *before any byte reached the client*
+   raises :class:`_Failure` naming the workers to blame: each gets a breaker failure, and the
+   request is retried after a backoff, within the retry limits and the fleet-wide retry
+   budget. Once streaming began there is no retry: a mid-stream failure ends the stream
    (with an SSE error event for event streams) and is logged.
 4. Every other answer (2xx, and 4xx, which another worker would repeat) goes back as is:
    event streams chunk by chunk as they arrive, other bodies whole.
@@ -27,6 +38,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 import orjson
@@ -36,9 +48,12 @@ from sglctl.router.errors import RouterError
 from sglctl.router.inflight import InFlightWatcher, Watch
 from sglctl.router.metrics import note_attempt, note_chunk  # [observability]
 from sglctl.router.policies.base import NO_KEY, Policy, RouteKey
-from sglctl.router.retry import RetryBudget, RetryPolicy, retryable_status
+from sglctl.router.retry import RetryAttempts, RetryBudget, RetryPolicy, retryable_status
 from sglctl.router.upstream import Upstream, UpstreamError, UpstreamResponse, UpstreamTimeout
 from sglctl.router.workers import Worker, WorkerRegistry
+
+if TYPE_CHECKING:
+    from sglctl.router.metrics import RouterMetrics
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +90,70 @@ class Finish:
 
 
 class _Failure(Exception):
-    """A retryable failure of one attempt at one worker."""
+    """A retryable failure of one attempt.
 
-    def __init__(self, message: str, timed_out: bool = False) -> None:
+    ``blamed`` are the workers whose breaker records it (the attempt's other workers get
+    their half-open probe slot back); ``status`` is the worker's HTTP status, None for a
+    transport error or an interruption (the worker itself is gone or stuck).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        timed_out: bool = False,
+        *,
+        status: int | None = None,
+        blamed: Sequence[Worker] = (),
+    ) -> None:
         super().__init__(message)
         self.timed_out = timed_out
+        self.status = status
+        self.blamed = list(blamed)
+
+
+#: The public name for plans in other modules (pd.py raises it too).
+AttemptFailed = _Failure
+
+
+@dataclass(eq=False)
+class Head:
+    """A worker's answer whose status is not retryable: the head is in, the body is not.
+
+    Holds the worker's load slot (``release``) and its in-flight ``watch`` until
+    :meth:`Forwarder.deliver` relays it or :meth:`abandon` closes it.
+    """
+
+    worker: Worker
+    response: UpstreamResponse
+    release: Callable[[int, bool], None]
+    watch: Watch
+
+    @property
+    def status(self) -> int:
+        return self.response.status
+
+    async def abandon(self, in_flight: InFlightWatcher) -> None:
+        """Close it unread: the connection is closed, so the worker sees its client gone."""
+        self.release(self.response.status, False)
+        in_flight.unwatch(self.watch)
+        with anyio.CancelScope(shield=True):
+            await self.response.aclose()
+
+
+class Plan(Protocol):
+    """Where one request's attempts go and how each is sent (regular or PD)."""
+
+    def pick(self, attempts: RetryAttempts) -> Sequence[Worker] | None:
+        """The workers of the next attempt (recorded in ``attempts``), None if there are none."""
+        ...
+
+    def unavailable(self) -> str:
+        """The 503 message when no attempt could be made at all."""
+        ...
+
+    async def attempt(self, workers: Sequence[Worker], deadline: float, finish: Finish) -> Response:
+        """Send one attempt; the answer, or raise :class:`_Failure`."""
+        ...
 
 
 class Forwarder:
@@ -95,23 +169,32 @@ class Forwarder:
         budget: RetryBudget | None = None,
         request_timeout_secs: float = 1800.0,
         on_retry: Callable[[], None] | None = None,
+        decode_policy: Policy | None = None,
+        metrics: RouterMetrics | None = None,
     ) -> None:
         self.registry = registry
+        #: The regular policy; in PD mode the prefill policy.
         self.policy = policy
+        #: PD mode: the decode workers' policy (None outside PD mode).
+        self.decode_policy = decode_policy
         self.upstream = upstream
         self.retry = retry
         self.budget = budget
         self.request_timeout_secs = request_timeout_secs
         self.on_retry = on_retry
+        self.metrics = metrics
         #: Attempts in flight per worker, so that ejecting a worker can interrupt them.
         self.in_flight = InFlightWatcher()
 
     # -- worker choice ---------------------------------------------------------------------
-    def choose(self, candidates: Sequence[Worker], key: RouteKey) -> Worker | None:
+    def choose(
+        self, candidates: Sequence[Worker], key: RouteKey, policy: Policy | None = None
+    ) -> Worker | None:
         """The policy's pick among ``candidates`` whose breaker lets the request through."""
+        policy = policy or self.policy
         pool = list(candidates)
         while pool:
-            worker = self.policy.select(pool, key)
+            worker = policy.select(pool, key)
             if worker is None:
                 return None
             if worker.breaker.allow():
@@ -135,43 +218,40 @@ class Forwarder:
         Content-Length. ``finish(status, ok)`` runs once when the request is completely over:
         at return for a whole body, at the last byte (or cancellation) for a stream.
         """
+        plan = _Single(self, method.encode("latin-1"), path.encode("latin-1"), body, headers, key)
+        return await self.run(plan, finish)
+
+    async def run(self, plan: Plan, finish: Finish | None = None) -> Response:
+        """Attempt ``plan`` until an answer, within the retry limits, budget and deadline."""
         finish = finish or Finish()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.request_timeout_secs
         attempts = self.retry.new_attempts()
         if self.budget is not None:
             self.budget.record_request()
-        raw_method, raw_path = method.encode("latin-1"), path.encode("latin-1")
         last_error: str | None = None
         while True:
-            candidates = attempts.candidates(self.registry.routable(), key=_url)
-            worker = self.choose(candidates, key) if candidates else None
-            if worker is None:
+            workers = plan.pick(attempts)
+            if workers is None:
                 if last_error is None:
-                    raise RouterError(503, "no healthy worker available to serve the request")
+                    raise RouterError(503, plan.unavailable())
                 raise RouterError(502, f"all attempts failed; last error: {last_error}")
-            if attempts.total and self.on_retry is not None:
+            if attempts.total > 1 and self.on_retry is not None:
                 self.on_retry()  # counted when a retry is really sent, not when one is allowed
-            attempts.record(worker.url)
-            note_attempt(self.policy, candidates, key, worker)  # [observability]
-            watch = self.in_flight.watch(worker.url)
             try:
-                return await self._attempt(
-                    worker, raw_method, raw_path, body, headers, deadline, finish, watch
-                )
-            except (_Failure, asyncio.CancelledError) as exc:
-                # An attempt interrupted because its worker was ejected (health checks) fails
-                # over like a connection error; any other cancellation propagates.
-                if isinstance(exc, asyncio.CancelledError) and not watch.interrupted():
-                    raise
-                failure = exc if isinstance(exc, _Failure) else _Failure(str(watch.reason))
-            finally:
-                watch.reading = False
-                if not watch.streaming:
-                    self.in_flight.unwatch(watch)
-            worker.errors_total += 1
-            worker.breaker.record_failure()
-            last_error = f"{worker.url}: {failure}"
+                return await plan.attempt(workers, deadline, finish)
+            except _Failure as exc:
+                failure = exc
+            except asyncio.CancelledError:
+                _release_probes(workers)  # the client left: no verdict on anyone
+                raise
+            for worker in workers:
+                if worker in failure.blamed:
+                    worker.errors_total += 1
+                    worker.breaker.record_failure()
+                else:
+                    worker.breaker.release()
+            last_error = str(failure)
             remaining = deadline - loop.time()
             if failure.timed_out or remaining <= 0:
                 raise RouterError(
@@ -185,7 +265,8 @@ class Forwarder:
             log.debug("retrying after failure at %s", last_error)
             await asyncio.sleep(min(attempts.next_backoff(), remaining))
 
-    async def _attempt(
+    # -- one leg: one request to one worker ------------------------------------------------
+    async def open(
         self,
         worker: Worker,
         method: bytes,
@@ -193,74 +274,127 @@ class Forwarder:
         body: bytes,
         headers: list[tuple[bytes, bytes]],
         deadline: float,
-        finish: Finish,
-        watch: Watch,
-    ) -> Response:
+    ) -> Head:
+        """Send to ``worker`` from the current task; its answer's :class:`Head`.
+
+        Raises :class:`_Failure` (blaming ``worker``) for a transport error, a timeout, a
+        retryable status, or an interruption by :mod:`~sglctl.router.inflight`; any other
+        cancellation propagates. The load slot and the watch are freed on every exit but the
+        returned head, which owns them.
+        """
         loop = asyncio.get_running_loop()
+        watch = self.in_flight.watch(worker.url)
         release = worker.take_load_slot()
         try:
             watch.reading = True
-            response = await self.upstream.request(
-                worker.url, method, path, headers, body, deadline
-            )
+            try:
+                response = await self.upstream.request(
+                    worker.url, method, path, headers, body, deadline
+                )
+            finally:
+                watch.reading = False
         except BaseException as exc:
             release(0, False)
+            self.in_flight.unwatch(watch)
             if isinstance(exc, asyncio.CancelledError):
-                _release_probe(worker)
-                raise
+                if not watch.interrupted():
+                    raise
+                raise _Failure(f"{worker.url}: {watch.reason}", blamed=[worker]) from None
             if isinstance(exc, UpstreamError):
                 timed_out = isinstance(exc, UpstreamTimeout) and loop.time() >= deadline
-                raise _Failure(str(exc), timed_out=timed_out) from None
+                raise _Failure(f"{worker.url}: {exc}", timed_out, blamed=[worker]) from None
             raise
-
         status = response.status
         if retryable_status(status):
             try:
                 detail = (await response.read())[:_ERROR_TEXT_LIMIT].decode(errors="replace")
-            except UpstreamError:
+            except (UpstreamError, asyncio.CancelledError):
                 detail = ""
             finally:
                 release(status, False)
+                self.in_flight.unwatch(watch)
                 await response.aclose()
-            raise _Failure(f"HTTP {status}" + (f": {detail}" if detail else ""))
+            message = f"{worker.url}: HTTP {status}" + (f": {detail}" if detail else "")
+            raise _Failure(message, status=status, blamed=[worker])
+        return Head(worker, response, release, watch)
 
+    async def read_whole(self, head: Head, deadline: float) -> bytes:
+        """The whole body of ``head``'s answer, read in the current task; frees the head.
+
+        Raises :class:`_Failure` like :meth:`open` (the body is read before any byte went to
+        the client, so a failure here is still retried).
+        """
+        loop = asyncio.get_running_loop()
+        worker, watch, response = head.worker, head.watch, head.response
+        watch.task = asyncio.current_task()
+        ok = False
+        try:
+            if watch.reason is not None:  # ejected between the head and this read
+                raise _Failure(f"{worker.url}: {watch.reason}", blamed=[worker])
+            watch.reading = True
+            content = await response.read()
+            ok = True
+            return content
+        except asyncio.CancelledError:
+            if not watch.interrupted():
+                raise
+            raise _Failure(f"{worker.url}: {watch.reason}", blamed=[worker]) from None
+        except UpstreamError as exc:
+            timed_out = isinstance(exc, UpstreamTimeout) and loop.time() >= deadline
+            raise _Failure(f"{worker.url}: {exc}", timed_out, blamed=[worker]) from None
+        finally:
+            watch.reading = False
+            head.release(response.status, ok)
+            self.in_flight.unwatch(watch)
+            with anyio.CancelScope(shield=True):
+                await response.aclose()
+
+    async def deliver(
+        self,
+        head: Head,
+        deadline: float,
+        finish: Finish,
+        *,
+        headers: dict[str, str] | None = None,
+        rewrite: Rewrite | None = None,
+    ) -> Response:
+        """The client's answer from ``head``: an event stream relayed as it arrives, or the
+        whole body. ``rewrite`` edits the body on the way (PD's logprob merge); ``headers``
+        are added to the answer's."""
+        worker, response = head.worker, head.response
+        status = response.status
+        if head.watch.reason is not None:  # ejected after its head came (PD: the prefill's wait)
+            await head.abandon(self.in_flight)
+            raise _Failure(f"{worker.url}: {head.watch.reason}", blamed=[worker])
         worker.breaker.record_success()
-        out_headers = {WORKER_HEADER: worker.url}
+        out_headers = {WORKER_HEADER: worker.url, **(headers or {})}
         for name in _PASS_HEADERS:
             value = response.header(name)
             if value is not None:
                 out_headers[name] = value
         if out_headers.get("content-type", "").startswith("text/event-stream"):
-            finish.add(release)
-            watch.reading = False
-            watch.streaming = True  # the relay owns the watch from here
+            finish.add(head.release)
+            head.watch.streaming = True  # the relay owns the watch from here
             return StreamingResponse(
-                self._relay(worker, response, finish, watch),
+                self._relay(head, finish, rewrite),
                 status_code=status,
                 headers=out_headers,
             )
-        try:
-            content = await response.read()
-        except BaseException as exc:
-            release(status, False)
-            await response.aclose()
-            if isinstance(exc, UpstreamError):
-                timed_out = isinstance(exc, UpstreamTimeout) and loop.time() >= deadline
-                raise _Failure(str(exc), timed_out=timed_out) from None
-            raise
-        release(status, True)
-        await response.aclose()
+        content = await self.read_whole(head, deadline)
+        if rewrite is not None and status < 400:
+            content = rewrite.whole(content)
         finish(status, status < 400)
         return Response(content, status_code=status, headers=out_headers)
 
     async def _relay(
-        self, worker: Worker, response: UpstreamResponse, finish: Finish, watch: Watch
+        self, head: Head, finish: Finish, rewrite: Rewrite | None
     ) -> AsyncIterator[bytes]:
         """Pass an event stream through chunk by chunk; always release the worker slot.
 
         A worker that dies or is ejected mid-stream ends the stream with an SSE error event
         (never a retry: part of the answer already reached the client).
         """
+        worker, response, watch = head.worker, head.response, head.watch
         ok = False
         problem: str | None = None
         # Starlette iterates the body in a task of its own: interrupts must cancel that one.
@@ -276,10 +410,18 @@ class Forwarder:
                         break
                     finally:
                         watch.reading = False
+                    if rewrite is not None:
+                        chunk = rewrite.chunk(chunk)
+                        if not chunk:
+                            continue
                     note_chunk(chunk)  # [observability] TTFT / TPOT
                     yield chunk
                 else:
                     problem = watch.reason
+                if ok and rewrite is not None:
+                    rest = rewrite.end()
+                    if rest:
+                        yield rest
             except asyncio.CancelledError:
                 if not watch.interrupted():
                     raise
@@ -302,6 +444,63 @@ class Forwarder:
                 await response.aclose()
 
 
-def _release_probe(worker: Worker) -> None:
-    """The request ended with no verdict (client gone): free a half-open probe slot."""
-    worker.breaker.release()
+class Rewrite(Protocol):
+    """Edits an answer on its way to the client (PD mode's logprob merge)."""
+
+    def whole(self, content: bytes) -> bytes:
+        """A whole (non-streamed) body."""
+        ...
+
+    def chunk(self, chunk: bytes) -> bytes:
+        """One chunk of an event stream as it arrived; what to send now (may be empty)."""
+        ...
+
+    def end(self) -> bytes:
+        """The stream ended cleanly: whatever is still held back."""
+        ...
+
+
+class _Single:
+    """The regular plan: each attempt goes to one worker chosen by the policy."""
+
+    __slots__ = ("body", "forwarder", "headers", "key", "method", "path")
+
+    def __init__(
+        self,
+        forwarder: Forwarder,
+        method: bytes,
+        path: bytes,
+        body: bytes,
+        headers: list[tuple[bytes, bytes]],
+        key: RouteKey,
+    ) -> None:
+        self.forwarder = forwarder
+        self.method = method
+        self.path = path
+        self.body = body
+        self.headers = headers
+        self.key = key
+
+    def pick(self, attempts: RetryAttempts) -> Sequence[Worker] | None:
+        fw = self.forwarder
+        candidates = attempts.candidates(fw.registry.routable(), key=_url)
+        worker = fw.choose(candidates, self.key) if candidates else None
+        if worker is None:
+            return None
+        attempts.record(worker.url)
+        note_attempt(fw.policy, candidates, self.key, worker)  # [observability]
+        return (worker,)
+
+    def unavailable(self) -> str:
+        return "no healthy worker available to serve the request"
+
+    async def attempt(self, workers: Sequence[Worker], deadline: float, finish: Finish) -> Response:
+        fw = self.forwarder
+        head = await fw.open(workers[0], self.method, self.path, self.body, self.headers, deadline)
+        return await fw.deliver(head, deadline, finish)
+
+
+def _release_probes(workers: Sequence[Worker]) -> None:
+    """The request ended with no verdict (client gone): free any half-open probe slot."""
+    for worker in workers:
+        worker.breaker.release()

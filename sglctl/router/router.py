@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 DEFAULT_REQUEST_ID_HEADERS = ("x-request-id", "x-correlation-id", "x-trace-id", "request-id")
 #: Worker origins whose health the router does not probe: the supervisor owns theirs.
 EXTERNALLY_CHECKED = ("supervisor",)
+#: PD mode's decode policy when --decode-policy is not given.
+DEFAULT_DECODE_POLICY = "power_of_two"
 
 
 class StartupError(RuntimeError):
@@ -72,9 +74,16 @@ class Router:
         self.registry = WorkerRegistry(self._make_breaker)
         prefill_policy = config.prefill_policy if config.is_pd else None
         self.policy: Policy = make_policy(prefill_policy or config.policy, config)
-        # PD mode picks the decode worker with its own policy (and its own tree, if cache-aware).
+        # PD mode picks the decode worker with its own policy: --decode-policy, by default
+        # power of two (decode load is what matters there, not the prompt's prefix).
         self.decode_policy: Policy | None = (
-            make_policy(config.decode_policy or config.policy, config) if config.is_pd else None
+            make_policy(config.decode_policy or DEFAULT_DECODE_POLICY, config)
+            if config.is_pd
+            else None
+        )
+        #: Whether requests need their routing text: for either PD policy, not only the first.
+        self.needs_text = self.policy.needs_text or bool(
+            self.decode_policy and self.decode_policy.needs_text
         )
         self.registry.add_listener(self._on_membership)
         self.retry = RetryPolicy(
@@ -220,6 +229,8 @@ class Router:
             budget=self.retry_budget,
             request_timeout_secs=c.request_timeout_secs,
             on_retry=self.metrics.retry,
+            decode_policy=self.decode_policy,
+            metrics=self.metrics,
         )
         self._chain_signals()
         await self.static.run(self.registry)

@@ -20,6 +20,7 @@ _TYPES = {
     404: "NotFoundError",
     405: "MethodNotAllowed",
     413: "RequestTooLarge",
+    499: "ClientClosedRequest",  # nginx's code: the client went away; no HTTPStatus for it
     500: "InternalServerError",
     503: "ServiceUnavailable",
 }

@@ -1,9 +1,10 @@
 """The one small interface every routing policy implements.
 
 Modelled on the SGLang Router's: select a worker from a list (the registry's routable workers,
-never anything else), given the request's routing key when the policy needs one; select a
-(prefill, decode) pair for PD mode, by default by selecting from each pool; hooks when workers
-come and go; an optional background task (the cache-aware tree's eviction).
+never anything else), given the request's routing key when the policy needs one; hooks when
+workers come and go; an optional background task (the cache-aware tree's eviction). PD mode
+has one policy per pool (``--prefill-policy``, ``--decode-policy``); the pair is chosen by the
+PD plan (:mod:`sglctl.router.pd`), one ``select`` from each.
 """
 
 from __future__ import annotations
@@ -50,18 +51,6 @@ class Policy(ABC):
     @abstractmethod
     def select(self, workers: Sequence[Worker], key: RouteKey = NO_KEY) -> Worker | None:
         """Pick one of ``workers`` (all routable, non-empty) or None if it cannot."""
-
-    def select_pair(
-        self,
-        prefill: Sequence[Worker],
-        decode: Sequence[Worker],
-        key: RouteKey = NO_KEY,
-        decode_policy: Policy | None = None,
-    ) -> tuple[Worker, Worker] | None:
-        """PD mode: a prefill and a decode worker, by default chosen independently."""
-        p = self.select(prefill, key) if prefill else None
-        d = (decode_policy or self).select(decode, key) if decode else None
-        return (p, d) if p is not None and d is not None else None
 
     def on_worker_added(self, worker: Worker) -> None:
         """A worker joined the registry."""

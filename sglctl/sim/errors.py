@@ -26,6 +26,17 @@ _TYPES = {
 }
 
 
+def _type_of(status: int) -> str:
+    """The error type for ``status``: ours, else the HTTP reason phrase, else "Error"."""
+    known = _TYPES.get(status)
+    if known is not None:
+        return known
+    try:
+        return HTTPStatus(status).phrase.replace(" ", "")
+    except ValueError:  # not a registered code
+        return "Error"
+
+
 class APIError(Exception):
     """Raised inside handlers; turned into a JSON error response by the app."""
 
@@ -33,11 +44,11 @@ class APIError(Exception):
         super().__init__(message)
         self.message = message
         self.status = status
-        self.type = type_ or _TYPES.get(status, HTTPStatus(status).phrase.replace(" ", ""))
+        self.type = type_ or _type_of(status)
 
 
 def error_body(message: str, status: int, type_: str | None = None, *, openai: bool) -> dict:
-    kind = type_ or _TYPES.get(status, HTTPStatus(status).phrase.replace(" ", ""))
+    kind = type_ or _type_of(status)
     inner = {"message": message, "type": kind, "code": status}
     if openai:
         return {"object": "error", "message": message, "type": kind, "param": None,

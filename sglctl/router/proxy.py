@@ -27,6 +27,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from time import monotonic  # [stall] byte stamps for sglctl/router/stall.py
 
 import anyio
 import orjson
@@ -203,6 +204,7 @@ class Forwarder:
             response = await self.upstream.request(
                 worker.url, method, path, headers, body, deadline
             )
+            worker.last_byte = monotonic()  # [stall] response head arrived
         except BaseException as exc:
             release(0, False)
             if isinstance(exc, asyncio.CancelledError):
@@ -241,6 +243,7 @@ class Forwarder:
             )
         try:
             content = await response.read()
+            worker.last_byte = monotonic()  # [stall] body arrived
         except BaseException as exc:
             release(status, False)
             await response.aclose()
@@ -276,6 +279,7 @@ class Forwarder:
                         break
                     finally:
                         watch.reading = False
+                    worker.last_byte = monotonic()  # [stall] stream chunk arrived
                     note_chunk(chunk)  # [observability] TTFT / TPOT
                     yield chunk
                 else:

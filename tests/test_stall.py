@@ -171,6 +171,7 @@ async def test_no_answer_ejects_like_a_health_ejection_and_checks_bring_it_back(
     clock = Clock()
     health = ScriptedHealth(answers=False)
     stall = detector(registry, health, clock)
+    health.observe(w["hung"], True, latency=0.003)  # a sim worker's /health: at once
     w["hung"].in_flight = 2
     stall.scan(clock.now)
     clock.now += 2
@@ -210,6 +211,20 @@ async def test_an_answer_keeps_a_busy_worker_and_delays_the_next_probe(
     clock.now += 1
     w["live"].last_byte = clock.now
     assert stall.scan(clock.now) == [suspect]
+
+
+def test_the_probe_waits_longer_for_a_worker_whose_health_endpoint_is_slow() -> None:
+    registry, w = fleet("sim", "sglang")
+    health = ScriptedHealth()
+    stall = detector(registry, health, Clock())
+    assert stall.probe_timeout(w["sim"].url) == 3.0  # nothing known yet: room for SGLang
+    health.observe(w["sim"], True, latency=0.004)
+    assert stall.probe_timeout(w["sim"].url) == 1.0  # --stall-probe-timeout-secs
+    for latency in (1.02, 1.3, 1.01):  # SGLang: a one-token generation, checked after 1 s
+        health.observe(w["sglang"], True, latency=latency)
+    assert stall.probe_timeout(w["sglang"].url) == pytest.approx(2.6)
+    health.observe(w["sglang"], False, "HTTP 503", latency=0.001)  # failures do not count
+    assert stall.probe_timeout(w["sglang"].url) == pytest.approx(2.6)
 
 
 def test_flags_defaults_and_what_disables_detection() -> None:
@@ -361,9 +376,9 @@ def test_a_single_busy_worker_is_not_ejected(procs) -> None:
 def test_a_busy_worker_that_answers_its_probe_stays(procs) -> None:
     """A long generation on one worker while another serves short ones: the silent one is
     suspected and probed (it answers), and stays in routing; its request completes."""
-    busy, other = procs.sim_worker("--speedup", "1"), procs.sim_worker("--speedup", "100")
+    first, second = procs.sim_worker("--speedup", "1"), procs.sim_worker("--speedup", "1")
     router = procs.router(
-        [busy.url, other.url],
+        [first.url, second.url],
         "--metrics-port",
         str(find_free_port()),
         "--policy",
@@ -389,7 +404,14 @@ def test_a_busy_worker_that_answers_its_probe_stays(procs) -> None:
         thread = threading.Thread(target=long_request)
         thread.start()
         try:
-            wait_until(lambda: worker_view(client, busy.url)["load"] == 1, timeout=20)
+            wait_until(
+                lambda: any(worker_view(client, w.url)["load"] == 1 for w in (first, second)),
+                timeout=20,
+                what="the long request in flight",
+            )
+            busy, other = (
+                (first, second) if worker_view(client, first.url)["load"] == 1 else (second, first)
+            )
             short = {"text": "s", "sampling_params": {"max_new_tokens": 2}}
             while thread.is_alive():  # shortest_queue sends these to the idle worker
                 r = client.post("/generate", json=short)

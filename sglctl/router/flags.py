@@ -591,8 +591,9 @@ def build_parser(prog: str = "sglctl router") -> argparse.ArgumentParser:
         "--stall-probe-timeout-secs",
         type=pf,
         default=d.stall_probe_timeout_secs,
-        help="sglctl only: how long that probe waits; raise it if your workers' health "
-        "endpoint can be slow while they work",
+        help="sglctl only: how long that probe waits at least; it waits twice the worker's "
+        "slowest recent good health probe if that is longer (SGLang's /health takes ~1 s), "
+        "3 s before the first one",
     )
 
     g = p.add_argument_group("accepted for compatibility, not supported by sglctl")

@@ -31,8 +31,9 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Collection, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import httpx
@@ -66,6 +67,13 @@ class HealthStatus:
     last_latency_secs: float | None = None
     total_checks: int = 0
     total_failures: int = 0
+    #: Latencies of the last few good probes (regular or stall probes): how slow this
+    #: worker's health endpoint is when it is fine (SGLang's takes about 1 s).
+    good_latencies: deque[float] = field(default_factory=lambda: deque(maxlen=8))
+
+    def slowest_good_secs(self) -> float | None:
+        """The slowest of the recent good probes, None before the first one."""
+        return max(self.good_latencies) if self.good_latencies else None
 
 
 ChangeCallback = Callable[[CheckedWorker, bool], None]
@@ -201,6 +209,8 @@ class HealthChecker:
             status.consecutive_successes += 1
             status.consecutive_failures = 0
             status.last_error = None
+            if latency is not None:
+                status.good_latencies.append(latency)
         else:
             status.consecutive_failures += 1
             status.consecutive_successes = 0
@@ -227,6 +237,10 @@ class HealthChecker:
             return False
         self._notify(worker)
         return True
+
+    def record_good_latency(self, url: str, secs: float) -> None:
+        """Remember a good probe made by someone else (the stall detector's)."""
+        self._status.setdefault(url, HealthStatus()).good_latencies.append(secs)
 
     def eject(self, worker: CheckedWorker, reason: str) -> bool:
         """Take ``worker`` out now, as if it had failed ``failure_threshold`` probes in a row.

@@ -19,10 +19,12 @@ worker is *suspect* when
 * some other worker produced bytes within the last ``suspect_secs`` -- the fleet is alive,
   so this worker's silence is not just everyone being in a long prefill.
 
-What happens to a suspect. It is probed at once on the health endpoint, with a short timeout
-(``probe_timeout_secs``), independent of the health checker's interval, and gets no *new*
-requests while the probe is pending (``worker.suspect`` makes it not routable -- unless that
-would leave no routable worker at all). No answer: the health checker ejects it
+What happens to a suspect. It is probed at once on the health endpoint, independent of the
+health checker's interval, with a short timeout: ``probe_timeout_secs``, or twice the slowest
+of its recent good probes if that is longer (SGLang's ``/health`` takes about 1 s even when
+all is well; 3 s before any good probe). It gets no *new* requests while the probe is
+pending (``worker.suspect`` makes it not routable -- unless that would leave no routable
+worker at all). No answer: the health checker ejects it
 (:meth:`~sglctl.router.health.HealthChecker.eject`), exactly as after failed regular probes:
 out of routing, its requests in flight interrupted and retried elsewhere when nothing reached
 the client yet (:mod:`~sglctl.router.inflight`), and back once the regular rounds see it
@@ -50,6 +52,12 @@ log = logging.getLogger(__name__)
 
 #: Longest wait between two scans; the scan itself is a walk over the registry.
 MAX_TICK_SECS = 0.25
+#: The probe waits at least this many times the worker's slowest recent good probe: SGLang's
+#: ``/health`` runs a one-token generation and answers after about 1 s even when all is well,
+#: so a fixed 1 s timeout would eject every busy SGLang worker it suspects.
+LATENCY_FACTOR = 2.0
+#: ... and at least this long for a worker with no good probe on record yet.
+UNKNOWN_LATENCY_TIMEOUT_SECS = 3.0
 
 
 class StallDetector:
@@ -131,7 +139,8 @@ class StallDetector:
             self.health.endpoint,
         )
         try:
-            ok, detail, _ = await self.health.probe(worker.url, self.probe_timeout_secs)
+            timeout = self.probe_timeout(worker.url)
+            ok, detail, latency = await self.health.probe(worker.url, timeout)
         finally:
             worker.suspect = False
             self._pending.discard(worker.url)
@@ -139,6 +148,7 @@ class StallDetector:
             return False  # removed while we probed
         if ok:
             self.cleared += 1
+            self.health.record_good_latency(worker.url, latency)
             self._quiet_from[worker.url] = self.clock()
             log.debug("worker %s answered its stall probe: busy, not hung", worker.url)
             return False
@@ -152,6 +162,12 @@ class StallDetector:
             self._quiet_from.pop(worker.url, None)
             return True
         return False
+
+    def probe_timeout(self, url: str) -> float:
+        """``probe_timeout_secs``, or longer for a worker whose health endpoint is slow."""
+        slowest = self.health.status(url).slowest_good_secs()
+        floor = UNKNOWN_LATENCY_TIMEOUT_SECS if slowest is None else LATENCY_FACTOR * slowest
+        return max(self.probe_timeout_secs, floor)
 
     async def run(self) -> None:
         """Scan every ``tick_secs`` until cancelled; returns at once when disabled."""

@@ -235,6 +235,14 @@ def test_flags_defaults_and_what_disables_detection() -> None:
     # no health checker: nobody would bring an ejected worker back
     assert not Router(parse_args(["--disable-health-check"])).stall.enabled
     assert not Router(RouterConfig(stall_suspect_secs=0)).stall.enabled
+    pd = [
+        "--pd-disaggregation",
+        "--prefill",
+        "http://127.0.0.1:1",
+        "--decode",
+        "http://127.0.0.1:2",
+    ]
+    assert not Router(parse_args(pd)).stall.enabled  # the PD path stamps no bytes
     with pytest.raises(SystemExit):
         parse_args(["--stall-probe-timeout-secs", "0"])
 

@@ -28,7 +28,7 @@ from sglctl.router.policies import Policy, make_policy
 from sglctl.router.proxy import Forwarder
 from sglctl.router.retry import RetryBudget, RetryPolicy
 from sglctl.router.sources import StaticSource, WorkerSource
-from sglctl.router.stall import StallDetector
+from sglctl.router.stall import StallDetector, stall_disabled_because
 from sglctl.router.stats import RollingStats
 from sglctl.router.upstream import Upstream
 from sglctl.router.upstream_httpx import HttpxUpstream
@@ -100,15 +100,14 @@ class Router:
             on_change=self._on_health_change,
             skip_sources=EXTERNALLY_CHECKED,
         )
-        # Hung workers in ~2-3 s (stall.py); needs the health checker to bring them back,
-        # and the byte stamps the PD path does not make.
-        stall_on = not config.disable_health_check and not config.is_pd
+        # Hung workers bypassed in ~2-3 s (stall.py).
         self.stall = StallDetector(
             self.registry,
             self.health,
-            config.stall_suspect_secs if stall_on else 0.0,
+            config.stall_suspect_secs,
             config.stall_probe_timeout_secs,
             skip_sources=EXTERNALLY_CHECKED,
+            disabled_because=stall_disabled_because(config),
         )
         self.sources: list[WorkerSource] = list(extra_sources or [])
         self.static = StaticSource(config.worker_urls, config.prefill_servers, config.decode_urls)

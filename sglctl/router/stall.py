@@ -45,6 +45,7 @@ import logging
 import time
 from collections.abc import Callable, Collection
 
+from sglctl.router.config import RouterConfig
 from sglctl.router.health import HealthChecker
 from sglctl.router.workers import Worker, WorkerRegistry
 
@@ -60,6 +61,17 @@ LATENCY_FACTOR = 2.0
 UNKNOWN_LATENCY_TIMEOUT_SECS = 3.0
 
 
+def stall_disabled_because(config: RouterConfig) -> str | None:
+    """Why a router with ``config`` cannot use stall detection, or None when it can."""
+    if config.stall_suspect_secs <= 0:
+        return "--stall-suspect-secs 0"
+    if config.disable_health_check:
+        return "--disable-health-check (nothing would bring an ejected worker back)"
+    if config.is_pd:
+        return "PD mode (its proxy does not record when workers last sent bytes)"
+    return None
+
+
 class StallDetector:
     """Watches ``worker.last_byte`` and probes workers that went quiet mid-request."""
 
@@ -71,10 +83,15 @@ class StallDetector:
         probe_timeout_secs: float = 1.0,
         *,
         skip_sources: Collection[str] = (),
+        disabled_because: str | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """``suspect_secs <= 0`` disables detection; ``clock`` must be the proxy's clock."""
+        """``suspect_secs <= 0`` or a ``disabled_because`` (said in the log) disables
+        detection; ``clock`` must be the one the proxy stamps ``last_byte`` with."""
         self.registry = registry
+        self.disabled_because = disabled_because
+        if suspect_secs <= 0 and disabled_because is None:
+            self.disabled_because = "--stall-suspect-secs 0"
         self.health = health
         self.suspect_secs = suspect_secs
         self.probe_timeout_secs = probe_timeout_secs if probe_timeout_secs > 0 else 1.0
@@ -94,7 +111,7 @@ class StallDetector:
 
     @property
     def enabled(self) -> bool:
-        return self.suspect_secs > 0
+        return self.disabled_because is None
 
     def scan(self, now: float) -> list[Worker]:
         """One pass: the workers that just became suspect (marked ``suspect``, not yet probed).
@@ -172,7 +189,7 @@ class StallDetector:
     async def run(self) -> None:
         """Scan every ``tick_secs`` until cancelled; returns at once when disabled."""
         if not self.enabled:
-            log.info("stall detection disabled (--stall-suspect-secs 0)")
+            log.info("stall detection of hung workers disabled: %s", self.disabled_because)
             return
         log.info(
             "stall detection: a worker silent for %gs with requests in flight while others "

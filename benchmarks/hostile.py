@@ -14,17 +14,25 @@ Each router runs with its default limits in front of one sim worker, and gets, i
    connections. Printed: what those clients saw, and whether the router logged it.
 4. **Large JSON**: a 1M-key (~9 MB) body posted while a loop sends tiny ``GET /liveness``
    requests; printed: the slowest of those while the big one was in flight.
+5. **Hung worker**: each router with its default flags in front of 3 fresh sim workers
+   (``--speedup 1``, so requests overlap), ``--clients`` threads sending short non-streamed
+   generations; after ``--warm-secs`` one worker is SIGSTOPped for ``--hung-secs``, then
+   SIGCONTed. Printed: how long until the router's ``GET /workers`` shows it unhealthy (and
+   back), how many requests were delayed (latency over 3x the p99 before the stop) and the
+   worst, failures, and the throughput dip (1 s buckets against the mean before the stop).
+   The load average is printed too: the machine is shared.
 
-The hung-worker row of RESULTS.md (time to bypass a SIGSTOPped worker) is measured elsewhere.
-
-    python benchmarks/hostile.py                 # both routers (~3 minutes)
-    python benchmarks/hostile.py --only sglctl   # without the SGLang Router
+    python benchmarks/hostile.py                          # both routers, everything (~5 min)
+    python benchmarks/hostile.py --only sglctl            # without the SGLang Router
+    python benchmarks/hostile.py --scenario hung-worker   # only the hung-worker row (~2 min)
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import os
+import signal
 import socket
 import string
 import sys
@@ -54,9 +62,9 @@ class RouterKind:
     name: str
     python: Path
 
-    def args(self, port: int, worker: str) -> list[str]:
+    def args(self, port: int, workers: Sequence[str]) -> list[str]:
         metrics = str(find_free_port())
-        common = ["--host", "127.0.0.1", "--port", str(port), "--worker-urls", worker]
+        common = ["--host", "127.0.0.1", "--port", str(port), "--worker-urls", *workers]
         if self.name == "sglctl":
             return [str(self.python), "-m", "sglctl.router", *common, "--metrics-port", metrics]
         module = "sglang_router.launch_router"
@@ -77,9 +85,11 @@ def sglang_python(install: bool) -> Path | None:
     return sglang_router_python(DEFAULT_SGLANG_VENV, create=True)
 
 
-def start(kind: RouterKind, worker: str, logs: Path, fd_limit: int | None = None) -> ManagedProcess:
+def start(
+    kind: RouterKind, worker: str | Sequence[str], logs: Path, fd_limit: int | None = None
+) -> ManagedProcess:
     port = find_free_port()
-    args = kind.args(port, worker)
+    args = kind.args(port, [worker] if isinstance(worker, str) else worker)
     if fd_limit is not None:  # set both limits, so sglctl's raise-to-hard cannot lift it
         args = [sys.executable, "-c", "import os, resource, sys; "
                 f"resource.setrlimit(resource.RLIMIT_NOFILE, ({fd_limit}, {fd_limit})); "
@@ -293,28 +303,134 @@ def large_json(proc: ManagedProcess, body: bytes) -> list[str]:
     ]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=("sglctl", "sglang"), default=None)
-    parser.add_argument("--hold-cap", type=float, default=75.0, help="slow-client cap, s")
-    parser.add_argument("--flood-mib", type=int, default=128)
-    parser.add_argument("--fd-limit", type=int, default=128)
-    parser.add_argument("--fd-probes", type=int, default=20)
-    parser.add_argument("--no-install", action="store_true", help="never pip-install sglang")
-    parser.add_argument("--log-dir", type=Path, default=REPO / "bench-out" / "hostile")
-    args = parser.parse_args(argv)
+# --- 5. hung worker -----------------------------------------------------------------------
 
-    kinds = [RouterKind("sglctl", Path(sys.executable))]
-    if args.only != "sglctl":
-        python = sglang_python(install=not args.no_install)
-        if python is None:
-            print("no SGLang Router venv; sglctl only")
-        else:
-            kinds.append(RouterKind("sglang-router 0.3.2", python))
-    if args.only == "sglang":
-        kinds = kinds[1:]
+
+@dataclass
+class Sample:
+    started: float
+    ended: float
+    status: int | str
+
+
+def _client_loop(url: str, i: int, stop: threading.Event, out: list[Sample]) -> None:
+    """Short non-streamed generations back to back; a client timeout is a failure."""
+    with httpx.Client(base_url=url, timeout=120, trust_env=False) as client:
+        for n in itertools.count():
+            if stop.is_set():
+                return
+            body = {
+                "text": f"client {i} asks question {n}: " + "lorem ipsum " * 20,
+                "sampling_params": {"max_new_tokens": 32, "ignore_eos": True},
+            }
+            started = time.monotonic()
+            try:
+                status: int | str = client.post("/generate", json=body).status_code
+            except httpx.HTTPError as exc:
+                status = type(exc).__name__
+            out.append(Sample(started, time.monotonic(), status))
+
+
+def _healthy(client: httpx.Client, url: str) -> bool | None:
+    try:
+        workers = client.get("/workers").json()["workers"]
+    except (httpx.HTTPError, ValueError, KeyError):
+        return None
+    return next((bool(w.get("is_healthy")) for w in workers if w.get("url") == url), None)
+
+
+def hung_worker(kind: RouterKind, logs: Path, clients: int, warm: float, hung: float) -> list[str]:
+    sims = [spawn_sim_worker(logs, "--speedup", "1") for _ in range(3)]
+    victim = sims[1]
+    load_before = os.getloadavg()[0]
+    samples: list[Sample] = []
+    stop = threading.Event()
+    try:
+        proc = start(kind, [w.url for w in sims], logs)
+        try:
+            threads = [
+                threading.Thread(target=_client_loop, args=(proc.url, i, stop, samples))
+                for i in range(clients)
+            ]
+            for t in threads:
+                t.start()
+            time.sleep(warm)
+            out_at: float | None = None
+            back_at: float | None = None
+            with httpx.Client(base_url=proc.url, timeout=5, trust_env=False) as admin:
+                stopped_at = time.monotonic()
+                os.kill(victim.pid, signal.SIGSTOP)
+                try:
+                    while time.monotonic() - stopped_at < hung:
+                        if out_at is None and _healthy(admin, victim.url) is False:
+                            out_at = time.monotonic() - stopped_at
+                        time.sleep(0.05)
+                finally:
+                    os.kill(victim.pid, signal.SIGCONT)
+                resumed_at = time.monotonic()
+                while time.monotonic() - resumed_at < 30.0:
+                    if out_at is None or _healthy(admin, victim.url):
+                        back_at = time.monotonic() - resumed_at
+                        break
+                    time.sleep(0.1)
+            time.sleep(3.0)
+            stop.set()
+            for t in threads:
+                t.join(timeout=150)
+        finally:
+            proc.stop()
+    finally:
+        for w in sims:
+            w.stop()
+    load_after = os.getloadavg()[0]
+    return _hung_report(samples, stopped_at, hung, out_at, back_at, (load_before, load_after))
+
+
+def _hung_report(
+    samples: list[Sample],
+    stopped_at: float,
+    hung: float,
+    out_at: float | None,
+    back_at: float | None,
+    load: tuple[float, float],
+) -> list[str]:
+    before = sorted(s.ended - s.started for s in samples if s.ended < stopped_at)
+    p99 = before[int(0.99 * (len(before) - 1))] if before else 0.0
+    threshold = max(3 * p99, 0.5)
+    touched = [s for s in samples if s.ended >= stopped_at]
+    delayed = [s for s in touched if s.ended - s.started > threshold]
+    worst = max((s.ended - s.started for s in touched), default=0.0)
+    failed = Counter(str(s.status) for s in samples if s.status != 200)
+    # throughput: completions per 1 s bucket, relative to the stop
+    buckets = Counter(int(s.ended - stopped_at + 1000) - 1000 for s in samples)
+    base = [buckets[b] for b in range(-int(stopped_at - min(s.started for s in samples)) + 1, 0)]
+    base_rps = sum(base) / len(base) if base else float("nan")
+    window = [buckets[b] for b in range(0, int(hung))]
+    low = sum(1 for n in window if n < base_rps / 2)
+    zero = sum(1 for n in window if n == 0)
+    out = (
+        f"out of routing after {out_at:.1f} s"
+        if out_at is not None
+        else (f"still in routing after {hung:.0f} s")
+    )
+    back = f", back {back_at:.1f} s after SIGCONT" if out_at is not None and back_at else ""
+    return [
+        f"SIGSTOP 1 of 3 workers for {hung:.0f} s: {out}{back}",
+        f"{len(samples)} requests, {sum(failed.values())} failed"
+        + (f" ({', '.join(f'{n} x {k}' for k, n in failed.items())})" if failed else ""),
+        f"{len(delayed)} delayed (> {threshold:.2f} s = 3x p99 before the stop); "
+        f"worst {worst:.1f} s",
+        f"throughput {base_rps:.1f} req/s before; during the stop: min "
+        f"{min(window, default=0)} req/s, {low} s below half, {zero} s at zero",
+        f"load average {load[0]:.1f} -> {load[1]:.1f} (2 cores)",
+    ]
+
+
+def hostile_clients(
+    kinds: Sequence[RouterKind], args: argparse.Namespace, rows: dict[str, dict[str, list[str]]]
+) -> None:
+    """Scenarios 1-4, each router in front of one shared sim worker."""
     worker = spawn_sim_worker(args.log_dir, "--speedup", "50")
-    rows: dict[str, dict[str, list[str]]] = {k.name: {} for k in kinds}
     body = million_keys()
     try:
         routers = {k.name: start(k, worker.url, args.log_dir) for k in kinds}
@@ -348,6 +464,43 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     finally:
         worker.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=("sglctl", "sglang"), default=None)
+    parser.add_argument(
+        "--scenario", choices=("all", "clients", "hung-worker"), default="all",
+        help="clients: scenarios 1-4; hung-worker: scenario 5",
+    )  # fmt: skip
+    parser.add_argument("--clients", type=int, default=8, help="hung worker: client threads")
+    parser.add_argument("--warm-secs", type=float, default=8.0, help="hung worker: before SIGSTOP")
+    parser.add_argument("--hung-secs", type=float, default=30.0, help="hung worker: SIGSTOP time")
+    parser.add_argument("--hold-cap", type=float, default=75.0, help="slow-client cap, s")
+    parser.add_argument("--flood-mib", type=int, default=128)
+    parser.add_argument("--fd-limit", type=int, default=128)
+    parser.add_argument("--fd-probes", type=int, default=20)
+    parser.add_argument("--no-install", action="store_true", help="never pip-install sglang")
+    parser.add_argument("--log-dir", type=Path, default=REPO / "bench-out" / "hostile")
+    args = parser.parse_args(argv)
+
+    kinds = [RouterKind("sglctl", Path(sys.executable))]
+    if args.only != "sglctl":
+        python = sglang_python(install=not args.no_install)
+        if python is None:
+            print("no SGLang Router venv; sglctl only")
+        else:
+            kinds.append(RouterKind("sglang-router 0.3.2", python))
+    if args.only == "sglang":
+        kinds = kinds[1:]
+    rows: dict[str, dict[str, list[str]]] = {k.name: {} for k in kinds}
+    if args.scenario in ("all", "clients"):
+        hostile_clients(kinds, args, rows)
+    if args.scenario in ("all", "hung-worker"):
+        for k in kinds:
+            rows[k.name]["hung worker"] = hung_worker(
+                k, args.log_dir, args.clients, args.warm_secs, args.hung_secs
+            )
     for name, table in rows.items():
         print(f"\n== {name}")
         for what, lines in table.items():

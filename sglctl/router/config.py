@@ -80,6 +80,9 @@ class RouterConfig:
     health_success_threshold: int = 2
     health_check_endpoint: str = "/health"
     disable_health_check: bool = False
+    #: sglctl only (stall.py): probe a worker silent this long mid-request; 0 disables.
+    stall_suspect_secs: float = 1.5
+    stall_probe_timeout_secs: float = 1.0
 
     # Admission control.
     max_concurrent_requests: int = -1

@@ -582,6 +582,23 @@ def build_parser(prog: str = "sglctl router") -> argparse.ArgumentParser:
         "--health-check-endpoint", default=d.health_check_endpoint, help="path probed on workers"
     )
     g.add_argument("--disable-health-check", action="store_true", help="never probe workers")
+    g.add_argument(
+        "--stall-suspect-secs",
+        type=nnf,
+        default=d.stall_suspect_secs,
+        help="sglctl only: a worker with requests in flight that sent nothing for this long, "
+        "while other workers did, is probed at once and ejected if it does not answer "
+        "(a hung worker is bypassed in ~2-3 s instead of the health checks' 20-30 s); "
+        "0 disables",
+    )
+    g.add_argument(
+        "--stall-probe-timeout-secs",
+        type=pf,
+        default=d.stall_probe_timeout_secs,
+        help="sglctl only: how long that probe waits at least; it waits twice the worker's "
+        "slowest recent good health probe if that is longer (SGLang's /health takes ~1 s), "
+        "3 s before the first one",
+    )
 
     g = p.add_argument_group("accepted for compatibility, not supported by sglctl")
     for dest in _COMPAT_VALUE_DESTS:

@@ -17,6 +17,12 @@ The checker owns no workers: it reads ``registry.all()`` each round and flips
 ``sglctl up`` the supervisor checks its own workers, and one source of health per worker
 keeps the two from disagreeing or doubling the probe traffic. Workers added later are
 probed from the next round; state kept for removed workers is dropped.
+
+Evidence from elsewhere goes through :meth:`HealthChecker.eject`: the stall detector
+(:mod:`~sglctl.router.stall`) probes a worker that went quiet mid-request with a short
+timeout of its own (:meth:`HealthChecker.probe` takes one), and a worker that does not
+answer is ejected as if it had failed ``failure_threshold`` rounds -- same callback, same
+way back.
 """
 
 from __future__ import annotations
@@ -25,8 +31,9 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Collection, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import httpx
@@ -60,6 +67,13 @@ class HealthStatus:
     last_latency_secs: float | None = None
     total_checks: int = 0
     total_failures: int = 0
+    #: Latencies of the last few good probes (regular or stall probes): how slow this
+    #: worker's health endpoint is when it is fine (SGLang's takes about 1 s).
+    good_latencies: deque[float] = field(default_factory=lambda: deque(maxlen=8))
+
+    def slowest_good_secs(self) -> float | None:
+        """The slowest of the recent good probes, None before the first one."""
+        return max(self.good_latencies) if self.good_latencies else None
 
 
 ChangeCallback = Callable[[CheckedWorker, bool], None]
@@ -147,19 +161,25 @@ class HealthChecker:
             self.observe(worker, ok, detail, latency)
         self.rounds += 1
 
-    async def probe(self, url: str) -> tuple[bool, str | None, float]:
-        """One probe: ``(ok, error detail or None, seconds taken)``; never raises."""
+    async def probe(
+        self, url: str, timeout_secs: float | None = None
+    ) -> tuple[bool, str | None, float]:
+        """One probe: ``(ok, error detail or None, seconds taken)``; never raises.
+
+        ``timeout_secs`` overrides the checker's timeout (the stall detector's probe is
+        shorter: it asks "are you there at all?", see :mod:`~sglctl.router.stall`).
+        """
+        timeout = self.timeout_secs if timeout_secs is None else timeout_secs
         client = self._get_client()
         started = time.monotonic()
         try:
             # wait_for guards the whole exchange: httpx's timeouts are per phase, and a worker
-            # trickling bytes could otherwise hold a probe for far longer than timeout_secs.
+            # trickling bytes could otherwise hold a probe for far longer than the timeout.
             response = await asyncio.wait_for(
-                client.get(url.rstrip("/") + self.endpoint, timeout=self.timeout_secs),
-                timeout=self.timeout_secs,
+                client.get(url.rstrip("/") + self.endpoint, timeout=timeout), timeout=timeout
             )
         except (asyncio.TimeoutError, httpx.TimeoutException):
-            return False, f"no answer within {self.timeout_secs:g}s", time.monotonic() - started
+            return False, f"no answer within {timeout:g}s", time.monotonic() - started
         except httpx.HTTPError as exc:
             return False, _describe(exc), time.monotonic() - started
         except OSError as exc:
@@ -189,6 +209,8 @@ class HealthChecker:
             status.consecutive_successes += 1
             status.consecutive_failures = 0
             status.last_error = None
+            if latency is not None:
+                status.good_latencies.append(latency)
         else:
             status.consecutive_failures += 1
             status.consecutive_successes = 0
@@ -213,12 +235,48 @@ class HealthChecker:
             )
         else:
             return False
+        self._notify(worker)
+        return True
+
+    def record_good_latency(self, url: str, secs: float) -> None:
+        """Remember a good probe made by someone else (the stall detector's)."""
+        self._status.setdefault(url, HealthStatus()).good_latencies.append(secs)
+
+    def eject(self, worker: CheckedWorker, reason: str) -> bool:
+        """Take ``worker`` out now, as if it had failed ``failure_threshold`` probes in a row.
+
+        For evidence gathered elsewhere (the stall detector's failed probe of a worker that
+        stopped answering mid-request): the worker gets the same treatment as one this
+        checker ejected -- ``on_change`` (the router interrupts its requests in flight), and
+        it returns only after ``success_threshold`` good probes of the regular rounds.
+        Returns False when the worker was already out.
+        """
+        if not worker.health_ok:
+            return False
+        status = self._status.setdefault(worker.url, HealthStatus())
+        status.total_checks += 1
+        status.total_failures += 1
+        status.consecutive_failures = max(status.consecutive_failures + 1, self.failure_threshold)
+        status.consecutive_successes = 0
+        status.last_check = time.time()
+        status.last_error = reason
+        worker.health_ok = False
+        log.warning(
+            "worker %s unhealthy: %s; out of routing until %d good health checks (every %gs)",
+            worker.url,
+            reason,
+            self.success_threshold,
+            self.interval_secs,
+        )
+        self._notify(worker)
+        return True
+
+    def _notify(self, worker: CheckedWorker) -> None:
         if self.on_change is not None:
             try:
                 self.on_change(worker, worker.health_ok)
             except Exception:
                 log.exception("health change callback failed for %s", worker.url)
-        return True
 
     async def aclose(self) -> None:
         """Close the HTTP client if the checker created it."""

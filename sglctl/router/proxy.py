@@ -38,6 +38,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from time import monotonic  # byte stamps for the stall detector (stall.py)
 from typing import TYPE_CHECKING, Protocol
 
 import anyio
@@ -291,6 +292,7 @@ class Forwarder:
                 response = await self.upstream.request(
                     worker.url, method, path, headers, body, deadline
                 )
+                worker.last_byte = monotonic()  # stall detector: the response head arrived
             finally:
                 watch.reading = False
         except BaseException as exc:
@@ -333,6 +335,7 @@ class Forwarder:
                 raise _Failure(f"{worker.url}: {watch.reason}", blamed=[worker])
             watch.reading = True
             content = await response.read()
+            worker.last_byte = monotonic()  # stall detector: the body arrived
             ok = True
             return content
         except asyncio.CancelledError:
@@ -410,6 +413,7 @@ class Forwarder:
                         break
                     finally:
                         watch.reading = False
+                    worker.last_byte = monotonic()  # stall detector: a chunk arrived
                     if rewrite is not None:
                         chunk = rewrite.chunk(chunk)
                         if not chunk:

@@ -33,6 +33,7 @@ from sglctl.router.policies import Policy, make_policy
 from sglctl.router.proxy import Forwarder
 from sglctl.router.retry import RetryBudget, RetryPolicy
 from sglctl.router.sources import StaticSource, WorkerSource
+from sglctl.router.stall import StallDetector, stall_disabled_because
 from sglctl.router.stats import RollingStats
 from sglctl.router.upstream import Upstream
 from sglctl.router.upstream_httpx import HttpxUpstream
@@ -120,6 +121,15 @@ class Router:
             on_change=self._on_health_change,
             skip_sources=EXTERNALLY_CHECKED,
         )
+        # Hung workers bypassed in ~2-3 s (stall.py).
+        self.stall = StallDetector(
+            self.registry,
+            self.health,
+            config.stall_suspect_secs,
+            config.stall_probe_timeout_secs,
+            skip_sources=EXTERNALLY_CHECKED,
+            disabled_because=stall_disabled_because(config),
+        )
         self.sources: list[WorkerSource] = list(extra_sources or [])
         self.discovery = self._make_discovery(config)
         if self.discovery is not None:
@@ -173,7 +183,8 @@ class Router:
 
     def _on_health_change(self, worker: CheckedWorker, healthy: bool) -> None:
         if not healthy:
-            self.interrupt(worker.url, f"worker {worker.url} failed its health checks")
+            why = self.health.status(worker.url).last_error or "failed its health checks"
+            self.interrupt(worker.url, f"worker {worker.url} ejected: {why}")
 
     def interrupt(self, url: str, reason: str) -> int:
         """Fail over the requests in flight at ``url`` now (see :mod:`.inflight`).
@@ -246,6 +257,7 @@ class Router:
         for source in self.sources:
             self._spawn(source.run(self.registry), f"source {type(source).__name__}")
         self._spawn(self.health.run(self.registry), "health checker")
+        self._spawn(self.stall.run(), "stall detector")
         for policy in (self.policy, self.decode_policy):
             if policy is not None:
                 self._spawn(policy.run_background(), f"{policy.name} maintenance")

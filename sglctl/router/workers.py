@@ -96,10 +96,12 @@ class Worker:
         "health_ok",
         "id",
         "in_flight",
+        "last_byte",
         "meta",
         "requests_total",
         "role",
         "source",
+        "suspect",
         "url",
     )
 
@@ -132,6 +134,10 @@ class Worker:
         #: of rotation at once, without forgetting it.
         self.available = True
         self.breaker: Breaker = breaker if breaker is not None else AlwaysClosed()
+        #: time.monotonic() of the last byte received from it (set by the proxy), and True
+        #: while the stall detector probes it: see :mod:`~sglctl.router.stall`.
+        self.last_byte = 0.0
+        self.suspect = False
 
     def take_load_slot(self) -> Callable[[int, bool], None]:
         """Count one request against this worker's load until the returned function is called.
@@ -157,8 +163,10 @@ class Worker:
         return str(self.breaker.state)
 
     def is_routable(self) -> bool:
-        """Healthy, available and not shut off by its circuit breaker."""
-        return self.health_ok and self.available and self.breaker.is_available()
+        """Healthy, available, not suspected of a stall, not shut off by its circuit breaker."""
+        return (
+            self.health_ok and not self.suspect and self.available and self.breaker.is_available()
+        )
 
     def to_json(self) -> dict[str, object]:
         """The ``GET /workers`` item (0.3.2 field names plus sglctl's counters)."""

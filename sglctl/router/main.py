@@ -81,6 +81,8 @@ def listen(host: str, port: int, what: str) -> socket.socket:
 async def serve(config: RouterConfig) -> None:
     """Run the router until SIGINT/SIGTERM."""
     from sglctl.router.app import create_app
+    from sglctl.router.fastpath import FastPath
+    from sglctl.router.fastpath import enabled_for as fastpath_enabled
     from sglctl.router.router import Router
 
     sockets = [listen(config.host, config.port, "requests (--host/--port)")]
@@ -96,6 +98,8 @@ async def serve(config: RouterConfig) -> None:
     log_accept_errors(asyncio.get_running_loop())
     router = Router(config)
     app = create_app(router)
+    # Inference POSTs skip ASGI and Starlette (fastpath.py), unless CORS or PD need the app.
+    fast = FastPath(router) if fastpath_enabled(config) else None
     common = {
         "loop": "none",
         # uvicorn's httptools protocol plus header/body limits and timeouts (http_server.py).
@@ -114,7 +118,7 @@ async def serve(config: RouterConfig) -> None:
             timeout_graceful_shutdown=int(config.shutdown_grace_period_secs) or None,
             timeout_keep_alive=75,
             backlog=4096,
-            **common,  # type: ignore[arg-type]
+            **{**common, "http": protocol_class(limits_of(config), fast)},  # type: ignore[arg-type]
         )
     )
     metrics_server: uvicorn.Server | None = None

@@ -223,7 +223,7 @@ async def test_client_leaving_mid_stream_cancels_the_worker_request() -> None:
 
 async def test_client_leaving_before_the_answer_cancels_the_worker_request() -> None:
     async with setup("--max-concurrent-requests", "1") as s:
-        reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
+        _reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
         writer.write(post("/generate", orjson.dumps({"text": "slow", "delay": 30.0})))
         await writer.drain()
         await async_wait_until(lambda: s.worker.started == 1, timeout=15, what="worker got it")

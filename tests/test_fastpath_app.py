@@ -20,7 +20,7 @@ from support import async_wait_until
 
 # Re-collected here, so that they run with this module's ``harness``.
 from test_router_app import *  # noqa: F403
-from test_router_app import HostTransport, Harness, Stub, make_config, served
+from test_router_app import Harness, HostTransport, Stub, make_config, served
 
 from sglctl.net import find_free_port
 from sglctl.router.app import create_app

@@ -29,6 +29,7 @@ from test_router_app import make_config
 
 from sglctl.net import find_free_port
 from sglctl.router import fastpath
+from sglctl.router.http_server import HttpLimits
 from sglctl.router.router import Router
 
 pytestmark = pytest.mark.anyio
@@ -103,7 +104,7 @@ class Setup:
 
 
 @contextlib.asynccontextmanager
-async def setup(*flags: str) -> AsyncIterator[Setup]:
+async def setup(*flags: str, limits: HttpLimits | None = None) -> AsyncIterator[Setup]:
     worker = Worker()
     port = find_free_port()
     server = uvicorn.Server(
@@ -117,7 +118,7 @@ async def setup(*flags: str) -> AsyncIterator[Setup]:
         router = Router(make_config([url], *flags))
         await router.start()
         try:
-            async with lean_server(router) as base:
+            async with lean_server(router, limits) as base:
                 yield Setup(router, base, worker, url)
         finally:
             await router.stop()
@@ -236,3 +237,25 @@ async def test_client_leaving_before_the_answer_cancels_the_worker_request() -> 
             r = await client.post("/generate", json={"text": "next"})
             assert r.json() == {"echo": "next"}
         assert s.router.admission.active == 0
+
+
+async def test_an_unfinished_head_after_a_whole_request_still_times_out() -> None:
+    """The head clock starts after a read that leaves a head unfinished (http_server.py)."""
+    async with setup(limits=HttpLimits(header_timeout_secs=0.5)) as s:
+        reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
+        writer.write(post("/generate", orjson.dumps({"text": "whole"})))
+        got = _Responses()
+        while not got.done:
+            data = await asyncio.wait_for(reader.read(65536), 30)
+            assert data, "closed before the first answer"
+            got.parser.feed_data(data)
+        assert got.done[0][0] == 200
+        writer.write(b"POST /generate HTTP/1.1\r\nhost: r\r\n")  # and nothing more
+        rest = b""
+        while True:
+            data = await asyncio.wait_for(reader.read(65536), 30)
+            if not data:
+                break
+            rest += data
+        writer.close()
+        assert rest.startswith(b"HTTP/1.1 408"), rest[:200]

@@ -30,7 +30,7 @@ from sglctl.router.router import Router
 
 
 @contextlib.asynccontextmanager
-async def lean_server(router: Router) -> AsyncIterator[str]:
+async def lean_server(router: Router, limits: HttpLimits | None = None) -> AsyncIterator[str]:
     """``router``'s app on a free 127.0.0.1 port with the lean path on; its base URL."""
     port = find_free_port()
     server = uvicorn.Server(
@@ -40,7 +40,7 @@ async def lean_server(router: Router) -> AsyncIterator[str]:
             port=port,
             lifespan="off",
             log_level="warning",
-            http=protocol_class(HttpLimits(), FastPath(router)),  # type: ignore[arg-type]
+            http=protocol_class(limits or HttpLimits(), FastPath(router)),  # type: ignore[arg-type]
         )
     )
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]

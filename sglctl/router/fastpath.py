@@ -244,6 +244,7 @@ class LeanCycle:
             if not self.more_body:
                 break
             self.flow.resume_reading()
+            self.protocol.body_wait()  # the body clocks of http_server.py start now
             await event.wait()
             event.clear()
         if len(chunks) == 1:

@@ -225,6 +225,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._discarding = False  # refused: drop whatever else the client sends
         self._lingered = 0
         self._lean = False  # the request being parsed is on the lean path
+        self._at_boundary = True  # the last byte read ended a request (or none came yet)
 
     # -- connection lifecycle ---------------------------------------------------------------
 
@@ -271,8 +272,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 self.transport.close()
             return
         self._unset_keepalive_if_required()
-        if self._in_head and self._head_timer is None:
-            self._arm_head_timer()  # first byte of the next request on a keep-alive connection
+        self._at_boundary = False
         limit = self.limits.max_header_bytes
         while data:
             if self._in_head:
@@ -302,6 +302,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 return
             if self._discarding or self.parser is None:
                 return
+        if self._in_head and self._head_timer is None and not self._at_boundary:
+            # Bytes of a request head that is not complete yet (the first bytes of the next
+            # request on a keep-alive connection, or a pipelined one): its clock starts now.
+            # Armed after the feed, not before: a head that arrives whole (nearly always)
+            # then costs no timer at all.
+            self._arm_head_timer()
 
     # -- parser callbacks -------------------------------------------------------------------
 
@@ -313,9 +319,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.headers = []
         self.scope = None  # type: ignore[assignment]
         self._lean = False
+        self._at_boundary = False
         self._header_count = 0
-        if self._head_timer is None:  # a pipelined request that began inside the last read
-            self._arm_head_timer()
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_count += 1
@@ -396,6 +401,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         else:
             super().on_message_complete()
         self._in_head = True
+        self._at_boundary = True
         self._head_bytes = 0
         if self._body_timer is not None:
             self._body_timer.cancel()
@@ -403,11 +409,26 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
         super()._start_asgi_task(cycle, app)
+        if app is None:  # a lean cycle: it calls body_wait() if it ever has to wait
+            return
         # The application now waits for this body (a pipelined request's body is not read
         # while the one before it is answered, so its clock starts here, not at its head).
         # For a request without a body on_message_complete disarms this in the same feed.
         limits = self.limits
         if cycle.more_body and (limits.body_idle_timeout_secs or limits.body_timeout_secs):
+            now = self.loop.time()
+            self._body_started = self._body_last = now
+            self._arm_body_timer(now)
+
+    def body_wait(self) -> None:
+        """A lean request waits for more of its body: start the body clocks (once).
+
+        Started when the request really waits, not when its task starts: the body nearly
+        always arrives with the head, and then no body timer is armed at all.
+        """
+        limits = self.limits
+        timed = limits.body_idle_timeout_secs or limits.body_timeout_secs
+        if timed and self._body_timer is None and not self._in_head:
             now = self.loop.time()
             self._body_started = self._body_last = now
             self._arm_body_timer(now)

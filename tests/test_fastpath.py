@@ -259,3 +259,25 @@ async def test_an_unfinished_head_after_a_whole_request_still_times_out() -> Non
             rest += data
         writer.close()
         assert rest.startswith(b"HTTP/1.1 408"), rest[:200]
+
+
+async def test_expect_100_continue_gets_its_interim_answer() -> None:
+    async with setup() as s:
+        reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
+        body = orjson.dumps({"text": "after continue"})
+        writer.write(
+            post("/generate", b"", b"expect: 100-continue\r\n").replace(
+                b"content-length: 0", b"content-length: %d" % len(body)
+            )
+        )
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(body)
+        got = _Responses()
+        while not got.done:
+            data = await asyncio.wait_for(reader.read(65536), 30)
+            assert data, "closed before the answer"
+            got.parser.feed_data(data)
+        writer.close()
+        assert got.done[0][0] == 200
+        assert orjson.loads(got.done[0][1]) == {"echo": "after continue"}

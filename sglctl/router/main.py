@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import ipaddress
 import logging
 import socket
@@ -137,6 +138,7 @@ async def serve(config: RouterConfig) -> None:
         if metrics_server
         else None
     )
+    tune_gc()  # after the imports and the app are built: see its docstring
     try:
         await main.serve(sockets=sockets)
     finally:
@@ -146,6 +148,30 @@ async def serve(config: RouterConfig) -> None:
         shutdown_parse_pool()
     if not main.started:
         raise SystemExit(1)
+
+
+#: Allocations between two young-generation collections (CPython's default is 700).
+GC_THRESHOLDS = (10_000, 10, 10)
+
+
+def tune_gc() -> None:
+    """Freeze the start-up heap and collect the young generation less often.
+
+    Why: under load the cyclic garbage collector was a quarter of the router's CPU. Measured
+    with ``gc.callbacks`` on the lean path (wrk at c=64 and c=256, shared 2-core machine):
+    41-74 us of GC per request with CPython's defaults, in collections of 0.3-70 ms (so also
+    the tail: a full collection of the ~60,000 objects that imports and set-up leave behind
+    stops every request for tens of milliseconds). ``gc.freeze()`` moves those objects to the
+    permanent generation, where no collection scans them again, and a young generation of
+    10,000 instead of 700 allocations makes collections rarer without making the young ones
+    much longer: 7-9 us of GC per request in the same runs. Garbage in reference cycles is
+    still collected, at most ~10,000 allocations (a few dozen requests) later; a full
+    collection still runs every ~1M allocations.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+    log.debug("gc: %d objects frozen, thresholds %s", gc.get_freeze_count(), GC_THRESHOLDS)
 
 
 def is_loopback(host: str) -> bool:

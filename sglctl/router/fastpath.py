@@ -305,9 +305,9 @@ class LeanCycle:
         self, status: int, raw_headers: list[tuple[bytes, bytes]], iterator: Any
     ) -> None:
         """Relay ``iterator``'s chunks in chunked encoding (module docstring: joining, flow)."""
-        if self._disconnected:
-            await iterator.aclose()  # its finally frees the worker slot and the connection
-            return
+        # No early return when the client is already gone: the relay's ``finally`` (worker
+        # slot, in-flight watch, upstream connection) only runs once it has started, so the
+        # loop below starts it and leaves at the first piece.
         pending = self._pending
         pending.extend(self._head(status, raw_headers))
         pending.append(_CHUNKED)

@@ -46,6 +46,10 @@ BUCKETS: tuple[tuple[str, tuple[str, ...]], ...] = (
         ("starlette/applications.py", "starlette/middleware/", "starlette/_exception_handler.py"),
     ),
     ("anyio (task groups, cancel scopes)", ("anyio/", "starlette/concurrency.py")),
+    (
+        "lean server path (fastpath, http_server protocol)",
+        ("sglctl/router/fastpath.py", "sglctl/router/http_server.py"),
+    ),
     ("routing decision (policy, tree)", ("sglctl/router/policies/", "sglctl/router/tree.py")),
     ("body read + JSON parse + checks", ("sglctl/router/request.py", "sglctl/router/admission.py")),
     ("inference handler (headers, disconnect watch)", ("sglctl/router/inference.py",)),
@@ -59,7 +63,7 @@ BUCKETS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "sglctl/router/circuit_breaker.py",
         ),
     ),
-    ("upstream client (sglctl/router/upstream.py)", ("sglctl/router/upstream.py",)),
+    ("upstream client (sglctl/router/upstream*.py)", ("sglctl/router/upstream",)),
     (
         "metrics (prometheus_client, rolling stats)",
         ("sglctl/router/metrics.py", "prometheus_client/", "sglctl/router/stats.py"),

@@ -26,6 +26,8 @@ Modules, one concern each:
 * ``app`` - the route table; ``inference`` / ``admin`` / ``info`` - the handlers;
   ``responses`` / ``errors`` - JSON answers and the OpenAI-style error shape;
 * ``metrics`` / ``stats`` - Prometheus metrics and rolling latency stats;
+* ``http_server`` - the HTTP/1.1 protocol (uvicorn's httptools one with limits and
+  timeouts); ``fastpath`` - the lean path inside it for inference POSTs (no ASGI/Starlette);
 * ``main`` - entry point and listeners; ``admin_client`` - the client side of the admin
   API for ``sglctl add-worker/remove-worker/list-workers``.
 """

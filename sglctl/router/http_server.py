@@ -31,7 +31,9 @@ reads (and drops) what the client is still sending, up to :data:`LINGER_SECS` an
 connection reset. The fd-limit 503 closes at once instead: that descriptor is what is short.
 A limit hit while an earlier pipelined response is still being written does not interleave:
 the connection stops reading and closes after that response. Keep-alive, pipelining and
-streaming are uvicorn's, unchanged.
+streaming are uvicorn's. Inference POSTs skip ASGI and Starlette when :func:`protocol_class`
+is given a :class:`~sglctl.router.fastpath.FastPath` (that module says how); these limits
+apply to them the same way, since their cycle has the attributes used here.
 
 :func:`raise_fd_limit` (soft RLIMIT_NOFILE to the hard limit) and :func:`log_accept_errors`
 (asyncio's own EMFILE report, when running without uvloop) are the process-wide half.
@@ -44,12 +46,15 @@ import logging
 import resource
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from sglctl.router.errors import error_body
+
+if TYPE_CHECKING:
+    from sglctl.router.fastpath import FastPath
 
 log = logging.getLogger(__name__)
 
@@ -183,8 +188,11 @@ def log_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
     loop.set_exception_handler(handler)
 
 
-def protocol_class(limits: HttpLimits) -> type[asyncio.Protocol]:
-    """A protocol class for ``uvicorn.Config(http=...)`` that enforces ``limits``."""
+def protocol_class(limits: HttpLimits, fast: FastPath | None = None) -> type[asyncio.Protocol]:
+    """A protocol class for ``uvicorn.Config(http=...)`` that enforces ``limits``.
+
+    With ``fast``, inference POSTs take the lean path of :mod:`~sglctl.router.fastpath`.
+    """
     fd_ceiling = _fd_soft_limit() - FD_RESERVE
 
     class _Bound(LimitedHttpToolsProtocol):
@@ -192,6 +200,7 @@ def protocol_class(limits: HttpLimits) -> type[asyncio.Protocol]:
 
     _Bound.limits = limits
     _Bound.fd_ceiling = fd_ceiling
+    _Bound.fast = fast
     return _Bound
 
 
@@ -200,6 +209,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     limits = HttpLimits()
     fd_ceiling = 1 << 30
+    #: Set by :func:`protocol_class`: inference POSTs skip ASGI and Starlette (fastpath.py).
+    fast: FastPath | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -213,6 +224,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._linger_timer: asyncio.TimerHandle | None = None
         self._discarding = False  # refused: drop whatever else the client sends
         self._lingered = 0
+        self._lean = False  # the request being parsed is on the lean path
+        self._at_boundary = True  # the last byte read ended a request (or none came yet)
 
     # -- connection lifecycle ---------------------------------------------------------------
 
@@ -259,8 +272,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 self.transport.close()
             return
         self._unset_keepalive_if_required()
-        if self._in_head and self._head_timer is None:
-            self._arm_head_timer()  # first byte of the next request on a keep-alive connection
+        self._at_boundary = False
         limit = self.limits.max_header_bytes
         while data:
             if self._in_head:
@@ -290,14 +302,25 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 return
             if self._discarding or self.parser is None:
                 return
+        if self._in_head and self._head_timer is None and not self._at_boundary:
+            # Bytes of a request head that is not complete yet (the first bytes of the next
+            # request on a keep-alive connection, or a pipelined one): its clock starts now.
+            # Armed after the feed, not before: a head that arrives whole (nearly always)
+            # then costs no timer at all.
+            self._arm_head_timer()
 
     # -- parser callbacks -------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        super().on_message_begin()
+        # uvicorn's, minus the ASGI scope: built in on_headers_complete, only for requests
+        # that go to the Starlette app (a lean request never needs one).
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
+        self.scope = None  # type: ignore[assignment]
+        self._lean = False
+        self._at_boundary = False
         self._header_count = 0
-        if self._head_timer is None:  # a pipelined request that began inside the last read
-            self._arm_head_timer()
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_count += 1
@@ -311,15 +334,74 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+        fast = self.fast
+        if fast is not None and self._start_lean(fast):
+            return
+        self.scope = self._asgi_scope()  # type: ignore[assignment]
         super().on_headers_complete()
+
+    def _start_lean(self, fast: FastPath) -> bool:
+        """Start (or queue) a lean request if this is one (fastpath.py); False if not.
+
+        Lean: ``POST`` over HTTP/1.1 to an inference path spelled exactly (no ``%``
+        escapes, no absolute form), no upgrade, no uvicorn concurrency limit in force.
+        """
+        parser = self.parser
+        if (
+            parser.get_method() != b"POST"
+            or parser.get_http_version() != "1.1"
+            or parser.should_upgrade()
+            or self.limit_concurrency is not None
+        ):
+            return False
+        path, _, query = self.url.partition(b"?")
+        route = fast.routes.get(path)
+        if route is None:
+            return False
+        self._lean = True
+        cycle = fast.cycle(
+            self, route, query, self.headers, parser.should_keep_alive(), self.expect_100_continue
+        )
+        existing = self.cycle
+        self.cycle = cycle  # type: ignore[assignment]
+        if existing is None or existing.response_complete:
+            self._start_asgi_task(cycle, None)
+        else:  # pipelined behind a response still going out: uvicorn's queue
+            self.flow.pause_reading()
+            self.pipeline.appendleft((cycle, None))  # type: ignore[arg-type]
+        return True
+
+    def _asgi_scope(self) -> dict[str, Any]:
+        """The ASGI scope uvicorn's ``on_message_begin`` builds (path etc. are added later)."""
+        return {
+            "type": "http",
+            "asgi": {"version": self.asgi_version, "spec_version": "2.3"},
+            "http_version": "1.1",
+            "server": self.server,
+            "client": self.client,
+            "scheme": self.scheme,
+            "root_path": self.root_path,
+            "headers": self.headers,
+            "state": self.app_state.copy(),
+        }
 
     def on_body(self, body: bytes) -> None:
         self._body_last = self.loop.time()
+        if self._lean:
+            self.cycle.feed(body)  # type: ignore[attr-defined]
+            return
         super().on_body(body)
 
     def on_message_complete(self) -> None:
-        super().on_message_complete()
+        if self._lean:
+            cycle = self.cycle
+            if not cycle.response_complete:
+                cycle.more_body = False
+                cycle.message_event.set()
+        else:
+            super().on_message_complete()
         self._in_head = True
+        self._at_boundary = True
         self._head_bytes = 0
         if self._body_timer is not None:
             self._body_timer.cancel()
@@ -327,11 +409,26 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
         super()._start_asgi_task(cycle, app)
+        if app is None:  # a lean cycle: it calls body_wait() if it ever has to wait
+            return
         # The application now waits for this body (a pipelined request's body is not read
         # while the one before it is answered, so its clock starts here, not at its head).
         # For a request without a body on_message_complete disarms this in the same feed.
         limits = self.limits
         if cycle.more_body and (limits.body_idle_timeout_secs or limits.body_timeout_secs):
+            now = self.loop.time()
+            self._body_started = self._body_last = now
+            self._arm_body_timer(now)
+
+    def body_wait(self) -> None:
+        """A lean request waits for more of its body: start the body clocks (once).
+
+        Started when the request really waits, not when its task starts: the body nearly
+        always arrives with the head, and then no body timer is armed at all.
+        """
+        limits = self.limits
+        timed = limits.body_idle_timeout_secs or limits.body_timeout_secs
+        if timed and self._body_timer is None and not self._in_head:
             now = self.loop.time()
             self._body_started = self._body_last = now
             self._arm_body_timer(now)

@@ -3,12 +3,19 @@
 ``POST /generate``, ``/v1/chat/completions``, ``/v1/completions`` (and the other OpenAI
 POST endpoints a worker serves, without a routing key). The body is read under the payload
 limit and parsed once; the original bytes are what the worker receives.
+
+Two servers share this: the Starlette route (:func:`forward`, used with CORS, PD mode and by
+in-process tests) and the lean path of :mod:`~sglctl.router.fastpath`, which reads the body
+and writes the answer on the connection itself. Both call :func:`begin` (metrics, rolling
+stats) and :func:`admit_and_forward` (parse, admission, headers, forwarding), so the rules
+live once; each maps errors to answers in its own way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
@@ -24,6 +31,9 @@ KEYED_ROUTES = ("/generate", "/v1/chat/completions", "/v1/completions")
 UNKEYED_ROUTES = ("/v1/embeddings", "/v1/rerank", "/v1/score", "/classify", "/encode")
 #: Status recorded for requests whose client went away before the answer (nginx's 499).
 CLIENT_CLOSED = 499
+_JSON = (b"content-type", b"application/json")
+#: The headers of a request that carries none worth passing on: one shared list, read only.
+_JSON_ONLY = [_JSON]
 
 
 class DisconnectWatcher:
@@ -54,22 +64,28 @@ class DisconnectWatcher:
         self._watch.cancel()
 
 
-def forward_headers(request: Request, passed: frozenset[bytes]) -> list[tuple[bytes, bytes]]:
-    """Headers for the worker: JSON content type, the caller's credentials, request ids."""
-    headers = [(b"content-type", b"application/json")]
-    for name, value in request.scope["headers"]:  # raw, names already lower-case
+def forward_headers(
+    raw: Iterable[tuple[bytes, bytes]], passed: frozenset[bytes]
+) -> list[tuple[bytes, bytes]]:
+    """Headers for the worker: JSON content type, the caller's credentials, request ids.
+
+    ``raw`` are the request's (lower-case name, value) pairs. Most requests carry none of
+    ``passed``; they all share one list (nobody writes to it), which saves an allocation.
+    """
+    headers: list[tuple[bytes, bytes]] | None = None
+    for name, value in raw:
         if name in passed:
+            if headers is None:
+                headers = [_JSON]
             headers.append((name, value))
-    return headers
+    return _JSON_ONLY if headers is None else headers
 
 
-async def forward(request: Request) -> Response:
-    """Every inference route: read and check the body, admit, route, forward."""
-    router: Router = request.app.state.router
-    route: str = request.scope["path"]
+def begin(router: Router, route: str) -> Finish:
+    """Start one request's observation; the returned :class:`Finish` records its end."""
     started = time.perf_counter()
     finish = Finish()
-    metrics, stats, admission = router.metrics, router.stats, router.admission
+    metrics, stats = router.metrics, router.stats
     obs = metrics.begin(route, started)  # the task's current request (TTFT, retries, worker)
 
     def record(status: int, ok: bool) -> None:
@@ -78,33 +94,69 @@ async def forward(request: Request) -> Response:
         stats.record(elapsed, ok)
 
     finish.add(record)
+    return finish
+
+
+async def admit_and_forward(
+    router: Router,
+    route: str,
+    query: bytes,
+    body: bytes,
+    raw_headers: Iterable[tuple[bytes, bytes]],
+    finish: Finish,
+) -> Response:
+    """Parse and check ``body``, wait for admission, forward; the worker's answer.
+
+    Raises :class:`RouterError` (4xx/5xx answers) and :class:`AdmissionRejected` (429);
+    the caller turns them into answers and calls ``finish`` for them.
+    """
+    parsed = await parse_inference_async(
+        route, body, need_key=router.needs_text, need_payload=router.config.is_pd
+    )
+    try:
+        priority = parse_priority(parsed.payload.get("priority"))
+    except ValueError as exc:
+        raise RouterError(400, str(exc)) from None
+    admission = router.admission
+    if admission.enabled:
+        queued_at = time.perf_counter()
+        await admission.acquire(priority)
+        router.metrics.observe_queue_wait(time.perf_counter() - queued_at)
+        finish.add(lambda status, ok: admission.release())
+    headers = forward_headers(raw_headers, router.forwarded_headers)
+    if router.config.is_pd:
+        return await forward_pd(router, route, parsed, headers, finish)
+    forwarder = router.forwarder
+    assert forwarder is not None, "router not started"
+    target = f"{route}?{query.decode('latin-1')}" if query else route
+    return await forwarder.forward(target, body, headers, parsed.key, finish)
+
+
+def rejected(exc: AdmissionRejected) -> RouterError:
+    """The 429 answer for a request admission control turned away."""
+    return RouterError(429, str(exc), headers={"Retry-After": str(exc.retry_after)})
+
+
+async def forward(request: Request) -> Response:
+    """Every inference route on the Starlette app: read the body, admit, route, forward."""
+    router: Router = request.app.state.router
+    route: str = request.scope["path"]
+    finish = begin(router, route)
     try:
         body = await read_body(request, router.config.max_payload_size)
-        parsed = await parse_inference_async(
-            route, body, need_key=router.needs_text, need_payload=router.config.is_pd
-        )
-        try:
-            priority = parse_priority(parsed.payload.get("priority"))
-        except ValueError as exc:
-            raise RouterError(400, str(exc)) from None
-        if admission.enabled:
-            queued_at = time.perf_counter()
-            await admission.acquire(priority)
-            metrics.observe_queue_wait(time.perf_counter() - queued_at)
-            finish.add(lambda status, ok: admission.release())
-        headers = forward_headers(request, router.forwarded_headers)
-        forwarder = router.forwarder
-        assert forwarder is not None, "router not started"
         # Until the answer starts, a client that hangs up cancels this task, and with it
         # the request at the worker (a long non-streamed generation must not run on for
         # nobody). From the first byte on, Starlette's streaming response does the same.
         watcher = DisconnectWatcher(request)
         try:
-            if router.config.is_pd:
-                return await forward_pd(router, route, parsed, headers, finish)
-            query = request.scope.get("query_string")
-            target = f"{route}?{query.decode('latin-1')}" if query else route
-            return await forwarder.forward(target, body, headers, parsed.key, finish)
+            return await admit_and_forward(
+                router,
+                route,
+                request.scope.get("query_string", b""),
+                body,
+                request.scope["headers"],
+                finish,
+            )
         except asyncio.CancelledError:
             if not watcher.absorb_cancel():
                 raise
@@ -117,7 +169,7 @@ async def forward(request: Request) -> Response:
         raise
     except AdmissionRejected as exc:
         finish(429, False)
-        raise RouterError(429, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
+        raise rejected(exc) from None
     except ClientDisconnect:
         # The client hung up while sending its body: nobody is left to answer, and an
         # unhandled exception would log a traceback per disconnect.

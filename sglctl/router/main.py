@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import ipaddress
 import logging
 import socket
@@ -82,6 +83,8 @@ def listen(host: str, port: int, what: str) -> socket.socket:
 async def serve(config: RouterConfig) -> None:
     """Run the router until SIGINT/SIGTERM."""
     from sglctl.router.app import create_app
+    from sglctl.router.fastpath import FastPath
+    from sglctl.router.fastpath import enabled_for as fastpath_enabled
     from sglctl.router.router import Router
 
     sockets = [listen(config.host, config.port, "requests (--host/--port)")]
@@ -97,6 +100,8 @@ async def serve(config: RouterConfig) -> None:
     log_accept_errors(asyncio.get_running_loop())
     router = Router(config)
     app = create_app(router)
+    # Inference POSTs skip ASGI and Starlette (fastpath.py), unless CORS or PD need the app.
+    fast = FastPath(router) if fastpath_enabled(config) else None
     common = {
         "loop": "none",
         # uvicorn's httptools protocol plus header/body limits and timeouts (http_server.py).
@@ -115,7 +120,7 @@ async def serve(config: RouterConfig) -> None:
             timeout_graceful_shutdown=int(config.shutdown_grace_period_secs) or None,
             timeout_keep_alive=75,
             backlog=4096,
-            **common,  # type: ignore[arg-type]
+            **{**common, "http": protocol_class(limits_of(config), fast)},  # type: ignore[arg-type]
         )
     )
     metrics_server: uvicorn.Server | None = None
@@ -134,6 +139,7 @@ async def serve(config: RouterConfig) -> None:
         if metrics_server
         else None
     )
+    tune_gc()  # after the imports and the app are built: see its docstring
     try:
         await main.serve(sockets=sockets)
     finally:
@@ -143,6 +149,30 @@ async def serve(config: RouterConfig) -> None:
         shutdown_parse_pool()
     if not main.started:
         raise SystemExit(1)
+
+
+#: Allocations between two young-generation collections (CPython's default is 700).
+GC_THRESHOLDS = (10_000, 10, 10)
+
+
+def tune_gc() -> None:
+    """Freeze the start-up heap and collect the young generation less often.
+
+    Why: under load, timed with ``gc.callbacks`` on the lean path (wrk at c=64 and c=256,
+    shared 2-core machine), the collector took 41-74 us of wall time per request with
+    CPython's defaults, in pauses of 0.3-70 ms: a full collection walks the ~60,000 objects
+    that imports and set-up leave behind, and every request waits for it. ``gc.freeze()``
+    moves those objects to the permanent generation, where no collection walks them again,
+    and a young generation of 10,000 allocations instead of 700 makes collections rarer:
+    7-9 us per request in the same runs, no full-collection pauses. In router CPU per request
+    (``/proc``, A/B back to back) that is 4-6% less at c=64 and no visible change at c=256.
+    Garbage in reference cycles is still collected, at most ~10,000 allocations (a few dozen
+    requests) later; a full collection still runs every ~1M allocations.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+    log.debug("gc: %d objects frozen, thresholds %s", gc.get_freeze_count(), GC_THRESHOLDS)
 
 
 def is_loopback(host: str) -> bool:

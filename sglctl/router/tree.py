@@ -26,8 +26,9 @@ never a wrong answer: the tree is a routing hint, the worker's own cache is the 
 from __future__ import annotations
 
 import logging
+import operator
+import struct
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from itertools import repeat
 
 import numpy as np
@@ -35,22 +36,43 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK = 64
+#: Prompts of at most this many blocks are hashed with the block cache (``_short_text``).
+SHORT_BLOCKS = 32
+#: Block values kept for short prompts (~2-4 MB at 64-character blocks).
+BLOCK_CACHE_SIZE = 16_384
 _SEED = 0x5C1C7
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
 _MASK64 = (1 << 64) - 1
+_MIX1_INT = int(_MIX1)
 _S31 = np.uint64(31)
 _S27 = np.uint64(27)
 
 
-@dataclass(frozen=True)
 class Prefixes:
-    """A prompt as block prefix hashes: ``hashes[i]`` names its first ``(i + 1)`` blocks."""
+    """A prompt as block prefix hashes: ``hashes[i]`` names its first ``(i + 1)`` blocks.
 
-    hashes: list[int]
-    #: Length of the prompt in characters (or tokens).
-    length: int
-    block: int
+    A plain slotted class, not a frozen dataclass: one is built per routed request, and a
+    frozen dataclass's ``__init__`` (``object.__setattr__`` per field) cost ~1 µs of it.
+    """
+
+    __slots__ = ("block", "hashes", "length")
+
+    def __init__(self, hashes: list[int], length: int, block: int) -> None:
+        self.hashes = hashes
+        #: Length of the prompt in characters (or tokens).
+        self.length = length
+        self.block = block
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Prefixes):
+            return NotImplemented
+        return (self.hashes, self.length, self.block) == (other.hashes, other.length, other.block)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable list inside, as before
+
+    def __repr__(self) -> str:
+        return f"Prefixes(hashes=<{len(self.hashes)}>, length={self.length}, block={self.block})"
 
     def matched_length(self, blocks: int) -> int:
         """Characters covered by the first ``blocks`` blocks."""
@@ -70,40 +92,106 @@ class PrefixHasher:
         self._word_mult = rng.integers(1, 2**63, size=block // 2, dtype=np.uint64) | np.uint64(1)
         self._tok_mult = rng.integers(1, 2**63, size=block, dtype=np.uint64) | np.uint64(1)
         self._pos_mult = self._positions(rng, 4096)
+        self._pos_list: list[int] = self._pos_mult.tolist()
         self._rng = rng
+        #: Mixed value of a block, by the block's text (short prompts, :meth:`_short_text`).
+        self._block_cache: dict[str, int] = {}
+        self._word_mult_list: list[int] = self._word_mult.tolist()
+        self._unpack = struct.Struct(f"<{block // 2}Q").unpack
 
     @staticmethod
     def _positions(rng: np.random.Generator, count: int) -> np.ndarray:
         return rng.integers(1, 2**63, size=count, dtype=np.uint64) | np.uint64(1)
 
-    def _chain(self, mixed: np.ndarray, partial: int) -> list[int]:
-        """Finish per-block values into chained prefix hashes (as Python ints for dict probes)."""
-        nb = mixed.size
+    @staticmethod
+    def _mix(mixed: np.ndarray, partial: int) -> np.ndarray:
+        """Per-block values, mixed: what a block contributes, before its position."""
         if partial:
             # Tell a padded partial block from a full block that happens to end in zeros.
             mixed[-1] ^= np.uint64((partial * int(_MIX2)) & _MASK64)
         mixed ^= mixed >> _S31
         mixed *= _MIX1
         mixed ^= mixed >> _S27
+        return mixed
+
+    def _chain(self, mixed: np.ndarray, partial: int) -> list[int]:
+        """Finish per-block values into chained prefix hashes (as Python ints for dict probes)."""
+        nb = mixed.size
+        mixed = self._mix(mixed, partial)
+        self._grow_positions(nb)
+        mixed *= self._pos_mult[:nb]
+        return np.cumsum(mixed, dtype=np.uint64).tolist()
+
+    def _grow_positions(self, nb: int) -> None:
         while nb > self._pos_mult.size:
             self._pos_mult = np.concatenate(
                 [self._pos_mult, self._positions(self._rng, self._pos_mult.size)]
             )
-        mixed *= self._pos_mult[:nb]
-        return np.cumsum(mixed, dtype=np.uint64).tolist()
+            self._pos_list = self._pos_mult.tolist()
+
+    def _text_blocks(self, text: str, length: int, nb: int) -> np.ndarray:
+        """The mixed per-block values of ``text`` (numpy; ``length`` chars, ``nb`` blocks)."""
+        raw = text.encode("utf-32-le", "surrogatepass")
+        partial = length % self.block
+        if partial:
+            raw += bytes((nb * self.block - length) * 4)
+        words = np.frombuffer(raw, dtype=np.uint64).reshape(nb, self.block // 2)
+        return self._mix(words @ self._word_mult, partial)
 
     def text(self, text: str) -> Prefixes:
         """Prefix hashes of a string, per ``block`` characters."""
         length = len(text)
         if not length:
             return Prefixes([], 0, self.block)
-        raw = text.encode("utf-32-le", "surrogatepass")
-        nb = -(-length // self.block)
-        partial = length % self.block
-        if partial:
-            raw += bytes((nb * self.block - length) * 4)
-        words = np.frombuffer(raw, dtype=np.uint64).reshape(nb, self.block // 2)
-        return Prefixes(self._chain(words @ self._word_mult, partial), length, self.block)
+        block = self.block
+        nb = -(-length // block)
+        if nb <= SHORT_BLOCKS:
+            return Prefixes(self._short_text(text, nb), length, block)
+        mixed = self._text_blocks(text, length, nb)
+        self._grow_positions(nb)
+        mixed *= self._pos_mult[:nb]
+        return Prefixes(np.cumsum(mixed, dtype=np.uint64).tolist(), length, block)
+
+    def _short_text(self, text: str, nb: int) -> list[int]:
+        """:meth:`text` of a short prompt, in Python: no numpy fixed costs.
+
+        numpy's fixed cost per call (about ten ufunc calls and a ``tolist``, ~20 µs) was most
+        of the routing decision for a prompt of a few blocks. Here a block's value comes from
+        a cache by block text (prompts share blocks: system prompts, templates, conversation
+        history), else from :meth:`_block_value` (a C-level ``struct`` unpack and dot
+        product, ~2-3 µs), and the chain is one multiply-add per block. The numbers are the
+        same as numpy's (``tests/test_tree.py``), so short and long prompts share prefixes.
+        """
+        block = self.block
+        cache = self._block_cache
+        out = []
+        acc = 0
+        positions = self._pos_list
+        for i in range(nb):
+            piece = text[i * block : (i + 1) * block]
+            value = cache.get(piece)
+            if value is None:
+                value = self._block_value(piece)
+                if len(cache) >= BLOCK_CACHE_SIZE:
+                    cache.clear()  # bounded memory; refilled by the next prompts
+                cache[piece] = value
+            acc = (acc + value * positions[i]) & _MASK64
+            out.append(acc)
+        return out
+
+    def _block_value(self, piece: str) -> int:
+        """One block's mixed value, as :meth:`_text_blocks` computes it (pure Python)."""
+        n = len(piece)
+        raw = piece.encode("utf-32-le", "surrogatepass")
+        if n < self.block:
+            raw += bytes((self.block - n) * 4)
+        value = sum(map(operator.mul, self._unpack(raw), self._word_mult_list)) & _MASK64
+        if n < self.block:
+            value ^= (n * int(_MIX2)) & _MASK64
+        value ^= value >> 31
+        value = (value * _MIX1_INT) & _MASK64
+        value ^= value >> 27
+        return value
 
     def tokens(self, ids: Sequence[int]) -> Prefixes:
         """Prefix hashes of a token-id list, per ``block`` tokens."""

@@ -16,9 +16,9 @@ What this client does, and all it does:
   dropped after ``keepalive_expiry`` seconds;
 - requests are written as one buffer; responses parsed by httptools (llhttp, C), with
   Content-Length, chunked and close-delimited bodies;
-- a body is either read whole (:meth:`NativeResponse.read`) or iterated chunk by chunk as it
-  arrives (``async for``), with back-pressure: reading from the worker pauses while more than
-  1 MiB waits for a slow client;
+- a body is either read whole (:meth:`NativeResponse.read`) or iterated as it arrives
+  (``async for``; what arrived together comes out as one piece), with back-pressure:
+  reading from the worker pauses while more than 1 MiB waits for a slow client;
 - every wait has a deadline; closing a response before its end closes the connection, which
   is how the worker learns that the client went away;
 - a request that fails on a *reused* connection before any byte of answer came back (the
@@ -168,6 +168,8 @@ class NativeResponse:
         self.buffered = 0
         self._error: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timed_out = False
         self._released = False
 
     # -- for the protocol ------------------------------------------------------------------
@@ -186,18 +188,29 @@ class NativeResponse:
         self._wake()
 
     async def _wait(self) -> None:
-        """Wait for the protocol's next event, up to the request's deadline."""
+        """Wait for the protocol's next event, up to the request's deadline.
+
+        One deadline timer per response (armed at the first wait, cancelled on release), not
+        one per wait: a stream waits once per piece, and a timer costs more than a future.
+        """
         loop = asyncio.get_running_loop()
-        remaining = self._deadline - loop.time()
-        if remaining <= 0:
+        if self._timer is None:
+            if self._deadline - loop.time() <= 0:
+                raise UpstreamTimeout("worker did not answer within the request timeout")
+            self._timer = loop.call_at(self._deadline, self._expire)
+        elif self._timed_out:
             raise UpstreamTimeout("worker did not answer within the request timeout")
         waiter = self._waiter = loop.create_future()
-        handle = loop.call_later(remaining, _expire, waiter)
         try:
             await waiter
         finally:
-            handle.cancel()
             self._waiter = None
+
+    def _expire(self) -> None:
+        self._timed_out = True
+        waiter = self._waiter
+        if waiter is not None:
+            _expire(waiter)
 
     # -- for the caller --------------------------------------------------------------------
     def header(self, name: str) -> str | None:
@@ -229,9 +242,20 @@ class NativeResponse:
         return self
 
     async def __anext__(self) -> bytes:
+        """The next piece of the body: everything that has arrived since the last one.
+
+        Chunks that arrived together (several SSE events in one socket read, which is what a
+        busy router gets) come out joined, so that the relay above pays its per-piece cost
+        (bookkeeping, one write to the client) once per read, not once per event.
+        """
         while True:
-            if self.chunks:
-                chunk = self.chunks.popleft()
+            chunks = self.chunks
+            if chunks:
+                if len(chunks) == 1:
+                    chunk = chunks.popleft()
+                else:
+                    chunk = b"".join(chunks)
+                    chunks.clear()
                 self.buffered -= len(chunk)
                 if self.buffered < _LOW_WATER:
                     self._conn.resume()
@@ -251,6 +275,8 @@ class NativeResponse:
         if self._released:
             return
         self._released = True
+        if self._timer is not None:
+            self._timer.cancel()
         conn = self._conn
         conn.response = None
         if self.complete and self.keep_alive and not conn.closed and self._error is None:
@@ -343,7 +369,8 @@ class UpstreamPool:
         for name, value in headers:
             head.append(b"%s: %s\r\n" % (name, value))
         head.append(b"content-length: %d\r\n\r\n" % len(body))
-        payload = b"".join(head) + body
+        head.append(body)
+        payload = b"".join(head)  # one copy of the body, not two
         for _ in range(2):
             conn = self._take_idle(origin)
             reused = conn is not None

@@ -1,0 +1,372 @@
+"""The lean server path for inference requests: from the parser straight to the forwarder.
+
+Why: under load most of a request's CPU went to the framework, not to routing
+(``benchmarks/PROFILE.md``): uvicorn's ASGI scope and message dicts, eight Starlette layers
+(middleware, routing, ``request_response``), ``Request`` objects, and for streams
+``StreamingResponse``'s anyio task group plus one ``send()`` wrapper chain and one socket
+write per event. The inference POSTs need none of it: their route is known from the request
+line, their body is read once, and their answer is one status line, a few headers and either
+one body or a relayed stream.
+
+How: :class:`~sglctl.router.http_server.LimitedHttpToolsProtocol` recognises ``POST`` to an
+inference path (exact path, HTTP/1.1) in ``on_headers_complete`` and creates a
+:class:`LeanCycle` instead of uvicorn's ``RequestResponseCycle``. The cycle has the
+attributes the protocol and uvicorn's connection code use (``body``, ``more_body``,
+``message_event``, ``keep_alive``, ``disconnected``, ``response_started``,
+``response_complete``, ``run_asgi``), so pipelining, keep-alive, graceful shutdown and the
+header/body limits and timeouts of :mod:`~sglctl.router.http_server` apply unchanged. Its
+coroutine reads the body, runs :func:`~sglctl.router.inference.admit_and_forward` (the same
+parse, admission, headers and forwarder as the Starlette route) and writes the answer to the
+transport itself:
+
+- a whole answer: status line, headers and body in **one write**;
+- a stream: the head, then each chunk in chunked encoding; chunks that are ready in the same
+  event-loop turn (and the head with the first chunk) are **joined into one write** (a write
+  is scheduled with ``call_soon`` and flushed at the turn's end, or at once at the end of the
+  stream); when the transport asks to pause, the relay waits for it to drain, so a slow client
+  pushes back on the worker connection (:mod:`~sglctl.router.upstream_native` stops reading
+  at 1 MiB buffered);
+- a client that disconnects cancels the request's task at once (the protocol sets
+  ``disconnected``): the upstream request is closed and its load and admission slots freed,
+  as the Starlette path's ``DisconnectWatcher`` and ``StreamingResponse`` do, but with a
+  callback instead of a second task.
+
+Everything else (admin, info, errors for other methods or paths) still goes through the
+Starlette app. With ``--cors-allowed-origins`` or in PD mode the lean path is off
+(:func:`enabled_for`): CORS headers come from Starlette's middleware, and PD's pairing lives
+on the Starlette route.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT, FlowControl
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE
+
+from sglctl.router import inference
+from sglctl.router.admission import AdmissionRejected
+from sglctl.router.errors import RouterError, error_body
+from sglctl.router.router import Router
+
+log = logging.getLogger(__name__)
+
+#: Raw request paths served by the lean path (the Starlette route table has the same ones).
+ROUTES: dict[bytes, str] = {
+    p.encode(): p for p in (*inference.KEYED_ROUTES, *inference.UNKEYED_ROUTES)
+}
+_CLOSE = b"connection: close\r\n"
+_CHUNKED = b"transfer-encoding: chunked\r\n\r\n"
+_LAST_CHUNK = b"0\r\n\r\n"
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def enabled_for(config: Any) -> bool:
+    """Whether a router with ``config`` serves inference on the lean path (module docstring)."""
+    return not config.cors_allowed_origins and not config.is_pd
+
+
+class FastPath:
+    """What every lean request needs from its process: the router, cached header bytes."""
+
+    routes = ROUTES
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self._defaults: list[tuple[bytes, bytes]] | None = None
+        self._defaults_bytes = b""
+
+    def default_headers(self, headers: list[tuple[bytes, bytes]]) -> bytes:
+        """uvicorn's default headers (``date``) as bytes, rebuilt when uvicorn renews them.
+
+        uvicorn replaces the list once a second (the date changes), so an identity check
+        tells whether the cached bytes are still right.
+        """
+        if headers is not self._defaults:
+            self._defaults = headers
+            self._defaults_bytes = b"".join(b"%s: %s\r\n" % (n, v) for n, v in headers)
+        return self._defaults_bytes
+
+    def cycle(
+        self,
+        protocol: Any,
+        route: str,
+        query: bytes,
+        headers: list[tuple[bytes, bytes]],
+        keep_alive: bool,
+        expect_100_continue: bool,
+    ) -> LeanCycle:
+        """The cycle for one lean request (the protocol calls this at the end of the head)."""
+        return LeanCycle(protocol, self, route, query, headers, keep_alive, expect_100_continue)
+
+
+class _ClientGone(Exception):
+    """The client hung up (or the body timed out) before the request was read."""
+
+
+def _noop() -> None:
+    pass
+
+
+class LeanCycle:
+    """One inference request on the lean path; duck-types uvicorn's ``RequestResponseCycle``."""
+
+    def __init__(
+        self,
+        protocol: Any,
+        fast: FastPath,
+        route: str,
+        query: bytes,
+        headers: list[tuple[bytes, bytes]],
+        keep_alive: bool,
+        expect_100_continue: bool,
+    ) -> None:
+        self.protocol = protocol
+        self.transport: asyncio.Transport = protocol.transport
+        self.flow: FlowControl = protocol.flow
+        self.fast = fast
+        self.route = route
+        self.query = query
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.waiting_for_100_continue = expect_100_continue
+        self.on_response = protocol.on_response_complete
+        self.message_event = asyncio.Event()
+        # Request state (the protocol's on_body / on_message_complete fill these).
+        self.body = bytearray()
+        self.more_body = True
+        # Response state.
+        self.response_started = False
+        self.response_complete = False
+        self._disconnected = False
+        self._task: asyncio.Task[Any] | None = None
+        self._pending: list[bytes] = []
+        self._flush_handle: asyncio.Handle | None = None
+
+    # -- what the protocol calls -----------------------------------------------------------
+    @property
+    def disconnected(self) -> bool:
+        return self._disconnected
+
+    @disconnected.setter
+    def disconnected(self, value: bool) -> None:
+        """The protocol saw the client go (or refused its body): stop this request now."""
+        self._disconnected = value
+        task = self._task
+        if value and task is not None and not task.done() and not self.response_complete:
+            task.cancel()
+
+    async def run_asgi(self, app: object) -> None:
+        """The request's task (uvicorn's name: the protocol starts and pipelines it)."""
+        self._task = asyncio.current_task()
+        try:
+            if self._disconnected:  # gone before the task ran
+                return
+            await self._serve()
+        finally:
+            self.on_response = _noop
+
+    # -- the request -----------------------------------------------------------------------
+    async def _serve(self) -> None:
+        router = self.fast.router
+        finish = inference.begin(router, self.route)
+        try:
+            body = await self._read_body(router.config.max_payload_size)
+            response = await inference.admit_and_forward(
+                router, self.route, self.query, body, self.headers, finish
+            )
+        except RouterError as exc:
+            finish(exc.status, False)
+            self._write_error(exc)
+            return
+        except AdmissionRejected as exc:
+            finish(429, False)
+            self._write_error(inference.rejected(exc))
+            return
+        except _ClientGone:
+            finish(inference.CLIENT_CLOSED, False)
+            return
+        except asyncio.CancelledError:
+            finish(inference.CLIENT_CLOSED, False)
+            if self._absorb_cancel():
+                return
+            raise
+        except Exception as exc:
+            finish(500, False)
+            log.exception("unexpected error on POST %s", self.route)
+            self._write_error(RouterError(500, f"internal router error: {type(exc).__name__}"))
+            return
+        iterator = getattr(response, "body_iterator", None)
+        if iterator is None:
+            self._write_whole(response.status_code, response.raw_headers, response.body)
+        else:
+            await self._stream(response.status_code, response.raw_headers, iterator)
+
+    def _absorb_cancel(self) -> bool:
+        """On CancelledError: True when the cancel was ours (the client left), to swallow."""
+        if not self._disconnected or self._task is None:
+            return False
+        uncancel = getattr(self._task, "uncancel", None)  # Python >= 3.11
+        return not (uncancel is not None and uncancel() > 0)
+
+    async def _read_body(self, limit: int) -> bytes:
+        """The body under ``limit`` (413), as :func:`~sglctl.router.request.read_body`."""
+        declared = None
+        for name, value in self.headers:
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    raise RouterError(400, "invalid Content-Length header") from None
+        if declared is not None and declared > limit:
+            raise RouterError(
+                413, f"request body of {declared} bytes exceeds the limit of {limit} bytes"
+            )
+        if self.waiting_for_100_continue and self.more_body:
+            self.waiting_for_100_continue = False
+            if not self.transport.is_closing():
+                self.transport.write(_CONTINUE)
+        chunks: list[bytes] = []
+        size = 0
+        event = self.message_event
+        while True:
+            if self._disconnected:
+                raise _ClientGone
+            if self.body:
+                part = bytes(self.body)
+                self.body = bytearray()
+                size += len(part)
+                if size > limit:
+                    raise RouterError(413, f"request body exceeds the limit of {limit} bytes")
+                chunks.append(part)
+            if not self.more_body:
+                break
+            self.flow.resume_reading()
+            self.protocol.body_wait()  # the body clocks of http_server.py start now
+            await event.wait()
+            event.clear()
+        if len(chunks) == 1:
+            return chunks[0]
+        return b"".join(chunks)
+
+    # -- writing ---------------------------------------------------------------------------
+    def _head(self, status: int, raw_headers: list[tuple[bytes, bytes]]) -> list[bytes]:
+        self.response_started = True
+        self.waiting_for_100_continue = False
+        parts = [
+            STATUS_LINE[status],
+            self.fast.default_headers(self.protocol.server_state.default_headers),
+        ]
+        for name, value in raw_headers:
+            parts.append(b"%s: %s\r\n" % (name, value))
+        if not self.keep_alive:
+            parts.append(_CLOSE)
+        return parts
+
+    def _complete(self) -> None:
+        self.response_complete = True
+        if not self.keep_alive:
+            self.transport.close()
+        self.on_response()  # the protocol: next pipelined request or keep-alive timer
+
+    def _write_whole(
+        self, status: int, raw_headers: list[tuple[bytes, bytes]], body: bytes | memoryview
+    ) -> None:
+        if self._disconnected:
+            return
+        parts = self._head(status, raw_headers)
+        parts.append(b"\r\n")
+        parts.append(bytes(body))  # the same object when it is bytes already
+        self.transport.write(b"".join(parts))
+        self._complete()
+
+    def _write_error(self, exc: RouterError) -> None:
+        body = error_body(exc.status, exc.message, exc.error_type)
+        headers = [
+            (b"content-length", b"%d" % len(body)),
+            (b"content-type", b"application/json"),
+        ]
+        for name, value in exc.headers.items():
+            headers.append((name.lower().encode("latin-1"), value.encode("latin-1")))
+        self._write_whole(exc.status, headers, body)
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        pending = self._pending
+        if pending:
+            data = b"".join(pending)
+            pending.clear()
+            if not self.transport.is_closing():
+                self.transport.write(data)
+
+    async def _stream(
+        self, status: int, raw_headers: list[tuple[bytes, bytes]], iterator: Any
+    ) -> None:
+        """Relay ``iterator``'s chunks in chunked encoding (module docstring: joining, flow)."""
+        # No early return when the client is already gone: the relay's ``finally`` (worker
+        # slot, in-flight watch, upstream connection) only runs once it has started, so the
+        # loop below starts it and leaves at the first piece.
+        pending = self._pending
+        pending.extend(self._head(status, raw_headers))
+        pending.append(_CHUNKED)
+        loop = self.protocol.loop
+        self._flush_handle = loop.call_soon(self._flush)
+        flow = self.flow
+        try:
+            async for chunk in iterator:
+                if not chunk:
+                    continue
+                if isinstance(chunk, str):
+                    chunk = chunk.encode("utf-8")
+                pending.append(b"%x\r\n" % len(chunk))
+                pending.append(chunk)
+                pending.append(b"\r\n")
+                if self._flush_handle is None:
+                    self._flush_handle = loop.call_soon(self._flush)
+                if flow.write_paused or len(pending) > 3 * 64:
+                    self._flush_now()
+                    if flow.write_paused:
+                        await flow.drain()
+                if self._disconnected:
+                    break
+        except asyncio.CancelledError:
+            self._drop_pending()
+            if self._absorb_cancel():
+                return
+            raise
+        except Exception:
+            self._drop_pending()
+            log.exception("stream of POST %s failed after it started", self.route)
+            self.transport.close()
+            return
+        finally:
+            await iterator.aclose()  # no-op when it ran to its end
+        if self._disconnected:
+            self._drop_pending()
+            return
+        pending.append(_LAST_CHUNK)
+        self._flush_now()
+        self._complete()
+
+    def _flush_now(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+        self._flush()
+
+    def _drop_pending(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        self._pending.clear()
+
+    # -- body bytes from the protocol ------------------------------------------------------
+    def feed(self, data: bytes) -> None:
+        """A piece of the request body (the protocol's ``on_body``)."""
+        if self.response_complete:
+            return  # answered already (413): the rest is read and dropped
+        self.body += data
+        if len(self.body) > HIGH_WATER_LIMIT:
+            self.flow.pause_reading()
+        self.message_event.set()

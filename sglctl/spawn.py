@@ -123,10 +123,7 @@ def spawn_router(
 ) -> ManagedProcess:
     """Start ``python -m sglctl.router`` in front of ``worker_urls`` on 127.0.0.1."""
     port = port or find_free_port()
-    args = [sys.executable, "-m", "sglctl.router", "--host", "127.0.0.1", "--port", str(port)]
-    if worker_urls:
-        args += ["--worker-urls", *worker_urls]
-    args += list(extra)
+    args = router_command(port, worker_urls, extra)
     return spawn(
         name or f"router-{port}",
         args,
@@ -135,3 +132,23 @@ def spawn_router(
         health_path=health_path,
         wait=wait,
     )
+
+
+def router_command(port: int, worker_urls: Sequence[str], extra: Sequence[str]) -> list[str]:
+    """The router's command line for :func:`spawn_router`.
+
+    The router's Prometheus listener defaults to port 29000, shared by every router on the
+    host: two test runs (or two routers in one test) would fight over it, and the loser fails
+    its start-up. So unless ``extra`` names ``--metrics-port``, the router gets a free one.
+    """
+    args = [sys.executable, "-m", "sglctl.router", "--host", "127.0.0.1", "--port", str(port)]
+    if worker_urls:
+        args += ["--worker-urls", *worker_urls]
+    if not _names_flag(extra, "--metrics-port"):
+        args += ["--metrics-port", str(find_free_port())]
+    return args + list(extra)
+
+
+def _names_flag(args: Sequence[str], flag: str) -> bool:
+    """Whether ``args`` gives ``flag`` (as ``--flag value`` or ``--flag=value``)."""
+    return any(arg == flag or arg.startswith(flag + "=") for arg in args)

@@ -290,12 +290,16 @@ def test_unsupported_flag_fails_at_start_with_one_line() -> None:
 
 
 def test_pd_mode_with_prefill_and_decode_sim_workers(procs) -> None:
-    prefill = procs.sim_worker(*FAST, "--role", "prefill")
+    # A free bootstrap port, not the default 8998 every prefill worker on the host would bind.
+    bootstrap = str(find_free_port())
+    prefill = procs.sim_worker(
+        *FAST, "--role", "prefill", "--disaggregation-bootstrap-port", bootstrap
+    )
     decode = procs.sim_worker(*FAST, "--role", "decode")
     router = procs.router(
         [],
         *router_flags(
-            "--pd-disaggregation", "--prefill", prefill.url, "8998", "--decode", decode.url
+            "--pd-disaggregation", "--prefill", prefill.url, bootstrap, "--decode", decode.url
         ),
     )
     with httpx.Client(base_url=router.url, timeout=30) as c:

@@ -243,7 +243,11 @@ def test_up_serves_heals_a_killed_worker_and_stops_clean(start_up: Callable[...,
         print(
             f"router dropped the killed worker {removal * 1000:.1f} ms after kill -9 (HTTP-polled)"
         )
-        assert removal < 0.1, f"the router kept the dead worker for {removal * 1000:.0f} ms"
+        # What this proves: the supervisor's exit notice (shared-memory table) took the worker
+        # out. Only the table source removes workers from the registry (/list_workers), and the
+        # router's own health checks (1 s interval, 3 failures: >= 2 s) could not even mark it
+        # unhealthy this fast. The ~10 ms figure is a speed target: benchmarks/supervision.py.
+        assert removal < 1.5, f"the router kept the dead worker for {removal * 1000:.0f} ms"
         assert restarted.pid != victim.pid and restarted.restarts == 1
         assert traffic.errors == [] and set(traffic.statuses) == {200}, (
             traffic.errors[:3],

@@ -149,6 +149,51 @@ async def test_stale_idle_connection_is_retried_on_a_new_one() -> None:
     pool.close_all()
 
 
+class _DeadTransport(asyncio.Transport):
+    """The transport of a worker just killed, as uvloop shows it between closing its handle
+    and delivering connection_lost(): closing, and write() raises RuntimeError."""
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        raise RuntimeError("unable to perform operation on <TCPTransport closed=True>")
+
+    def close(self) -> None:
+        pass
+
+    closing = True
+
+
+async def test_an_idle_connection_of_a_killed_worker_is_never_written_to() -> None:
+    """Reusing such a connection raised RuntimeError from transport.write: a 500 for the
+    client instead of a request on a fresh connection (seen in the kill-sequence test)."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            await writer.drain()
+
+    server = Server(handler)
+    pool = UpstreamPool()
+    async with server as url:
+        for closing in (True, False):  # skipped when closing; retried when write raises
+            r = await pool.request(url, b"POST", b"/x", [], b"{}", deadline())
+            assert await r.read() == b"ok"
+            (idle,) = [c for o in pool._origins.values() for c in o.idle]
+            real = idle.transport
+            dead = _DeadTransport()
+            dead.closing = closing
+            idle.transport = dead
+            r = await pool.request(url, b"POST", b"/x", [], b"{}", deadline())
+            assert await r.read() == b"ok"
+            assert real is not None
+            real.close()
+        assert server.connections == 3  # a fresh connection each time
+    pool.close_all()
+
+
 async def test_connection_refused_is_an_upstream_error() -> None:
     async with Server(read_request) as url:  # type: ignore[arg-type]
         pass  # closed: nothing listens on that port any more

@@ -322,7 +322,10 @@ class UpstreamPool:
         idle = origin.idle
         while idle:
             conn = idle.pop()
-            if conn.closed:
+            # A transport can be closing before connection_lost() has marked the connection
+            # closed (the worker was just killed): writing to it would raise, so skip it.
+            if conn.closed or conn.transport is None or conn.transport.is_closing():
+                conn.closed = True
                 continue
             if now - conn.idle_since > self.keepalive_expiry:
                 conn.close()
@@ -380,7 +383,10 @@ class UpstreamPool:
             conn.response = response
             try:
                 assert conn.transport is not None
-                conn.transport.write(payload)
+                try:
+                    conn.transport.write(payload)
+                except RuntimeError as exc:  # uvloop: the transport closed under us
+                    raise UpstreamError(f"connection to the worker closed: {exc}") from None
                 await response.wait_headers()
                 return response
             except UpstreamTimeout:

@@ -188,7 +188,12 @@ def start_workers(log_dir: Path, settings: Settings) -> list[ManagedProcess]:
 
 
 def start_routers(
-    log_dir: Path, count: int, worker_urls: Sequence[str], policy: str, placement: str = "tree"
+    log_dir: Path,
+    count: int,
+    worker_urls: Sequence[str],
+    policy: str,
+    placement: str = "tree",
+    extra: Sequence[str] = (),
 ) -> list[ManagedProcess]:
     routers: list[ManagedProcess] = []
     try:
@@ -201,6 +206,7 @@ def start_routers(
                     policy,
                     "--placement",
                     placement,
+                    *extra,
                     "--metrics-port",
                     str(find_free_port()),
                     "--log-level",
@@ -247,9 +253,10 @@ def run_setup(
     log_dir: Path,
     policy: str,
     placement: str = "tree",
+    extra: Sequence[str] = (),
 ) -> tuple[BenchResult, list[int]]:
     flush(worker_urls)
-    routers = start_routers(log_dir, replicas, worker_urls, policy, placement)
+    routers = start_routers(log_dir, replicas, worker_urls, policy, placement, extra)
     pick = session_picker(workload, builder, replicas) if spread == "session" else None
     transport = SpreadTransport([r.url for r in routers], pick)
     try:
@@ -299,6 +306,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="how clients reach the replicas: a new replica per request (round-robin), one "
         "per conversation (sticky sessions), or both setups",
     )
+    parser.add_argument(
+        "--router-flag",
+        action="append",
+        default=[],
+        metavar="FLAG",
+        help="one more flag for every router, e.g. --router-flag=--placement-epsilon=1 (repeat)",
+    )
     parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
     args = parser.parse_args(argv)
     base = QUICK if args.quick else FULL
@@ -319,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Router replicas: {settings.max_requests} requests of {args.trace.name}, "
         f"{settings.workers} sim workers (--kv-cache-tokens {settings.kv_cache_tokens}, "
         f"--speedup {settings.sim_speedup:g}), trace time / {settings.speedup:g}, "
-        f"policy {args.policy}, --placement {args.placement}"
+        f"policy {args.policy}, --placement {args.placement} {' '.join(args.router_flag)}"
     )
     started = time.monotonic()
     workers = start_workers(log_dir, settings)
@@ -341,6 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log_dir,
                 args.policy,
                 args.placement,
+                args.router_flag,
             )
             s = rows[replicas, spread][0].summary
             console.print(
@@ -360,6 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "settings": settings.__dict__,
         "policy": args.policy,
         "placement": args.placement,
+        "router_flags": args.router_flag,
     }
     for (replicas, spread), (result, sent) in rows.items():
         s = result.summary

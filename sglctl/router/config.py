@@ -41,7 +41,7 @@ class RouterConfig:
     max_tree_size: int = 16_777_216
     #: sglctl only (policies/placement.py): where cache_aware puts a prefix no tree holds.
     placement: str = "tree"
-    placement_epsilon: float = 0.25
+    placement_epsilon: float = 1.0
     placement_key_blocks: int = 64
 
     # Limits.

@@ -26,10 +26,14 @@ its prefill (``benchmarks/RESULTS.md``, "Router replicas": 47% of the hits lost)
 - **Bounded loads** (Mirrokni, Thorup, Zadimoghaddam, "Consistent Hashing with Bounded Loads"):
   walking the workers in score order, skip one whose in-flight count would exceed
   ``ceil((1 + epsilon) x mean)`` with this request counted, so a hot key cannot pile onto one
-  worker. ``epsilon`` (default 0.25) trades balance for stickiness: 0 forces near-perfect
-  balance and moves many keys off their first choice, large values never skip. The loads are
-  the replica's own in-flight counts (each replica sees its share of the traffic), so the bound
-  holds per replica; the cache-aware imbalance check still runs first, on the same counts.
+  worker. ``epsilon`` trades balance for agreement: 0 forces near-perfect balance and moves
+  many keys off their first choice, large values never skip. The loads are the replica's own
+  in-flight counts (each replica sees its share of the traffic): small integers that differ
+  between replicas, so a tight bound skips a conversation's owner on one replica and not on
+  another, and that disagreement is a lost hit. Measured (``benchmarks/replicas.py``, 3
+  replicas, per-request spread): epsilon 0.25 kept 0.134 of hits, 1.0 kept 0.176 at the same
+  max/mean request balance (1.11-1.16); hence the default 1.0 (a worker may hold up to twice
+  the mean). The cache-aware imbalance check still runs first, on the same counts.
 
 The tree still refines it: a request that matches a worker's tree above ``--cache-threshold``
 follows the tree, whatever the hash says.
@@ -49,7 +53,7 @@ PLACEMENTS = ("tree", "hash")
 #: Blocks of the prompt (64 characters, or 64 token ids, each) that name its conversation.
 DEFAULT_KEY_BLOCKS = 64
 #: Headroom over the mean in-flight count before a worker is skipped (bounded loads).
-DEFAULT_EPSILON = 0.25
+DEFAULT_EPSILON = 1.0
 _MASK64 = (1 << 64) - 1
 
 

@@ -28,6 +28,7 @@ section of benchmarks/RESULTS.md.
 
     python benchmarks/replicas.py --quick     # about a minute and a half
     python benchmarks/replicas.py             # the recorded run (a few minutes)
+    python benchmarks/replicas.py --placement hash --spread request   # replicas that agree
 """
 
 from __future__ import annotations
@@ -187,7 +188,12 @@ def start_workers(log_dir: Path, settings: Settings) -> list[ManagedProcess]:
 
 
 def start_routers(
-    log_dir: Path, count: int, worker_urls: Sequence[str], policy: str
+    log_dir: Path,
+    count: int,
+    worker_urls: Sequence[str],
+    policy: str,
+    placement: str = "tree",
+    extra: Sequence[str] = (),
 ) -> list[ManagedProcess]:
     routers: list[ManagedProcess] = []
     try:
@@ -198,6 +204,9 @@ def start_routers(
                     worker_urls,
                     "--policy",
                     policy,
+                    "--placement",
+                    placement,
+                    *extra,
                     "--metrics-port",
                     str(find_free_port()),
                     "--log-level",
@@ -243,9 +252,11 @@ def run_setup(
     workload: Workload,
     log_dir: Path,
     policy: str,
+    placement: str = "tree",
+    extra: Sequence[str] = (),
 ) -> tuple[BenchResult, list[int]]:
     flush(worker_urls)
-    routers = start_routers(log_dir, replicas, worker_urls, policy)
+    routers = start_routers(log_dir, replicas, worker_urls, policy, placement, extra)
     pick = session_picker(workload, builder, replicas) if spread == "session" else None
     transport = SpreadTransport([r.url for r in routers], pick)
     try:
@@ -283,11 +294,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--kv-cache-tokens", type=int)
     parser.add_argument("--policy", default="cache_aware")
     parser.add_argument(
+        "--placement",
+        choices=("tree", "hash"),
+        default="tree",
+        help="the routers' --placement: where cache_aware puts a prefix no tree holds",
+    )
+    parser.add_argument(
         "--spread",
         choices=(*SPREADS, "both"),
         default="both",
         help="how clients reach the replicas: a new replica per request (round-robin), one "
         "per conversation (sticky sessions), or both setups",
+    )
+    parser.add_argument(
+        "--router-flag",
+        action="append",
+        default=[],
+        metavar="FLAG",
+        help="one more flag for every router, e.g. --router-flag=--placement-epsilon=1 (repeat)",
     )
     parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
     args = parser.parse_args(argv)
@@ -309,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Router replicas: {settings.max_requests} requests of {args.trace.name}, "
         f"{settings.workers} sim workers (--kv-cache-tokens {settings.kv_cache_tokens}, "
         f"--speedup {settings.sim_speedup:g}), trace time / {settings.speedup:g}, "
-        f"policy {args.policy}"
+        f"policy {args.policy}, --placement {args.placement} {' '.join(args.router_flag)}"
     )
     started = time.monotonic()
     workers = start_workers(log_dir, settings)
@@ -322,7 +346,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for replicas, spread in setups:
             rows[replicas, spread] = run_setup(
-                replicas, spread, settings, urls, builder, workload, log_dir, args.policy
+                replicas,
+                spread,
+                settings,
+                urls,
+                builder,
+                workload,
+                log_dir,
+                args.policy,
+                args.placement,
+                args.router_flag,
             )
             s = rows[replicas, spread][0].summary
             console.print(
@@ -338,7 +371,12 @@ def main(argv: Sequence[str] | None = None) -> int:
               "max/mean req", "requests per replica"]  # fmt: skip
     for name in header:
         table.add_column(name, justify="left" if name == "routers" else "right")
-    out: dict[str, object] = {"settings": settings.__dict__, "policy": args.policy}
+    out: dict[str, object] = {
+        "settings": settings.__dict__,
+        "policy": args.policy,
+        "placement": args.placement,
+        "router_flags": args.router_flag,
+    }
     for (replicas, spread), (result, sent) in rows.items():
         s = result.summary
         cells = [

@@ -39,6 +39,10 @@ class RouterConfig:
     balance_rel_threshold: float = 1.0001
     eviction_interval_secs: float = 60.0
     max_tree_size: int = 16_777_216
+    #: sglctl only (policies/placement.py): where cache_aware puts a prefix no tree holds.
+    placement: str = "tree"
+    placement_epsilon: float = 1.0
+    placement_key_blocks: int = 64
 
     # Limits.
     max_payload_size: int = 10_485_760

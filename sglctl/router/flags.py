@@ -257,6 +257,28 @@ def build_parser(prog: str = "sglctl router") -> argparse.ArgumentParser:
         help="characters kept per worker in the approximate prefix tree",
     )
     g.add_argument(
+        "--placement",
+        choices=("tree", "hash"),
+        default=d.placement,
+        help="sglctl only, cache_aware: where a prefix no tree holds goes. tree: the smallest "
+        "tree (SGLang's rule); hash: rendezvous hashing of its leading blocks with bounded "
+        "loads, the same on every router replica (use it for several replicas)",
+    )
+    g.add_argument(
+        "--placement-epsilon",
+        type=nnf,
+        default=d.placement_epsilon,
+        help="--placement hash: skip a worker whose in-flight count would exceed "
+        "(1 + this) x the mean",
+    )
+    g.add_argument(
+        "--placement-key-blocks",
+        type=pi,
+        default=d.placement_key_blocks,
+        help="--placement hash: leading 64-character (or 64-token) blocks that key a prompt; "
+        "must reach past a system prompt shared by every request",
+    )
+    g.add_argument(
         "--max-payload-size",
         type=pi,
         default=d.max_payload_size,

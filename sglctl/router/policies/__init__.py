@@ -34,6 +34,9 @@ def make_policy(name: str, config: RouterConfig) -> Policy:
             balance_rel_threshold=config.balance_rel_threshold,
             eviction_interval_secs=config.eviction_interval_secs,
             max_tree_size=config.max_tree_size,
+            placement=config.placement,
+            placement_epsilon=config.placement_epsilon,
+            placement_key_blocks=config.placement_key_blocks,
         )
     simple: dict[str, type[Policy]] = {
         "round_robin": RoundRobinPolicy,

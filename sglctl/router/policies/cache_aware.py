@@ -7,8 +7,11 @@ For each request, among the routable workers:
    loaded worker: a hot prefix must not pile everything onto one worker.
 2. Otherwise find the worker whose tree shares the longest prefix with the request. If
    ``matched / request length > cache_threshold`` route there (its KV cache very likely holds
-   that prefix); else route to the worker with the smallest tree, which spreads new prefixes
-   over the workers.
+   that prefix); else place the new prefix: with ``placement="tree"`` (the default) on the
+   worker with the smallest tree, which spreads new prefixes over the workers; with
+   ``placement="hash"`` by rendezvous hashing of the prompt's leading blocks with bounded loads
+   (:mod:`sglctl.router.policies.placement`), which every router replica computes the same
+   way, so replicas agree on where a conversation lives without talking to each other.
 3. Either way, record the request's text under the chosen worker.
 
 A background task trims every worker's tree to ``max_tree_size`` characters every
@@ -27,12 +30,14 @@ import logging
 from collections.abc import Sequence
 from operator import attrgetter
 
+from sglctl.router.policies import placement
 from sglctl.router.policies.base import NO_KEY, Policy, RouteKey
 from sglctl.router.tree import DEFAULT_BLOCK, Prefixes, PrefixHasher, PrefixTree
 from sglctl.router.workers import Worker
 
 log = logging.getLogger(__name__)
 _load = attrgetter("in_flight")
+_PLACEMENTS = placement.PLACEMENTS
 
 
 class CacheAwarePolicy(Policy):
@@ -49,12 +54,22 @@ class CacheAwarePolicy(Policy):
         eviction_interval_secs: float = 60.0,
         max_tree_size: int = 16_777_216,
         block: int = DEFAULT_BLOCK,
+        placement: str = "tree",
+        placement_epsilon: float = placement.DEFAULT_EPSILON,
+        placement_key_blocks: int = placement.DEFAULT_KEY_BLOCKS,
     ) -> None:
+        if placement not in _PLACEMENTS:
+            raise ValueError(f"placement must be one of {_PLACEMENTS}, got {placement!r}")
+        if placement_epsilon < 0 or placement_key_blocks < 1:
+            raise ValueError("placement_epsilon must be >= 0 and placement_key_blocks >= 1")
         self.cache_threshold = cache_threshold
         self.balance_abs_threshold = balance_abs_threshold
         self.balance_rel_threshold = balance_rel_threshold
         self.eviction_interval_secs = eviction_interval_secs
         self.max_tree_size = max_tree_size
+        self.placement = placement
+        self.placement_epsilon = placement_epsilon
+        self.placement_key_blocks = placement_key_blocks
         self.hasher = PrefixHasher(block)
         self.tree = PrefixTree(block)
         #: Requests routed to a worker because of a prefix match, and the others; exported
@@ -105,11 +120,19 @@ class CacheAwarePolicy(Policy):
                 chosen = by_url[best_url]
             else:
                 self.cache_misses += 1
-                self.last_decision = "cache_miss"
-                smallest = self.tree.smallest(w.url for w in by_load)
-                chosen = by_url[smallest] if smallest is not None else by_load[0]
+                chosen = self.place(prefixes, by_load)
         self.tree.insert(prefixes, chosen.url)
         return chosen
+
+    def place(self, prefixes: Prefixes, by_load: Sequence[Worker]) -> Worker:
+        """Where a prefix no tree holds goes (``by_load``: the workers, least loaded first)."""
+        self.last_decision = "cache_miss"  # both placements: metrics count it as a miss
+        if self.placement == "hash":
+            hash_key = placement.placement_key(prefixes, self.placement_key_blocks)
+            if hash_key is not None:
+                return placement.choose(hash_key, by_load, self.placement_epsilon)
+        smallest = self.tree.smallest(w.url for w in by_load)
+        return by_load[0] if smallest is None else next(w for w in by_load if w.url == smallest)
 
     def on_worker_added(self, worker: Worker) -> None:
         self.tree.add_tenant(worker.url)

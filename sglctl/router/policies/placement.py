@@ -1,0 +1,118 @@
+"""Where a *new* prefix goes, computed the same way by every router replica (``--placement hash``).
+
+Each router replica keeps its own prefix tree, so when replicas share the same workers a
+conversation whose turns land on different replicas looks new to all but one of them. With
+``--placement tree`` (the default, as the SGLang Router does) a new prefix goes to the worker
+with the smallest tree -- a choice that depends on what *this* replica happened to route, so
+three replicas send the same conversation to three different workers and two of them recompute
+its prefill (``benchmarks/RESULTS.md``, "Router replicas": 47% of the hits lost).
+
+``--placement hash`` makes the choice a pure function of the request and the worker list:
+
+- **The key** is the prefix hash of the prompt's first ``key_blocks`` blocks (the chain
+  :class:`~sglctl.router.tree.PrefixHasher` already computes for the tree; it is seeded, so every
+  process computes the same numbers). Turns of one conversation repeat its earlier prompt, so
+  they share their leading blocks, and therefore their key: every turn, on every replica, maps
+  to the same worker, which is the one holding its KV cache. The key must reach past a system
+  prompt every request shares, or every request would get the same key: the default, 64 blocks
+  of 64 characters (~1k tokens of text), covers the trace's 512-token system block plus the
+  conversation's first own block. A prompt shorter than that is keyed by its last full block
+  (its whole text), so a conversation whose first turn is short may move once, at turn two.
+- **The worker** is chosen by rendezvous (highest-random-weight) hashing of the key over the
+  routable workers' URLs: each worker scores ``mix(key, url)`` and the highest score wins. Unlike
+  ``key % n``, a worker leaving moves only the keys it owned (each to its second choice) and a
+  worker joining takes only the keys it now wins, about ``1/n`` of them: the other workers'
+  caches stay warm. No ring, no state, so a restarted replica agrees at once.
+- **Bounded loads** (Mirrokni, Thorup, Zadimoghaddam, "Consistent Hashing with Bounded Loads"):
+  walking the workers in score order, skip one whose in-flight count would exceed
+  ``ceil((1 + epsilon) x mean)`` with this request counted, so a hot key cannot pile onto one
+  worker. ``epsilon`` trades balance for agreement: 0 forces near-perfect balance and moves
+  many keys off their first choice, large values never skip. The loads are the replica's own
+  in-flight counts (each replica sees its share of the traffic): small integers that differ
+  between replicas, so a tight bound skips a conversation's owner on one replica and not on
+  another, and that disagreement is a lost hit. Measured (``benchmarks/replicas.py``, 3
+  replicas, per-request spread): epsilon 0.25 kept 0.134 of hits, 1.0 kept 0.176 at the same
+  max/mean request balance (1.11-1.16); hence the default 1.0 (a worker may hold up to twice
+  the mean). The cache-aware imbalance check still runs first, on the same counts.
+
+The tree still refines it: a request that matches a worker's tree above ``--cache-threshold``
+follows the tree, whatever the hash says.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from functools import lru_cache
+
+from sglctl.router.tree import Prefixes
+from sglctl.router.workers import Worker
+
+PLACEMENTS = ("tree", "hash")
+#: Blocks of the prompt (64 characters, or 64 token ids, each) that name its conversation.
+DEFAULT_KEY_BLOCKS = 64
+#: Headroom over the mean in-flight count before a worker is skipped (bounded loads).
+DEFAULT_EPSILON = 1.0
+_MASK64 = (1 << 64) - 1
+
+
+@lru_cache(maxsize=4096)
+def url_seed(url: str) -> int:
+    """A stable 64-bit number per worker URL (Python's ``hash`` of a str changes per process)."""
+    return int.from_bytes(hashlib.blake2b(url.encode(), digest_size=8).digest(), "big")
+
+
+def _mix(value: int) -> int:
+    """splitmix64's finaliser: every input bit reaches every output bit."""
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
+
+
+def score(key: int, url: str) -> int:
+    """The rendezvous weight of ``url`` for ``key``: the highest one owns the key."""
+    return _mix(key ^ url_seed(url))
+
+
+def placement_key(prefixes: Prefixes, key_blocks: int = DEFAULT_KEY_BLOCKS) -> int | None:
+    """The prefix hash naming the prompt's conversation (None for an empty prompt).
+
+    The hash of the first ``key_blocks`` blocks; for a shorter prompt, of its last *full* block
+    (a trailing partial block hashes differently from the full block the next turn will hold).
+    """
+    hashes = prefixes.hashes
+    if not hashes:
+        return None
+    full = prefixes.length // prefixes.block
+    depth = min(key_blocks, full) if full else 1
+    return hashes[depth - 1]
+
+
+def ranked(key: int, workers: Sequence[Worker]) -> list[Worker]:
+    """``workers`` by rendezvous weight for ``key``, owner first (ties: by URL, stable)."""
+    return sorted(workers, key=lambda w: (score(key, w.url), w.url), reverse=True)
+
+
+def capacity(workers: Sequence[Worker], epsilon: float) -> int:
+    """Most requests in flight a worker may hold, this one included, before it is skipped."""
+    total = sum(w.in_flight for w in workers) + 1
+    return max(1, math.ceil((1.0 + epsilon) * total / len(workers)))
+
+
+def choose(key: int, workers: Sequence[Worker], epsilon: float = DEFAULT_EPSILON) -> Worker:
+    """The highest-weight worker for ``key`` whose load stays within the bound.
+
+    The same worker as walking :func:`ranked` and taking the first within the bound, in one
+    pass (no sort: ~4 µs instead of ~9 µs for 8 workers). Some worker is always at or below
+    the mean, so one always qualifies; the least loaded is only a guard.
+    """
+    cap = capacity(workers, epsilon)
+    best: Worker | None = None
+    best_score = (-1, "")
+    for worker in workers:
+        if worker.in_flight < cap:
+            weight = (_mix(key ^ url_seed(worker.url)), worker.url)
+            if weight > best_score:
+                best, best_score = worker, weight
+    return best if best is not None else min(workers, key=lambda w: w.in_flight)

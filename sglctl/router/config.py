@@ -39,6 +39,8 @@ class RouterConfig:
     balance_rel_threshold: float = 1.0001
     eviction_interval_secs: float = 60.0
     max_tree_size: int = 16_777_216
+    #: sglctl only: seconds between /get_load polls of each worker (load_poll.py); 0: off.
+    load_poll_interval_secs: float = 0.5
 
     # Limits.
     max_payload_size: int = 10_485_760

@@ -55,6 +55,7 @@ from itertools import count
 from sglctl.router.load_poll import WorkerLoad
 from sglctl.router.policies.base import NO_KEY, Policy, RouteKey, Ticket
 from sglctl.router.policies.reports import (
+    CHARS_PER_TOKEN,
     TAIL_BYTES,
     cached_tokens,
     tokens_to_units,
@@ -87,7 +88,8 @@ EXPIRY_FACTOR = 1.5
 CORRECTION_INTERVAL_SECS = 0.25
 #: Load reports older than this are ignored (the poller is late or the worker is gone).
 LOAD_STALE_SECS = 3.0
-_TIE_DIGITS = 6  # predicted seconds compared to the microsecond
+#: Predicted times this close (seconds) are a tie.
+TIE_SECS = 1e-6
 
 
 class _WorkerModel:
@@ -267,20 +269,45 @@ class LeastTTFTPolicy(Policy):
         if len(workers) == 1:
             self.last_decision = "single_worker"
             return self._dispatch(workers[0], prefixes, text, *self._match(workers[0], prefixes))
-        best: tuple[float, int, int] | None = None
-        chosen = workers[0]
-        chosen_match = (0, 0)
+        # One pass, no per-worker allocations: this runs for every request (see the
+        # decision-time figures in benchmarks/RESULTS.md).
+        tree, models = self.tree, self.models
+        length = prefixes.length if prefixes is not None else 0
+        block = self.tree.block
+        best_cost = best_blocks = best_load = 0.0
+        chosen: Worker | None = None
+        blocks = 0
         for worker in workers:
-            blocks, tick = self._match(worker, prefixes)
-            uncached = self._uncached(prefixes, blocks, text)
-            cost = round(self.predict(worker, uncached, now), _TIE_DIGITS)
-            rank = (cost, -blocks, worker.in_flight)
-            if best is None or rank < best:
-                best, chosen, chosen_match = rank, worker, (blocks, tick)
+            url = worker.url
+            model = models.get(url) or self.model(url)
+            if prefixes is not None:
+                blocks = tree.match_blocks(prefixes, url)
+                uncached = length - min(blocks * block, length)
+                if text:
+                    uncached = -(-uncached // CHARS_PER_TOKEN)
+            else:
+                uncached = 0
+            cost = (self.backlog(worker, model, now) + uncached + OVERHEAD_TOKENS) / model.rate
+            if chosen is None or cost < best_cost - TIE_SECS:
+                better = True
+            elif cost <= best_cost + TIE_SECS:  # a tie: the longer match, then the less loaded
+                better = blocks > best_blocks or (
+                    blocks == best_blocks and worker.in_flight < best_load
+                )
+            else:
+                better = False
+            if better:
+                chosen, best_cost, best_blocks, best_load = worker, cost, blocks, worker.in_flight
+        assert chosen is not None
+        chosen_blocks = int(best_blocks)
+        chosen_match = (
+            chosen_blocks,
+            tree.last_use(prefixes, chosen.url, chosen_blocks) if prefixes is not None else 0,
+        )
         if prefixes is None:
             self.last_decision = "no_text"
             self.cache_misses += 1
-        elif chosen_match[0]:
+        elif chosen_blocks:
             self.last_decision = "cache_hit"
             self.cache_hits += 1
         else:

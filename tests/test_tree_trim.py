@@ -112,3 +112,14 @@ def test_a_failed_attempt_is_trimmed_back() -> None:
     assert policy.tree.match_blocks(policy.hasher.text(longer), W) == 30
     ticket.done(False, b"")
     assert policy.tree.match_blocks(policy.hasher.text(longer), W) == 20
+
+
+def test_a_stream_broken_after_its_first_chunk_keeps_its_path() -> None:
+    policy, worker, a, _, _ = setup_evicted()
+    longer = a + text(640, 14)
+    policy.select([worker], RouteKey(text=longer))
+    ticket = policy.begin_attempt(worker)
+    assert ticket is not None
+    ticket.first_byte(True)  # the worker prefilled it: the client left later
+    ticket.done(False, b"")
+    assert policy.tree.match_blocks(policy.hasher.text(longer), W) == 30

@@ -132,6 +132,7 @@ class _Ticket:
         "prefixes",
         "queued",
         "started",
+        "streamed",
         "text",
         "tokens",
         "url",
@@ -162,6 +163,8 @@ class _Ticket:
         self.started = 0.0
         self.queued = False
         self.closed = False
+        #: A streamed first chunk came: the worker prefilled the prompt, whatever follows.
+        self.streamed = False
 
     def enqueue(self) -> None:
         model = self.model
@@ -184,6 +187,7 @@ class _Ticket:
         if self.closed:
             return
         was_queued = self.queued
+        self.streamed = streamed
         self.dequeue()
         # Only a streamed first chunk times the prefill; a whole answer includes its decode.
         if streamed and was_queued:
@@ -361,8 +365,10 @@ class LeastTTFTPolicy(Policy):
         if prefixes is None or ticket.url not in self.models:
             return
         if not ok:
-            # It may never have been prefilled there: back to what the tree had before.
-            self.tree.trim(prefixes, ticket.url, ticket.predicted_blocks)
+            if not ticket.streamed:
+                # No first token: it may never have been prefilled there. Back to what the
+                # tree had before (a stream that broke later was prefilled: kept).
+                self.tree.trim(prefixes, ticket.url, ticket.predicted_blocks)
             return
         if ticket.predicted_blocks <= SLACK_BLOCKS:
             return

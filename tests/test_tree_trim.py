@@ -123,3 +123,25 @@ def test_a_stream_broken_after_its_first_chunk_keeps_its_path() -> None:
     ticket.first_byte(True)  # the worker prefilled it: the client left later
     ticket.done(False, b"")
     assert policy.tree.match_blocks(policy.hasher.text(longer), W) == 30
+
+
+def test_a_prompt_still_in_prefill_is_no_eviction() -> None:
+    """B shares A's path while A is still in prefill: the worker cannot report it cached yet."""
+    policy = LeastTTFTPolicy()
+    worker = Worker(W)
+    policy.on_worker_added(worker)
+    old = text(1280, 20)
+    policy.select([worker], RouteKey(text=old))
+    first = policy.begin_attempt(worker)
+    assert first is not None
+    first.done(True, answer(0))
+    a = text(1280, 21)
+    policy.select([worker], RouteKey(text=a))
+    in_prefill = policy.begin_attempt(worker)  # no first byte yet
+    policy.select([worker], RouteKey(text=a + "more"))
+    follower = policy.begin_attempt(worker)
+    assert in_prefill is not None and follower is not None
+    follower.done(True, answer(0))  # nothing cached yet: A is still being prefilled
+    assert policy.corrections == 0
+    assert policy.apply_corrections() == 0
+    assert policy.tree.match_blocks(policy.hasher.text(old), W) == 20

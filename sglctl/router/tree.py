@@ -231,6 +231,11 @@ class PrefixTree:
         """Drop everything known about ``name`` (its worker left)."""
         self._tenants.pop(name, None)
 
+    @property
+    def tick(self) -> int:
+        """The last insert's tick (ticks grow by one per insert)."""
+        return self._tick
+
     def tenants(self) -> list[str]:
         return list(self._tenants)
 

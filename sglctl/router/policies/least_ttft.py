@@ -95,7 +95,7 @@ TIE_SECS = 1e-6
 class _WorkerModel:
     """What the policy knows about one worker: its learned rate and its prefill queue."""
 
-    __slots__ = ("expiry", "queued", "queued_tokens", "rate", "samples")
+    __slots__ = ("expiry", "pending", "queued", "queued_tokens", "rate", "samples")
 
     def __init__(self) -> None:
         self.rate = PRIOR_RATE
@@ -105,6 +105,9 @@ class _WorkerModel:
         self.queued_tokens = 0
         #: (expiry time, sequence, ticket): non-streamed requests leave the queue by then.
         self.expiry: list[tuple[float, int, _Ticket]] = []
+        #: Queued tickets (by id) -> the tree tick of their insert, in dispatch order, so the
+        #: first value is the oldest tick whose prompt may still be in prefill there.
+        self.pending: dict[int, int] = {}
 
     def learn(self, tokens: int, seconds: float) -> None:
         if tokens < MIN_LEARN_TOKENS or seconds <= 0:
@@ -171,6 +174,12 @@ class _Ticket:
         now = time.monotonic()
         self.started = now
         self.work = model.queued_tokens + self.tokens
+        pending = model.pending
+        if pending and self.old_tick >= next(iter(pending.values())):
+            # The matched path was last sent with a request still in prefill there: the
+            # worker may not hold it *yet*, so a short report would not mean an eviction.
+            self.old_tick = 0
+        pending[id(self)] = self.policy.tree.tick
         model.queued += 1
         model.queued_tokens += self.tokens
         self.queued = True
@@ -180,6 +189,7 @@ class _Ticket:
     def dequeue(self) -> None:
         if self.queued:
             self.queued = False
+            self.model.pending.pop(id(self), None)
             self.model.queued -= 1
             self.model.queued_tokens -= self.tokens
 
@@ -370,7 +380,7 @@ class LeastTTFTPolicy(Policy):
                 # tree had before (a stream that broke later was prefilled: kept).
                 self.tree.trim(prefixes, ticket.url, ticket.predicted_blocks)
             return
-        if ticket.predicted_blocks <= SLACK_BLOCKS:
+        if ticket.predicted_blocks <= SLACK_BLOCKS or ticket.old_tick <= 0:
             return
         reported = cached_tokens(tail[-TAIL_BYTES:])
         if reported is None:

@@ -106,8 +106,6 @@ def test_learned_rate_moves_work_to_the_faster_worker() -> None:
 def test_prior_until_enough_samples() -> None:
     model = _WorkerModel()
     assert model.rate == PRIOR_RATE
-    model.learn(10, 1.0)  # too little work to time: ignored
-    assert model.samples == 0 and model.rate == PRIOR_RATE
     model.learn(10_000, 1.0)  # the first sample weighs as much as the prior
     assert model.rate == pytest.approx((PRIOR_RATE + 10_000) / 2)
     model.learn(10_000, 0.0)  # a zero duration teaches nothing
@@ -128,6 +126,14 @@ def test_streamed_first_byte_teaches_and_dequeues() -> None:
     ticket.done(True, b"")
     ticket.done(True, b"")  # idempotent
     assert model.queued == 0
+
+
+def test_a_short_uncached_prompt_does_not_teach() -> None:
+    policy, workers = make(1)
+    chosen = route(policy, workers, RouteKey(text=text(400, 9)))  # 100 tokens
+    (ticket,) = [t for _, _, t in policy.models[chosen.url].expiry]
+    ticket.first_byte(True)
+    assert policy.models[chosen.url].samples == 0
 
 
 def test_whole_answer_does_not_teach_but_dequeues() -> None:

@@ -73,8 +73,10 @@ PRIOR_RATE = 20_000.0
 EWMA_ALPHA = 0.1
 #: Samples are kept within this factor of the prior: a timer glitch cannot wreck a rate.
 RATE_CLAMP = 50.0
-#: Answers with less work than this (tokens) teach nothing: fixed costs dominate them.
-MIN_LEARN_TOKENS = 64
+#: Answers whose own uncached prompt is shorter than this (tokens) teach nothing: fixed
+#: costs (the decode step a prefill waits for, scheduling) dominate their time to first
+#: byte, and learning from them made a worker serving cache hits look slow.
+MIN_LEARN_TOKENS = 512
 #: Fixed cost of one prefill, in tokens (the sim's 8 ms is ~250 tokens at 32 µs each).
 OVERHEAD_TOKENS = 256
 #: What one running (decoding) request costs a new request's prefill, in tokens.
@@ -110,7 +112,7 @@ class _WorkerModel:
         self.pending: dict[int, int] = {}
 
     def learn(self, tokens: int, seconds: float) -> None:
-        if tokens < MIN_LEARN_TOKENS or seconds <= 0:
+        if seconds <= 0:
             return
         sample = min(max(tokens / seconds, PRIOR_RATE / RATE_CLAMP), PRIOR_RATE * RATE_CLAMP)
         alpha = max(EWMA_ALPHA, 1.0 / (self.samples + 2))
@@ -200,7 +202,7 @@ class _Ticket:
         self.streamed = streamed
         self.dequeue()
         # Only a streamed first chunk times the prefill; a whole answer includes its decode.
-        if streamed and was_queued:
+        if streamed and was_queued and self.tokens - OVERHEAD_TOKENS >= MIN_LEARN_TOKENS:
             self.model.learn(self.work, time.monotonic() - self.started)
 
     def done(self, ok: bool, tail: bytes) -> None:

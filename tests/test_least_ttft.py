@@ -14,6 +14,7 @@ from sglctl.router.policies.base import RouteKey
 from sglctl.router.policies.least_ttft import (
     OVERHEAD_TOKENS,
     PRIOR_RATE,
+    UNCACHED_WEIGHT,
     _WorkerModel,
 )
 from sglctl.router.workers import Worker
@@ -81,8 +82,8 @@ def test_ties_go_to_the_longer_match() -> None:
     first = policy.select(workers, RouteKey(text=shared))
     assert first is not None
     second = next(w for w in workers if w is not first)
-    # Same predicted time: the matched worker has exactly the matched tokens more queued.
-    policy.models[first.url].queued_tokens = 160
+    # Same cost: the matched worker has exactly the (weighted) matched tokens more queued.
+    policy.models[first.url].queued_tokens = int(UNCACHED_WEIGHT * 160)
     prompt = shared + text(640, 5)
     assert policy.predict(first, 160) == policy.predict(second, 320)
     assert policy.select(workers, RouteKey(text=prompt)) is first

@@ -5,8 +5,12 @@ threshold, the tree a guess. What a user waits for is the time to first token, a
 SGLang worker that is mostly the prefill work queued ahead of the request plus its own
 uncached prompt. So, for every routable worker ``w``:
 
-    predicted_ttft(w) = (queued(w) + uncached(w) + OVERHEAD
-                         + running(w) * DECODE_TOKENS) / rate(w)
+    cost(w) = (queued(w) + UNCACHED_WEIGHT * uncached(w) + OVERHEAD
+               + running(w) * DECODE_TOKENS) / rate(w)
+
+(with ``UNCACHED_WEIGHT`` 1 this is the predicted TTFT itself; it is 2 because an uncached
+prompt also delays every later request on that worker by as much, so dodging a short queue
+with a miss is not free for the fleet).
 
 * ``queued(w)``: prefill tokens this router sent to ``w`` that have not produced a first byte
   yet -- each request's uncached tokens there (from the tree at dispatch) plus
@@ -79,6 +83,9 @@ RATE_CLAMP = 50.0
 MIN_LEARN_TOKENS = 512
 #: Fixed cost of one prefill, in tokens (the sim's 8 ms is ~250 tokens at 32 µs each).
 OVERHEAD_TOKENS = 256
+#: Weight of a request's own uncached tokens: its own prefill, plus the same work it adds
+#: in front of every later request there (a miss taken to dodge a queue slows the fleet).
+UNCACHED_WEIGHT = 2.0
 #: What one running (decoding) request costs a new request's prefill, in tokens.
 DECODE_TOKENS = 32
 #: A report this many blocks short of the prediction is not acted on (the text->token
@@ -267,7 +274,7 @@ class LeastTTFTPolicy(Policy):
         """Predicted seconds to the first token of a request with that many uncached tokens."""
         model = self.model(worker.url)
         backlog = self.backlog(worker, model, time.monotonic() if now is None else now)
-        return (backlog + uncached_tokens + OVERHEAD_TOKENS) / model.rate
+        return (backlog + UNCACHED_WEIGHT * uncached_tokens + OVERHEAD_TOKENS) / model.rate
 
     def prefixes(self, key: RouteKey) -> Prefixes:
         if key.input_ids:
@@ -303,7 +310,9 @@ class LeastTTFTPolicy(Policy):
                     uncached = -(-uncached // CHARS_PER_TOKEN)
             else:
                 uncached = 0
-            cost = (self.backlog(worker, model, now) + uncached + OVERHEAD_TOKENS) / model.rate
+            cost = (
+                self.backlog(worker, model, now) + UNCACHED_WEIGHT * uncached + OVERHEAD_TOKENS
+            ) / model.rate
             if chosen is None or cost < best_cost - TIE_SECS:
                 better = True
             elif cost <= best_cost + TIE_SECS:  # a tie: the longer match, then the less loaded

@@ -68,7 +68,14 @@ console = Console(width=None if sys.stdout.isatty() else 200)
 DEFAULT_TRACE = REPO.parent / "shared" / "traces" / "conversation_trace.jsonl"
 DEFAULT_SGLANG_VENV = REPO / "bench-out" / "sglang-router-venv"
 SGLANG_ROUTER_PACKAGE = "sglang-router"
-SGLCTL_POLICIES = ("cache_aware", "round_robin", "random", "power_of_two", "shortest_queue")
+SGLCTL_POLICIES = (
+    "cache_aware",
+    "least_ttft",
+    "round_robin",
+    "random",
+    "power_of_two",
+    "shortest_queue",
+)
 SGLANG_POLICIES = ("cache_aware", "round_robin")
 OVERHEAD_CONCURRENCY = (1, 16, 64)
 # Closed-loop concurrency for a workload without timestamps (the fallback without the trace).
@@ -104,7 +111,7 @@ QUICK = Settings(
     load_factor=2.0,
     kv_cache_tokens=1_500_000,
     stream_interval=16,
-    sglctl_policies=("cache_aware", "round_robin"),
+    sglctl_policies=("cache_aware", "least_ttft", "round_robin"),
     sglang_policies=("cache_aware",),
     overhead_requests=300,
     overhead_workers=2,

@@ -43,6 +43,8 @@ class RouterConfig:
     placement: str = "tree"
     placement_epsilon: float = 1.0
     placement_key_blocks: int = 64
+    #: sglctl only: seconds between /get_load polls of each worker (load_poll.py); 0: off.
+    load_poll_interval_secs: float = 0.5
 
     # Limits.
     max_payload_size: int = 10_485_760

@@ -33,7 +33,14 @@ from sglctl.router.discovery.k8s_config import (
 )
 from sglctl.router.urls import InvalidWorkerURL, parse_worker_url
 
-POLICIES = ("cache_aware", "round_robin", "random", "power_of_two", "shortest_queue")
+POLICIES = (
+    "cache_aware",
+    "round_robin",
+    "random",
+    "power_of_two",
+    "shortest_queue",
+    "least_ttft",
+)
 LOG_LEVELS = ("debug", "info", "warn", "warning", "error")
 _POLICY_HINT = "use " + ", ".join(POLICIES)
 
@@ -277,6 +284,13 @@ def build_parser(prog: str = "sglctl router") -> argparse.ArgumentParser:
         default=d.placement_key_blocks,
         help="--placement hash: leading 64-character (or 64-token) blocks that key a prompt; "
         "must reach past a system prompt shared by every request",
+    )
+    g.add_argument(
+        "--load-poll-interval-secs",
+        type=nnf,
+        default=d.load_poll_interval_secs,
+        help="sglctl only: seconds between polls of each worker's /get_load, the workers' own "
+        "load that least_ttft adds to the router's counts (0: never poll)",
     )
     g.add_argument(
         "--max-payload-size",

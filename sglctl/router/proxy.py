@@ -48,7 +48,7 @@ from starlette.responses import Response, StreamingResponse
 from sglctl.router.errors import RouterError
 from sglctl.router.inflight import InFlightWatcher, Watch
 from sglctl.router.metrics import note_attempt, note_chunk  # [observability]
-from sglctl.router.policies.base import NO_KEY, Policy, RouteKey
+from sglctl.router.policies.base import NO_KEY, Policy, RouteKey, Ticket
 from sglctl.router.retry import RetryAttempts, RetryBudget, RetryPolicy, retryable_status
 from sglctl.router.upstream import Upstream, UpstreamError, UpstreamResponse, UpstreamTimeout
 from sglctl.router.workers import Worker, WorkerRegistry
@@ -63,6 +63,8 @@ _PASS_HEADERS = ("content-type", "x-request-id", "cache-control")
 #: Header naming the worker that served a request (an sglctl extension; tests and debugging).
 WORKER_HEADER = "x-sglctl-worker"
 _ERROR_TEXT_LIMIT = 300
+#: Bytes of a whole answer's end handed to the policy's ticket (cached_tokens is there).
+_TICKET_TAIL = 1024
 
 
 def _url(worker: Worker) -> str:
@@ -128,6 +130,8 @@ class Head:
     response: UpstreamResponse
     release: Callable[[int, bool], None]
     watch: Watch
+    #: The policy's ticket for this attempt (told of its first byte and end), if it wants one.
+    ticket: Ticket | None = None
 
     @property
     def status(self) -> int:
@@ -384,6 +388,9 @@ class Forwarder:
                 headers=out_headers,
             )
         content = await self.read_whole(head, deadline)
+        if head.ticket is not None:  # [policy feedback] the whole answer: first byte and end
+            head.ticket.first_byte(False)
+            head.ticket.done(status < 400, content[-_TICKET_TAIL:])
         if rewrite is not None and status < 400:
             content = rewrite.whole(content)
         finish(status, status < 400)
@@ -398,6 +405,7 @@ class Forwarder:
         (never a retry: part of the answer already reached the client).
         """
         worker, response, watch = head.worker, head.response, head.watch
+        ticket, tail, prev = head.ticket, b"", b""  # [policy feedback]
         ok = False
         problem: str | None = None
         # Starlette iterates the body in a task of its own: interrupts must cancel that one.
@@ -419,6 +427,10 @@ class Forwarder:
                         if not chunk:
                             continue
                     note_chunk(chunk)  # [observability] TTFT / TPOT
+                    if ticket is not None:  # [policy feedback] first chunk; the last two
+                        if not tail:
+                            ticket.first_byte(True)
+                        prev, tail = tail, chunk
                     yield chunk
                 else:
                     problem = watch.reason
@@ -442,6 +454,8 @@ class Forwarder:
                 )
                 yield b"\n\n"
         finally:
+            if ticket is not None:
+                ticket.done(ok, prev + tail)
             self.in_flight.unwatch(watch)
             finish(response.status, ok)
             with anyio.CancelScope(shield=True):
@@ -467,7 +481,7 @@ class Rewrite(Protocol):
 class _Single:
     """The regular plan: each attempt goes to one worker chosen by the policy."""
 
-    __slots__ = ("body", "forwarder", "headers", "key", "method", "path")
+    __slots__ = ("body", "forwarder", "headers", "key", "method", "path", "ticket")
 
     def __init__(
         self,
@@ -484,6 +498,7 @@ class _Single:
         self.body = body
         self.headers = headers
         self.key = key
+        self.ticket: Ticket | None = None
 
     def pick(self, attempts: RetryAttempts) -> Sequence[Worker] | None:
         fw = self.forwarder
@@ -493,6 +508,7 @@ class _Single:
             return None
         attempts.record(worker.url)
         note_attempt(fw.policy, candidates, self.key, worker)  # [observability]
+        self.ticket = fw.policy.begin_attempt(worker)  # [policy feedback]
         return (worker,)
 
     def unavailable(self) -> str:
@@ -500,8 +516,21 @@ class _Single:
 
     async def attempt(self, workers: Sequence[Worker], deadline: float, finish: Finish) -> Response:
         fw = self.forwarder
-        head = await fw.open(workers[0], self.method, self.path, self.body, self.headers, deadline)
-        return await fw.deliver(head, deadline, finish)
+        ticket = self.ticket
+        if ticket is None:
+            head = await fw.open(
+                workers[0], self.method, self.path, self.body, self.headers, deadline
+            )
+            return await fw.deliver(head, deadline, finish)
+        try:  # [policy feedback] an attempt that fails before its answer ends its ticket
+            head = await fw.open(
+                workers[0], self.method, self.path, self.body, self.headers, deadline
+            )
+            head.ticket = ticket
+            return await fw.deliver(head, deadline, finish)
+        except BaseException:
+            ticket.done(False, b"")
+            raise
 
 
 def _release_probes(workers: Sequence[Worker]) -> None:

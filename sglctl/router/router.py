@@ -28,8 +28,9 @@ from sglctl.router.admission import AdmissionController
 from sglctl.router.circuit_breaker import CircuitBreaker
 from sglctl.router.config import RouterConfig
 from sglctl.router.health import CheckedWorker, HealthChecker
+from sglctl.router.load_poll import LoadPoller
 from sglctl.router.metrics import RouterMetrics, state_table_reader
-from sglctl.router.policies import Policy, make_policy
+from sglctl.router.policies import LeastTTFTPolicy, Policy, make_policy
 from sglctl.router.proxy import Forwarder
 from sglctl.router.retry import RetryBudget, RetryPolicy
 from sglctl.router.sources import StaticSource, WorkerSource
@@ -261,6 +262,10 @@ class Router:
         for policy in (self.policy, self.decode_policy):
             if policy is not None:
                 self._spawn(policy.run_background(), f"{policy.name} maintenance")
+        if isinstance(self.policy, LeastTTFTPolicy) and c.load_poll_interval_secs > 0:
+            poller = LoadPoller(self.registry, self.client, c.load_poll_interval_secs)
+            self.policy.worker_loads = poller.loads  # the workers' own load, kept fresh
+            self._spawn(poller.run(), "load poll")
         log.info(
             "router ready: policy %s%s, %d workers%s%s",
             self.policy.name,

@@ -231,6 +231,11 @@ class PrefixTree:
         """Drop everything known about ``name`` (its worker left)."""
         self._tenants.pop(name, None)
 
+    @property
+    def tick(self) -> int:
+        """The last insert's tick (ticks grow by one per insert)."""
+        return self._tick
+
     def tenants(self) -> list[str]:
         return list(self._tenants)
 
@@ -327,6 +332,57 @@ class PrefixTree:
         evicted = count - len(tenant.entries)
         log.debug("evicted %d blocks from tenant %s", evicted, name)
         return evicted
+
+    # -- corrections from the workers ------------------------------------------------------
+    def last_use(self, prefixes: Prefixes, name: str, blocks: int) -> int:
+        """The tick of the ``blocks``-th block of ``prefixes`` in tenant ``name`` (0: absent).
+
+        Read before an insert refreshes it: the deepest matched block is the least recently
+        used block of that path, so its tick says how old the worker's copy was.
+        """
+        tenant = self._tenants.get(name)
+        if tenant is None or blocks <= 0 or blocks > len(prefixes.hashes):
+            return 0
+        return tenant.entries.get(prefixes.hashes[blocks - 1], 0)
+
+    def trim(self, prefixes: Prefixes, name: str, keep_blocks: int) -> int:
+        """Drop ``prefixes``' blocks after the first ``keep_blocks`` from tenant ``name``.
+
+        The worker said it holds only that much of this prompt. Descendants of the dropped
+        blocks on *other* paths cannot be found (no parent links) and stay until LRU
+        eviction or their own correction; a worker evicts leaves first, so they are stale
+        too, and :meth:`forget_older` is the way to drop them. Returns blocks dropped.
+        """
+        tenant = self._tenants.get(name)
+        if tenant is None:
+            return 0
+        entries = tenant.entries
+        before = len(entries)
+        for h in prefixes.hashes[max(keep_blocks, 0) :]:
+            entries.pop(h, None)
+        return before - len(entries)
+
+    def forget_older(self, name: str, tick: int) -> int:
+        """Drop every block of tenant ``name`` last used at or before ``tick``.
+
+        A worker whose LRU cache evicted a block used at ``tick`` also evicted everything
+        it used less recently; the tree's own LRU is bigger than the worker's cache, and this
+        brings it back in line. Ancestors are used at least as recently as descendants, so
+        the tenant stays prefix-closed. Linear in the tenant's size (numpy); called at most
+        once per corrected answer. Returns blocks dropped.
+        """
+        tenant = self._tenants.get(name)
+        if tenant is None or tick <= 0 or not tenant.entries:
+            return 0
+        count = len(tenant.entries)
+        keys = np.fromiter(tenant.entries.keys(), dtype=np.uint64, count=count)
+        ticks = np.fromiter(tenant.entries.values(), dtype=np.int64, count=count)
+        keep = ticks > tick
+        kept = int(keep.sum())
+        if kept == count:
+            return 0
+        tenant.entries = dict(zip(keys[keep].tolist(), ticks[keep].tolist(), strict=True))
+        return count - kept
 
     def clear(self) -> None:
         """Forget every prefix of every tenant (``/flush_cache``); tenants stay."""

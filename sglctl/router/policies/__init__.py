@@ -5,6 +5,7 @@ from __future__ import annotations
 from sglctl.router.config import RouterConfig
 from sglctl.router.policies.base import NO_KEY, Policy, RouteKey
 from sglctl.router.policies.cache_aware import CacheAwarePolicy
+from sglctl.router.policies.least_ttft import LeastTTFTPolicy
 from sglctl.router.policies.simple import (
     PowerOfTwoPolicy,
     RandomPolicy,
@@ -15,6 +16,7 @@ from sglctl.router.policies.simple import (
 __all__ = [
     "NO_KEY",
     "CacheAwarePolicy",
+    "LeastTTFTPolicy",
     "Policy",
     "PowerOfTwoPolicy",
     "RandomPolicy",
@@ -37,6 +39,11 @@ def make_policy(name: str, config: RouterConfig) -> Policy:
             placement=config.placement,
             placement_epsilon=config.placement_epsilon,
             placement_key_blocks=config.placement_key_blocks,
+        )
+    if name == "least_ttft":
+        return LeastTTFTPolicy(
+            eviction_interval_secs=config.eviction_interval_secs,
+            max_tree_size=config.max_tree_size,
         )
     simple: dict[str, type[Policy]] = {
         "round_robin": RoundRobinPolicy,

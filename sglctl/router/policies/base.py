@@ -12,6 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from sglctl.router.workers import Worker
 
@@ -29,6 +30,19 @@ class RouteKey:
 
 
 NO_KEY = RouteKey()
+
+
+class Ticket(Protocol):
+    """One attempt a policy wants to hear back about (see :meth:`Policy.begin_attempt`).
+
+    The proxy calls :meth:`first_byte` once, when the answer's first byte arrived (the first
+    streamed chunk, or the whole body), and :meth:`done` exactly once at the end, with the
+    last bytes of the answer (where the worker's ``cached_tokens`` is).
+    """
+
+    def first_byte(self, streamed: bool) -> None: ...
+
+    def done(self, ok: bool, tail: bytes) -> None: ...
 
 
 class Policy(ABC):
@@ -51,6 +65,14 @@ class Policy(ABC):
     @abstractmethod
     def select(self, workers: Sequence[Worker], key: RouteKey = NO_KEY) -> Worker | None:
         """Pick one of ``workers`` (all routable, non-empty) or None if it cannot."""
+
+    def begin_attempt(self, worker: Worker) -> Ticket | None:
+        """The proxy sends an attempt to ``worker``, the last ``select``'s pick.
+
+        Called right after ``select`` (no ``await`` in between); a policy that learns from
+        answers returns a :class:`Ticket`, the others None (the proxy then does nothing more).
+        """
+        return None
 
     def on_worker_added(self, worker: Worker) -> None:
         """A worker joined the registry."""

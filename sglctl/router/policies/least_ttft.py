@@ -1,0 +1,460 @@
+"""``least_ttft``: send each request where its first token is predicted to come soonest.
+
+``cache_aware`` decides as the SGLang Router does: load counted in requests, imbalance a
+threshold, the tree a guess. What a user waits for is the time to first token, and on an
+SGLang worker that is mostly the prefill work queued ahead of the request plus its own
+uncached prompt. So, for every routable worker ``w``:
+
+    cost(w) = (queued(w) + UNCACHED_WEIGHT * uncached(w) + OVERHEAD
+               + running(w) * DECODE_TOKENS) / rate(w)
+
+(with ``UNCACHED_WEIGHT`` 1 this is the predicted TTFT itself; it is 2 because an uncached
+prompt also delays every later request on that worker by as much, so dodging a short queue
+with a miss is not free for the fleet).
+
+* ``queued(w)``: prefill tokens this router sent to ``w`` that have not produced a first byte
+  yet -- each request's uncached tokens there (from the tree at dispatch) plus
+  :data:`OVERHEAD_TOKENS` for its fixed per-prefill cost. A request leaves the queue at its
+  first streamed chunk; a non-streamed one, whose first byte is the whole answer, at its
+  predicted prefill time (or its answer, if that comes first).
+* ``uncached(w)``: this request's prompt tokens beyond the longest prefix the tree has for
+  ``w`` (tree units to tokens: :mod:`~sglctl.router.policies.reports`).
+* ``running(w)``: requests past their first byte (decoding); each slows the worker's batches,
+  counted as :data:`DECODE_TOKENS` tokens of prefill.
+* ``rate(w)``: prefill tokens per second *learned per worker* from what the router sees:
+  for each streamed answer, (the work ahead of it at dispatch + its own) / time to its first
+  byte, an EWMA (:data:`EWMA_ALPHA`) starting from :data:`PRIOR_RATE` weighted as one sample,
+  so the first few answers move it quickly and a stray one cannot swing it later.
+
+Ties (equal predicted time, to the microsecond) go to the longer match, then to the fewer
+requests in flight. Degradations: one worker takes everything; a request without text is
+placed by the same cost without a match (the least loaded by predicted queue); all workers
+equal spread out by themselves, since each pick adds to that worker's queue.
+
+Corrections from the workers (issue 14):
+
+* every answer's ``cached_tokens`` is read from its last bytes (``reports``). When a worker
+  reports at least a block (plus :data:`SLACK_BLOCKS`) less than the tree predicted, it
+  evicted that prefix, and, its cache being LRU, everything it used less recently: the
+  worker's tenant forgets every block last used at or before the evicted path's last use
+  (:meth:`~sglctl.router.tree.PrefixTree.forget_older`), applied in the background every
+  :data:`CORRECTION_INTERVAL_SECS` so a burst of reports costs one pass per worker. The
+  request's own path is kept: the worker has just prefilled it and holds it again. A failed
+  attempt's path is trimmed back to what the tree had before it
+  (:meth:`~sglctl.router.tree.PrefixTree.trim`): that worker may never have cached it.
+* the worker's own load (``/get_load``, :mod:`~sglctl.router.load_poll`), when fresh, raises
+  ``running`` and ``queued`` to what the worker reports, so requests from other routers or
+  clients count too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from itertools import count
+
+from sglctl.router.load_poll import WorkerLoad
+from sglctl.router.policies.base import NO_KEY, Policy, RouteKey, Ticket
+from sglctl.router.policies.reports import (
+    CHARS_PER_TOKEN,
+    TAIL_BYTES,
+    cached_tokens,
+    tokens_to_units,
+    units_to_tokens,
+)
+from sglctl.router.tree import DEFAULT_BLOCK, Prefixes, PrefixHasher, PrefixTree
+from sglctl.router.workers import Worker
+
+log = logging.getLogger(__name__)
+
+#: Prefill tokens per second before a worker has answered (an H100 with an 8B model does
+#: 20-40k; the simulated worker ~31k). Weighted as one sample.
+PRIOR_RATE = 20_000.0
+#: Weight of a new sample once a worker has a few (the first ones weigh 1/2, 1/3, ...).
+EWMA_ALPHA = 0.1
+#: Samples are kept within this factor of the prior: a timer glitch cannot wreck a rate.
+RATE_CLAMP = 50.0
+#: Answers whose own uncached prompt is shorter than this (tokens) teach nothing: fixed
+#: costs (the decode step a prefill waits for, scheduling) dominate their time to first
+#: byte, and learning from them made a worker serving cache hits look slow.
+MIN_LEARN_TOKENS = 512
+#: Fixed cost of one prefill, in tokens (the sim's 8 ms is ~250 tokens at 32 µs each).
+OVERHEAD_TOKENS = 256
+#: Weight of a request's own uncached tokens: its own prefill, plus the same work it adds
+#: in front of every later request there (a miss taken to dodge a queue slows the fleet).
+UNCACHED_WEIGHT = 2.0
+#: What one running (decoding) request costs a new request's prefill, in tokens.
+DECODE_TOKENS = 32
+#: A report this many blocks short of the prediction is not acted on (the text->token
+#: conversion is an estimate, chat templates add tokens).
+SLACK_BLOCKS = 1
+#: A non-streamed request leaves the queue at this multiple of its predicted prefill time.
+EXPIRY_FACTOR = 1.5
+#: How often queued corrections are applied to the tree.
+CORRECTION_INTERVAL_SECS = 0.25
+#: Load reports older than this are ignored (the poller is late or the worker is gone).
+LOAD_STALE_SECS = 3.0
+#: Predicted times this close (seconds) are a tie.
+TIE_SECS = 1e-6
+
+
+class _WorkerModel:
+    """What the policy knows about one worker: its learned rate and its prefill queue."""
+
+    __slots__ = ("expiry", "pending", "queued", "queued_tokens", "rate", "samples")
+
+    def __init__(self) -> None:
+        self.rate = PRIOR_RATE
+        self.samples = 0
+        #: Requests (tickets) waiting for a first byte, and their tokens (with overheads).
+        self.queued = 0
+        self.queued_tokens = 0
+        #: (expiry time, sequence, ticket): non-streamed requests leave the queue by then.
+        self.expiry: list[tuple[float, int, _Ticket]] = []
+        #: Queued tickets (by id) -> the tree tick of their insert, in dispatch order, so the
+        #: first value is the oldest tick whose prompt may still be in prefill there.
+        self.pending: dict[int, int] = {}
+
+    def learn(self, tokens: int, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        sample = min(max(tokens / seconds, PRIOR_RATE / RATE_CLAMP), PRIOR_RATE * RATE_CLAMP)
+        alpha = max(EWMA_ALPHA, 1.0 / (self.samples + 2))
+        self.rate += alpha * (sample - self.rate)
+        self.samples += 1
+
+    def expire(self, now: float) -> None:
+        heap = self.expiry
+        while heap and heap[0][0] <= now:
+            heapq.heappop(heap)[2].dequeue()
+
+
+class _Ticket:
+    """One attempt at one worker, from dispatch to its end (the proxy's :class:`Ticket`)."""
+
+    __slots__ = (
+        "closed",
+        "model",
+        "old_tick",
+        "policy",
+        "predicted_blocks",
+        "prefixes",
+        "queued",
+        "started",
+        "streamed",
+        "text",
+        "tokens",
+        "url",
+        "work",
+    )
+
+    def __init__(
+        self,
+        policy: LeastTTFTPolicy,
+        url: str,
+        model: _WorkerModel,
+        prefixes: Prefixes | None,
+        predicted_blocks: int,
+        old_tick: int,
+        tokens: int,
+        text: bool,
+    ) -> None:
+        self.policy = policy
+        self.url = url
+        self.model = model
+        self.prefixes = prefixes
+        self.predicted_blocks = predicted_blocks
+        self.old_tick = old_tick
+        #: This request's queued tokens (uncached + overhead).
+        self.tokens = tokens
+        self.text = text
+        self.work = 0
+        self.started = 0.0
+        self.queued = False
+        self.closed = False
+        #: A streamed first chunk came: the worker prefilled the prompt, whatever follows.
+        self.streamed = False
+
+    def enqueue(self) -> None:
+        model = self.model
+        now = time.monotonic()
+        self.started = now
+        self.work = model.queued_tokens + self.tokens
+        pending = model.pending
+        if pending and self.old_tick >= next(iter(pending.values())):
+            # The matched path was last sent with a request still in prefill there: the
+            # worker may not hold it *yet*, so a short report would not mean an eviction.
+            self.old_tick = 0
+        pending[id(self)] = self.policy.tree.tick
+        model.queued += 1
+        model.queued_tokens += self.tokens
+        self.queued = True
+        expires = now + EXPIRY_FACTOR * self.work / model.rate
+        heapq.heappush(model.expiry, (expires, next(self.policy.seq), self))
+
+    def dequeue(self) -> None:
+        if self.queued:
+            self.queued = False
+            self.model.pending.pop(id(self), None)
+            self.model.queued -= 1
+            self.model.queued_tokens -= self.tokens
+
+    def first_byte(self, streamed: bool) -> None:
+        if self.closed:
+            return
+        was_queued = self.queued
+        self.streamed = streamed
+        self.dequeue()
+        # Only a streamed first chunk times the prefill; a whole answer includes its decode.
+        if streamed and was_queued and self.tokens - OVERHEAD_TOKENS >= MIN_LEARN_TOKENS:
+            self.model.learn(self.work, time.monotonic() - self.started)
+
+    def done(self, ok: bool, tail: bytes) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.dequeue()
+        self.policy.answered(self, ok, tail)
+
+
+class LeastTTFTPolicy(Policy):
+    """Lowest predicted time to first token, from queued prefill work and learned rates."""
+
+    name = "least_ttft"
+    needs_text = True
+
+    def __init__(
+        self,
+        eviction_interval_secs: float = 60.0,
+        max_tree_size: int = 16_777_216,
+        block: int = DEFAULT_BLOCK,
+    ) -> None:
+        self.eviction_interval_secs = eviction_interval_secs
+        self.max_tree_size = max_tree_size
+        self.hasher = PrefixHasher(block)
+        self.tree = PrefixTree(block)
+        self.models: dict[str, _WorkerModel] = {}
+        #: The workers' own load (``/get_load``), kept up to date by the router's poller.
+        self.worker_loads: Mapping[str, WorkerLoad] = {}
+        self.seq = count()
+        self.cache_hits = 0
+        self.cache_misses = 0
+        #: Answers whose cached_tokens fell short of the prediction, and blocks they dropped.
+        self.corrections = 0
+        self.corrected_blocks = 0
+        #: Per worker URL, the newest tick whose older blocks are to be forgotten.
+        self._forget: dict[str, int] = {}
+        self._next: _Ticket | None = None
+
+    # -- the cost model ----------------------------------------------------------------------
+    def model(self, url: str) -> _WorkerModel:
+        model = self.models.get(url)
+        if model is None:
+            model = self.models[url] = _WorkerModel()
+        return model
+
+    def backlog(self, worker: Worker, model: _WorkerModel, now: float) -> int:
+        """Tokens of work ahead of a new request at ``worker``: its queue and decode pressure."""
+        model.expire(now)
+        queued_reqs, queued_tokens = model.queued, model.queued_tokens
+        running = max(worker.in_flight - queued_reqs, 0)
+        load = self.worker_loads.get(worker.url)
+        if load is not None and now - load.at < LOAD_STALE_SECS:
+            running = max(running, load.num_reqs - load.num_waiting_reqs)
+            extra = load.num_waiting_reqs - queued_reqs
+            if extra > 0:  # requests queued there that this router did not send
+                mean = queued_tokens // queued_reqs if queued_reqs else OVERHEAD_TOKENS
+                queued_tokens += extra * mean
+        return queued_tokens + running * DECODE_TOKENS
+
+    def predict(self, worker: Worker, uncached_tokens: int, now: float | None = None) -> float:
+        """Predicted seconds to the first token of a request with that many uncached tokens."""
+        model = self.model(worker.url)
+        backlog = self.backlog(worker, model, time.monotonic() if now is None else now)
+        return (backlog + UNCACHED_WEIGHT * uncached_tokens + OVERHEAD_TOKENS) / model.rate
+
+    def prefixes(self, key: RouteKey) -> Prefixes:
+        if key.input_ids:
+            return self.hasher.tokens(key.input_ids)
+        return self.hasher.text(key.text or "")
+
+    def select(self, workers: Sequence[Worker], key: RouteKey = NO_KEY) -> Worker | None:
+        self._next = None
+        self.last_match = 0
+        if not workers:
+            return None
+        now = time.monotonic()
+        text = not key.input_ids
+        prefixes = None if key.empty else self.prefixes(key)
+        if len(workers) == 1:
+            self.last_decision = "single_worker"
+            return self._dispatch(workers[0], prefixes, text, *self._match(workers[0], prefixes))
+        # One pass, no per-worker allocations: this runs for every request (see the
+        # decision-time figures in benchmarks/RESULTS.md).
+        tree, models = self.tree, self.models
+        length = prefixes.length if prefixes is not None else 0
+        block = self.tree.block
+        best_cost = best_blocks = best_load = 0.0
+        chosen: Worker | None = None
+        blocks = 0
+        for worker in workers:
+            url = worker.url
+            model = models.get(url) or self.model(url)
+            if prefixes is not None:
+                blocks = tree.match_blocks(prefixes, url)
+                uncached = length - min(blocks * block, length)
+                if text:
+                    uncached = -(-uncached // CHARS_PER_TOKEN)
+            else:
+                uncached = 0
+            cost = (
+                self.backlog(worker, model, now) + UNCACHED_WEIGHT * uncached + OVERHEAD_TOKENS
+            ) / model.rate
+            if chosen is None or cost < best_cost - TIE_SECS:
+                better = True
+            elif cost <= best_cost + TIE_SECS:  # a tie: the longer match, then the less loaded
+                better = blocks > best_blocks or (
+                    blocks == best_blocks and worker.in_flight < best_load
+                )
+            else:
+                better = False
+            if better:
+                chosen, best_cost, best_blocks, best_load = worker, cost, blocks, worker.in_flight
+        assert chosen is not None
+        chosen_blocks = int(best_blocks)
+        chosen_match = (
+            chosen_blocks,
+            tree.last_use(prefixes, chosen.url, chosen_blocks) if prefixes is not None else 0,
+        )
+        if prefixes is None:
+            self.last_decision = "no_text"
+            self.cache_misses += 1
+        elif chosen_blocks:
+            self.last_decision = "cache_hit"
+            self.cache_hits += 1
+        else:
+            self.last_decision = "cache_miss"
+            self.cache_misses += 1
+        return self._dispatch(chosen, prefixes, text, *chosen_match)
+
+    def _match(self, worker: Worker, prefixes: Prefixes | None) -> tuple[int, int]:
+        if prefixes is None:
+            return 0, 0
+        blocks = self.tree.match_blocks(prefixes, worker.url)
+        return blocks, self.tree.last_use(prefixes, worker.url, blocks) if blocks else 0
+
+    @staticmethod
+    def _uncached(prefixes: Prefixes | None, blocks: int, text: bool) -> int:
+        if prefixes is None:
+            return 0
+        return units_to_tokens(prefixes.length - prefixes.matched_length(blocks), text)
+
+    def _dispatch(
+        self, worker: Worker, prefixes: Prefixes | None, text: bool, blocks: int, tick: int
+    ) -> Worker:
+        """Record the pick: the tree gets the prompt, the next ``begin_attempt`` a ticket."""
+        uncached = self._uncached(prefixes, blocks, text)
+        if prefixes is not None:
+            self.last_match = prefixes.matched_length(blocks)
+            self.tree.insert(prefixes, worker.url)
+        self._next = _Ticket(
+            self,
+            worker.url,
+            self.model(worker.url),
+            prefixes,
+            blocks,
+            tick,
+            uncached + OVERHEAD_TOKENS,
+            text,
+        )
+        return worker
+
+    # -- answers -----------------------------------------------------------------------------
+    def begin_attempt(self, worker: Worker) -> Ticket | None:
+        ticket, self._next = self._next, None
+        if ticket is None or ticket.url != worker.url:
+            return None
+        ticket.enqueue()
+        return ticket
+
+    def answered(self, ticket: _Ticket, ok: bool, tail: bytes) -> None:
+        """An attempt ended: correct the tree from what the worker said it had cached."""
+        prefixes = ticket.prefixes
+        if prefixes is None or ticket.url not in self.models:
+            return
+        if not ok:
+            if not ticket.streamed:
+                # No first token: it may never have been prefilled there. Back to what the
+                # tree had before (a stream that broke later was prefilled: kept).
+                self.tree.trim(prefixes, ticket.url, ticket.predicted_blocks)
+            return
+        if ticket.predicted_blocks <= SLACK_BLOCKS or ticket.old_tick <= 0:
+            return
+        reported = cached_tokens(tail[-TAIL_BYTES:])
+        if reported is None:
+            return
+        units = tokens_to_units(reported, ticket.text)
+        reported_blocks = units // prefixes.block
+        if reported_blocks + SLACK_BLOCKS >= ticket.predicted_blocks:
+            return
+        self.corrections += 1
+        log.debug(
+            "least_ttft: %s reported %d cached tokens, the tree predicted %d blocks: "
+            "forgetting its blocks last used at or before tick %d",
+            ticket.url,
+            reported,
+            ticket.predicted_blocks,
+            ticket.old_tick,
+        )
+        if ticket.old_tick > self._forget.get(ticket.url, 0):
+            self._forget[ticket.url] = ticket.old_tick
+
+    def apply_corrections(self) -> int:
+        """Forget what the workers said they evicted; blocks dropped (background task)."""
+        pending, self._forget = self._forget, {}
+        dropped = 0
+        for url, tick in pending.items():
+            dropped += self.tree.forget_older(url, tick)
+        self.corrected_blocks += dropped
+        return dropped
+
+    # -- membership and maintenance -----------------------------------------------------------
+    def on_worker_added(self, worker: Worker) -> None:
+        self.tree.add_tenant(worker.url)
+        self.model(worker.url)
+
+    def on_worker_removed(self, worker: Worker) -> None:
+        self.tree.remove_tenant(worker.url)
+        self.models.pop(worker.url, None)
+        self._forget.pop(worker.url, None)
+
+    def tree_size(self) -> int:
+        return self.tree.total_size()
+
+    def tree_sizes(self) -> dict[str, int]:
+        return {name: self.tree.size(name) for name in self.tree.tenants()}
+
+    def flush(self) -> None:
+        self.tree.clear()
+        self._forget.clear()
+
+    async def run_background(self) -> None:
+        """Apply the workers' corrections often and trim the tree to its bound now and then."""
+        last_evict = time.monotonic()
+        while True:
+            await asyncio.sleep(CORRECTION_INTERVAL_SECS)
+            try:
+                dropped = self.apply_corrections()
+                if dropped:
+                    log.debug("least_ttft: corrections dropped %d tree blocks", dropped)
+                now = time.monotonic()
+                if self.eviction_interval_secs > 0 and (
+                    now - last_evict >= self.eviction_interval_secs
+                ):
+                    last_evict = now
+                    self.tree.evict(self.max_tree_size)
+            except Exception:
+                log.exception("least_ttft maintenance failed; retrying next time")

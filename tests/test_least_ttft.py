@@ -1,0 +1,219 @@
+"""The least_ttft cost model: queued prefill work, learned rates, ties and degradations."""
+
+from __future__ import annotations
+
+import random
+import string
+
+import pytest
+
+from sglctl.router.config import RouterConfig
+from sglctl.router.load_poll import WorkerLoad, parse_load
+from sglctl.router.policies import LeastTTFTPolicy, make_policy
+from sglctl.router.policies.base import RouteKey
+from sglctl.router.policies.least_ttft import (
+    OVERHEAD_TOKENS,
+    PRIOR_RATE,
+    UNCACHED_WEIGHT,
+    _WorkerModel,
+)
+from sglctl.router.workers import Worker
+
+
+def text(n: int, seed: int) -> str:
+    rng = random.Random(seed)
+    return "".join(rng.choice(string.ascii_letters) for _ in range(n))
+
+
+def make(n: int) -> tuple[LeastTTFTPolicy, list[Worker]]:
+    policy = LeastTTFTPolicy()
+    workers = [Worker(f"http://127.0.0.{i + 2}:8000") for i in range(n)]
+    for w in workers:
+        policy.on_worker_added(w)
+    return policy, workers
+
+
+def route(policy: LeastTTFTPolicy, workers: list[Worker], key: RouteKey) -> Worker:
+    """What the proxy does: select, then begin the attempt (the ticket joins the queue)."""
+    chosen = policy.select(workers, key)
+    assert chosen is not None
+    ticket = policy.begin_attempt(chosen)
+    assert ticket is not None
+    return chosen
+
+
+def test_selectable_by_name() -> None:
+    assert isinstance(make_policy("least_ttft", RouterConfig()), LeastTTFTPolicy)
+
+
+def test_queued_prefill_work_spreads_new_prompts() -> None:
+    policy, workers = make(3)
+    picks = [route(policy, workers, RouteKey(text=text(4000, i))) for i in range(3)]
+    assert len({w.url for w in picks}) == 3  # each pick queues work there: the next goes on
+    model = policy.models[picks[0].url]
+    assert model.queued == 1
+    assert model.queued_tokens == 1000 + OVERHEAD_TOKENS  # 4000 chars / 4 per token
+
+
+def test_cached_prefix_wins_over_equal_queue() -> None:
+    policy, workers = make(3)
+    prompt = text(8000, 1)
+    first = policy.select(workers, RouteKey(text=prompt))
+    assert first is not None  # no attempt begun: no queue anywhere, only the tree
+    again = policy.select(workers, RouteKey(text=prompt + " and more"))
+    assert again is first
+    assert policy.last_decision == "cache_hit"
+
+
+def test_a_deep_queue_outweighs_a_short_match() -> None:
+    policy, workers = make(2)
+    shared = text(256, 2)
+    first = policy.select(workers, RouteKey(text=shared))
+    assert first is not None
+    policy.models[first.url].queued_tokens = 50_000  # a long prefill queued there
+    policy.models[first.url].queued = 1
+    other = policy.select(workers, RouteKey(text=shared + text(2000, 3)))
+    assert other is not None and other is not first
+
+
+def test_ties_go_to_the_longer_match() -> None:
+    policy, workers = make(2)
+    shared = text(640, 4)  # 10 blocks = 160 tokens
+    first = policy.select(workers, RouteKey(text=shared))
+    assert first is not None
+    second = next(w for w in workers if w is not first)
+    # Same cost: the matched worker has exactly the (weighted) matched tokens more queued.
+    policy.models[first.url].queued_tokens = int(UNCACHED_WEIGHT * 160)
+    prompt = shared + text(640, 5)
+    assert policy.predict(first, 160) == policy.predict(second, 320)
+    assert policy.select(workers, RouteKey(text=prompt)) is first
+
+
+def test_learned_rate_moves_work_to_the_faster_worker() -> None:
+    policy, workers = make(2)
+    fast, slow = workers
+    for _ in range(20):
+        policy.models[fast.url].learn(40_000, 1.0)
+        policy.models[slow.url].learn(5_000, 1.0)
+    assert policy.models[fast.url].rate == pytest.approx(40_000, rel=0.15)
+    assert policy.models[slow.url].rate == pytest.approx(5_000, rel=0.15)
+    # Equal queues of 20k tokens: 0.5 s at the fast one, 4 s at the slow one.
+    for w in workers:
+        policy.models[w.url].queued_tokens = 20_000
+        policy.models[w.url].queued = 10
+    assert policy.select(workers, RouteKey(text=text(400, 6))) is fast
+
+
+def test_prior_until_enough_samples() -> None:
+    model = _WorkerModel()
+    assert model.rate == PRIOR_RATE
+    model.learn(10_000, 1.0)  # the first sample weighs as much as the prior
+    assert model.rate == pytest.approx((PRIOR_RATE + 10_000) / 2)
+    model.learn(10_000, 0.0)  # a zero duration teaches nothing
+    assert model.samples == 1
+
+
+def test_streamed_first_byte_teaches_and_dequeues() -> None:
+    policy, workers = make(1)
+    chosen = policy.select(workers, RouteKey(text=text(4000, 7)))
+    assert chosen is not None
+    ticket = policy.begin_attempt(chosen)
+    assert ticket is not None
+    model = policy.models[chosen.url]
+    assert model.queued == 1
+    ticket.first_byte(True)
+    assert model.queued == 0 and model.queued_tokens == 0
+    assert model.samples == 1 and model.rate != PRIOR_RATE
+    ticket.done(True, b"")
+    ticket.done(True, b"")  # idempotent
+    assert model.queued == 0
+
+
+def test_a_short_uncached_prompt_does_not_teach() -> None:
+    policy, workers = make(1)
+    chosen = route(policy, workers, RouteKey(text=text(400, 9)))  # 100 tokens
+    (ticket,) = [t for _, _, t in policy.models[chosen.url].expiry]
+    ticket.first_byte(True)
+    assert policy.models[chosen.url].samples == 0
+
+
+def test_whole_answer_does_not_teach_but_dequeues() -> None:
+    policy, workers = make(1)
+    chosen = route(policy, workers, RouteKey(text=text(4000, 8)))
+    (ticket,) = [t for _, _, t in policy.models[chosen.url].expiry]
+    ticket.first_byte(False)
+    assert policy.models[chosen.url].samples == 0
+    assert policy.models[chosen.url].queued == 0
+
+
+def test_queued_non_streamed_work_expires_at_its_predicted_prefill() -> None:
+    policy, workers = make(1)
+    chosen = route(policy, workers, RouteKey(text=text(4000, 9)))
+    model = policy.models[chosen.url]
+    expires = model.expiry[0][0]
+    model.expire(expires - 0.001)
+    assert model.queued == 1
+    model.expire(expires)
+    assert model.queued == 0
+
+
+def test_no_text_goes_to_the_least_loaded() -> None:
+    policy, workers = make(3)
+    workers[0].in_flight = 3
+    workers[1].in_flight = 1
+    workers[2].in_flight = 2
+    assert policy.select(workers, RouteKey()) is workers[1]
+    assert policy.last_decision == "no_text"
+    assert policy.begin_attempt(workers[1]) is not None  # queue accounting still works
+
+
+def test_one_worker_takes_everything() -> None:
+    policy, workers = make(1)
+    for i in range(5):
+        assert route(policy, workers, RouteKey(text=text(100, i))) is workers[0]
+    assert policy.last_decision == "single_worker"
+    assert policy.select(workers, RouteKey()) is workers[0]
+
+
+def test_all_equal_spreads_and_no_workers_is_none() -> None:
+    policy, workers = make(4)
+    # Equal workers, one short prompt over and over: a cached copy saves 16 tokens, less than
+    # the queue the first copy left there, so the copies spread before they pile up.
+    picks = [route(policy, workers, RouteKey(text="x" * 64)) for _ in range(4)]
+    assert len({w.url for w in picks}) == 4
+    assert policy.select([], RouteKey(text="x")) is None
+
+
+def test_begin_attempt_for_another_worker_gives_no_ticket() -> None:
+    policy, workers = make(2)
+    chosen = policy.select(workers, RouteKey(text=text(100, 1)))
+    other = next(w for w in workers if w is not chosen)
+    assert policy.begin_attempt(other) is None  # the breaker refused the pick; reselected
+    assert policy.begin_attempt(other) is None
+
+
+def test_reported_load_counts_requests_from_elsewhere() -> None:
+    policy, workers = make(2)
+    busy, idle = workers
+    import time
+
+    now = time.monotonic()
+    policy.worker_loads = {
+        busy.url: WorkerLoad(num_reqs=40, num_waiting_reqs=20, num_tokens=0, at=now),
+        idle.url: WorkerLoad(num_reqs=0, num_waiting_reqs=0, num_tokens=0, at=now),
+    }
+    assert policy.select(workers, RouteKey(text=text(400, 2))) is idle
+    # A stale report is ignored: the router's own counts (equal) decide, by match then load.
+    policy.worker_loads = {busy.url: WorkerLoad(40, 20, 0, now - 60)}
+    assert policy.predict(busy, 100) == policy.predict(idle, 100)
+
+
+def test_parse_load() -> None:
+    body = [
+        {"dp_rank": 0, "num_reqs": 3, "num_waiting_reqs": 1, "num_tokens": 100},
+        {"dp_rank": 1, "num_reqs": 2, "num_waiting_reqs": 0, "num_tokens": 50},
+    ]
+    assert parse_load(body, 1.0) == WorkerLoad(5, 1, 150, 1.0)
+    assert parse_load({"num_reqs": 1}, 2.0) == WorkerLoad(1, 0, 0, 2.0)
+    assert parse_load(["nope"], 0.0) is None
+    assert parse_load([{"num_reqs": "3"}], 0.0) is None

@@ -26,7 +26,13 @@ import psutil
 import pytest
 
 from sglctl.net import find_free_port, find_free_port_block
-from sglctl.state_table import StateTable, WorkerState, list_segments, segment_name_for_port
+from sglctl.state_table import (
+    StateTable,
+    StateTableError,
+    WorkerState,
+    list_segments,
+    segment_name_for_port,
+)
 from tests.support import wait_until
 
 pytestmark = pytest.mark.slow
@@ -416,7 +422,7 @@ def test_killed_router_is_restarted_and_relearns_the_workers(start_up: Callable[
 def test_ctrl_c_during_start_up_stops_everything(start_up: Callable[..., Up]) -> None:
     # A health path the workers never pass: start-up would wait for the full timeout.
     up = start_up("--worker-health-path", "/never-healthy", dp_size=2, wait=False)
-    wait_until(lambda: up.segment in list_segments(), 30, "the state table")
+    wait_until(lambda: _attachable(up.segment), 30, "the state table")
     with up.table() as table:
         wait_until(
             lambda: len([v for v in table.read_slots() if v.worker.pid]) == 2,
@@ -428,6 +434,16 @@ def test_ctrl_c_during_start_up_stops_everything(start_up: Callable[..., Up]) ->
     up.remember_tree()
     assert up.interrupt(timeout=30) == 0, up.log()
     up.assert_nothing_left()
+
+
+def _attachable(name: str) -> bool:
+    """The table exists *and* is complete: the segment appears before its header is written
+    (the magic last), so a reader that attaches at once can see a half-made table."""
+    try:
+        with StateTable.attach(name):
+            return True
+    except (StateTableError, FileNotFoundError):
+        return False
 
 
 def _flag(up: Up, flag: str) -> str:

@@ -293,6 +293,20 @@ def build_parser(prog: str = "sglctl router") -> argparse.ArgumentParser:
         "load that least_ttft adds to the router's counts (0: never poll)",
     )
     g.add_argument(
+        "--cached-tokens-correction",
+        action="store_true",
+        help="sglctl only, cache_aware: when an answer's cached_tokens shows the worker "
+        "evicted a prefix, drop what it used less recently from its tree (least_ttft always "
+        "does)",
+    )
+    g.add_argument(
+        "--worker-load-correction",
+        action="store_true",
+        help="sglctl only, cache_aware: count a worker's load as the larger of this router's "
+        "in-flight requests and the worker's own num_reqs (/get_load, polled every "
+        "--load-poll-interval-secs); use it with router replicas",
+    )
+    g.add_argument(
         "--max-payload-size",
         type=pi,
         default=d.max_payload_size,

@@ -68,7 +68,7 @@ import time
 from collections.abc import Mapping, Sequence
 from itertools import count
 
-from sglctl.router.load_poll import WorkerLoad
+from sglctl.router.load_poll import STALE_SECS, WorkerLoad
 from sglctl.router.policies.base import NO_KEY, Policy, RouteKey, Ticket
 from sglctl.router.policies.reports import CHARS_PER_TOKEN, TreeCorrector, units_to_tokens
 from sglctl.router.tree import DEFAULT_BLOCK, Prefixes, PrefixHasher, PrefixTree
@@ -103,7 +103,7 @@ EXPIRY_FACTOR = 1.5
 #: How often queued corrections are applied to the tree.
 CORRECTION_INTERVAL_SECS = 0.25
 #: Load reports older than this are ignored (the poller is late or the worker is gone).
-LOAD_STALE_SECS = 3.0
+LOAD_STALE_SECS = STALE_SECS
 #: Predicted times this close (seconds) are a tie.
 TIE_SECS = 1e-6
 

@@ -191,16 +191,26 @@ def verdicts(
 # --- running -------------------------------------------------------------------------------
 
 
-def specs(sglang_python: Path | None) -> list[cr.RouterSpec]:
-    rows = [
-        cr.RouterSpec("sglctl", "least_ttft"),
-        cr.RouterSpec("sglctl", "cache_aware"),
-        cr.RouterSpec("sglctl", "cache_aware", CORRECTIONS, "corrected"),
-        cr.RouterSpec("sglctl", "round_robin"),
+#: ``--routers`` names -> the rows they stand for.
+ROUTERS = {
+    "least_ttft": cr.RouterSpec("sglctl", "least_ttft"),
+    "cache_aware": cr.RouterSpec("sglctl", "cache_aware"),
+    "cache_aware_corrected": cr.RouterSpec("sglctl", "cache_aware", CORRECTIONS, "corrected"),
+    "round_robin": cr.RouterSpec("sglctl", "round_robin"),
+    "sglang": cr.RouterSpec("sglang", "cache_aware"),
+}
+
+
+def specs(sglang_python: Path | None, names: Sequence[str] = tuple(ROUTERS)) -> list[cr.RouterSpec]:
+    """The rows to run, in ``ROUTERS`` order (SGLang's only when its venv is there)."""
+    unknown = set(names) - set(ROUTERS)
+    if unknown:
+        raise SystemExit(f"--routers: unknown {sorted(unknown)}; choose from {list(ROUTERS)}")
+    return [
+        spec
+        for name, spec in ROUTERS.items()
+        if name in names and (spec.kind == "sglctl" or sglang_python is not None)
     ]
-    if sglang_python is not None:
-        rows.append(cr.RouterSpec("sglang", "cache_aware"))
-    return rows
 
 
 def trace_path(name: str, traces_dir: Path) -> Path:
@@ -301,6 +311,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--speedup", type=float, default=10.0, help="Trace time compression.")
     parser.add_argument("--sglang-venv", type=Path, default=cr.DEFAULT_SGLANG_VENV)
     parser.add_argument("--no-sglang", action="store_true", help="Skip the SGLang Router row.")
+    parser.add_argument(
+        "--routers",
+        default=",".join(ROUTERS),
+        help=f"Comma-separated rows to run (default all: {','.join(ROUTERS)}).",
+    )
     parser.add_argument("--run-timeout", type=float, default=240.0, help="Cap on one run (s).")
     parser.add_argument("--quick", action="store_true", help="Two points, 200 requests each.")
     parser.add_argument("--plot", action="store_true", help="Write grid.png (needs matplotlib).")
@@ -353,7 +368,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         bound = lru_hit_ratio(workload.requests, args.workers * point.kv_tokens)
         ideal = ideal_hit_ratio(workload.requests).token_weighted
         runs = cr.run_comparison(
-            args, settings, workload, sglang_python, log_dir, specs(sglang_python)
+            args,
+            settings,
+            workload,
+            sglang_python,
+            log_dir,
+            specs(sglang_python, args.routers.split(",")),
         )
         title = (
             f"{point.name}: {workload.name}, {len(workload.requests)} requests, "

@@ -290,7 +290,8 @@ def build_parser(prog: str = "sglctl router") -> argparse.ArgumentParser:
         type=nnf,
         default=d.load_poll_interval_secs,
         help="sglctl only: seconds between polls of each worker's /get_load, the workers' own "
-        "load that least_ttft adds to the router's counts (0: never poll)",
+        "load that least_ttft (and cache_aware with --worker-load-correction) adds to the "
+        "router's counts (0: never poll)",
     )
     g.add_argument(
         "--cached-tokens-correction",

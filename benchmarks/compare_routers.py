@@ -335,13 +335,8 @@ def choose_workload(args: argparse.Namespace, settings: Settings) -> Workload:
     return shared_prefix_workload(cfg).head(settings.max_requests)
 
 
-def run_comparison(
-    args: argparse.Namespace,
-    settings: Settings,
-    workload: Workload,
-    sglang_python: Path | None,
-    log_dir: Path,
-) -> list[tuple[RouterSpec, BenchResult]]:
+def default_specs(settings: Settings, sglang_python: Path | None) -> list[RouterSpec]:
+    """The routers ``settings`` asks for (SGLang's only when its venv is there)."""
     specs = [RouterSpec("sglctl", p) for p in settings.sglctl_policies]
     if settings.sglang_defaults_row and "cache_aware" in settings.sglctl_policies:
         specs.append(
@@ -349,6 +344,20 @@ def run_comparison(
         )
     if sglang_python is not None:
         specs += [RouterSpec("sglang", p) for p in settings.sglang_policies]
+    return specs
+
+
+def run_comparison(
+    args: argparse.Namespace,
+    settings: Settings,
+    workload: Workload,
+    sglang_python: Path | None,
+    log_dir: Path,
+    specs: Sequence[RouterSpec] | None = None,
+) -> list[tuple[RouterSpec, BenchResult]]:
+    """Replay ``workload`` through each router (``specs``, or the ones ``settings`` names)."""
+    if specs is None:
+        specs = default_specs(settings, sglang_python)
     worker_flags = (
         "--kv-cache-tokens",
         str(settings.kv_cache_tokens),

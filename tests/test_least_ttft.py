@@ -217,3 +217,101 @@ def test_parse_load() -> None:
     assert parse_load({"num_reqs": 1}, 2.0) == WorkerLoad(1, 0, 0, 2.0)
     assert parse_load(["nope"], 0.0) is None
     assert parse_load([{"num_reqs": "3"}], 0.0) is None
+
+
+# -- decode pressure by context --------------------------------------------------------------
+
+
+def decoding(policy: LeastTTFTPolicy, worker: Worker, prompt: str) -> None:
+    """Route ``prompt`` to ``worker`` alone and stream its first chunk: it is decoding there."""
+    chosen = policy.select([worker], RouteKey(text=prompt))
+    assert chosen is worker
+    ticket = policy.begin_attempt(worker)
+    assert ticket is not None
+    ticket.first_byte(streamed=True)
+    model = policy.models[worker.url]
+    model.rate, model.samples = PRIOR_RATE, 0  # a first byte in microseconds taught a rate
+
+
+def test_long_decodes_make_a_worker_look_busier_than_short_ones() -> None:
+    policy, workers = make(2)
+    long_ctx, short_ctx = workers
+    for i in range(4):  # the same number of running requests on each ...
+        decoding(policy, long_ctx, text(40_000, 100 + i))  # ... 10k-token conversations
+        decoding(policy, short_ctx, text(400, 200 + i))  # ... 100-token ones
+    assert policy.models[long_ctx.url].running == policy.models[short_ctx.url].running == 4
+    assert policy.models[long_ctx.url].running_context == 4 * 10_000
+    assert policy.predict(long_ctx, 100) > policy.predict(short_ctx, 100)
+    assert policy.select(workers, RouteKey(text=text(2000, 7))) is short_ctx
+
+
+def test_decode_pressure_ends_with_the_answer() -> None:
+    policy, workers = make(1)
+    worker = workers[0]
+    chosen = policy.select(workers, RouteKey(text=text(8000, 1)))
+    assert chosen is worker
+    ticket = policy.begin_attempt(worker)
+    assert ticket is not None
+    idle = policy.models[worker.url].decode_pressure()
+    ticket.first_byte(streamed=True)
+    model = policy.models[worker.url]
+    assert (model.running, model.running_context) == (1, 2000)
+    assert model.decode_pressure() > idle
+    ticket.done(True, b"")
+    assert (model.running, model.running_context, model.queued) == (0, 0, 0)
+    assert model.decode_pressure() == idle == 0
+
+
+def test_a_non_streamed_request_decodes_after_its_predicted_prefill() -> None:
+    policy, workers = make(1)
+    worker = workers[0]
+    policy.select(workers, RouteKey(text=text(4000, 3)))
+    ticket = policy.begin_attempt(worker)
+    assert ticket is not None
+    model = policy.models[worker.url]
+    assert (model.queued, model.running) == (1, 0)
+    model.expire(float("inf"))  # its predicted prefill time has passed, no byte yet
+    assert (model.queued, model.running, model.running_context) == (0, 1, 1000)
+    ticket.done(True, b"")
+    assert (model.queued, model.running, model.running_context) == (0, 0, 0)
+
+
+def test_reported_running_requests_count_at_the_mean_known_context() -> None:
+    model = _WorkerModel()
+    assert model.decode_pressure(reported_running=3) == 3 * 32  # nothing known: per sequence
+    model.running, model.running_context = 2, 8000
+    base = model.decode_pressure()
+    assert model.decode_pressure(reported_running=1) == base  # fewer reported: ours count
+    assert model.decode_pressure(reported_running=4) == pytest.approx(2 * base)
+
+
+def test_ties_on_decode_pressure_go_to_the_longer_match() -> None:
+    policy, workers = make(2)
+    shared = text(640, 4)  # 10 blocks = 160 tokens
+    first = policy.select(workers, RouteKey(text=shared))
+    assert first is not None
+    second = next(w for w in workers if w is not first)
+    # The matched worker's extra decode pressure equals the weighted matched tokens.
+    model = policy.models[first.url]
+    model.running, model.running_context = 1, int((UNCACHED_WEIGHT * 160 - 32) * 16)
+    assert policy.predict(first, 160) == pytest.approx(policy.predict(second, 320))
+    assert policy.select(workers, RouteKey(text=shared + text(640, 5))) is first
+
+
+def test_decode_pressure_degrades_gracefully() -> None:
+    policy, workers = make(3)
+    # All equal, nothing known: the same cost everywhere, picks spread by the queues.
+    picks = {route(policy, workers, RouteKey(text=text(4000, 30 + i))).url for i in range(3)}
+    assert len(picks) == 3
+    # No text: no context, no crash; decoding requests without text weigh per sequence only.
+    chosen = policy.select(workers, RouteKey())
+    assert chosen is not None
+    ticket = policy.begin_attempt(chosen)
+    assert ticket is not None
+    ticket.first_byte(streamed=True)
+    assert policy.models[chosen.url].running_context == 0
+    # One worker: it takes everything whatever its decode pressure.
+    single = workers[:1]
+    for i in range(3):
+        decoding(policy, single[0], text(4000, 50 + i))
+    assert policy.select(single, RouteKey(text=text(100, 9))) is single[0]

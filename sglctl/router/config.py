@@ -45,6 +45,10 @@ class RouterConfig:
     placement_key_blocks: int = 64
     #: sglctl only: seconds between /get_load polls of each worker (load_poll.py); 0: off.
     load_poll_interval_secs: float = 0.5
+    #: sglctl only, cache_aware: trim the tree to the workers' reported cached_tokens.
+    cached_tokens_correction: bool = False
+    #: sglctl only, cache_aware: load = max(in flight, the worker's /get_load num_reqs).
+    worker_load_correction: bool = False
 
     # Limits.
     max_payload_size: int = 10_485_760

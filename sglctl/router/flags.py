@@ -290,7 +290,22 @@ def build_parser(prog: str = "sglctl router") -> argparse.ArgumentParser:
         type=nnf,
         default=d.load_poll_interval_secs,
         help="sglctl only: seconds between polls of each worker's /get_load, the workers' own "
-        "load that least_ttft adds to the router's counts (0: never poll)",
+        "load that least_ttft (and cache_aware with --worker-load-correction) adds to the "
+        "router's counts (0: never poll)",
+    )
+    g.add_argument(
+        "--cached-tokens-correction",
+        action="store_true",
+        help="sglctl only, cache_aware: when an answer's cached_tokens shows the worker "
+        "evicted a prefix, drop what it used less recently from its tree (least_ttft always "
+        "does)",
+    )
+    g.add_argument(
+        "--worker-load-correction",
+        action="store_true",
+        help="sglctl only, cache_aware: count a worker's load as the larger of this router's "
+        "in-flight requests and the worker's own num_reqs (/get_load, polled every "
+        "--load-poll-interval-secs); use it with router replicas",
     )
     g.add_argument(
         "--max-payload-size",

@@ -25,6 +25,8 @@ from sglctl.router.workers import WorkerRegistry
 log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL_SECS = 0.5
+#: Reports older than this are ignored (the poller is late or the worker is gone).
+STALE_SECS = 3.0
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,18 @@ class WorkerLoad:
     num_tokens: int
     #: time.monotonic() when the answer arrived.
     at: float
+
+
+def effective_load(in_flight: int, load: WorkerLoad | None, now: float) -> int:
+    """A worker's load in requests: the router's own in-flight count, raised to what the
+    worker reports it holds (``num_reqs``, waiting included) when that report is fresh.
+
+    The max, not a sum: the worker's count includes this router's requests. It is what a
+    router replica needs, each one seeing only its share of the traffic.
+    """
+    if load is None or now - load.at >= STALE_SECS:
+        return in_flight
+    return max(in_flight, load.num_reqs)
 
 
 def parse_load(body: Any, at: float) -> WorkerLoad | None:

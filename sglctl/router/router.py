@@ -262,9 +262,12 @@ class Router:
         for policy in (self.policy, self.decode_policy):
             if policy is not None:
                 self._spawn(policy.run_background(), f"{policy.name} maintenance")
-        if isinstance(self.policy, LeastTTFTPolicy) and c.load_poll_interval_secs > 0:
+        wants_loads = isinstance(self.policy, LeastTTFTPolicy) or getattr(
+            self.policy, "uses_worker_loads", False
+        )
+        if wants_loads and c.load_poll_interval_secs > 0:
             poller = LoadPoller(self.registry, self.client, c.load_poll_interval_secs)
-            self.policy.worker_loads = poller.loads  # the workers' own load, kept fresh
+            self.policy.worker_loads = poller.loads  # type: ignore[attr-defined]
             self._spawn(poller.run(), "load poll")
         log.info(
             "router ready: policy %s%s, %d workers%s%s",

@@ -39,6 +39,8 @@ def make_policy(name: str, config: RouterConfig) -> Policy:
             placement=config.placement,
             placement_epsilon=config.placement_epsilon,
             placement_key_blocks=config.placement_key_blocks,
+            trim_from_reports=config.cached_tokens_correction,
+            load_from_workers=config.worker_load_correction,
         )
     if name == "least_ttft":
         return LeastTTFTPolicy(

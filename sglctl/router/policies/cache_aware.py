@@ -17,6 +17,23 @@ For each request, among the routable workers:
 A background task trims every worker's tree to ``max_tree_size`` characters every
 ``eviction_interval_secs``; a removed worker's tree is dropped at once.
 
+Two corrections from the workers, both off by default (sglctl only, issue 14):
+
+* ``trim_from_reports`` (``--cached-tokens-correction``): every answer's ``cached_tokens`` is
+  read from its last bytes; when the worker reports less than the tree predicted, it evicted,
+  and the worker's tree forgets what it used less recently
+  (:class:`~sglctl.router.policies.reports.TreeCorrector`, the same code as ``least_ttft``).
+  A failed attempt that never produced a byte is trimmed back to what the tree had before.
+  Without it the tree only forgets by its own size bound, far larger than a worker's cache,
+  so it keeps sending conversations to workers that no longer hold them.
+* ``load_from_workers`` (``--worker-load-correction``): load is ``max(in flight from this
+  router, the worker's own num_reqs from /get_load)`` (:func:`~sglctl.router.load_poll.
+  effective_load`) for the imbalance check and the least-loaded choices, so requests from
+  other routers or clients count: with N router replicas each sees only 1/N of the traffic.
+  (``--placement hash``'s bounded-load check reads ``in_flight`` itself, in
+  :mod:`~sglctl.router.policies.placement`; it sees the workers' own load only once that
+  module takes a load function.)
+
 Two deliberate refinements over the SGLang Router: ties (equal match, equal tree size) go to
 the less loaded worker instead of the first one listed, and a request with no text at all is
 routed by shortest queue (the SGLang Router would always pick the smallest tree, i.e. the same
@@ -27,17 +44,78 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from operator import attrgetter
 
+from sglctl.router.load_poll import WorkerLoad, effective_load
 from sglctl.router.policies import placement
 from sglctl.router.policies.base import NO_KEY, Policy, RouteKey
+from sglctl.router.policies.reports import TreeCorrector
 from sglctl.router.tree import DEFAULT_BLOCK, Prefixes, PrefixHasher, PrefixTree
 from sglctl.router.workers import Worker
 
 log = logging.getLogger(__name__)
 _load = attrgetter("in_flight")
 _PLACEMENTS = placement.PLACEMENTS
+#: How often the workers' reported evictions are applied to the tree (with the correction on).
+CORRECTION_INTERVAL_SECS = 0.25
+
+
+class _Ticket:
+    """One attempt, for the ``cached_tokens`` correction: what the tree predicted at dispatch."""
+
+    __slots__ = (
+        "closed",
+        "old_tick",
+        "policy",
+        "predicted_blocks",
+        "prefixes",
+        "streamed",
+        "text",
+        "url",
+    )
+
+    def __init__(
+        self,
+        policy: CacheAwarePolicy,
+        url: str,
+        prefixes: Prefixes,
+        predicted_blocks: int,
+        old_tick: int,
+        text: bool,
+    ) -> None:
+        self.policy = policy
+        self.url = url
+        self.prefixes = prefixes
+        self.predicted_blocks = predicted_blocks
+        self.old_tick = old_tick
+        self.text = text
+        self.streamed = False
+        self.closed = False
+
+    def first_byte(self, streamed: bool) -> None:
+        self.streamed = streamed
+        corrector = self.policy.corrector
+        if corrector is not None:
+            corrector.prefilled(self.url, id(self))
+
+    def done(self, ok: bool, tail: bytes) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        corrector = self.policy.corrector
+        if corrector is None:
+            return
+        corrector.prefilled(self.url, id(self))
+        tree = self.policy.tree
+        if not ok:
+            if not self.streamed:  # never prefilled there, perhaps: back to the tree before it
+                tree.trim(self.prefixes, self.url, self.predicted_blocks)
+            return
+        corrector.report(
+            self.url, self.prefixes, self.predicted_blocks, self.old_tick, self.text, tail
+        )
 
 
 class CacheAwarePolicy(Policy):
@@ -57,6 +135,8 @@ class CacheAwarePolicy(Policy):
         placement: str = "tree",
         placement_epsilon: float = placement.DEFAULT_EPSILON,
         placement_key_blocks: int = placement.DEFAULT_KEY_BLOCKS,
+        trim_from_reports: bool = False,
+        load_from_workers: bool = False,
     ) -> None:
         if placement not in _PLACEMENTS:
             raise ValueError(f"placement must be one of {_PLACEMENTS}, got {placement!r}")
@@ -72,6 +152,12 @@ class CacheAwarePolicy(Policy):
         self.placement_key_blocks = placement_key_blocks
         self.hasher = PrefixHasher(block)
         self.tree = PrefixTree(block)
+        #: ``--cached-tokens-correction``: trims the tree to what the workers report.
+        self.corrector = TreeCorrector(self.tree) if trim_from_reports else None
+        #: ``--worker-load-correction``: the router's poller fills :attr:`worker_loads`.
+        self.uses_worker_loads = load_from_workers
+        self.worker_loads: Mapping[str, WorkerLoad] = {}
+        self._next: _Ticket | None = None
         #: Requests routed to a worker because of a prefix match, and the others; exported
         #: as ``sglang_router_cache_hits_total`` / ``..._misses_total``.
         self.cache_hits = 0
@@ -84,12 +170,22 @@ class CacheAwarePolicy(Policy):
             return self.hasher.tokens(key.input_ids)
         return self.hasher.text(key.text or "")
 
-    def is_imbalanced(self, workers: Sequence[Worker]) -> bool:
-        loads = [w.in_flight for w in workers]
+    def load_of(self) -> Callable[[Worker], int]:
+        """A worker's load in requests: in flight, or corrected by the workers' own reports."""
+        if not self.uses_worker_loads:
+            return _load
+        loads, now = self.worker_loads, time.monotonic()
+        return lambda w: effective_load(w.in_flight, loads.get(w.url), now)
+
+    def is_imbalanced(
+        self, workers: Sequence[Worker], load: Callable[[Worker], int] = _load
+    ) -> bool:
+        loads = [load(w) for w in workers]
         high, low = max(loads), min(loads)
         return high - low > self.balance_abs_threshold and high > low * self.balance_rel_threshold
 
     def select(self, workers: Sequence[Worker], key: RouteKey = NO_KEY) -> Worker | None:
+        self._next = None
         if not workers:
             return None
         self.last_match = 0
@@ -97,20 +193,21 @@ class CacheAwarePolicy(Policy):
             chosen = workers[0]
             self.last_decision = "single_worker"
             if not key.empty:
-                self.tree.insert(self.prefixes(key), chosen.url)
+                self._record(self.prefixes(key), chosen, key)
             return chosen
+        load = self.load_of()
         if key.empty:
             self.cache_misses += 1
             self.last_decision = "no_text"
-            return min(workers, key=_load)
+            return min(workers, key=load)
         prefixes = self.prefixes(key)
-        if self.is_imbalanced(workers):
+        if self.is_imbalanced(workers, load):
             self.balance_fallbacks += 1
             self.cache_misses += 1
             self.last_decision = "balance_fallback"
-            chosen = min(workers, key=_load)
+            chosen = min(workers, key=load)
         else:
-            by_load = sorted(workers, key=_load)
+            by_load = sorted(workers, key=load)
             best_url, matched = self.tree.match(prefixes, (w.url for w in by_load))
             self.last_match = matched
             by_url = {w.url: w for w in by_load}
@@ -121,8 +218,27 @@ class CacheAwarePolicy(Policy):
             else:
                 self.cache_misses += 1
                 chosen = self.place(prefixes, by_load)
-        self.tree.insert(prefixes, chosen.url)
+        self._record(prefixes, chosen, key)
         return chosen
+
+    def _record(self, prefixes: Prefixes, chosen: Worker, key: RouteKey) -> None:
+        """The tree gets the prompt; with the correction on, the next attempt a ticket."""
+        if self.corrector is not None:
+            blocks = self.tree.match_blocks(prefixes, chosen.url)
+            tick = self.tree.last_use(prefixes, chosen.url, blocks) if blocks else 0
+            self._next = _Ticket(self, chosen.url, prefixes, blocks, tick, not key.input_ids)
+        self.tree.insert(prefixes, chosen.url)
+
+    def begin_attempt(self, worker: Worker) -> _Ticket | None:
+        ticket, self._next = self._next, None
+        if ticket is None or ticket.url != worker.url or self.corrector is None:
+            return None
+        ticket.old_tick = self.corrector.start(worker.url, id(ticket), ticket.old_tick)
+        return ticket
+
+    def apply_corrections(self) -> int:
+        """Forget what the workers said they evicted; blocks dropped (background task)."""
+        return self.corrector.apply() if self.corrector is not None else 0
 
     def place(self, prefixes: Prefixes, by_load: Sequence[Worker]) -> Worker:
         """Where a prefix no tree holds goes (``by_load``: the workers, least loaded first)."""
@@ -139,6 +255,8 @@ class CacheAwarePolicy(Policy):
 
     def on_worker_removed(self, worker: Worker) -> None:
         self.tree.remove_tenant(worker.url)
+        if self.corrector is not None:
+            self.corrector.forget_worker(worker.url)
 
     def tree_size(self) -> int:
         return self.tree.total_size()
@@ -148,6 +266,8 @@ class CacheAwarePolicy(Policy):
 
     def flush(self) -> None:
         self.tree.clear()
+        if self.corrector is not None:
+            self.corrector.clear()
 
     def evict_once(self) -> int:
         evicted = self.tree.evict(self.max_tree_size)
@@ -156,19 +276,40 @@ class CacheAwarePolicy(Policy):
         return evicted
 
     async def run_background(self) -> None:
-        """Trim the tree every ``eviction_interval_secs`` until cancelled."""
+        """Trim the tree every ``eviction_interval_secs`` (and apply the workers' corrections
+        every :data:`CORRECTION_INTERVAL_SECS` when on) until cancelled."""
+        if self.corrector is not None:
+            await self._run_corrections()
+            return
         if self.eviction_interval_secs <= 0:
             return
         while True:
             await asyncio.sleep(self.eviction_interval_secs)
-            evicted = 0
-            for name in self.tree.tenants():
-                try:
-                    evicted += self.tree.evict_tenant(name, self.max_tree_size)
-                except Exception:
-                    log.exception(
-                        "cache-aware tree eviction failed for %s; retrying next time", name
-                    )
-                await asyncio.sleep(0)  # one tenant at a time: requests run in between
-            if evicted:
-                log.debug("cache-aware tree: evicted %d blocks", evicted)
+            await self._evict_all()
+
+    async def _run_corrections(self) -> None:
+        last_evict = time.monotonic()
+        while True:
+            await asyncio.sleep(CORRECTION_INTERVAL_SECS)
+            try:
+                dropped = self.apply_corrections()
+                if dropped:
+                    log.debug("cache-aware tree: corrections dropped %d blocks", dropped)
+            except Exception:
+                log.exception("cache-aware tree corrections failed; retrying next time")
+            now = time.monotonic()
+            if self.eviction_interval_secs > 0 and now - last_evict >= self.eviction_interval_secs:
+                last_evict = now
+                await self._evict_all()
+
+    async def _evict_all(self) -> None:
+        """Trim every worker's tree to ``max_tree_size``, one tenant at a time."""
+        evicted = 0
+        for name in self.tree.tenants():
+            try:
+                evicted += self.tree.evict_tenant(name, self.max_tree_size)
+            except Exception:
+                log.exception("cache-aware tree eviction failed for %s; retrying next time", name)
+            await asyncio.sleep(0)  # one tenant at a time: requests run in between
+        if evicted:
+            log.debug("cache-aware tree: evicted %d blocks", evicted)

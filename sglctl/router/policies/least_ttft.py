@@ -5,8 +5,7 @@ threshold, the tree a guess. What a user waits for is the time to first token, a
 SGLang worker that is mostly the prefill work queued ahead of the request plus its own
 uncached prompt. So, for every routable worker ``w``:
 
-    cost(w) = (queued(w) + UNCACHED_WEIGHT * uncached(w) + OVERHEAD
-               + running(w) * DECODE_TOKENS) / rate(w)
+    cost(w) = (queued(w) + UNCACHED_WEIGHT * uncached(w) + OVERHEAD + decode(w)) / rate(w)
 
 (with ``UNCACHED_WEIGHT`` 1 this is the predicted TTFT itself; it is 2 because an uncached
 prompt also delays every later request on that worker by as much, so dodging a short queue
@@ -19,8 +18,20 @@ with a miss is not free for the fleet).
   predicted prefill time (or its answer, if that comes first).
 * ``uncached(w)``: this request's prompt tokens beyond the longest prefix the tree has for
   ``w`` (tree units to tokens: :mod:`~sglctl.router.policies.reports`).
-* ``running(w)``: requests past their first byte (decoding); each slows the worker's batches,
-  counted as :data:`DECODE_TOKENS` tokens of prefill.
+* ``decode(w)``: decode pressure, in prefill-token equivalents: every running (decoding)
+  request costs :data:`DECODE_TOKENS` plus :data:`DECODE_CONTEXT_WEIGHT` x its context. A
+  decode step's time grows with the number of sequences *and* with the KV context they
+  attend over (SGLang's, and the sim's, ``base + per_seq x b + per_ctx_token x k``), and a
+  request sent there shares every one of those steps, first the one its prefill waits for,
+  then all of its own answer. Context is what the router knows: the request's prompt tokens
+  (its output so far is not seen by the policy: the proxy reports the first and last byte
+  only, and ``max_new_tokens`` is not in the routing key), so a worker full of long-context
+  decodes looks busier than one with short ones, where a fixed count per request made it
+  look idle. The worker's ``/get_load`` raises the count of running requests to what it
+  reports (requests from other routers), each extra one at this worker's mean known context.
+  ``num_tokens`` is not used: SGLang's (and the sim's) counts the KV pool in use, cached idle
+  prefixes included, which says how full the cache is, not how heavy the decode batch is.
+  Time is the same learned ``rate(w)``: one model, its constant learned per worker.
 * ``rate(w)``: prefill tokens per second *learned per worker* from what the router sees:
   for each streamed answer, (the work ahead of it at dispatch + its own) / time to its first
   byte, an EWMA (:data:`EWMA_ALPHA`) starting from :data:`PRIOR_RATE` weighted as one sample,
@@ -33,8 +44,9 @@ equal spread out by themselves, since each pick adds to that worker's queue.
 
 Corrections from the workers (issue 14):
 
-* every answer's ``cached_tokens`` is read from its last bytes (``reports``). When a worker
-  reports at least a block (plus :data:`SLACK_BLOCKS`) less than the tree predicted, it
+* every answer's ``cached_tokens`` is read from its last bytes
+  (:class:`~sglctl.router.policies.reports.TreeCorrector`, shared with ``cache_aware``). When
+  a worker reports at least a block (plus ``SLACK_BLOCKS``) less than the tree predicted, it
   evicted that prefix, and, its cache being LRU, everything it used less recently: the
   worker's tenant forgets every block last used at or before the evicted path's last use
   (:meth:`~sglctl.router.tree.PrefixTree.forget_older`), applied in the background every
@@ -56,15 +68,9 @@ import time
 from collections.abc import Mapping, Sequence
 from itertools import count
 
-from sglctl.router.load_poll import WorkerLoad
+from sglctl.router.load_poll import STALE_SECS, WorkerLoad
 from sglctl.router.policies.base import NO_KEY, Policy, RouteKey, Ticket
-from sglctl.router.policies.reports import (
-    CHARS_PER_TOKEN,
-    TAIL_BYTES,
-    cached_tokens,
-    tokens_to_units,
-    units_to_tokens,
-)
+from sglctl.router.policies.reports import CHARS_PER_TOKEN, TreeCorrector, units_to_tokens
 from sglctl.router.tree import DEFAULT_BLOCK, Prefixes, PrefixHasher, PrefixTree
 from sglctl.router.workers import Worker
 
@@ -86,17 +92,18 @@ OVERHEAD_TOKENS = 256
 #: Weight of a request's own uncached tokens: its own prefill, plus the same work it adds
 #: in front of every later request there (a miss taken to dodge a queue slows the fleet).
 UNCACHED_WEIGHT = 2.0
-#: What one running (decoding) request costs a new request's prefill, in tokens.
+#: What one running (decoding) request costs a new request, in prefill tokens (per sequence).
 DECODE_TOKENS = 32
-#: A report this many blocks short of the prediction is not acted on (the text->token
-#: conversion is an estimate, chat templates add tokens).
-SLACK_BLOCKS = 1
+#: ... plus this many prefill tokens per token of its context (a 16k-token conversation in
+#: decode weighs 1,000 tokens, ~30 ms at the prior rate: about what sharing its decode steps
+#: costs a new request's answer, the sim's per-context-token decode cost being 49 ns a step).
+DECODE_CONTEXT_WEIGHT = 1 / 16
 #: A non-streamed request leaves the queue at this multiple of its predicted prefill time.
 EXPIRY_FACTOR = 1.5
 #: How often queued corrections are applied to the tree.
 CORRECTION_INTERVAL_SECS = 0.25
 #: Load reports older than this are ignored (the poller is late or the worker is gone).
-LOAD_STALE_SECS = 3.0
+LOAD_STALE_SECS = STALE_SECS
 #: Predicted times this close (seconds) are a tie.
 TIE_SECS = 1e-6
 
@@ -104,7 +111,15 @@ TIE_SECS = 1e-6
 class _WorkerModel:
     """What the policy knows about one worker: its learned rate and its prefill queue."""
 
-    __slots__ = ("expiry", "pending", "queued", "queued_tokens", "rate", "samples")
+    __slots__ = (
+        "expiry",
+        "queued",
+        "queued_tokens",
+        "rate",
+        "running",
+        "running_context",
+        "samples",
+    )
 
     def __init__(self) -> None:
         self.rate = PRIOR_RATE
@@ -114,9 +129,20 @@ class _WorkerModel:
         self.queued_tokens = 0
         #: (expiry time, sequence, ticket): non-streamed requests leave the queue by then.
         self.expiry: list[tuple[float, int, _Ticket]] = []
-        #: Queued tickets (by id) -> the tree tick of their insert, in dispatch order, so the
-        #: first value is the oldest tick whose prompt may still be in prefill there.
-        self.pending: dict[int, int] = {}
+        #: Requests past their first byte (decoding) and the sum of their prompt tokens.
+        self.running = 0
+        self.running_context = 0
+
+    def decode_pressure(self, reported_running: int = 0) -> float:
+        """Decode pressure in prefill tokens (see the module docstring): the requests this
+        router knows are decoding here, raised to ``reported_running`` (``/get_load``) with
+        each extra one at the mean known context."""
+        running, context = self.running, float(self.running_context)
+        if reported_running > running:
+            mean = context / running if running else 0.0
+            context += (reported_running - running) * mean
+            running = reported_running
+        return running * DECODE_TOKENS + DECODE_CONTEXT_WEIGHT * context
 
     def learn(self, tokens: int, seconds: float) -> None:
         if seconds <= 0:
@@ -137,6 +163,8 @@ class _Ticket:
 
     __slots__ = (
         "closed",
+        "context",
+        "decoding",
         "model",
         "old_tick",
         "policy",
@@ -161,6 +189,7 @@ class _Ticket:
         old_tick: int,
         tokens: int,
         text: bool,
+        context: int = 0,
     ) -> None:
         self.policy = policy
         self.url = url
@@ -171,6 +200,9 @@ class _Ticket:
         #: This request's queued tokens (uncached + overhead).
         self.tokens = tokens
         self.text = text
+        #: Prompt tokens: what this request weighs on the worker's decode batch.
+        self.context = context
+        self.decoding = False
         self.work = 0
         self.started = 0.0
         self.queued = False
@@ -183,12 +215,7 @@ class _Ticket:
         now = time.monotonic()
         self.started = now
         self.work = model.queued_tokens + self.tokens
-        pending = model.pending
-        if pending and self.old_tick >= next(iter(pending.values())):
-            # The matched path was last sent with a request still in prefill there: the
-            # worker may not hold it *yet*, so a short report would not mean an eviction.
-            self.old_tick = 0
-        pending[id(self)] = self.policy.tree.tick
+        self.old_tick = self.policy.corrector.start(self.url, id(self), self.old_tick)
         model.queued += 1
         model.queued_tokens += self.tokens
         self.queued = True
@@ -196,11 +223,26 @@ class _Ticket:
         heapq.heappush(model.expiry, (expires, next(self.policy.seq), self))
 
     def dequeue(self) -> None:
+        """Past its prefill (first byte or expiry): from the queue to the decode batch."""
         if self.queued:
             self.queued = False
-            self.model.pending.pop(id(self), None)
-            self.model.queued -= 1
-            self.model.queued_tokens -= self.tokens
+            self.policy.corrector.prefilled(self.url, id(self))
+            model = self.model
+            model.queued -= 1
+            model.queued_tokens -= self.tokens
+            if not self.closed:
+                self.decoding = True
+                model.running += 1
+                model.running_context += self.context
+
+    def finish(self) -> None:
+        """The attempt ended: out of the queue and the decode batch."""
+        self.closed = True
+        self.dequeue()
+        if self.decoding:
+            self.decoding = False
+            self.model.running -= 1
+            self.model.running_context -= self.context
 
     def first_byte(self, streamed: bool) -> None:
         if self.closed:
@@ -215,8 +257,7 @@ class _Ticket:
     def done(self, ok: bool, tail: bytes) -> None:
         if self.closed:
             return
-        self.closed = True
-        self.dequeue()
+        self.finish()
         self.policy.answered(self, ok, tail)
 
 
@@ -242,11 +283,8 @@ class LeastTTFTPolicy(Policy):
         self.seq = count()
         self.cache_hits = 0
         self.cache_misses = 0
-        #: Answers whose cached_tokens fell short of the prediction, and blocks they dropped.
-        self.corrections = 0
-        self.corrected_blocks = 0
-        #: Per worker URL, the newest tick whose older blocks are to be forgotten.
-        self._forget: dict[str, int] = {}
+        #: Trims the tree to what the workers report they cache (shared with cache_aware).
+        self.corrector = TreeCorrector(self.tree)
         self._next: _Ticket | None = None
 
     # -- the cost model ----------------------------------------------------------------------
@@ -256,19 +294,19 @@ class LeastTTFTPolicy(Policy):
             model = self.models[url] = _WorkerModel()
         return model
 
-    def backlog(self, worker: Worker, model: _WorkerModel, now: float) -> int:
+    def backlog(self, worker: Worker, model: _WorkerModel, now: float) -> float:
         """Tokens of work ahead of a new request at ``worker``: its queue and decode pressure."""
         model.expire(now)
         queued_reqs, queued_tokens = model.queued, model.queued_tokens
-        running = max(worker.in_flight - queued_reqs, 0)
+        reported_running = 0
         load = self.worker_loads.get(worker.url)
         if load is not None and now - load.at < LOAD_STALE_SECS:
-            running = max(running, load.num_reqs - load.num_waiting_reqs)
+            reported_running = load.num_reqs - load.num_waiting_reqs
             extra = load.num_waiting_reqs - queued_reqs
             if extra > 0:  # requests queued there that this router did not send
                 mean = queued_tokens // queued_reqs if queued_reqs else OVERHEAD_TOKENS
                 queued_tokens += extra * mean
-        return queued_tokens + running * DECODE_TOKENS
+        return queued_tokens + model.decode_pressure(reported_running)
 
     def predict(self, worker: Worker, uncached_tokens: int, now: float | None = None) -> float:
         """Predicted seconds to the first token of a request with that many uncached tokens."""
@@ -369,6 +407,7 @@ class LeastTTFTPolicy(Policy):
             tick,
             uncached + OVERHEAD_TOKENS,
             text,
+            units_to_tokens(prefixes.length, text) if prefixes is not None else 0,
         )
         return worker
 
@@ -391,35 +430,23 @@ class LeastTTFTPolicy(Policy):
                 # tree had before (a stream that broke later was prefilled: kept).
                 self.tree.trim(prefixes, ticket.url, ticket.predicted_blocks)
             return
-        if ticket.predicted_blocks <= SLACK_BLOCKS or ticket.old_tick <= 0:
-            return
-        reported = cached_tokens(tail[-TAIL_BYTES:])
-        if reported is None:
-            return
-        units = tokens_to_units(reported, ticket.text)
-        reported_blocks = units // prefixes.block
-        if reported_blocks + SLACK_BLOCKS >= ticket.predicted_blocks:
-            return
-        self.corrections += 1
-        log.debug(
-            "least_ttft: %s reported %d cached tokens, the tree predicted %d blocks: "
-            "forgetting its blocks last used at or before tick %d",
-            ticket.url,
-            reported,
-            ticket.predicted_blocks,
-            ticket.old_tick,
+        self.corrector.report(
+            ticket.url, prefixes, ticket.predicted_blocks, ticket.old_tick, ticket.text, tail
         )
-        if ticket.old_tick > self._forget.get(ticket.url, 0):
-            self._forget[ticket.url] = ticket.old_tick
+
+    @property
+    def corrections(self) -> int:
+        """Answers whose cached_tokens fell short of the tree's prediction."""
+        return self.corrector.corrections
+
+    @property
+    def corrected_blocks(self) -> int:
+        """Tree blocks dropped because of those answers."""
+        return self.corrector.corrected_blocks
 
     def apply_corrections(self) -> int:
         """Forget what the workers said they evicted; blocks dropped (background task)."""
-        pending, self._forget = self._forget, {}
-        dropped = 0
-        for url, tick in pending.items():
-            dropped += self.tree.forget_older(url, tick)
-        self.corrected_blocks += dropped
-        return dropped
+        return self.corrector.apply()
 
     # -- membership and maintenance -----------------------------------------------------------
     def on_worker_added(self, worker: Worker) -> None:
@@ -429,7 +456,7 @@ class LeastTTFTPolicy(Policy):
     def on_worker_removed(self, worker: Worker) -> None:
         self.tree.remove_tenant(worker.url)
         self.models.pop(worker.url, None)
-        self._forget.pop(worker.url, None)
+        self.corrector.forget_worker(worker.url)
 
     def tree_size(self) -> int:
         return self.tree.total_size()
@@ -439,7 +466,7 @@ class LeastTTFTPolicy(Policy):
 
     def flush(self) -> None:
         self.tree.clear()
-        self._forget.clear()
+        self.corrector.clear()
 
     async def run_background(self) -> None:
         """Apply the workers' corrections often and trim the tree to its bound now and then."""

@@ -16,6 +16,12 @@ slack (:mod:`~sglctl.router.policies.least_ttft`).
 
 from __future__ import annotations
 
+import logging
+
+from sglctl.router.tree import Prefixes, PrefixTree
+
+log = logging.getLogger(__name__)
+
 #: Characters per token for text prompts (see the module docstring).
 CHARS_PER_TOKEN = 4
 #: How many bytes at the end of a whole body to search (the field is in the last object).
@@ -46,3 +52,98 @@ def tokens_to_units(tokens: int, text: bool) -> int:
 def units_to_tokens(units: int, text: bool) -> int:
     """Tree units (characters or tokens) as prompt tokens, rounded up."""
     return -(-units // CHARS_PER_TOKEN) if text else units
+
+
+#: A report this many blocks short of the prediction is not acted on (the text->token
+#: conversion is an estimate, chat templates add tokens).
+SLACK_BLOCKS = 1
+
+
+class TreeCorrector:
+    """Trims a prefix tree to what the workers say they still cache (shared by the policies).
+
+    When a worker reports at least a block (plus :data:`SLACK_BLOCKS`) fewer cached tokens than
+    the tree predicted, it evicted that prefix and, its cache being LRU, everything it used
+    less recently: the worker's tenant forgets every block last used at or before the evicted
+    path's last use (:meth:`~sglctl.router.tree.PrefixTree.forget_older`). Reports are only
+    recorded here (one dict write); :meth:`apply` does the tree work in the policy's
+    background task, so a burst of reports costs one pass per worker.
+
+    A path last sent with a request that is still in prefill on that worker may not be held
+    *yet*; a short report then means nothing. :meth:`start` / :meth:`prefilled` track, per
+    worker, the tree tick of every attempt not yet past its first byte, to tell.
+    """
+
+    def __init__(self, tree: PrefixTree) -> None:
+        self.tree = tree
+        #: Per worker URL: attempts (by key) still in prefill -> the tick of their insert,
+        #: in dispatch order, so the first value is the oldest tick possibly not held yet.
+        self.pending: dict[str, dict[int, int]] = {}
+        #: Per worker URL, the newest tick whose older blocks are to be forgotten.
+        self._forget: dict[str, int] = {}
+        #: Answers that fell short of the prediction, and blocks dropped because of them.
+        self.corrections = 0
+        self.corrected_blocks = 0
+
+    def start(self, url: str, key: int, old_tick: int) -> int:
+        """An attempt (``key``, unique while alive) whose path was last used at ``old_tick``
+        left for ``url`` after its insert: the tick a short report would forget back to (0:
+        none, the path may still be in prefill there)."""
+        pending = self.pending.setdefault(url, {})
+        if pending and old_tick >= next(iter(pending.values())):
+            old_tick = 0
+        pending[key] = self.tree.tick
+        return old_tick
+
+    def prefilled(self, url: str, key: int) -> None:
+        """The attempt is past its prefill (first byte, expiry or end)."""
+        pending = self.pending.get(url)
+        if pending is not None:
+            pending.pop(key, None)
+
+    def report(
+        self,
+        url: str,
+        prefixes: Prefixes,
+        predicted_blocks: int,
+        old_tick: int,
+        text: bool,
+        tail: bytes,
+    ) -> bool:
+        """Read the answer's ``cached_tokens``; True when it shows an eviction (recorded)."""
+        if predicted_blocks <= SLACK_BLOCKS or old_tick <= 0:
+            return False
+        reported = cached_tokens(tail[-TAIL_BYTES:])
+        if reported is None:
+            return False
+        reported_blocks = tokens_to_units(reported, text) // prefixes.block
+        if reported_blocks + SLACK_BLOCKS >= predicted_blocks:
+            return False
+        self.corrections += 1
+        log.debug(
+            "%s reported %d cached tokens, the tree predicted %d blocks: forgetting its "
+            "blocks last used at or before tick %d",
+            url,
+            reported,
+            predicted_blocks,
+            old_tick,
+        )
+        if old_tick > self._forget.get(url, 0):
+            self._forget[url] = old_tick
+        return True
+
+    def apply(self) -> int:
+        """Forget what the workers said they evicted; blocks dropped (background task)."""
+        pending, self._forget = self._forget, {}
+        dropped = 0
+        for url, tick in pending.items():
+            dropped += self.tree.forget_older(url, tick)
+        self.corrected_blocks += dropped
+        return dropped
+
+    def forget_worker(self, url: str) -> None:
+        self.pending.pop(url, None)
+        self._forget.pop(url, None)
+
+    def clear(self) -> None:
+        self._forget.clear()

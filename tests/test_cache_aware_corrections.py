@@ -1,0 +1,183 @@
+"""cache_aware with the workers' corrections (off by default): the tree trimmed to the
+reported ``cached_tokens``, and load raised to the workers' own ``/get_load`` counts."""
+
+from __future__ import annotations
+
+import random
+import string
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from sglctl.net import find_free_port
+from sglctl.router.flags import parse_args
+from sglctl.router.load_poll import STALE_SECS, WorkerLoad, effective_load
+from sglctl.router.policies import CacheAwarePolicy, make_policy
+from sglctl.router.policies.base import RouteKey
+from sglctl.router.workers import Worker
+from tests.support import wait_until
+from tests.test_least_ttft_integration import KV_TOKENS, send, tree_chars
+
+URL = "http://127.0.0.2:8000"
+
+
+def text(n: int, seed: int) -> str:
+    rng = random.Random(seed)
+    return "".join(rng.choice(string.ascii_letters) for _ in range(n))
+
+
+def make(n: int, **kwargs: Any) -> tuple[CacheAwarePolicy, list[Worker]]:
+    policy = CacheAwarePolicy(**kwargs)
+    workers = [Worker(f"http://127.0.0.{i + 2}:8000") for i in range(n)]
+    for w in workers:
+        policy.on_worker_added(w)
+    return policy, workers
+
+
+def answer(
+    policy: CacheAwarePolicy, workers: list[Worker], prompt: str, tail: bytes, ok: bool = True
+) -> Worker:
+    """What the proxy does for one streamed request: select, attempt, first byte, end."""
+    chosen = policy.select(workers, RouteKey(text=prompt))
+    assert chosen is not None
+    ticket = policy.begin_attempt(chosen)
+    assert ticket is not None
+    if ok:
+        ticket.first_byte(streamed=True)
+    ticket.done(ok, tail)
+    return chosen
+
+
+def cached(tokens: int) -> bytes:
+    return b'{"meta_info": {"prompt_tokens": 500, "cached_tokens": %d}}' % tokens
+
+
+def test_off_by_default() -> None:
+    policy = make_policy("cache_aware", parse_args(["--worker-urls", URL]))
+    assert isinstance(policy, CacheAwarePolicy)
+    assert policy.corrector is None and not policy.uses_worker_loads
+    workers = [Worker(URL)]
+    assert policy.select(workers, RouteKey(text=text(800, 1))) is workers[0]
+    assert policy.begin_attempt(workers[0]) is None  # no ticket: nothing on the hot path
+    assert policy.apply_corrections() == 0
+
+
+def test_flags_turn_them_on() -> None:
+    config = parse_args(
+        ["--worker-urls", URL, "--cached-tokens-correction", "--worker-load-correction"]
+    )
+    policy = make_policy("cache_aware", config)
+    assert isinstance(policy, CacheAwarePolicy)
+    assert policy.corrector is not None and policy.uses_worker_loads
+
+
+def test_a_short_report_forgets_what_the_worker_used_less_recently() -> None:
+    policy, workers = make(1, trim_from_reports=True)
+    worker = workers[0]
+    a, b = text(1280, 1), text(1280, 2)  # 20 blocks each
+    answer(policy, workers, b, cached(0))
+    answer(policy, workers, a, cached(0))
+    assert policy.tree.size(worker.url) == 2 * 1280
+    # A again: the tree predicts 20 blocks, the worker reports nothing cached -> it evicted
+    # A, and B (used before A) with it. A itself was just prefilled again: kept.
+    answer(policy, workers, a, cached(0))
+    assert policy.corrector is not None and policy.corrector.corrections == 1
+    assert policy.tree.size(worker.url) == 2 * 1280  # applied in the background, not inline
+    assert policy.apply_corrections() == 20
+    assert policy.tree.size(worker.url) == 1280
+    assert policy.tree.match_blocks(policy.prefixes(RouteKey(text=a)), worker.url) == 20
+
+
+def test_a_full_report_changes_nothing() -> None:
+    policy, workers = make(1, trim_from_reports=True)
+    a, b = text(1280, 1), text(1280, 2)
+    answer(policy, workers, b, cached(0))
+    answer(policy, workers, a, cached(0))
+    answer(policy, workers, a, cached(320))  # all 320 tokens (1280 chars) were cached
+    answer(policy, workers, a, b"no figure in this tail")
+    assert policy.apply_corrections() == 0
+    assert policy.tree.size(workers[0].url) == 2 * 1280
+
+
+def test_a_path_still_in_prefill_is_not_an_eviction() -> None:
+    policy, workers = make(1, trim_from_reports=True)
+    a, b = text(1280, 1), text(1280, 2)
+    answer(policy, workers, b, cached(0))
+    first = policy.select(workers, RouteKey(text=a))
+    assert first is not None
+    in_prefill = policy.begin_attempt(first)  # A's first request has no first byte yet
+    assert in_prefill is not None
+    answer(policy, workers, a, cached(0))  # the second one finds nothing: not held *yet*
+    assert policy.apply_corrections() == 0
+    assert policy.tree.size(workers[0].url) == 2 * 1280
+
+
+def test_a_failed_attempt_without_a_byte_is_trimmed_back() -> None:
+    policy, workers = make(2, trim_from_reports=True)
+    chosen = answer(policy, workers, text(1280, 3), b"", ok=False)
+    assert policy.tree.size(chosen.url) == 0
+
+
+def test_worker_load_corrects_the_imbalance_check() -> None:
+    policy, workers = make(2, load_from_workers=True)
+    busy, idle = workers
+    prompt = text(2000, 4)
+    assert policy.select([busy], RouteKey(text=prompt)) is busy  # busy's tree holds it
+    now = time.monotonic()
+    # Another router's 100 requests on busy: this router's counts (0, 0) do not show them.
+    policy.worker_loads = {busy.url: WorkerLoad(100, 40, 0, now)}
+    assert policy.select(workers, RouteKey(text=prompt)) is idle
+    assert policy.last_decision == "balance_fallback"
+    # A stale report is ignored: the cached prefix wins again.
+    policy.worker_loads = {busy.url: WorkerLoad(100, 40, 0, now - 2 * STALE_SECS)}
+    assert policy.select(workers, RouteKey(text=prompt)) is busy
+
+
+def test_without_the_flag_worker_loads_are_ignored() -> None:
+    policy, workers = make(2)
+    busy, _ = workers
+    prompt = text(2000, 4)
+    policy.select([busy], RouteKey(text=prompt))
+    policy.worker_loads = {busy.url: WorkerLoad(100, 40, 0, time.monotonic())}
+    assert policy.select(workers, RouteKey(text=prompt)) is busy
+
+
+def test_effective_load() -> None:
+    now = 100.0
+    assert effective_load(3, None, now) == 3
+    assert effective_load(3, WorkerLoad(10, 2, 0, now - 1), now) == 10
+    assert effective_load(30, WorkerLoad(10, 2, 0, now - 1), now) == 30  # ours are in theirs
+    assert effective_load(3, WorkerLoad(10, 2, 0, now - STALE_SECS), now) == 3
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_router_tree_follows_a_worker_that_evicts(procs: Any, stream: bool) -> None:
+    """A real sim worker with a small cache behind ``--policy cache_aware
+    --cached-tokens-correction``: after it evicts, the router's tree follows."""
+    worker = procs.sim_worker("--kv-cache-tokens", str(KV_TOKENS), "--speedup", "10")
+    router = procs.router(
+        [worker.url],
+        "--policy",
+        "cache_aware",
+        "--cached-tokens-correction",
+        "--metrics-port",
+        str(find_free_port()),
+        "--log-level",
+        "debug",
+    )
+    b, a = text(1280, 1), text(1280, 2)  # 320 tokens, 20 tree blocks each
+    with httpx.Client(base_url=router.url, timeout=60) as client:
+        send(client, b, stream)
+        send(client, a, stream)
+        for i in range(3):  # 1200 tokens each: the worker evicts A and B to hold them
+            send(client, text(4800, 10 + i), stream)
+        before = tree_chars(router.url, worker.url)
+        assert before == 2 * 1280 + 3 * 4800  # the router's tree still believes all of it
+        send(client, a, stream)  # the worker reports (almost) nothing cached for A
+        wait_until(
+            lambda: tree_chars(router.url, worker.url) == before - 1280,
+            timeout=20,
+            what="cache_aware's tree to drop B after the worker's short cached_tokens",
+        )

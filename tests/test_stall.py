@@ -424,8 +424,14 @@ def test_a_busy_worker_that_answers_its_probe_stays(procs) -> None:
             while thread.is_alive():  # shortest_queue sends these to the idle worker
                 r = client.post("/generate", json=short)
                 assert r.status_code == 200
-                assert r.headers["x-sglctl-worker"] == other.url
-                assert worker_view(client, busy.url)["is_healthy"]
+                view = worker_view(client, busy.url)
+                assert view["is_healthy"]
+                # The long request still holds its slot after this short one ended, so it was
+                # in flight all along: the short one had to go to the idle worker. (Once the
+                # long one is released, before its thread ends, both are idle and a tie may
+                # go either way: not a defect, and not asserted.)
+                if view["load"] == 1:
+                    assert r.headers["x-sglctl-worker"] == other.url
         finally:
             thread.join(timeout=60)
     assert result == {"status": 200, "worker": busy.url}

@@ -30,7 +30,7 @@ from sglctl.router.config import RouterConfig
 from sglctl.router.health import CheckedWorker, HealthChecker
 from sglctl.router.load_poll import LoadPoller
 from sglctl.router.metrics import RouterMetrics, state_table_reader
-from sglctl.router.policies import LeastTTFTPolicy, Policy, make_policy
+from sglctl.router.policies import Policy, make_policy
 from sglctl.router.proxy import Forwarder
 from sglctl.router.retry import RetryBudget, RetryPolicy
 from sglctl.router.sources import StaticSource, WorkerSource
@@ -262,12 +262,9 @@ class Router:
         for policy in (self.policy, self.decode_policy):
             if policy is not None:
                 self._spawn(policy.run_background(), f"{policy.name} maintenance")
-        wants_loads = isinstance(self.policy, LeastTTFTPolicy) or getattr(
-            self.policy, "uses_worker_loads", False
-        )
-        if wants_loads and c.load_poll_interval_secs > 0:
+        if self.policy.uses_worker_loads and c.load_poll_interval_secs > 0:
             poller = LoadPoller(self.registry, self.client, c.load_poll_interval_secs)
-            self.policy.worker_loads = poller.loads  # type: ignore[attr-defined]
+            self.policy.worker_loads = poller.loads  # the workers' own load, kept fresh
             self._spawn(poller.run(), "load poll")
         log.info(
             "router ready: policy %s%s, %d workers%s%s",

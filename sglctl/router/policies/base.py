@@ -10,10 +10,12 @@ PD plan (:mod:`sglctl.router.pd`), one ``select`` from each.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Protocol
 
+from sglctl.router.load_poll import WorkerLoad
 from sglctl.router.workers import Worker
 
 
@@ -61,6 +63,10 @@ class Policy(ABC):
     #: Read right after ``select`` returns (no ``await`` in between), so it is this request's.
     last_decision = "n/a"
     last_match = 0
+    #: Whether the router polls the workers' own load (``/get_load``) for this policy; the
+    #: poller then keeps :attr:`worker_loads` (worker URL -> its latest report) fresh.
+    uses_worker_loads = False
+    worker_loads: Mapping[str, WorkerLoad] = MappingProxyType({})
 
     @abstractmethod
     def select(self, workers: Sequence[Worker], key: RouteKey = NO_KEY) -> Worker | None:

@@ -266,6 +266,7 @@ class LeastTTFTPolicy(Policy):
 
     name = "least_ttft"
     needs_text = True
+    uses_worker_loads = True
 
     def __init__(
         self,

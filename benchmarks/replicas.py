@@ -26,15 +26,23 @@ list; what is measured is routing, not membership). Everything runs on 127.0.0.1
 process started here is stopped at the end, also on Ctrl-C. Figures: the "Router replicas"
 section of benchmarks/RESULTS.md.
 
-    python benchmarks/replicas.py --quick     # about a minute and a half
-    python benchmarks/replicas.py             # the recorded run (a few minutes)
-    python benchmarks/replicas.py --placement hash --spread request   # replicas that agree
+    python benchmarks/replicas.py --quick     # one trace, one KV size, sglctl only
+    python benchmarks/replicas.py --max-requests 700     # the recorded matrix (~25 minutes)
+    python benchmarks/replicas.py --restart --traces conversation_trace   # a replica restarted
+
+The full matrix (the default): both traces (``--traces``), two KV sizes (``--kv-cache-tokens``),
+and per point one router and 3 replicas of sglctl ``--placement tree`` and ``hash``, spread
+per request and per session, and the SGLang Router (its ``cache_aware``, from the venv
+``--sglang-venv``; skipped when absent) as one router and as 3 replicas. ``--restart`` measures
+instead a replica killed and started again mid-run (``--restart-at``, a fraction of the trace):
+its hit ratio, over windows of traffic after it rejoins, against the other replicas'.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import json
@@ -55,12 +63,13 @@ sys.path.insert(0, str(REPO))
 
 from sglctl.bench.report import fmt_ms  # noqa: E402
 from sglctl.bench.runner import BenchResult, RunConfig, run_workload  # noqa: E402
+from sglctl.bench.stats import RequestResult  # noqa: E402
 from sglctl.bench.textgen import PromptBuilder  # noqa: E402
 from sglctl.bench.workload import Workload  # noqa: E402
 from sglctl.bench.workloads import trace_workload  # noqa: E402
 from sglctl.net import find_free_port, wait_for_http  # noqa: E402
 from sglctl.polling import poll_sync  # noqa: E402
-from sglctl.spawn import ManagedProcess, spawn_router, spawn_sim_worker  # noqa: E402
+from sglctl.spawn import ManagedProcess, spawn, spawn_router, spawn_sim_worker  # noqa: E402
 
 console = Console(width=None if sys.stdout.isatty() else 160)
 #: The trace beside the checkout (shared/ next to it; a worktree sits one level deeper).
@@ -142,8 +151,11 @@ class SpreadTransport(httpx.AsyncBaseTransport):
 
     The bench runner talks to one URL; this transport plays the Service in front of the
     replicas: ``pick(body)`` chooses the replica (None, or no picker: the next one in turn).
-    Requests to anything else (the runner reading the workers' counters) go where they were
-    addressed.
+    A replica in ``down`` (being restarted) gets nothing, as a Service drops a pod that is not
+    ready: its requests go to the next one up. Each prompt's replica and that replica's
+    ``epoch`` (restarts so far) are kept in ``sent_to``, so hit ratios can be split per
+    replica. Requests to anything else (the runner reading the workers' counters) go where
+    they were addressed.
     """
 
     def __init__(self, replicas: Sequence[str], pick: Picker | None = None) -> None:
@@ -152,6 +164,9 @@ class SpreadTransport(httpx.AsyncBaseTransport):
         self.front = (self.targets[0].host, self.targets[0].port)
         self.turn = itertools.count()
         self.sent = [0] * len(self.targets)
+        self.down: set[int] = set()
+        self.epoch = [0] * len(self.targets)
+        self.sent_to: dict[bytes, tuple[int, int]] = {}
         self.inner = httpx.AsyncHTTPTransport(
             limits=httpx.Limits(max_connections=2048, max_keepalive_connections=512),
             trust_env=False,
@@ -159,9 +174,16 @@ class SpreadTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if (request.url.host, request.url.port) == self.front:
-            chosen = self.pick(await request.aread()) if self.pick else None
+            body = await request.aread()
+            chosen = self.pick(body) if self.pick else None
             i = chosen if chosen is not None else next(self.turn) % len(self.targets)
+            while i in self.down and len(self.down) < len(self.targets):
+                i = next(self.turn) % len(self.targets)
             self.sent[i] += 1
+            with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
+                text = orjson.loads(body).get("text")
+                if isinstance(text, str):
+                    self.sent_to[_digest(text)] = (i, self.epoch[i])
             target = self.targets[i]
             request.url = request.url.copy_with(host=target.host, port=target.port)
         return await self.inner.handle_async_request(request)
@@ -187,40 +209,119 @@ def start_workers(log_dir: Path, settings: Settings) -> list[ManagedProcess]:
     return procs
 
 
-def start_routers(
+@dataclass(frozen=True)
+class Setup:
+    """One way of routing the same requests: which router, how many, how clients reach them."""
+
+    kind: str  # "sglctl" or "sglang" (the SGLang Router, its cache_aware)
+    replicas: int
+    spread: str = "request"
+    placement: str = "tree"  # sglctl only
+    restart: bool = False
+
+    @property
+    def router(self) -> str:
+        return f"sglctl {self.placement}" if self.kind == "sglctl" else "SGLang Router"
+
+    @property
+    def label(self) -> str:
+        setup = label(self.replicas, self.spread)
+        return f"{self.router}, {setup}" + (", one restarted" if self.restart else "")
+
+    @property
+    def single(self) -> Setup:
+        """The one-router setup this one is judged against (same router, same placement)."""
+        return Setup(self.kind, 1, "request", self.placement)
+
+
+def label(replicas: int, spread: str) -> str:
+    return "1 router" if replicas == 1 else f"{replicas} replicas, spread per {spread}"
+
+
+def matrix(
+    replicas: int, spreads: Sequence[str], placements: Sequence[str], sglang: bool
+) -> list[Setup]:
+    """Every setup of one benchmark point, each one-router baseline before its replicas."""
+    setups: list[Setup] = []
+    for placement in placements:
+        setups.append(Setup("sglctl", 1, placement=placement))
+        setups += [Setup("sglctl", replicas, s, placement) for s in spreads]
+    if sglang:
+        setups.append(Setup("sglang", 1))
+        setups += [Setup("sglang", replicas, s) for s in spreads]
+    return setups
+
+
+def start_router(
+    setup: Setup,
     log_dir: Path,
-    count: int,
     worker_urls: Sequence[str],
     policy: str,
-    placement: str = "tree",
-    extra: Sequence[str] = (),
+    extra: Sequence[str],
+    sglang_python: Path | None,
+    name: str,
+    port: int | None = None,
+) -> ManagedProcess:
+    """Start one router of ``setup`` (waiting for it to route to every worker)."""
+    metrics_port = str(find_free_port())
+    if setup.kind == "sglctl":
+        proc = spawn_router(
+            log_dir,
+            worker_urls,
+            "--policy", policy,
+            "--placement", setup.placement,
+            *extra,
+            "--metrics-port", metrics_port,
+            "--log-level", "warning",
+            port=port,
+            name=name,
+        )  # fmt: skip
+    else:
+        # Started as benchmarks/compare_routers.py starts it: its defaults, its cache_aware.
+        assert sglang_python is not None
+        port = port or find_free_port()
+        args = [
+            str(sglang_python), "-m", "sglang_router.launch_router",
+            "--host", "127.0.0.1", "--port", str(port),
+            "--worker-urls", *worker_urls,
+            "--policy", "cache_aware",
+            "--prometheus-port", metrics_port,
+            "--log-level", "warn",
+        ]  # fmt: skip
+        proc = spawn(
+            name,
+            args,
+            url=f"http://127.0.0.1:{port}",
+            log_dir=log_dir,
+            health_path="/liveness",
+            ready_timeout=60.0,
+        )
+
+    def ready() -> bool | None:
+        return True if _healthy(proc) >= len(worker_urls) else None
+
+    try:
+        poll_sync(ready, timeout=60, what=f"{name} routing to every worker", alive=proc.alive)
+    except BaseException:
+        proc.stop()
+        raise
+    return proc
+
+
+def start_routers(
+    setup: Setup,
+    log_dir: Path,
+    worker_urls: Sequence[str],
+    policy: str,
+    extra: Sequence[str],
+    sglang_python: Path | None,
 ) -> list[ManagedProcess]:
     routers: list[ManagedProcess] = []
     try:
-        for i in range(count):
+        for i in range(setup.replicas):
+            name = f"{setup.kind}-{setup.placement}-{setup.replicas}x-{i}"
             routers.append(
-                spawn_router(
-                    log_dir,
-                    worker_urls,
-                    "--policy",
-                    policy,
-                    "--placement",
-                    placement,
-                    *extra,
-                    "--metrics-port",
-                    str(find_free_port()),
-                    "--log-level",
-                    "warning",
-                    name=f"router-{count}x-{i}",
-                )
-            )
-        for router in routers:
-
-            def ready(r: ManagedProcess = router) -> bool | None:
-                return True if _healthy(r) >= len(worker_urls) else None
-
-            poll_sync(
-                ready, timeout=60, what=f"{router.name} routing to every worker", alive=router.alive
+                start_router(setup, log_dir, worker_urls, policy, extra, sglang_python, name)
             )
     except BaseException:
         for r in routers:
@@ -230,10 +331,15 @@ def start_routers(
 
 
 def _healthy(router: ManagedProcess) -> int:
+    """Routable workers per ``/readiness`` (sglctl: ``healthy_workers``; SGLang: its own)."""
     try:
         reply = httpx.get(router.url + "/readiness", timeout=5, trust_env=False)
-        return int(reply.json().get("healthy_workers", 0))
-    except (httpx.HTTPError, ValueError):
+        if reply.status_code != 200:
+            return 0
+        body = reply.json()
+        healthy = body.get("healthy_workers", body.get("workers", {}).get("healthy"))
+        return 1 << 30 if healthy is None else int(healthy)
+    except (httpx.HTTPError, ValueError, AttributeError):
         return 0
 
 
@@ -243,61 +349,208 @@ def flush(worker_urls: Sequence[str]) -> None:
             client.post(url + "/flush_cache").raise_for_status()
 
 
+@dataclass
+class Restart:
+    """When and how a replica was restarted mid-run (seconds from the run's start, wall)."""
+
+    replica: int
+    down_at: float = float("nan")
+    up_at: float = float("nan")
+
+
+async def restart_replica(
+    routers: list[ManagedProcess],
+    transport: SpreadTransport,
+    restart: Restart,
+    at: float,
+    start: Callable[[int, int], ManagedProcess],
+) -> None:
+    """At ``at`` seconds, take replica ``restart.replica`` out of the spread, kill it, and
+    start it again on the same port with an empty tree, as a replaced pod behind a Service.
+
+    The wait is the benchmark's schedule (the moment in the trace), not a synchronisation.
+    """
+    t0 = time.perf_counter()
+    await asyncio.sleep(at)
+    i = restart.replica
+    transport.down.add(i)
+    restart.down_at = time.perf_counter() - t0
+    old = routers[i]
+    port = int(old.url.rsplit(":", 1)[1])
+    old.popen.kill()  # killed, not drained: the replica's tree and in-flight state are lost
+    await asyncio.to_thread(old.stop)
+    routers[i] = await asyncio.to_thread(start, i, port)
+    transport.epoch[i] += 1
+    transport.down.discard(i)
+    restart.up_at = time.perf_counter() - t0
+
+
 def run_setup(
-    replicas: int,
-    spread: str,
+    setup: Setup,
     settings: Settings,
     worker_urls: list[str],
     builder: PromptBuilder,
     workload: Workload,
     log_dir: Path,
     policy: str,
-    placement: str = "tree",
-    extra: Sequence[str] = (),
-) -> tuple[BenchResult, list[int]]:
+    extra: Sequence[str],
+    sglang_python: Path | None,
+    restart_at: float,
+) -> tuple[BenchResult, SpreadTransport, Restart | None]:
     flush(worker_urls)
-    routers = start_routers(log_dir, replicas, worker_urls, policy, placement, extra)
-    pick = session_picker(workload, builder, replicas) if spread == "session" else None
+    routers = start_routers(setup, log_dir, worker_urls, policy, extra, sglang_python)
+    pick = session_picker(workload, builder, setup.replicas) if setup.spread == "session" else None
     transport = SpreadTransport([r.url for r in routers], pick)
-    try:
+    restart = Restart(setup.replicas - 1) if setup.restart else None
+
+    def again(i: int, port: int) -> ManagedProcess:
+        name = f"{setup.kind}-{setup.placement}-{setup.replicas}x-{i}-restarted"
+        return start_router(setup, log_dir, worker_urls, policy, extra, sglang_python, name, port)
+
+    async def go() -> BenchResult:
         config = RunConfig(
             url=routers[0].url,
             mode="trace",
             speedup=settings.speedup,
             worker_urls=worker_urls,
-            label=label(replicas, spread),
+            label=setup.label,
             duration=900.0,
         )
-        result = asyncio.run(
-            run_workload(workload, config, console=console, builder=builder, transport=transport)
+        run = run_workload(workload, config, console=console, builder=builder, transport=transport)
+        if restart is None:
+            return await run
+        span = max((r.arrival or 0.0) for r in workload.requests) / settings.speedup
+        task = asyncio.create_task(
+            restart_replica(routers, transport, restart, restart_at * span, again)
         )
+        try:
+            return await run
+        finally:
+            await task
+
+    try:
+        result = asyncio.run(go())
     finally:
         for r in routers:
             r.stop()
-    return result, transport.sent
+    return result, transport, restart
 
 
-def label(replicas: int, spread: str) -> str:
-    return "1 router" if replicas == 1 else f"{replicas} replicas, spread per {spread}"
+# --- a restarted replica, window by window ---------------------------------------------------
+
+
+def _ratio(results: Sequence[RequestResult]) -> float:
+    prompt = sum(r.prompt_tokens for r in results)
+    return sum(r.cached_tokens for r in results) / prompt if prompt else float("nan")
+
+
+def restart_windows(
+    result: BenchResult,
+    transport: SpreadTransport,
+    builder: PromptBuilder,
+    restart: Restart,
+    window: float,
+    speedup: float,
+) -> dict[str, object]:
+    """The restarted replica's hit ratio against the others', per ``window`` trace seconds
+    after it rejoined, and since it rejoined; and the trace time until the cumulative one is
+    no more than 5% below the others' (and stays so).
+
+    The same split for a replica that was *not* restarted (replica 0 against the rest) is the
+    noise floor: windows of a few dozen requests swing by more than 5% on their own.
+    """
+    by_index = {req.index: _digest(builder.prompt(req)) for req in result.workload.requests}
+    tagged = []
+    for r in result.results:
+        if r.ok and r.index in by_index and by_index[r.index] in transport.sent_to:
+            replica, epoch = transport.sent_to[by_index[r.index]]
+            tagged.append((r, replica, epoch))
+    after = [t for t in tagged if t[0].start >= restart.up_at]
+    rejoined = [r for r, i, e in after if i == restart.replica and e > 0]
+    others = [r for r, i, _ in after if i != restart.replica]
+    control = [r for r, i, _ in after if i == 0]
+    rest = [r for r, i, _ in after if i not in (0, restart.replica)]
+    step = window / speedup
+    rows = []
+    converged_at: float | None = None
+    end = max((r.start for r, _, _ in after), default=restart.up_at)
+    k = 0
+    while restart.up_at + k * step <= end:
+        lo, hi = restart.up_at + k * step, restart.up_at + (k + 1) * step
+        a = [r for r in rejoined if lo <= r.start < hi]
+        b = [r for r in others if lo <= r.start < hi]
+        ca = [r for r in rejoined if r.start < hi]
+        cb = [r for r in others if r.start < hi]
+        rows.append(
+            {
+                "window_trace_s": f"{k * window:g}-{(k + 1) * window:g}",
+                "restarted_requests": len(a),
+                "restarted_hit": _ratio(a),
+                "others_hit": _ratio(b),
+                "restarted_cumulative": _ratio(ca),
+                "others_cumulative": _ratio(cb),
+            }
+        )
+        k += 1
+    # Converged: from this window on, its hit ratio since rejoining is not more than 5% below
+    # the others' (above them is converged too: the target is not to lose hits).
+    for j in range(len(rows)):
+        if all(
+            x["restarted_cumulative"] >= 0.95 * x["others_cumulative"]  # type: ignore[operator]
+            for x in rows[j:]
+        ):
+            converged_at = j * window
+            break
+    return {
+        "replica": restart.replica,
+        "down_at_s_wall": restart.down_at,
+        "up_at_s_wall": restart.up_at,
+        "restarted_hit_since": _ratio(rejoined),
+        "others_hit_since": _ratio(others),
+        "control_replica0_hit_since": _ratio(control),
+        "control_rest_hit_since": _ratio(rest),
+        "windows": rows,
+        "converged_within_5pct_after_trace_s": converged_at,
+    }
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+def trace_path(name: str) -> Path:
+    path = Path(name)
+    if path.exists():
+        return path
+    return DEFAULT_TRACE.parent / (name if name.endswith(".jsonl") else name + ".jsonl")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="500 requests, about 1.5 minutes")
-    parser.add_argument("--trace", type=Path, default=DEFAULT_TRACE)
+    parser.add_argument(
+        "--quick", action="store_true", help="500 requests, one trace, 600k KV, sglctl only"
+    )
+    parser.add_argument(
+        "--traces",
+        nargs="+",
+        default=["conversation_trace", "synthetic_trace"],
+        help="trace files, or names under shared/traces/",
+    )
+    parser.add_argument("--trace", help="one trace (same as --traces TRACE)")
     parser.add_argument("--workers", type=int)
     parser.add_argument("--replicas", type=int)
     parser.add_argument("--max-requests", type=int)
     parser.add_argument("--speedup", type=float, help="trace time compression (wall clock)")
-    parser.add_argument("--kv-cache-tokens", type=int)
+    parser.add_argument(
+        "--kv-cache-tokens", type=int, nargs="+", help="KV sizes (default 600000 200000)"
+    )
     parser.add_argument("--policy", default="cache_aware")
     parser.add_argument(
         "--placement",
-        choices=("tree", "hash"),
-        default="tree",
-        help="the routers' --placement: where cache_aware puts a prefix no tree holds",
+        choices=("tree", "hash", "both"),
+        default="both",
+        help="the sglctl routers' --placement: where cache_aware puts a prefix no tree holds",
     )
     parser.add_argument(
         "--spread",
@@ -311,8 +564,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="FLAG",
-        help="one more flag for every router, e.g. --router-flag=--placement-epsilon=1 (repeat)",
+        help="one more flag for every sglctl router, e.g. --router-flag=--placement-epsilon=1",
     )
+    parser.add_argument(
+        "--sglang-venv",
+        type=Path,
+        default=Path("/work/sglang-router-venv"),
+        help="a venv with sglang-router installed (the SGLang Router rows; absent: skipped)",
+    )
+    parser.add_argument("--no-sglang", action="store_true", help="skip the SGLang Router rows")
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="instead of the matrix: 3 sglctl replicas spread per request, the last one killed "
+        "and started again at --restart-at; its hit ratio per window after it rejoins",
+    )
+    parser.add_argument("--restart-at", type=float, default=0.3, help="fraction of the trace")
+    parser.add_argument("--window", type=float, default=30.0, help="trace seconds per window")
     parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
     args = parser.parse_args(argv)
     base = QUICK if args.quick else FULL
@@ -322,98 +590,167 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_requests=args.max_requests or base.max_requests,
         speedup=args.speedup or base.speedup,
         load_factor=base.load_factor,
-        kv_cache_tokens=args.kv_cache_tokens or base.kv_cache_tokens,
+        kv_cache_tokens=base.kv_cache_tokens,
     )
-    if not args.trace.exists():
-        console.print(f"[red]trace {args.trace} not found (pass --trace)")
-        return 2
+    traces = [trace_path(t) for t in ([args.trace] if args.trace else args.traces)]
+    if args.quick and not args.trace:
+        traces = traces[:1]
+    kv_sizes = args.kv_cache_tokens or ([600_000] if args.quick else [600_000, 200_000])
+    for trace in traces:
+        if not trace.exists():
+            console.print(f"[red]trace {trace} not found (pass --traces)")
+            return 2
+    python = args.sglang_venv / "bin" / "python"
+    sglang_python = None if args.no_sglang or args.quick or not python.exists() else python
+    if sglang_python is None and not (args.no_sglang or args.quick):
+        console.print(f"[yellow]no {python}: the SGLang Router rows are skipped")
+    spreads = SPREADS if args.spread == "both" else (args.spread,)
+    placements = ("tree", "hash") if args.placement == "both" else (args.placement,)
+    if args.restart:
+        setups = [Setup("sglctl", settings.replicas, "request", p, True) for p in placements]
+    else:
+        setups = matrix(settings.replicas, spreads, placements, sglang_python is not None)
     log_dir = REPO / "bench-out" / "replicas-logs"
     load_before = os.getloadavg()
-    console.rule(
-        f"Router replicas: {settings.max_requests} requests of {args.trace.name}, "
-        f"{settings.workers} sim workers (--kv-cache-tokens {settings.kv_cache_tokens}, "
-        f"--speedup {settings.sim_speedup:g}), trace time / {settings.speedup:g}, "
-        f"policy {args.policy}, --placement {args.placement} {' '.join(args.router_flag)}"
-    )
     started = time.monotonic()
-    workers = start_workers(log_dir, settings)
-    urls = [w.url for w in workers]
     builder = PromptBuilder(max_blocks=8192)
-    workload = trace_workload(args.trace, limit=settings.max_requests)
-    spreads = SPREADS if args.spread == "both" else (args.spread,)
-    setups = [(1, "request"), *((settings.replicas, spread) for spread in spreads)]
-    rows: dict[tuple[int, str], tuple[BenchResult, list[int]]] = {}
-    try:
-        for replicas, spread in setups:
-            rows[replicas, spread] = run_setup(
-                replicas,
-                spread,
-                settings,
-                urls,
-                builder,
-                workload,
-                log_dir,
-                args.policy,
-                args.placement,
-                args.router_flag,
-            )
-            s = rows[replicas, spread][0].summary
-            console.print(
-                f"  {label(replicas, spread)}: hit {s.hit_ratio:.3f}, TTFT p50 "
-                f"{fmt_ms(s.ttft_p50)}, max/mean {s.request_imbalance:.2f}, errors {s.errors}"
-            )
-    finally:
-        for w in workers:
-            w.stop()
-
-    table = Table(title="1 router vs replicas, same workers, same requests")
-    header = ["routers", "ok/sent", "err", "hit ratio", "of ideal", "TTFT p50", "TTFT p99",
-              "max/mean req", "requests per replica"]  # fmt: skip
-    for name in header:
-        table.add_column(name, justify="left" if name == "routers" else "right")
     out: dict[str, object] = {
         "settings": settings.__dict__,
         "policy": args.policy,
-        "placement": args.placement,
         "router_flags": args.router_flag,
+        "points": [],
     }
-    for (replicas, spread), (result, sent) in rows.items():
-        s = result.summary
-        cells = [
-            label(replicas, spread),
-            f"{s.completed}/{s.requests}",
-            str(s.errors),
-            f"{s.hit_ratio:.3f}",
-            f"{s.hit_ratio_of_ideal:.0%}",
-            fmt_ms(s.ttft_p50),
-            fmt_ms(s.ttft_p99),
-            f"{s.request_imbalance:.2f}",
-            "/".join(str(n) for n in sent),
-        ]
-        table.add_row(*cells)
-        out[label(replicas, spread)] = dict(zip(header, cells, strict=True))
-    console.print(table)
-    one = rows[1, "request"][0].summary.hit_ratio
-    for spread in spreads:
-        many = rows[settings.replicas, spread][0].summary.hit_ratio
-        ratio = many / one if one else float("nan")
-        out[f"hit_ratio_ratio_per_{spread}"] = ratio
-        console.print(
-            f"hit ratio {label(settings.replicas, spread)} / 1 router: [bold]{ratio:.2f}[/] "
-            f"({(1 - ratio):.0%} of the hits lost)"
-        )
-    ideal = rows[1, "request"][0].summary.ideal
-    console.print(
-        f"ideal (one unlimited cache): {ideal.token_weighted if ideal else float('nan'):.3f}"
-    )
+    points: list[dict[str, object]] = out["points"]  # type: ignore[assignment]
+    for trace in traces:
+        workload = trace_workload(trace, limit=settings.max_requests)
+        for kv in kv_sizes:
+            point = Settings(**{**settings.__dict__, "kv_cache_tokens": kv})
+            console.rule(
+                f"{settings.max_requests} requests of {trace.name}, {point.workers} sim workers "
+                f"(--kv-cache-tokens {kv}, --speedup {point.sim_speedup:g}), trace time / "
+                f"{point.speedup:g}, policy {args.policy} {' '.join(args.router_flag)}"
+            )
+            rows = run_point(
+                point, setups, workload, builder, log_dir, args, sglang_python, trace.name
+            )
+            points += rows
     console.print(
         f"took {time.monotonic() - started:.0f} s; load average before "
         f"{load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} (2-core machine)"
     )
+    out["took_s"] = round(time.monotonic() - started)
+    out["load_before_after"] = [load_before[0], os.getloadavg()[0]]
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=2, default=str))
     return 0
+
+
+def run_point(
+    settings: Settings,
+    setups: Sequence[Setup],
+    workload: Workload,
+    builder: PromptBuilder,
+    log_dir: Path,
+    args: argparse.Namespace,
+    sglang_python: Path | None,
+    trace: str,
+) -> list[dict[str, object]]:
+    """Every setup at one (trace, KV size) point, on one set of sim workers; its table."""
+    workers = start_workers(log_dir, settings)
+    urls = [w.url for w in workers]
+    done: dict[Setup, tuple[BenchResult, SpreadTransport, Restart | None]] = {}
+    try:
+        for setup in setups:
+            done[setup] = run_setup(
+                setup, settings, urls, builder, workload, log_dir, args.policy,
+                args.router_flag, sglang_python, args.restart_at,
+            )  # fmt: skip
+            s = done[setup][0].summary
+            console.print(
+                f"  {setup.label}: hit {s.hit_ratio:.3f}, TTFT p50 {fmt_ms(s.ttft_p50)} "
+                f"p99 {fmt_ms(s.ttft_p99)}, max/mean {s.request_imbalance:.2f}, errors {s.errors}"
+            )
+    finally:
+        for w in workers:
+            w.stop()
+    header = ["router", "routers", "ok/sent", "err", "hit ratio", "of ideal", "hits kept",
+              "TTFT p50", "TTFT p99", "p99 vs 1", "max/mean req", "per replica",
+              "verdict"]  # fmt: skip
+    table = Table(title=f"{trace}, KV {settings.kv_cache_tokens}: 1 router vs replicas")
+    for name in header:
+        table.add_column(name, justify="left" if name in ("router", "routers") else "right")
+    rows: list[dict[str, object]] = []
+    for setup, (result, transport, restart) in done.items():
+        s = result.summary
+        one = done.get(setup.single)
+        kept = p99 = float("nan")
+        verdict = "-"
+        if one is not None and setup.replicas > 1:
+            base = one[0].summary
+            kept = s.hit_ratio / base.hit_ratio if base.hit_ratio else float("nan")
+            p99 = s.ttft_p99 / base.ttft_p99 if base.ttft_p99 else float("nan")
+            verdict = (
+                f"hits {'met' if kept >= 0.95 else 'missed'}, "
+                f"p99 {'met' if p99 <= 1.10 else 'missed'}"
+            )
+        cells = [
+            setup.router,
+            label(setup.replicas, setup.spread) + (", restarted" if setup.restart else ""),
+            f"{s.completed}/{s.requests}",
+            str(s.errors),
+            f"{s.hit_ratio:.3f}",
+            f"{s.hit_ratio_of_ideal:.0%}",
+            "-" if kept != kept else f"{kept:.0%}",
+            fmt_ms(s.ttft_p50),
+            fmt_ms(s.ttft_p99),
+            "-" if p99 != p99 else f"{p99:.2f}x",
+            f"{s.request_imbalance:.2f}",
+            "/".join(str(n) for n in transport.sent),
+            verdict,
+        ]
+        table.add_row(*cells)
+        row: dict[str, object] = {
+            "trace": trace,
+            "kv_cache_tokens": settings.kv_cache_tokens,
+            **dict(zip(header, cells, strict=True)),
+            "hit_ratio_raw": s.hit_ratio,
+            "ttft_p99_raw": s.ttft_p99,
+            "ideal": s.ideal.token_weighted if s.ideal else None,
+        }
+        if restart is not None:
+            row["restart"] = restart_windows(
+                result, transport, builder, restart, args.window, settings.speedup
+            )
+            print_restart(setup, row["restart"])  # type: ignore[arg-type]
+        rows.append(row)
+    console.print(table)
+    return rows
+
+
+def print_restart(setup: Setup, info: dict[str, object]) -> None:
+    table = Table(title=f"{setup.label}: replica {info['replica']} after it rejoined")
+    for name in ("trace s after rejoin", "its requests", "its hit", "others' hit",
+                 "its since rejoin", "others' since rejoin"):  # fmt: skip
+        table.add_column(name, justify="right")
+    for w in info["windows"]:  # type: ignore[attr-defined]
+        table.add_row(
+            w["window_trace_s"],
+            str(w["restarted_requests"]),
+            f"{w['restarted_hit']:.3f}",
+            f"{w['others_hit']:.3f}",
+            f"{w['restarted_cumulative']:.3f}",
+            f"{w['others_cumulative']:.3f}",
+        )
+    console.print(table)
+    console.print(
+        f"down at {info['down_at_s_wall']:.1f} s, back at {info['up_at_s_wall']:.1f} s (wall); "
+        f"since rejoin: restarted {info['restarted_hit_since']:.3f}, others "
+        f"{info['others_hit_since']:.3f} (control: replica 0 "
+        f"{info['control_replica0_hit_since']:.3f} vs the third "
+        f"{info['control_rest_hit_since']:.3f}); cumulative within 5% (or above) from "
+        f"{info['converged_within_5pct_after_trace_s']} trace s after rejoin"
+    )
 
 
 if __name__ == "__main__":

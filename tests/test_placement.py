@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import httpx
 import pytest
 
-from sglctl.net import find_free_port
 from sglctl.router.flags import parse_args
 from sglctl.router.policies import CacheAwarePolicy, RouteKey, make_policy
 from sglctl.router.policies import placement as pl
@@ -133,41 +131,4 @@ def test_flags_build_a_hash_placing_policy_and_bad_values_are_refused() -> None:
         CacheAwarePolicy(placement="ring")
 
 
-# -- two real router processes --------------------------------------------------------------
-def _router(procs, urls: list[str], port: int | None = None):
-    return procs.router(
-        urls, "--placement", "hash", "--metrics-port", str(find_free_port()), port=port
-    )
-
-
-def _served(router_url: str, prompts: list[str]) -> list[str]:
-    out = []
-    with httpx.Client(base_url=router_url, timeout=30, trust_env=False) as client:
-        for text in prompts:
-            r = client.post(
-                "/generate", json={"text": text, "sampling_params": {"max_new_tokens": 1}}
-            )
-            assert r.status_code == 200, r.text
-            out.append(r.headers["x-sglctl-worker"])
-    return out
-
-
-def test_two_router_processes_agree_and_a_restarted_one_agrees_at_once(procs) -> None:
-    sims = [procs.sim_worker("--speedup", "50") for _ in range(4)]
-    urls = [s.url for s in sims]
-    a, b = _router(procs, urls), _router(procs, urls)
-    prompts = [conversation(i) for i in range(12)]
-    on_a = _served(a.url, prompts)
-    # b sees them in the opposite order (its tree sizes evolve differently) and still agrees.
-    on_b = _served(b.url, prompts[::-1])[::-1]
-    assert on_a == on_b
-    assert len(set(on_a)) >= 2
-    # b restarts with an empty tree (same port, as a pod behind a Service would be replaced)
-    # and places the next conversations, new to both, as a does.
-    port = int(b.url.rsplit(":", 1)[1])
-    b.stop()
-    b = _router(procs, urls, port=port)
-    fresh = [conversation(i) for i in range(100, 108)]
-    assert _served(b.url, fresh) == _served(a.url, fresh[::-1])[::-1]
-    # ...and the conversations a placed before the restart go where a sent them.
-    assert _served(b.url, prompts) == on_a
+# Two real router processes agreeing, and one restarted: tests/test_replicas.py.

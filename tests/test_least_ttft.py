@@ -177,11 +177,35 @@ def test_one_worker_takes_everything() -> None:
 
 def test_all_equal_spreads_and_no_workers_is_none() -> None:
     policy, workers = make(4)
-    # Equal workers, one short prompt over and over: a cached copy saves 16 tokens, less than
-    # the queue the first copy left there, so the copies spread before they pile up.
-    picks = [route(policy, workers, RouteKey(text="x" * 64)) for _ in range(4)]
+    # Equal workers, different short prompts and no answers yet: each pick queues work
+    # where it went, so the next one goes elsewhere.
+    picks = [route(policy, workers, RouteKey(text=text(64, i))) for i in range(4)]
     assert len({w.url for w in picks}) == 4
     assert policy.select([], RouteKey(text="x")) is None
+
+
+def test_a_long_match_is_followed_until_its_queue_is_far_worse() -> None:
+    policy, workers = make(4)
+    # One prompt over and over, no answers yet: it stays with the worker that holds it (the
+    # conversation's later turns hit only there) while that worker's predicted time is within
+    # FOLLOW_COST_FACTOR x the best plus FOLLOW_SLACK_SECS, then the copies spread.
+    key = RouteKey(text=text(4000, 7))
+    picks = [route(policy, workers, key) for _ in range(30)]
+    owner = picks[0]
+    assert picks[1] is owner and picks[2] is owner
+    assert len({w.url for w in picks}) > 1
+    owner_model = policy.models[owner.url]
+    others = [policy.models[w.url] for w in workers if w is not owner]
+    assert owner_model.queued > max(m.queued for m in others)
+
+
+def test_a_short_match_does_not_hold_a_request() -> None:
+    policy, workers = make(2)
+    shared = text(1000, 1)
+    first = route(policy, workers, RouteKey(text=shared + text(3000, 2)))
+    # A quarter of the prompt cached there, the other worker idle: the cost model decides.
+    second = route(policy, workers, RouteKey(text=shared + text(3000, 3)))
+    assert second is not first
 
 
 def test_begin_attempt_for_another_worker_gives_no_ticket() -> None:

@@ -1,5 +1,7 @@
 """cache_aware with the workers' corrections (off by default): the tree trimmed to the
-reported ``cached_tokens``, and load raised to the workers' own ``/get_load`` counts."""
+reported ``cached_tokens``, and load raised to the workers' own ``/get_load`` counts. (The
+integration test with an evicting sim worker is shared with least_ttft, in
+``test_least_ttft_integration.py``.)"""
 
 from __future__ import annotations
 
@@ -8,17 +10,11 @@ import string
 import time
 from typing import Any
 
-import httpx
-import pytest
-
-from sglctl.net import find_free_port
 from sglctl.router.flags import parse_args
 from sglctl.router.load_poll import STALE_SECS, WorkerLoad, effective_load
 from sglctl.router.policies import CacheAwarePolicy, make_policy
 from sglctl.router.policies.base import RouteKey
 from sglctl.router.workers import Worker
-from tests.support import wait_until
-from tests.test_least_ttft_integration import KV_TOKENS, send, tree_chars
 
 URL = "http://127.0.0.2:8000"
 
@@ -150,34 +146,3 @@ def test_effective_load() -> None:
     assert effective_load(3, WorkerLoad(10, 2, 0, now - 1), now) == 10
     assert effective_load(30, WorkerLoad(10, 2, 0, now - 1), now) == 30  # ours are in theirs
     assert effective_load(3, WorkerLoad(10, 2, 0, now - STALE_SECS), now) == 3
-
-
-@pytest.mark.parametrize("stream", [False, True])
-def test_router_tree_follows_a_worker_that_evicts(procs: Any, stream: bool) -> None:
-    """A real sim worker with a small cache behind ``--policy cache_aware
-    --cached-tokens-correction``: after it evicts, the router's tree follows."""
-    worker = procs.sim_worker("--kv-cache-tokens", str(KV_TOKENS), "--speedup", "10")
-    router = procs.router(
-        [worker.url],
-        "--policy",
-        "cache_aware",
-        "--cached-tokens-correction",
-        "--metrics-port",
-        str(find_free_port()),
-        "--log-level",
-        "debug",
-    )
-    b, a = text(1280, 1), text(1280, 2)  # 320 tokens, 20 tree blocks each
-    with httpx.Client(base_url=router.url, timeout=60) as client:
-        send(client, b, stream)
-        send(client, a, stream)
-        for i in range(3):  # 1200 tokens each: the worker evicts A and B to hold them
-            send(client, text(4800, 10 + i), stream)
-        before = tree_chars(router.url, worker.url)
-        assert before == 2 * 1280 + 3 * 4800  # the router's tree still believes all of it
-        send(client, a, stream)  # the worker reports (almost) nothing cached for A
-        wait_until(
-            lambda: tree_chars(router.url, worker.url) == before - 1280,
-            timeout=20,
-            what="cache_aware's tree to drop B after the worker's short cached_tokens",
-        )

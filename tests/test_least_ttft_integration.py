@@ -1,5 +1,6 @@
 """The tree follows a worker that evicts: a real sim worker with a small KV cache behind a
-real ``sglctl router --policy least_ttft``, both subprocesses on free ports."""
+real ``sglctl router`` (``--policy least_ttft``, or ``cache_aware --cached-tokens-correction``),
+both subprocesses on free ports."""
 
 from __future__ import annotations
 
@@ -38,13 +39,19 @@ def send(client: httpx.Client, prompt: str, stream: bool) -> None:
     assert r.status_code == 200, r.text
 
 
+POLICIES = {
+    "least_ttft": ("--policy", "least_ttft"),
+    "cache_aware": ("--policy", "cache_aware", "--cached-tokens-correction"),
+}
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
 @pytest.mark.parametrize("stream", [False, True])
-def test_tree_forgets_what_the_worker_evicted(procs: Any, stream: bool) -> None:
+def test_tree_forgets_what_the_worker_evicted(procs: Any, stream: bool, policy: str) -> None:
     worker = procs.sim_worker("--kv-cache-tokens", str(KV_TOKENS), "--speedup", "10")
     router = procs.router(
         [worker.url],
-        "--policy",
-        "least_ttft",
+        *POLICIES[policy],
         "--metrics-port",
         str(find_free_port()),
         "--log-level",

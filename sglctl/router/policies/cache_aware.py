@@ -49,7 +49,7 @@ from collections.abc import Callable, Mapping, Sequence
 from operator import attrgetter
 
 from sglctl.router.load_poll import WorkerLoad, effective_load
-from sglctl.router.policies import placement
+from sglctl.router.policies import placement, reports
 from sglctl.router.policies.base import NO_KEY, Policy, RouteKey
 from sglctl.router.policies.reports import TreeCorrector
 from sglctl.router.tree import DEFAULT_BLOCK, Prefixes, PrefixHasher, PrefixTree
@@ -58,8 +58,6 @@ from sglctl.router.workers import Worker
 log = logging.getLogger(__name__)
 _load = attrgetter("in_flight")
 _PLACEMENTS = placement.PLACEMENTS
-#: How often the workers' reported evictions are applied to the tree (with the correction on).
-CORRECTION_INTERVAL_SECS = 0.25
 
 
 class _Ticket:
@@ -276,31 +274,18 @@ class CacheAwarePolicy(Policy):
         return evicted
 
     async def run_background(self) -> None:
-        """Trim the tree every ``eviction_interval_secs`` (and apply the workers' corrections
-        every :data:`CORRECTION_INTERVAL_SECS` when on) until cancelled."""
+        """Trim the tree every ``eviction_interval_secs`` (and, when on, apply the workers'
+        corrections: :func:`~sglctl.router.policies.reports.maintain`) until cancelled."""
         if self.corrector is not None:
-            await self._run_corrections()
+            await reports.maintain(
+                self.corrector, self._evict_all, self.eviction_interval_secs, "cache-aware"
+            )
             return
         if self.eviction_interval_secs <= 0:
             return
         while True:
             await asyncio.sleep(self.eviction_interval_secs)
             await self._evict_all()
-
-    async def _run_corrections(self) -> None:
-        last_evict = time.monotonic()
-        while True:
-            await asyncio.sleep(CORRECTION_INTERVAL_SECS)
-            try:
-                dropped = self.apply_corrections()
-                if dropped:
-                    log.debug("cache-aware tree: corrections dropped %d blocks", dropped)
-            except Exception:
-                log.exception("cache-aware tree corrections failed; retrying next time")
-            now = time.monotonic()
-            if self.eviction_interval_secs > 0 and now - last_evict >= self.eviction_interval_secs:
-                last_evict = now
-                await self._evict_all()
 
     async def _evict_all(self) -> None:
         """Trim every worker's tree to ``max_tree_size``, one tenant at a time."""

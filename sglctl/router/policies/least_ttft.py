@@ -56,8 +56,9 @@ Corrections from the workers (issue 14):
   a worker reports at least a block (plus ``SLACK_BLOCKS``) less than the tree predicted, it
   evicted that prefix, and, its cache being LRU, everything it used less recently: the
   worker's tenant forgets every block last used at or before the evicted path's last use
-  (:meth:`~sglctl.router.tree.PrefixTree.forget_older`), applied in the background every
-  :data:`CORRECTION_INTERVAL_SECS` so a burst of reports costs one pass per worker. The
+  (:meth:`~sglctl.router.tree.PrefixTree.forget_older`), applied in the background
+  (:func:`~sglctl.router.policies.reports.maintain`) so a burst of reports costs one pass per
+  worker. The
   request's own path is kept: the worker has just prefilled it and holds it again. A failed
   attempt's path is trimmed back to what the tree had before it
   (:meth:`~sglctl.router.tree.PrefixTree.trim`): that worker may never have cached it.
@@ -68,7 +69,6 @@ Corrections from the workers (issue 14):
 
 from __future__ import annotations
 
-import asyncio
 import heapq
 import logging
 import time
@@ -77,7 +77,12 @@ from itertools import count
 
 from sglctl.router.load_poll import STALE_SECS, WorkerLoad
 from sglctl.router.policies.base import NO_KEY, Policy, RouteKey, Ticket
-from sglctl.router.policies.reports import CHARS_PER_TOKEN, TreeCorrector, units_to_tokens
+from sglctl.router.policies.reports import (
+    CHARS_PER_TOKEN,
+    TreeCorrector,
+    maintain,
+    units_to_tokens,
+)
 from sglctl.router.tree import DEFAULT_BLOCK, Prefixes, PrefixHasher, PrefixTree
 from sglctl.router.workers import Worker
 
@@ -107,8 +112,6 @@ DECODE_TOKENS = 32
 DECODE_CONTEXT_WEIGHT = 1 / 16
 #: A non-streamed request leaves the queue at this multiple of its predicted prefill time.
 EXPIRY_FACTOR = 1.5
-#: How often queued corrections are applied to the tree.
-CORRECTION_INTERVAL_SECS = 0.25
 #: Load reports older than this are ignored (the poller is late or the worker is gone).
 LOAD_STALE_SECS = STALE_SECS
 #: A request whose prompt is at least this much cached on one worker stays there ...
@@ -502,18 +505,7 @@ class LeastTTFTPolicy(Policy):
 
     async def run_background(self) -> None:
         """Apply the workers' corrections often and trim the tree to its bound now and then."""
-        last_evict = time.monotonic()
-        while True:
-            await asyncio.sleep(CORRECTION_INTERVAL_SECS)
-            try:
-                dropped = self.apply_corrections()
-                if dropped:
-                    log.debug("least_ttft: corrections dropped %d tree blocks", dropped)
-                now = time.monotonic()
-                if self.eviction_interval_secs > 0 and (
-                    now - last_evict >= self.eviction_interval_secs
-                ):
-                    last_evict = now
-                    self.tree.evict(self.max_tree_size)
-            except Exception:
-                log.exception("least_ttft maintenance failed; retrying next time")
+        await maintain(self.corrector, self._evict, self.eviction_interval_secs, "least_ttft")
+
+    async def _evict(self) -> None:
+        self.tree.evict(self.max_tree_size)

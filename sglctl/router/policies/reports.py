@@ -16,7 +16,10 @@ slack (:mod:`~sglctl.router.policies.least_ttft`).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+from collections.abc import Awaitable, Callable
 
 from sglctl.router.tree import Prefixes, PrefixTree
 
@@ -54,6 +57,8 @@ def units_to_tokens(units: int, text: bool) -> int:
     return -(-units // CHARS_PER_TOKEN) if text else units
 
 
+#: How often the workers' reported evictions are applied to a tree.
+CORRECTION_INTERVAL_SECS = 0.25
 #: A report this many blocks short of the prediction is not acted on (the text->token
 #: conversion is an estimate, chat templates add tokens).
 SLACK_BLOCKS = 1
@@ -147,3 +152,27 @@ class TreeCorrector:
 
     def clear(self) -> None:
         self._forget.clear()
+
+
+async def maintain(
+    corrector: TreeCorrector,
+    evict: Callable[[], Awaitable[object]],
+    eviction_interval_secs: float,
+    what: str,
+) -> None:
+    """A policy's background task with corrections on: apply them every
+    :data:`CORRECTION_INTERVAL_SECS`, and ``evict`` (the tree's own size bound) every
+    ``eviction_interval_secs`` (never when <= 0), until cancelled."""
+    last_evict = time.monotonic()
+    while True:
+        await asyncio.sleep(CORRECTION_INTERVAL_SECS)
+        try:
+            dropped = corrector.apply()
+            if dropped:
+                log.debug("%s: corrections dropped %d tree blocks", what, dropped)
+            now = time.monotonic()
+            if eviction_interval_secs > 0 and now - last_evict >= eviction_interval_secs:
+                last_evict = now
+                await evict()
+        except Exception:
+            log.exception("%s tree maintenance failed; retrying next time", what)

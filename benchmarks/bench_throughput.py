@@ -62,7 +62,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
-from compare_routers import sglang_router_python, wait_ready  # noqa: E402
+from compare_routers import sglang_router_python, spawn_sglang_router, wait_ready  # noqa: E402
 from upstream_stub import GENERATE_BODY, stream_events  # noqa: E402
 
 from sglctl.net import find_free_port  # noqa: E402
@@ -267,35 +267,25 @@ def start_router(
             "--log-level",
             "warning",
         ]
+        proc = spawn(
+            "sglctl",
+            args,
+            url=f"http://127.0.0.1:{port}",
+            log_dir=log_dir,
+            health_path="/liveness",
+            ready_timeout=60.0,
+        )
     else:
         assert sglang_python is not None
-        args = [
-            *pin,
-            str(sglang_python),
-            "-m",
-            "sglang_router.launch_router",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--worker-urls",
-            *upstream_urls,
-            "--policy",
-            "cache_aware",
-            "--prometheus-port",
-            metrics_port,
-            "--log-level",
-            "warn",
-        ]
-    name = "sglctl" if target == "sglctl" else "sglang-router"
-    proc = spawn(
-        name,
-        args,
-        url=f"http://127.0.0.1:{port}",
-        log_dir=log_dir,
-        health_path="/liveness",
-        ready_timeout=60.0,
-    )
+        proc = spawn_sglang_router(
+            "sglang-router",
+            sglang_python,
+            upstream_urls,
+            log_dir,
+            metrics_port=metrics_port,
+            port=port,
+            prefix=pin,
+        )
     try:
         wait_ready(proc, len(upstream_urls))
         check_relay(proc.url)

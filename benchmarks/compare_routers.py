@@ -216,6 +216,55 @@ def _imports_sglang_router(python: Path) -> bool:
 # --- processes --------------------------------------------------------------------------
 
 
+def sglang_router_command(
+    python: Path,
+    port: int,
+    worker_urls: Sequence[str],
+    metrics_port: str,
+    policy: str = "cache_aware",
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """The SGLang Router's command line as every benchmark starts it: its defaults but the policy.
+
+    One place, so that every comparison in RESULTS.md runs the same anchor.
+    """
+    return [
+        str(python), "-m", "sglang_router.launch_router",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--worker-urls", *worker_urls,
+        "--policy", policy,
+        "--prometheus-port", metrics_port,
+        "--log-level", "warn",
+        *extra,
+    ]  # fmt: skip
+
+
+def spawn_sglang_router(
+    name: str,
+    python: Path,
+    worker_urls: Sequence[str],
+    log_dir: Path,
+    *,
+    metrics_port: str | None = None,
+    port: int | None = None,
+    policy: str = "cache_aware",
+    extra: Sequence[str] = (),
+    prefix: Sequence[str] = (),
+) -> ManagedProcess:
+    """Start the SGLang Router (``prefix``: e.g. ``taskset -c 1``) and wait for its liveness."""
+    port = port or find_free_port()
+    metrics_port = metrics_port or str(find_free_port())
+    args = [*prefix, *sglang_router_command(python, port, worker_urls, metrics_port, policy, extra)]
+    return spawn(
+        name,
+        args,
+        url=f"http://127.0.0.1:{port}",
+        log_dir=log_dir,
+        health_path="/liveness",
+        ready_timeout=60.0,
+    )
+
+
 def start_workers(log_dir: Path, count: int, *flags: str) -> list[ManagedProcess]:
     """Start ``count`` sim workers at once, then wait for all (start-up is mostly imports)."""
     procs = [spawn_sim_worker(log_dir, *flags, wait=False) for _ in range(count)]
@@ -250,32 +299,14 @@ def start_router(
         )
     else:
         assert sglang_python is not None
-        port = find_free_port()
-        args = [
-            str(sglang_python),
-            "-m",
-            "sglang_router.launch_router",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--worker-urls",
-            *worker_urls,
-            "--policy",
-            spec.policy,
-            "--prometheus-port",
-            metrics_port,
-            "--log-level",
-            "warn",
-            *spec.flags,
-        ]
-        proc = spawn(
+        proc = spawn_sglang_router(
             f"sglang-{spec.policy}",
-            args,
-            url=f"http://127.0.0.1:{port}",
-            log_dir=log_dir,
-            health_path="/liveness",
-            ready_timeout=60.0,
+            sglang_python,
+            worker_urls,
+            log_dir,
+            metrics_port=metrics_port,
+            policy=spec.policy,
+            extra=spec.flags,
         )
     try:
         wait_ready(proc, len(worker_urls))

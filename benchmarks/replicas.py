@@ -60,6 +60,9 @@ from rich.table import Table
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from compare_routers import spawn_sglang_router  # noqa: E402
 
 from sglctl.bench.report import fmt_ms  # noqa: E402
 from sglctl.bench.runner import BenchResult, RunConfig, run_workload  # noqa: E402
@@ -69,7 +72,7 @@ from sglctl.bench.workload import Workload  # noqa: E402
 from sglctl.bench.workloads import trace_workload  # noqa: E402
 from sglctl.net import find_free_port, wait_for_http  # noqa: E402
 from sglctl.polling import poll_sync  # noqa: E402
-from sglctl.spawn import ManagedProcess, spawn, spawn_router, spawn_sim_worker  # noqa: E402
+from sglctl.spawn import ManagedProcess, spawn_router, spawn_sim_worker  # noqa: E402
 
 console = Console(width=None if sys.stdout.isatty() else 160)
 #: The trace beside the checkout (shared/ next to it; a worktree sits one level deeper).
@@ -279,22 +282,8 @@ def start_router(
     else:
         # Started as benchmarks/compare_routers.py starts it: its defaults, its cache_aware.
         assert sglang_python is not None
-        port = port or find_free_port()
-        args = [
-            str(sglang_python), "-m", "sglang_router.launch_router",
-            "--host", "127.0.0.1", "--port", str(port),
-            "--worker-urls", *worker_urls,
-            "--policy", "cache_aware",
-            "--prometheus-port", metrics_port,
-            "--log-level", "warn",
-        ]  # fmt: skip
-        proc = spawn(
-            name,
-            args,
-            url=f"http://127.0.0.1:{port}",
-            log_dir=log_dir,
-            health_path="/liveness",
-            ready_timeout=60.0,
+        proc = spawn_sglang_router(
+            name, sglang_python, worker_urls, log_dir, metrics_port=metrics_port, port=port
         )
 
     def ready() -> bool | None:

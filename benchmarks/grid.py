@@ -8,6 +8,8 @@ rate, and runs it through, in turn (caches flushed between routers, so each star
 * sglctl ``least_ttft``;
 * sglctl ``cache_aware``, without and with the workers' corrections
   (``--cached-tokens-correction --worker-load-correction``);
+* sglctl ``cache_aware --placement load`` (a miss goes to the least loaded worker, as the
+  SGLang Router 0.3.x does, instead of the smallest tree);
 * sglctl ``round_robin``;
 * the SGLang Router's ``cache_aware`` (its venv: ``--sglang-venv``).
 
@@ -196,6 +198,7 @@ ROUTERS = {
     "least_ttft": cr.RouterSpec("sglctl", "least_ttft"),
     "cache_aware": cr.RouterSpec("sglctl", "cache_aware"),
     "cache_aware_corrected": cr.RouterSpec("sglctl", "cache_aware", CORRECTIONS, "corrected"),
+    "cache_aware_load": cr.RouterSpec("sglctl", "cache_aware", ("--placement", "load"), "load"),
     "round_robin": cr.RouterSpec("sglctl", "round_robin"),
     "sglang": cr.RouterSpec("sglang", "cache_aware"),
 }

@@ -11,7 +11,9 @@ For each request, among the routable workers:
    worker with the smallest tree, which spreads new prefixes over the workers; with
    ``placement="hash"`` by rendezvous hashing of the prompt's leading blocks with bounded loads
    (:mod:`sglctl.router.policies.placement`), which every router replica computes the same
-   way, so replicas agree on where a conversation lives without talking to each other.
+   way, so replicas agree on where a conversation lives without talking to each other; with
+   ``placement="load"`` on the least loaded worker (ties: the smallest tree), which is what the
+   SGLang Router 0.3.x actually does on a miss (its docs still say "smallest tree").
 3. Either way, record the request's text under the chosen worker.
 
 A background task trims every worker's tree to ``max_tree_size`` characters every
@@ -33,6 +35,16 @@ Two corrections from the workers, both off by default (sglctl only, issue 14):
   (``--placement hash``'s bounded-load check reads ``in_flight`` itself, in
   :mod:`~sglctl.router.policies.placement`; it sees the workers' own load only once that
   module takes a load function.)
+
+Why ``placement="load"`` exists (issue 14, ``benchmarks/RESULTS.md`` "Where the E2E gap came
+from"): the smallest-tree rule balances the *characters* each worker was sent, not the work it
+is doing. Most requests of the traces are misses, so it hands every miss to one worker until
+that worker's tree outgrows the next one, however many requests it is already decoding (a
+127k-token prompt in prefill stalls all of them): at synthetic 444k x2 the busiest worker held
+2.7x the mean of admitted requests at the median sample (the SGLang Router: 1.3x), and decode
+took 1.4x as long per token. The SGLang Router 0.3.x sends a low-match request to the worker
+with the fewest requests in flight (until the end of the stream) -- 308 of its 326 misses went
+to a least-loaded worker in that run, 52 of 323 for the smallest-tree rule.
 
 Two deliberate refinements over the SGLang Router: ties (equal match, equal tree size) go to
 the less loaded worker instead of the first one listed, and a request with no text at all is
@@ -57,7 +69,8 @@ from sglctl.router.workers import Worker
 
 log = logging.getLogger(__name__)
 _load = attrgetter("in_flight")
-_PLACEMENTS = placement.PLACEMENTS
+#: ``placement.PLACEMENTS`` plus ``"load"``, which needs no shared computation across replicas.
+_PLACEMENTS = (*placement.PLACEMENTS, "load")
 
 
 class _Ticket:
@@ -215,7 +228,7 @@ class CacheAwarePolicy(Policy):
                 chosen = by_url[best_url]
             else:
                 self.cache_misses += 1
-                chosen = self.place(prefixes, by_load)
+                chosen = self.place(prefixes, by_load, load)
         self._record(prefixes, chosen, key)
         return chosen
 
@@ -238,13 +251,22 @@ class CacheAwarePolicy(Policy):
         """Forget what the workers said they evicted; blocks dropped (background task)."""
         return self.corrector.apply() if self.corrector is not None else 0
 
-    def place(self, prefixes: Prefixes, by_load: Sequence[Worker]) -> Worker:
-        """Where a prefix no tree holds goes (``by_load``: the workers, least loaded first)."""
-        self.last_decision = "cache_miss"  # both placements: metrics count it as a miss
+    def place(
+        self, prefixes: Prefixes, by_load: Sequence[Worker], load: Callable[[Worker], int] = _load
+    ) -> Worker:
+        """Where a prefix no tree holds goes (``by_load``: the workers, least loaded first,
+        by ``load``)."""
+        self.last_decision = "cache_miss"  # every placement: metrics count it as a miss
         if self.placement == "hash":
             hash_key = placement.placement_key(prefixes, self.placement_key_blocks)
             if hash_key is not None:
                 return placement.choose(hash_key, by_load, self.placement_epsilon)
+        elif self.placement == "load":
+            # The least loaded, and among those the smallest tree: when the fleet is idle
+            # (all loads 0) the tree size still spreads new prefixes instead of worker 0
+            # taking them all.
+            low = load(by_load[0])
+            by_load = [w for w in by_load if load(w) == low]
         smallest = self.tree.smallest(w.url for w in by_load)
         return by_load[0] if smallest is None else next(w for w in by_load if w.url == smallest)
 

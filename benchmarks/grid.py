@@ -8,8 +8,9 @@ rate, and runs it through, in turn (caches flushed between routers, so each star
 * sglctl ``least_ttft``;
 * sglctl ``cache_aware``, without and with the workers' corrections
   (``--cached-tokens-correction --worker-load-correction``);
-* sglctl ``cache_aware --placement load`` (a miss goes to the least loaded worker, as the
-  SGLang Router 0.3.x does, instead of the smallest tree);
+* sglctl ``cache_aware --placement tree`` (a miss goes to the smallest tree, the SGLang
+  Router's documented rule, instead of the default: the least loaded worker, which is what
+  the SGLang Router 0.3.x does);
 * sglctl ``round_robin``;
 * the SGLang Router's ``cache_aware`` (its venv: ``--sglang-venv``).
 
@@ -18,9 +19,9 @@ cache as big as all the workers' caches together (workers x KV tokens) over the 
 requests, leaves evicted first (as SGLang's radix cache does), the share of that bound's
 hits that fall on prefixes shared across conversations (continued two or more ways), and
 what 8 *separate* LRU caches reach under an oracle cache-aware router (exact knowledge of
-every cache, load ignored): whether the 95%-of-bound target is reachable at all. Per point it prints a table
-with the issue's metrics, and at the end a verdict per target and point for each sglctl
-row against the SGLang Router's ``cache_aware`` of the same point:
+every cache, load ignored): whether the 95%-of-bound target is reachable at all. Per point
+it prints a table with the issue's metrics, and at the end a verdict per target and point
+for each sglctl row against the SGLang Router's ``cache_aware`` of the same point:
 
 * TTFT p99 <= 0.75x the SGLang Router's; TTFT p50 and end-to-end p50 no worse;
 * hit ratio >= the SGLang Router's - 0.005, and >= 95% of the one-big-LRU bound;
@@ -281,7 +282,7 @@ ROUTERS = {
     "least_ttft": cr.RouterSpec("sglctl", "least_ttft"),
     "cache_aware": cr.RouterSpec("sglctl", "cache_aware"),
     "cache_aware_corrected": cr.RouterSpec("sglctl", "cache_aware", CORRECTIONS, "corrected"),
-    "cache_aware_load": cr.RouterSpec("sglctl", "cache_aware", ("--placement", "load"), "load"),
+    "cache_aware_tree": cr.RouterSpec("sglctl", "cache_aware", ("--placement", "tree"), "tree"),
     "round_robin": cr.RouterSpec("sglctl", "round_robin"),
     "sglang": cr.RouterSpec("sglang", "cache_aware"),
 }

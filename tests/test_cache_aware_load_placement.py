@@ -1,5 +1,6 @@
-"""cache_aware ``--placement load``: a miss goes to the least loaded worker (ties: the smallest
-tree), as the SGLang Router 0.3.x does, instead of the smallest tree whatever its load.
+"""cache_aware ``--placement load`` (the default): a miss goes to the least loaded worker (ties:
+the smallest tree), as the SGLang Router 0.3.x does, instead of the smallest tree whatever its
+load (``--placement tree``).
 
 The smallest-tree rule piled most of a trace's misses on one busy worker (issue 14, the E2E p50
 gap); these tests pin the difference down on the policy alone.
@@ -43,8 +44,8 @@ def test_a_miss_goes_to_the_least_loaded_worker_even_with_the_biggest_tree() -> 
 
 
 def test_the_smallest_tree_rule_ignores_load() -> None:
-    """The default (``tree``) keeps the documented rule: the same situation, the other answer."""
-    policy, ws = fleet(3)
+    """``tree`` keeps the documented rule: the same situation, the other answer."""
+    policy, ws = fleet(3, placement="tree")
     policy.select(ws, key("a" * 4000))
     big = max(ws, key=lambda w: policy.tree.size(w.url))
     for w in ws:
@@ -79,10 +80,11 @@ def test_load_placement_reads_the_workers_own_load_when_corrected() -> None:
     assert policy.select(ws, key("fresh prompt " * 20)) is ws[1]
 
 
-def test_flag_and_validation() -> None:
-    config = parse_args(["--worker-urls", "http://127.0.0.2:1", "--placement", "load"])
-    policy = make_policy("cache_aware", config)
-    assert isinstance(policy, CacheAwarePolicy)
-    assert policy.placement == "load"
+def test_load_is_the_default_and_tree_still_a_flag() -> None:
+    for argv, expected in (([], "load"), (["--placement", "tree"], "tree")):
+        config = parse_args(["--worker-urls", "http://127.0.0.2:1", *argv])
+        policy = make_policy("cache_aware", config)
+        assert isinstance(policy, CacheAwarePolicy)
+        assert policy.placement == expected
     with pytest.raises(ValueError, match="placement must be one of"):
         CacheAwarePolicy(placement="nearest")

@@ -7,13 +7,16 @@ For each request, among the routable workers:
    loaded worker: a hot prefix must not pile everything onto one worker.
 2. Otherwise find the worker whose tree shares the longest prefix with the request. If
    ``matched / request length > cache_threshold`` route there (its KV cache very likely holds
-   that prefix); else place the new prefix: with ``placement="tree"`` (the default) on the
-   worker with the smallest tree, which spreads new prefixes over the workers; with
-   ``placement="hash"`` by rendezvous hashing of the prompt's leading blocks with bounded loads
-   (:mod:`sglctl.router.policies.placement`), which every router replica computes the same
-   way, so replicas agree on where a conversation lives without talking to each other; with
-   ``placement="load"`` on the least loaded worker (ties: the smallest tree), which is what the
-   SGLang Router 0.3.x actually does on a miss (its docs still say "smallest tree").
+   that prefix); else place the new prefix:
+
+   * ``placement="load"`` (``sglctl router``'s default, ``--placement``): on the least loaded
+     worker, ties to the smallest tree. This is what the SGLang Router 0.3.x does on a miss.
+   * ``placement="tree"`` (this class's default; the SGLang Router's documented rule): on the
+     worker with the smallest tree, which spreads new prefixes' characters over the workers.
+   * ``placement="hash"``: by rendezvous hashing of the prompt's leading blocks with bounded
+     loads (:mod:`sglctl.router.policies.placement`), which every router replica computes the
+     same way, so replicas agree on where a conversation lives without talking to each other.
+
 3. Either way, record the request's text under the chosen worker.
 
 A background task trims every worker's tree to ``max_tree_size`` characters every
@@ -143,7 +146,8 @@ class CacheAwarePolicy(Policy):
         eviction_interval_secs: float = 60.0,
         max_tree_size: int = 16_777_216,
         block: int = DEFAULT_BLOCK,
-        placement: str = "tree",
+        placement: str = "tree",  # the class keeps SGLang's documented rule; the router's
+        # default (RouterConfig.placement, --placement) is "load"
         placement_epsilon: float = placement.DEFAULT_EPSILON,
         placement_key_blocks: int = placement.DEFAULT_KEY_BLOCKS,
         trim_from_reports: bool = False,

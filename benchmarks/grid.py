@@ -8,14 +8,20 @@ rate, and runs it through, in turn (caches flushed between routers, so each star
 * sglctl ``least_ttft``;
 * sglctl ``cache_aware``, without and with the workers' corrections
   (``--cached-tokens-correction --worker-load-correction``);
+* sglctl ``cache_aware --placement tree`` (a miss goes to the smallest tree, the SGLang
+  Router's documented rule, instead of the default: the least loaded worker, which is what
+  the SGLang Router 0.3.x does);
 * sglctl ``round_robin``;
 * the SGLang Router's ``cache_aware`` (its venv: ``--sglang-venv``).
 
 Besides the routers' rows, each point gets the hit-ratio bound of its cache size: one LRU
 cache as big as all the workers' caches together (workers x KV tokens) over the same
-requests, leaves evicted first (as SGLang's radix cache does). Per point it prints a table
-with the issue's metrics, and at the end a verdict per target and point for each sglctl
-row against the SGLang Router's ``cache_aware`` of the same point:
+requests, leaves evicted first (as SGLang's radix cache does), the share of that bound's
+hits that fall on prefixes shared across conversations (continued two or more ways), and
+what 8 *separate* LRU caches reach under an oracle cache-aware router (exact knowledge of
+every cache, load ignored): whether the 95%-of-bound target is reachable at all. Per point
+it prints a table with the issue's metrics, and at the end a verdict per target and point
+for each sglctl row against the SGLang Router's ``cache_aware`` of the same point:
 
 * TTFT p99 <= 0.75x the SGLang Router's; TTFT p50 and end-to-end p50 no worse;
 * hit ratio >= the SGLang Router's - 0.005, and >= 95% of the one-big-LRU bound;
@@ -33,6 +39,7 @@ Everything runs on 127.0.0.1; every process started is stopped at the end.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import shutil
@@ -102,38 +109,117 @@ def middle_slice(workload: Workload, count: int | None) -> Workload:
     )
 
 
-def lru_hit_ratio(requests: Iterable[BenchRequest], capacity_tokens: int) -> float:
-    """Token-weighted hit ratio of one LRU prefix cache of ``capacity_tokens`` over ``requests``.
+class PrefixLRU:
+    """One LRU prefix cache of ``capacity_tokens``, over requests' segment chains.
 
     The cache holds chains of segments (a node per segment under its parent, as a radix cache
     holds blocks). A request hits the leading segments it finds; then its whole chain is
     touched, its last segment first, so a parent is always used more recently than its
     children and eviction (least recently used first) takes leaves before their prefixes.
+    Node ids come from ``ids``, which several caches may share (then a node is the same
+    prefix in all of them).
     """
-    ids: dict[tuple[int, str], int] = {}
-    held: OrderedDict[int, int] = OrderedDict()  # node -> tokens held, LRU first
-    used = hit = total = 0
-    for req in requests:
-        parent, matching, chain = 0, True, []
+
+    def __init__(self, capacity_tokens: int, ids: dict[tuple[int, str], int]) -> None:
+        self.capacity = capacity_tokens
+        self.ids = ids
+        self.held: OrderedDict[int, int] = OrderedDict()  # node -> tokens held, LRU first
+        self.used = 0
+
+    def chain(self, req: BenchRequest) -> list[tuple[int, int]]:
+        """(node, tokens) of each segment of ``req``, its first segment first."""
+        parent, out = 0, []
         for seg in req.segments:
-            node = ids.setdefault((parent, seg.key), len(ids) + 1)
-            have = held.get(node, 0)
-            if matching and have:
-                hit += min(seg.tokens, have)
-                matching = seg.tokens <= have
-            else:
-                matching = False
-            chain.append((node, seg.tokens))
+            node = self.ids.setdefault((parent, seg.key), len(self.ids) + 1)
+            out.append((node, seg.tokens))
             parent = node
-        total += req.input_tokens
+        return out
+
+    def hit_nodes(self, chain: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The leading (node, tokens hit) this cache holds for ``chain`` (no side effects)."""
+        out = []
+        for node, tokens in chain:
+            have = self.held.get(node, 0)
+            if not have:
+                break
+            out.append((node, min(tokens, have)))
+            if tokens > have:
+                break
+        return out
+
+    def touch(self, chain: Sequence[tuple[int, int]]) -> None:
+        """Hold and touch every node of ``chain``, then evict down to the capacity."""
         for node, tokens in reversed(chain):
-            have = held.pop(node, 0)
+            have = self.held.pop(node, 0)
             keep = max(have, tokens)
-            used += keep - have
-            held[node] = keep
-        while used > capacity_tokens and held:
-            _, tokens = held.popitem(last=False)
-            used -= tokens
+            self.used += keep - have
+            self.held[node] = keep
+        while self.used > self.capacity and self.held:
+            _, tokens = self.held.popitem(last=False)
+            self.used -= tokens
+
+
+def lru_hit_ratio(requests: Iterable[BenchRequest], capacity_tokens: int) -> float:
+    """Token-weighted hit ratio of one LRU prefix cache of ``capacity_tokens`` over ``requests``
+    (:class:`PrefixLRU`): the issue's "one big LRU" bound with ``workers x KV`` tokens."""
+    return lru_bound_parts(requests, capacity_tokens)[0]
+
+
+def lru_bound_parts(requests: Iterable[BenchRequest], capacity_tokens: int) -> tuple[float, float]:
+    """The one-big-LRU hit ratio and the share of its hit tokens on *shared* prefixes.
+
+    A node is shared when requests went on from it along two or more different next
+    segments (a system prompt or document that several conversations start with); a node
+    only ever continued one way is one conversation's own history. Only a shared node's
+    hits can depend on co-locating different conversations: separate caches each hold (and
+    first miss) their own copy of it.
+    """
+    reqs = list(requests)
+    ids: dict[tuple[int, str], int] = {}
+    chains = [PrefixLRU(0, ids).chain(r) for r in reqs]
+    branches: dict[int, set[int]] = {}
+    for chain in chains:
+        for (node, _), (child, _) in itertools.pairwise(chain):
+            branches.setdefault(node, set()).add(child)
+    cache = PrefixLRU(capacity_tokens, ids)
+    hit = shared = total = 0
+    for req, chain in zip(reqs, chains, strict=True):
+        for node, tokens in cache.hit_nodes(chain):
+            hit += tokens
+            if len(branches.get(node, ())) > 1:
+                shared += tokens
+        total += req.input_tokens
+        cache.touch(chain)
+    return (hit / total if total else 0.0), (shared / hit if hit else 0.0)
+
+
+def separate_lru_hit_ratio(
+    requests: Iterable[BenchRequest],
+    workers: int,
+    capacity_tokens: int,
+    threshold: float = 0.5,
+) -> float:
+    """Hit ratio of ``workers`` separate LRU caches of ``capacity_tokens`` each under an
+    oracle cache-aware router: it knows every cache exactly and ignores load. A request goes
+    to the cache holding its longest prefix when that covers more than ``threshold`` of it
+    (cache_aware's rule), else to the cache that took the fewest prompt tokens so far
+    (following a shared system prompt alone would put everything on one cache). What 8
+    separate caches reach with cache-aware placement, against the one-big-LRU bound of the
+    same total size."""
+    ids: dict[tuple[int, str], int] = {}
+    caches = [PrefixLRU(capacity_tokens, ids) for _ in range(workers)]
+    sent = [0] * workers
+    hit = total = 0
+    for req in requests:
+        chain = caches[0].chain(req)
+        scores = [sum(t for _, t in c.hit_nodes(chain)) for c in caches]
+        best = max(range(workers), key=lambda i: (scores[i], -sent[i]))
+        if scores[best] <= threshold * req.input_tokens:
+            best = min(range(workers), key=lambda i: (sent[i], -scores[i]))
+        hit += scores[best]
+        total += req.input_tokens
+        sent[best] += req.input_tokens
+        caches[best].touch(chain)
     return hit / total if total else 0.0
 
 
@@ -196,6 +282,7 @@ ROUTERS = {
     "least_ttft": cr.RouterSpec("sglctl", "least_ttft"),
     "cache_aware": cr.RouterSpec("sglctl", "cache_aware"),
     "cache_aware_corrected": cr.RouterSpec("sglctl", "cache_aware", CORRECTIONS, "corrected"),
+    "cache_aware_tree": cr.RouterSpec("sglctl", "cache_aware", ("--placement", "tree"), "tree"),
     "round_robin": cr.RouterSpec("sglctl", "round_robin"),
     "sglang": cr.RouterSpec("sglang", "cache_aware"),
 }
@@ -365,7 +452,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             overhead_workers=0,
             sglang_defaults_row=False,
         )
-        bound = lru_hit_ratio(workload.requests, args.workers * point.kv_tokens)
+        bound, shared = lru_bound_parts(workload.requests, args.workers * point.kv_tokens)
+        separate = separate_lru_hit_ratio(workload.requests, args.workers, point.kv_tokens)
         ideal = ideal_hit_ratio(workload.requests).token_weighted
         runs = cr.run_comparison(
             args,
@@ -378,7 +466,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         title = (
             f"{point.name}: {workload.name}, {len(workload.requests)} requests, "
             f"{args.workers} sim workers, trace time / {args.speedup:g}; "
-            f"one-big-LRU bound {bound:.3f}, unlimited {ideal:.3f}"
+            f"one-big-LRU bound {bound:.3f} ({shared:.0%} of its hits on shared prefixes), "
+            f"{args.workers} separate LRUs under an oracle {separate:.3f}, unlimited {ideal:.3f}"
         )
         cr.console.print(cr.comparison_table([(s.label, r.summary) for s, r in runs], title))
         md.append(f"**{title}**\n")
@@ -397,6 +486,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "point": point.name,
                 "workload": workload.name,
                 "lru_bound": bound,
+                "lru_bound_shared_share": shared,
+                "separate_lru_oracle": separate,
                 "ideal": ideal,
                 "rows": [
                     {

@@ -39,8 +39,10 @@ class RouterConfig:
     balance_rel_threshold: float = 1.0001
     eviction_interval_secs: float = 60.0
     max_tree_size: int = 16_777_216
-    #: sglctl only (policies/placement.py): where cache_aware puts a prefix no tree holds.
-    placement: str = "tree"
+    #: sglctl only (policies/placement.py, cache_aware.py): where cache_aware puts a prefix no
+    #: tree holds. "load" (the least loaded worker, as SGLang Router 0.3.x does) won the
+    #: issue-14 grid over "tree" (smallest tree) on E2E p50 (benchmarks/RESULTS.md).
+    placement: str = "load"
     placement_epsilon: float = 1.0
     placement_key_blocks: int = 64
     #: sglctl only: seconds between /get_load polls of each worker (load_poll.py); 0: off.

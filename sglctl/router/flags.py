@@ -265,11 +265,12 @@ def build_parser(prog: str = "sglctl router") -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--placement",
-        choices=("tree", "hash"),
+        choices=("tree", "hash", "load"),
         default=d.placement,
-        help="sglctl only, cache_aware: where a prefix no tree holds goes. tree: the smallest "
-        "tree (SGLang's rule); hash: rendezvous hashing of its leading blocks with bounded "
-        "loads, the same on every router replica (use it for several replicas)",
+        help="sglctl only, cache_aware: where a prefix no tree holds goes. load (default): the "
+        "fewest requests in flight, ties to the smallest tree (what SGLang Router 0.3.x does); "
+        "tree: the smallest tree (SGLang's documented rule); hash: rendezvous hashing of its "
+        "leading blocks with bounded loads, the same on every router replica (for replicas)",
     )
     g.add_argument(
         "--placement-epsilon",

@@ -7,11 +7,16 @@ For each request, among the routable workers:
    loaded worker: a hot prefix must not pile everything onto one worker.
 2. Otherwise find the worker whose tree shares the longest prefix with the request. If
    ``matched / request length > cache_threshold`` route there (its KV cache very likely holds
-   that prefix); else place the new prefix: with ``placement="tree"`` (the default) on the
-   worker with the smallest tree, which spreads new prefixes over the workers; with
-   ``placement="hash"`` by rendezvous hashing of the prompt's leading blocks with bounded loads
-   (:mod:`sglctl.router.policies.placement`), which every router replica computes the same
-   way, so replicas agree on where a conversation lives without talking to each other.
+   that prefix); else place the new prefix:
+
+   * ``placement="load"`` (``sglctl router``'s default, ``--placement``): on the least loaded
+     worker, ties to the smallest tree. This is what the SGLang Router 0.3.x does on a miss.
+   * ``placement="tree"`` (this class's default; the SGLang Router's documented rule): on the
+     worker with the smallest tree, which spreads new prefixes' characters over the workers.
+   * ``placement="hash"``: by rendezvous hashing of the prompt's leading blocks with bounded
+     loads (:mod:`sglctl.router.policies.placement`), which every router replica computes the
+     same way, so replicas agree on where a conversation lives without talking to each other.
+
 3. Either way, record the request's text under the chosen worker.
 
 A background task trims every worker's tree to ``max_tree_size`` characters every
@@ -33,6 +38,16 @@ Two corrections from the workers, both off by default (sglctl only, issue 14):
   (``--placement hash``'s bounded-load check reads ``in_flight`` itself, in
   :mod:`~sglctl.router.policies.placement`; it sees the workers' own load only once that
   module takes a load function.)
+
+Why ``placement="load"`` exists (issue 14, ``benchmarks/RESULTS.md`` "Where the E2E gap came
+from"): the smallest-tree rule balances the *characters* each worker was sent, not the work it
+is doing. Most requests of the traces are misses, so it hands every miss to one worker until
+that worker's tree outgrows the next one, however many requests it is already decoding (a
+127k-token prompt in prefill stalls all of them): at synthetic 444k x2 the busiest worker held
+2.7x the mean of admitted requests at the median sample (the SGLang Router: 1.3x), and decode
+took 1.4x as long per token. The SGLang Router 0.3.x sends a low-match request to the worker
+with the fewest requests in flight (until the end of the stream) -- 308 of its 326 misses went
+to a least-loaded worker in that run, 52 of 323 for the smallest-tree rule.
 
 Two deliberate refinements over the SGLang Router: ties (equal match, equal tree size) go to
 the less loaded worker instead of the first one listed, and a request with no text at all is
@@ -57,7 +72,8 @@ from sglctl.router.workers import Worker
 
 log = logging.getLogger(__name__)
 _load = attrgetter("in_flight")
-_PLACEMENTS = placement.PLACEMENTS
+#: ``placement.PLACEMENTS`` plus ``"load"``, which needs no shared computation across replicas.
+_PLACEMENTS = (*placement.PLACEMENTS, "load")
 
 
 class _Ticket:
@@ -130,7 +146,8 @@ class CacheAwarePolicy(Policy):
         eviction_interval_secs: float = 60.0,
         max_tree_size: int = 16_777_216,
         block: int = DEFAULT_BLOCK,
-        placement: str = "tree",
+        placement: str = "tree",  # the class keeps SGLang's documented rule; the router's
+        # default (RouterConfig.placement, --placement) is "load"
         placement_epsilon: float = placement.DEFAULT_EPSILON,
         placement_key_blocks: int = placement.DEFAULT_KEY_BLOCKS,
         trim_from_reports: bool = False,
@@ -215,7 +232,7 @@ class CacheAwarePolicy(Policy):
                 chosen = by_url[best_url]
             else:
                 self.cache_misses += 1
-                chosen = self.place(prefixes, by_load)
+                chosen = self.place(prefixes, by_load, load)
         self._record(prefixes, chosen, key)
         return chosen
 
@@ -238,13 +255,22 @@ class CacheAwarePolicy(Policy):
         """Forget what the workers said they evicted; blocks dropped (background task)."""
         return self.corrector.apply() if self.corrector is not None else 0
 
-    def place(self, prefixes: Prefixes, by_load: Sequence[Worker]) -> Worker:
-        """Where a prefix no tree holds goes (``by_load``: the workers, least loaded first)."""
-        self.last_decision = "cache_miss"  # both placements: metrics count it as a miss
+    def place(
+        self, prefixes: Prefixes, by_load: Sequence[Worker], load: Callable[[Worker], int] = _load
+    ) -> Worker:
+        """Where a prefix no tree holds goes (``by_load``: the workers, least loaded first,
+        by ``load``)."""
+        self.last_decision = "cache_miss"  # every placement: metrics count it as a miss
         if self.placement == "hash":
             hash_key = placement.placement_key(prefixes, self.placement_key_blocks)
             if hash_key is not None:
                 return placement.choose(hash_key, by_load, self.placement_epsilon)
+        elif self.placement == "load":
+            # The least loaded, and among those the smallest tree: when the fleet is idle
+            # (all loads 0) the tree size still spreads new prefixes instead of worker 0
+            # taking them all.
+            low = load(by_load[0])
+            by_load = [w for w in by_load if load(w) == low]
         smallest = self.tree.smallest(w.url for w in by_load)
         return by_load[0] if smallest is None else next(w for w in by_load if w.url == smallest)
 

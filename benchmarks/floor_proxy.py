@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 import httptools
 import uvloop
 
+_REQUEST = b"POST %s HTTP/1.1\r\nhost: %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n%s"
 _OK_HEALTH = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
 
 
@@ -138,22 +139,17 @@ class Proxy:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, urls: list[str]) -> None:
         self.loop = loop
-        self.origins = []
+        self.origins: list[tuple[str, int, bytes, deque[Upstream]]] = []
         for url in urls:
             parts = urlsplit(url)
             pool: deque[Upstream] = deque()
-            self.origins.append((parts.hostname, parts.port, parts.netloc.encode(), pool))
+            host, port = parts.hostname or "127.0.0.1", parts.port or 80
+            self.origins.append((host, port, parts.netloc.encode(), pool))
         self.turn = itertools.cycle(range(len(self.origins)))
 
     def forward(self, client: Client, url: bytes, body: bytes) -> None:
         host, port, netloc, pool = self.origins[next(self.turn)]
-        request = b"POST %s HTTP/1.1\r\nhost: %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n%s" % (
-            url,
-            netloc,
-            client.content_type,
-            len(body),
-            body,
-        )
+        request = _REQUEST % (url, netloc, client.content_type, len(body), body)
         if pool:
             upstream = pool.pop()
             upstream.client = client

@@ -25,6 +25,7 @@ from sglctl.router.errors import RouterError
 from sglctl.router.pd import forward_pd
 from sglctl.router.proxy import Finish
 from sglctl.router.request import parse_inference_async, read_body
+from sglctl.router.responses import Answer, Reply
 from sglctl.router.router import Router
 
 KEYED_ROUTES = ("/generate", "/v1/chat/completions", "/v1/completions")
@@ -104,7 +105,7 @@ async def admit_and_forward(
     body: bytes,
     raw_headers: Iterable[tuple[bytes, bytes]],
     finish: Finish,
-) -> Response:
+) -> Reply:
     """Parse and check ``body``, wait for admission, forward; the worker's answer.
 
     Raises :class:`RouterError` (4xx/5xx answers) and :class:`AdmissionRejected` (429);
@@ -149,7 +150,7 @@ async def forward(request: Request) -> Response:
         # nobody). From the first byte on, Starlette's streaming response does the same.
         watcher = DisconnectWatcher(request)
         try:
-            return await admit_and_forward(
+            reply = await admit_and_forward(
                 router,
                 route,
                 request.scope.get("query_string", b""),
@@ -157,6 +158,7 @@ async def forward(request: Request) -> Response:
                 request.scope["headers"],
                 finish,
             )
+            return reply.to_starlette() if isinstance(reply, Answer) else reply
         except asyncio.CancelledError:
             if not watcher.absorb_cancel():
                 raise

@@ -235,7 +235,7 @@ class NativeResponse:
             await self._wait()
         body = b"".join(self.chunks)
         self.chunks.clear()
-        self._release()
+        self.release()
         return body
 
     def __aiter__(self) -> NativeResponse:
@@ -261,7 +261,7 @@ class NativeResponse:
                     self._conn.resume()
                 return chunk
             if self.complete:
-                self._release()
+                self.release()
                 raise StopAsyncIteration
             if self._error is not None:
                 raise self._error
@@ -269,9 +269,10 @@ class NativeResponse:
 
     async def aclose(self) -> None:
         """Done with the answer: reuse the connection if it ended cleanly, else close it."""
-        self._release()
+        self.release()
 
-    def _release(self) -> None:
+    def release(self) -> None:
+        """Done with the answer, synchronously (what :meth:`aclose` does; for the proxy)."""
         if self._released:
             return
         self._released = True
@@ -390,15 +391,15 @@ class UpstreamPool:
                 await response.wait_headers()
                 return response
             except UpstreamTimeout:
-                response._release()
+                response.release()
                 raise
             except UpstreamError:
-                response._release()
+                response.release()
                 if reused and not response.got_bytes:
                     continue  # the worker closed the idle connection as we reused it
                 raise
             except BaseException:
-                response._release()
+                response.release()
                 raise
         raise UpstreamError("worker closed the connection")  # pragma: no cover
 

@@ -178,7 +178,8 @@ class LeanCycle:
         self.response_started = False
         self.response_complete = False
         self._disconnected = False
-        self._task: asyncio.Task[Any] | None = None
+        #: The request's task (set by the protocol when it creates it).
+        self.task: asyncio.Task[Any] | None = None
         self._pending: list[bytes] = []
         self._flush_handle: asyncio.Handle | None = None
 
@@ -191,13 +192,14 @@ class LeanCycle:
     def disconnected(self, value: bool) -> None:
         """The protocol saw the client go (or refused its body): stop this request now."""
         self._disconnected = value
-        task = self._task
+        task = self.task
         if value and task is not None and not task.done() and not self.response_complete:
             task.cancel()
 
     async def run_asgi(self, app: object) -> None:
         """The request's task (uvicorn's name: the protocol starts and pipelines it)."""
-        self._task = asyncio.current_task()
+        if self.task is None:
+            self.task = asyncio.current_task()
         try:
             if self._disconnected:  # gone before the task ran
                 return
@@ -243,9 +245,9 @@ class LeanCycle:
 
     def _absorb_cancel(self) -> bool:
         """On CancelledError: True when the cancel was ours (the client left), to swallow."""
-        if not self._disconnected or self._task is None:
+        if not self._disconnected or self.task is None:
             return False
-        uncancel = getattr(self._task, "uncancel", None)  # Python >= 3.11
+        uncancel = getattr(self.task, "uncancel", None)  # Python >= 3.11
         return not (uncancel is not None and uncancel() > 0)
 
     async def _read_body(self, limit: int) -> bytes:

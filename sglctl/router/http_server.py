@@ -411,9 +411,15 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._body_timer = None
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
-        super()._start_asgi_task(cycle, app)
         if app is None:  # a lean cycle: it calls body_wait() if it ever has to wait
+            # uvicorn's task bookkeeping, one call shallower; the cycle learns its task here
+            # (it cancels it when the client goes) instead of looking it up.
+            task = self.loop.create_task(cycle.run_asgi(None))
+            task.add_done_callback(self.tasks.discard)
+            self.tasks.add(task)
+            cycle.task = task
             return
+        super()._start_asgi_task(cycle, app)
         # The application now waits for this body (a pipelined request's body is not read
         # while the one before it is answered, so its clock starts here, not at its head).
         # For a request without a body on_message_complete disarms this in the same feed.

@@ -85,7 +85,6 @@ def forward_headers(
 def begin(router: Router, route: str) -> Finish:
     """Start one request's observation; the returned :class:`Finish` records its end."""
     started = time.perf_counter()
-    finish = Finish()
     metrics, stats = router.metrics, router.stats
     obs = metrics.begin(route, started)  # the task's current request (TTFT, retries, worker)
 
@@ -94,8 +93,7 @@ def begin(router: Router, route: str) -> Finish:
         metrics.finish(obs, status, elapsed)
         stats.record(elapsed, ok)
 
-    finish.add(record)
-    return finish
+    return Finish(record)
 
 
 async def admit_and_forward(

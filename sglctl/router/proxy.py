@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
 from time import monotonic  # byte stamps for the stall detector (stall.py)
 from typing import TYPE_CHECKING, Protocol
 
@@ -127,12 +126,18 @@ async def close_response(response: UpstreamResponse) -> None:
         await response.aclose()
 
 
-@dataclass
 class Finish:
-    """Callbacks run exactly once when a request is over (last byte, error or cancel)."""
+    """Callbacks run exactly once when a request is over (last byte, error or cancel).
 
-    callbacks: list[Callable[[int, bool], None]] = field(default_factory=list)
-    done: bool = False
+    One per request: a plain slotted class (a dataclass with a ``default_factory`` list cost
+    more to make than what it does).
+    """
+
+    __slots__ = ("callbacks", "done")
+
+    def __init__(self, *callbacks: Callable[[int, bool], None]) -> None:
+        self.callbacks: list[Callable[[int, bool], None]] = list(callbacks)
+        self.done = False
 
     def add(self, callback: Callable[[int, bool], None]) -> None:
         self.callbacks.append(callback)
@@ -174,20 +179,30 @@ class _Failure(Exception):
 AttemptFailed = _Failure
 
 
-@dataclass(eq=False)
 class Head:
     """A worker's answer whose status is not retryable: the head is in, the body is not.
 
     Holds the worker's load slot (``release``) and its in-flight ``watch`` until
-    :meth:`Forwarder.deliver` relays it or :meth:`abandon` closes it.
+    :meth:`Forwarder.deliver` relays it or :meth:`abandon` closes it. (One per attempt: a
+    slotted class, not a dataclass.)
     """
 
-    worker: Worker
-    response: UpstreamResponse
-    release: Callable[[int, bool], None]
-    watch: Watch
-    #: The policy's ticket for this attempt (told of its first byte and end), if it wants one.
-    ticket: Ticket | None = None
+    __slots__ = ("release", "response", "ticket", "watch", "worker")
+
+    def __init__(
+        self,
+        worker: Worker,
+        response: UpstreamResponse,
+        release: Callable[[int, bool], None],
+        watch: Watch,
+        ticket: Ticket | None = None,
+    ) -> None:
+        self.worker = worker
+        self.response = response
+        self.release = release
+        self.watch = watch
+        #: The policy's ticket for this attempt (told of its first byte and end), if any.
+        self.ticket = ticket
 
     @property
     def status(self) -> int:

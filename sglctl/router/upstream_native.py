@@ -153,6 +153,26 @@ class _Connection(asyncio.Protocol):
 class NativeResponse:
     """A worker's answer: status and headers first, then the body, whole or streamed."""
 
+    __slots__ = (
+        "_conn",
+        "_deadline",
+        "_error",
+        "_pool",
+        "_released",
+        "_timed_out",
+        "_timer",
+        "_waiter",
+        "buffered",
+        "chunks",
+        "complete",
+        "got_bytes",
+        "has_length",
+        "headers_done",
+        "keep_alive",
+        "raw_headers",
+        "status",
+    )
+
     def __init__(self, pool: UpstreamPool, conn: _Connection, deadline: float) -> None:
         self._pool = pool
         self._conn = conn

@@ -150,6 +150,28 @@ class _Signal:
 class LeanCycle:
     """One inference request on the lean path; duck-types uvicorn's ``RequestResponseCycle``."""
 
+    __slots__ = (
+        "_disconnected",
+        "_flush_handle",
+        "_pending",
+        "body",
+        "fast",
+        "flow",
+        "headers",
+        "keep_alive",
+        "message_event",
+        "more_body",
+        "on_response",
+        "protocol",
+        "query",
+        "response_complete",
+        "response_started",
+        "route",
+        "task",
+        "transport",
+        "waiting_for_100_continue",
+    )
+
     def __init__(
         self,
         protocol: Any,

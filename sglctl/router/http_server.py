@@ -329,7 +329,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._header_count += 1
         if self._header_count > self.limits.max_headers:
             raise _TooManyHeaders
-        super().on_header(name, value)
+        # uvicorn's on_header, inlined (called for every header of every request).
+        name = name.lower()
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._in_head = False

@@ -24,7 +24,12 @@ from sglctl.router.admission import AdmissionRejected, parse_priority
 from sglctl.router.errors import RouterError
 from sglctl.router.pd import forward_pd
 from sglctl.router.proxy import Finish
-from sglctl.router.request import parse_inference_async, read_body
+from sglctl.router.request import (
+    OFF_LOOP_BYTES,
+    parse_inference,
+    parse_inference_async,
+    read_body,
+)
 from sglctl.router.responses import Answer, Reply
 from sglctl.router.router import Router
 
@@ -109,9 +114,12 @@ async def admit_and_forward(
     Raises :class:`RouterError` (4xx/5xx answers) and :class:`AdmissionRejected` (429);
     the caller turns them into answers and calls ``finish`` for them.
     """
-    parsed = await parse_inference_async(
-        route, body, need_key=router.needs_text, need_payload=router.config.is_pd
-    )
+    if len(body) <= OFF_LOOP_BYTES:  # nearly always: parsed here, without a coroutine
+        parsed = parse_inference(route, body, need_key=router.needs_text)
+    else:
+        parsed = await parse_inference_async(
+            route, body, need_key=router.needs_text, need_payload=router.config.is_pd
+        )
     try:
         priority = parse_priority(parsed.payload.get("priority"))
     except ValueError as exc:

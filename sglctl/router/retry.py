@@ -235,8 +235,12 @@ class RetryBudget:
     def record_request(self) -> None:
         """A client request arrived (deposits ``ratio`` of a retry)."""
         now = self._clock()
-        self._requests.append(now)
-        self._expire(now)
+        requests = self._requests
+        requests.append(now)
+        # Only this queue grows here (retries are expired in try_retry); inline, per request.
+        horizon = now - self.ttl_secs
+        while requests[0] < horizon:
+            requests.popleft()
 
     def try_retry(self) -> bool:
         """Take one retry from the budget; False when it is spent."""

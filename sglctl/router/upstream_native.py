@@ -47,7 +47,7 @@ _LOW_WATER = 1 << 16
 class _Origin:
     """A worker origin: where to connect and what to send as ``Host``."""
 
-    __slots__ = ("host", "host_header", "idle", "port")
+    __slots__ = ("host", "host_header", "idle", "lines", "port")
 
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
@@ -59,6 +59,7 @@ class _Origin:
         self.port = parts.port or 80
         self.host_header = parts.netloc.encode("latin-1")
         self.idle: deque[_Connection] = deque()
+        self.lines: dict[tuple[bytes, bytes], bytes] = {}
 
 
 class _Connection(asyncio.Protocol):
@@ -437,7 +438,16 @@ class UpstreamPool:
             origin = self._origin(base_url)
         except ValueError as exc:  # a port that is not a number
             raise UpstreamError(f"invalid worker URL {base_url!r}: {exc}") from None
-        head = [b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (method, path, origin.host_header)]
+        line = origin.lines.get((method, path))
+        if line is None:  # the request line and host of this origin's few paths, made once
+            if len(origin.lines) > 256:  # paths carry query strings: bounded
+                origin.lines.clear()
+            line = origin.lines[method, path] = b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (
+                method,
+                path,
+                origin.host_header,
+            )
+        head = [line]
         for name, value in headers:
             head.append(b"%s: %s\r\n" % (name, value))
         head.append(b"content-length: %d\r\n\r\n" % len(body))

@@ -36,9 +36,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from time import monotonic  # byte stamps for the stall detector (stall.py)
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import orjson
@@ -278,7 +278,7 @@ class Forwarder:
         return None
 
     # -- the loop --------------------------------------------------------------------------
-    async def forward(
+    def forward(
         self,
         path: str,
         body: bytes,
@@ -286,15 +286,19 @@ class Forwarder:
         key: RouteKey = NO_KEY,
         finish: Finish | None = None,
         method: str = "POST",
-    ) -> Reply:
+    ) -> Coroutine[Any, Any, Reply]:
         """Send ``body`` to ``path`` on a chosen worker; the answer, or raise :class:`RouterError`.
 
         ``headers`` are the (lower-case name, value) pairs to pass on, besides Host and
         Content-Length. ``finish(status, ok)`` runs once when the request is completely over:
         at return for a whole body, at the last byte (or cancellation) for a stream.
+
+        Await it like a coroutine function: it returns :meth:`run`'s coroutine rather than
+        wrapping it in one of its own, since every resumption of a request's task passes
+        through each coroutine of its chain.
         """
         plan = _Single(self, method.encode("latin-1"), path.encode("latin-1"), body, headers, key)
-        return await self.run(plan, finish)
+        return self.run(plan, finish)
 
     async def run(self, plan: Plan, finish: Finish | None = None) -> Reply:
         """Attempt ``plan`` until an answer, within the retry limits, budget and deadline."""

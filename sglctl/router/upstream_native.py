@@ -466,7 +466,10 @@ class UpstreamPool:
                     conn.transport.write(payload)
                 except RuntimeError as exc:  # uvloop: the transport closed under us
                     raise UpstreamError(f"connection to the worker closed: {exc}") from None
-                await response.wait_headers()
+                while not response.headers_done:  # wait_headers(), one coroutine shallower
+                    if response._error is not None:
+                        raise response._error
+                    await response._wait()
                 return response
             except UpstreamTimeout:
                 response.release()

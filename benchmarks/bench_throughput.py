@@ -76,7 +76,9 @@ SHARED_SGLANG_VENV = Path("/work/sglang-router-venv")
 LOCAL_SGLANG_VENV = REPO / "bench-out" / "sglang-router-venv"
 CHUNKS = 32
 DISTINCT_PROMPTS = 1024
-ROUTERS = ("sglctl", "SGLang Router")
+ROUTERS = ("sglctl", "SGLang Router", "floor")
+#: ``--floor``: the least any Python proxy costs here (benchmarks/floor_proxy.py).
+FLOOR = HERE / "floor_proxy.py"
 MODES = ("whole", "stream")
 
 
@@ -112,7 +114,7 @@ FULL = Settings(
 class Point:
     """One wrk run against one target."""
 
-    target: str  # "sglctl", "SGLang Router" or "direct"
+    target: str  # "sglctl", "SGLang Router", "floor" or "direct"
     mode: str  # "whole" or "stream"
     concurrency: int
     round: int
@@ -250,32 +252,7 @@ def start_router(
     port = find_free_port()
     metrics_port = str(find_free_port())
     pin = placement.prefix(placement.router_cpus)
-    if target == "sglctl":
-        args = [
-            *pin,
-            sys.executable,
-            "-m",
-            "sglctl.router",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--worker-urls",
-            *upstream_urls,
-            "--metrics-port",
-            metrics_port,
-            "--log-level",
-            "warning",
-        ]
-        proc = spawn(
-            "sglctl",
-            args,
-            url=f"http://127.0.0.1:{port}",
-            log_dir=log_dir,
-            health_path="/liveness",
-            ready_timeout=60.0,
-        )
-    else:
+    if target == "SGLang Router":
         assert sglang_python is not None
         proc = spawn_sglang_router(
             "sglang-router",
@@ -285,6 +262,22 @@ def start_router(
             metrics_port=metrics_port,
             port=port,
             prefix=pin,
+        )
+    else:
+        if target == "floor":
+            args = [*pin, sys.executable, str(FLOOR), "--port", str(port)]
+            args += ["--worker-urls", *upstream_urls]
+        else:
+            args = [*pin, sys.executable, "-m", "sglctl.router", "--host", "127.0.0.1"]
+            args += ["--port", str(port), "--worker-urls", *upstream_urls]
+            args += ["--metrics-port", metrics_port, "--log-level", "warning"]
+        proc = spawn(
+            "floor-proxy" if target == "floor" else "sglctl",
+            args,
+            url=f"http://127.0.0.1:{port}",
+            log_dir=log_dir,
+            health_path="/liveness",
+            ready_timeout=60.0,
         )
     try:
         wait_ready(proc, len(upstream_urls))
@@ -413,8 +406,13 @@ def run(
     wrk: str,
     sglang_python: Path | None,
     log_dir: Path,
+    floor: bool = False,
 ) -> list[Point]:
-    targets = [t for t in ROUTERS if t == "sglctl" or sglang_python is not None]
+    targets = [
+        t
+        for t in ROUTERS
+        if t == "sglctl" or (t == "floor" and floor) or (t == "SGLang Router" and sglang_python)
+    ]
     points = plan(settings, targets)
     upstreams = start_upstreams(settings.upstreams, placement, log_dir)
     urls = [u.url for u in upstreams]
@@ -524,7 +522,7 @@ def rows(points: Sequence[Point]) -> list[Row]:
     for p in points:
         key = (p.target, p.mode, p.concurrency)
         out.setdefault(key, Row(p.target, p.mode, p.concurrency, [])).points.append(p)
-    order = {"direct": 0, "sglctl": 1, "SGLang Router": 2}
+    order = {"direct": 0, "sglctl": 1, "SGLang Router": 2, "floor": 3}
     return sorted(out.values(), key=lambda r: (MODES.index(r.mode), r.concurrency, order[r.target]))
 
 
@@ -713,6 +711,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--no-install", action="store_true", help="Never create that venv.")
     parser.add_argument("--no-sglang", action="store_true", help="Measure sglctl only.")
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="Also measure benchmarks/floor_proxy.py: a minimal Python proxy, the floor.",
+    )
     parser.add_argument("--out-dir", type=Path, default=REPO / "bench-out" / "bench_throughput")
     parser.add_argument(
         "--report-from", type=Path, help="Print the tables of an earlier run's JSON (no run)."
@@ -746,7 +749,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     console.print(f"placement: {placement.describe()}; load average {os.getloadavg()[0]:.1f}")
     started = time.monotonic()
-    points = run(settings, placement, wrk, sglang_python, log_dir)
+    points = run(settings, placement, wrk, sglang_python, log_dir, floor=args.floor)
     report(points, settings, placement, args.out_dir)
     console.print(f"total time {time.monotonic() - started:.0f} s")
     return 0 if all(p.requests > 0 for p in points) else 1

@@ -104,7 +104,9 @@ class Setup:
 
 
 @contextlib.asynccontextmanager
-async def setup(*flags: str, limits: HttpLimits | None = None) -> AsyncIterator[Setup]:
+async def setup(
+    *flags: str, limits: HttpLimits | None = None, keep_alive: float = 5.0
+) -> AsyncIterator[Setup]:
     worker = Worker()
     port = find_free_port()
     server = uvicorn.Server(
@@ -118,7 +120,7 @@ async def setup(*flags: str, limits: HttpLimits | None = None) -> AsyncIterator[
         router = Router(make_config([url], *flags))
         await router.start()
         try:
-            async with lean_server(router, limits) as base:
+            async with lean_server(router, limits, keep_alive) as base:
                 yield Setup(router, base, worker, url)
         finally:
             await router.stop()
@@ -281,3 +283,42 @@ async def test_expect_100_continue_gets_its_interim_answer() -> None:
         writer.close()
         assert got.done[0][0] == 200
         assert orjson.loads(got.done[0][1]) == {"echo": "after continue"}
+
+
+async def _answer(reader: asyncio.StreamReader, got: _Responses, count: int) -> None:
+    while len(got.done) < count:
+        data = await asyncio.wait_for(reader.read(65536), 30)
+        assert data, f"connection closed after {len(got.done)} responses"
+        got.parser.feed_data(data)
+
+
+async def test_keep_alive_closes_an_idle_connection_but_not_a_busy_one() -> None:
+    """The keep-alive clock (http_server.py) runs from the end of the last answer only.
+
+    Requests that keep a connection busy for several timeouts (one slow answer longer than
+    the timeout, then a series of quick ones) never see it closed; once idle, it is closed
+    after about one timeout.
+    """
+    timeout = 0.5
+    loop = asyncio.get_running_loop()
+    async with setup(keep_alive=timeout) as s:
+        reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
+        got = _Responses()
+        writer.write(post("/generate", orjson.dumps({"text": "slow", "delay": 3 * timeout})))
+        await _answer(reader, got, 1)
+        # Busy again before the timeout since the answer: the connection stays open.
+        for i in range(6):
+            await asyncio.sleep(timeout / 3)  # paces the requests; nothing waits on it
+            writer.write(post("/generate", orjson.dumps({"text": f"quick {i}"})))
+            await _answer(reader, got, 2 + i)
+        assert [orjson.loads(b)["echo"] for _, b in got.done] == [
+            "slow",
+            *(f"quick {i}" for i in range(6)),
+        ]
+        idle_from = loop.time()
+        data = await asyncio.wait_for(reader.read(65536), 30)
+        closed_after = loop.time() - idle_from
+        writer.close()
+        assert data == b"", "the router sent something on an idle connection"
+        assert closed_after >= timeout * 0.8, closed_after
+        assert closed_after < timeout + 10, closed_after

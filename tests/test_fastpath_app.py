@@ -34,7 +34,9 @@ del test_admin_body_over_the_cap_is_413_before_it_is_buffered  # noqa: F821
 
 
 @contextlib.asynccontextmanager
-async def lean_server(router: Router, limits: HttpLimits | None = None) -> AsyncIterator[str]:
+async def lean_server(
+    router: Router, limits: HttpLimits | None = None, keep_alive: float = 5.0
+) -> AsyncIterator[str]:
     """``router``'s app on a free 127.0.0.1 port with the lean path on; its base URL."""
     port = find_free_port()
     server = uvicorn.Server(
@@ -44,6 +46,7 @@ async def lean_server(router: Router, limits: HttpLimits | None = None) -> Async
             port=port,
             lifespan="off",
             log_level="warning",
+            timeout_keep_alive=keep_alive,  # type: ignore[arg-type]
             http=protocol_class(limits or HttpLimits(), FastPath(router)),  # type: ignore[arg-type]
         )
     )

@@ -119,6 +119,26 @@ def test_attempts_fall_back_to_the_only_worker() -> None:
     assert attempts.candidates(["a"], key=str) == []
 
 
+def test_per_worker_counts_are_exact_whether_kept_or_not_yet() -> None:
+    """The counts are only kept from the second attempt on; limits must not notice."""
+    attempts = RetryPolicy(max_worker_retries=1).new_attempts()
+    workers = ["a", "b"]
+    assert attempts.candidates(workers, key=str) is workers  # first attempt: as given
+    assert attempts.per_worker == {}
+    attempts.record("a")
+    assert attempts.per_worker == {"a": 1}
+    assert attempts.worker_allowed("a") and attempts.worker_allowed("b")
+    attempts.record("b")
+    attempts.record("a")  # 1 attempt + 1 retry on "a": used up
+    assert attempts.per_worker == {"a": 2, "b": 1}
+    assert not attempts.worker_allowed("a")
+    assert attempts.candidates(workers, key=str) == ["b"]
+    zero = RetryPolicy(max_worker_retries=0).new_attempts()
+    zero.record("a")
+    assert not zero.worker_allowed("a")
+    assert zero.candidates(workers, key=str) == ["b"]
+
+
 def test_attempts_respect_total_limit() -> None:
     attempts = RetryPolicy(max_total_retries=2).new_attempts()
     attempts.record("a")

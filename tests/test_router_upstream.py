@@ -279,3 +279,40 @@ async def test_https_workers_go_to_the_fallback_client() -> None:
         await pool.request("http://w:port", b"POST", b"/", [], b"", deadline())
     pool.close_all()
     assert calls == ["https://w:8443", "closed"]
+
+
+async def test_deadlines_of_many_responses_share_one_timer_and_each_is_kept() -> None:
+    """The pool's one deadline timer (upstream_native._Deadlines): every response times out
+    at its own deadline, one registered after a later one included, and answered ones are
+    forgotten (they never time out afterwards)."""
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await asyncio.sleep(30)
+
+    async def quick(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await writer.drain()
+        await asyncio.sleep(30)
+
+    pool = UpstreamPool()
+    loop = asyncio.get_running_loop()
+    async with Server(silent) as slow_url, Server(quick) as quick_url:
+        answered = await pool.request(quick_url, b"POST", b"/", [], b"", deadline(60))
+        assert await answered.read() == b"ok"  # released; the timer stays armed for 60 s
+
+        async def timed(seconds: float) -> float:
+            started = loop.time()
+            with pytest.raises(UpstreamTimeout):
+                await pool.request(slow_url, b"POST", b"/", [], b"", deadline(seconds))
+            return loop.time() - started
+
+        late = asyncio.create_task(timed(3.0))  # earlier than the armed 60 s: re-armed
+        await async_wait_until(lambda: len(pool._deadlines.waiting) == 1, what="registered")
+        early = await timed(0.5)  # an earlier deadline after it: the timer is re-armed
+        assert 0.4 <= early < 2.5, early
+        assert not late.done()
+        assert 2.5 <= await late < 10, "the later deadline fired at the wrong time"
+        assert not pool._deadlines.waiting
+    pool.close_all()

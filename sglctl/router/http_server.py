@@ -226,6 +226,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._lingered = 0
         self._lean = False  # the request being parsed is on the lean path
         self._at_boundary = True  # the last byte read ended a request (or none came yet)
+        self._idle_since: float | None = None  # when the last response ended, if no byte since
 
     # -- connection lifecycle ---------------------------------------------------------------
 
@@ -253,10 +254,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        for timer in (self._head_timer, self._body_timer, self._linger_timer):
+        timers = (self._head_timer, self._body_timer, self._linger_timer)
+        for timer in (*timers, self.timeout_keep_alive_task):
             if timer is not None:
                 timer.cancel()
         self._head_timer = self._body_timer = self._linger_timer = None
+        self.timeout_keep_alive_task = None
         super().connection_lost(exc)
 
     def eof_received(self) -> None:
@@ -326,7 +329,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._header_count += 1
         if self._header_count > self.limits.max_headers:
             raise _TooManyHeaders
-        super().on_header(name, value)
+        # uvicorn's on_header, inlined (called for every header of every request).
+        name = name.lower()
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -408,9 +415,15 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._body_timer = None
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
-        super()._start_asgi_task(cycle, app)
         if app is None:  # a lean cycle: it calls body_wait() if it ever has to wait
+            # uvicorn's task bookkeeping, one call shallower; the cycle learns its task here
+            # (it cancels it when the client goes) instead of looking it up.
+            task = self.loop.create_task(cycle.run_asgi(None))
+            task.add_done_callback(self.tasks.discard)
+            self.tasks.add(task)
+            cycle.task = task
             return
+        super()._start_asgi_task(cycle, app)
         # The application now waits for this body (a pipelined request's body is not read
         # while the one before it is answered, so its clock starts here, not at its head).
         # For a request without a body on_message_complete disarms this in the same feed.
@@ -432,6 +445,47 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             now = self.loop.time()
             self._body_started = self._body_last = now
             self._arm_body_timer(now)
+
+    # -- keep-alive -------------------------------------------------------------------------
+
+    def _unset_keepalive_if_required(self) -> None:
+        """Bytes arrived: the connection is not idle. (uvicorn cancels its timer here.)
+
+        uvicorn arms a keep-alive timer at the end of every response and cancels it at the
+        next request's first bytes: two timer operations per request. Here the timer stays
+        armed and checks, when it fires, whether the connection has been idle for the whole
+        timeout (:meth:`_keep_alive_check`): at most one timer per timeout per connection.
+        """
+        self._idle_since = None
+
+    def on_response_complete(self) -> None:
+        # uvicorn's, with the keep-alive clock of _unset_keepalive_if_required.
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+            return
+        now = self.loop.time()
+        self._idle_since = now
+        if self.timeout_keep_alive_task is None:
+            self.timeout_keep_alive_task = self.loop.call_at(
+                now + self.timeout_keep_alive, self._keep_alive_check
+            )
+
+    def _keep_alive_check(self) -> None:
+        """Close the connection if it stayed idle ``timeout_keep_alive`` since its last answer."""
+        self.timeout_keep_alive_task = None
+        idle_since = self._idle_since
+        if idle_since is None:
+            return  # a request is under way: the end of its answer arms the clock again
+        due = idle_since + self.timeout_keep_alive
+        if self.loop.time() >= due:
+            self.timeout_keep_alive_handler()
+        else:
+            self.timeout_keep_alive_task = self.loop.call_at(due, self._keep_alive_check)
 
     # -- timers -----------------------------------------------------------------------------
 

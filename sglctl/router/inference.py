@@ -24,7 +24,13 @@ from sglctl.router.admission import AdmissionRejected, parse_priority
 from sglctl.router.errors import RouterError
 from sglctl.router.pd import forward_pd
 from sglctl.router.proxy import Finish
-from sglctl.router.request import parse_inference_async, read_body
+from sglctl.router.request import (
+    OFF_LOOP_BYTES,
+    parse_inference,
+    parse_inference_async,
+    read_body,
+)
+from sglctl.router.responses import Answer, Reply
 from sglctl.router.router import Router
 
 KEYED_ROUTES = ("/generate", "/v1/chat/completions", "/v1/completions")
@@ -84,7 +90,6 @@ def forward_headers(
 def begin(router: Router, route: str) -> Finish:
     """Start one request's observation; the returned :class:`Finish` records its end."""
     started = time.perf_counter()
-    finish = Finish()
     metrics, stats = router.metrics, router.stats
     obs = metrics.begin(route, started)  # the task's current request (TTFT, retries, worker)
 
@@ -93,8 +98,7 @@ def begin(router: Router, route: str) -> Finish:
         metrics.finish(obs, status, elapsed)
         stats.record(elapsed, ok)
 
-    finish.add(record)
-    return finish
+    return Finish(record)
 
 
 async def admit_and_forward(
@@ -104,15 +108,18 @@ async def admit_and_forward(
     body: bytes,
     raw_headers: Iterable[tuple[bytes, bytes]],
     finish: Finish,
-) -> Response:
+) -> Reply:
     """Parse and check ``body``, wait for admission, forward; the worker's answer.
 
     Raises :class:`RouterError` (4xx/5xx answers) and :class:`AdmissionRejected` (429);
     the caller turns them into answers and calls ``finish`` for them.
     """
-    parsed = await parse_inference_async(
-        route, body, need_key=router.needs_text, need_payload=router.config.is_pd
-    )
+    if len(body) <= OFF_LOOP_BYTES:  # nearly always: parsed here, without a coroutine
+        parsed = parse_inference(route, body, need_key=router.needs_text)
+    else:
+        parsed = await parse_inference_async(
+            route, body, need_key=router.needs_text, need_payload=router.config.is_pd
+        )
     try:
         priority = parse_priority(parsed.payload.get("priority"))
     except ValueError as exc:
@@ -149,7 +156,7 @@ async def forward(request: Request) -> Response:
         # nobody). From the first byte on, Starlette's streaming response does the same.
         watcher = DisconnectWatcher(request)
         try:
-            return await admit_and_forward(
+            reply = await admit_and_forward(
                 router,
                 route,
                 request.scope.get("query_string", b""),
@@ -157,6 +164,7 @@ async def forward(request: Request) -> Response:
                 request.scope["headers"],
                 finish,
             )
+            return reply.to_starlette() if isinstance(reply, Answer) else reply
         except asyncio.CancelledError:
             if not watcher.absorb_cancel():
                 raise

@@ -66,7 +66,10 @@ class InFlightWatcher:
     def watch(self, url: str) -> Watch:
         """Register the current task's attempt at ``url``; pair with :meth:`unwatch`."""
         watch = Watch(url, asyncio.current_task())
-        self._watches.setdefault(url, set()).add(watch)
+        watches = self._watches.get(url)
+        if watches is None:  # not setdefault(url, set()): that builds a set on every call
+            watches = self._watches[url] = set()
+        watches.add(watch)
         return watch
 
     def unwatch(self, watch: Watch) -> None:

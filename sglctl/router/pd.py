@@ -53,6 +53,7 @@ from starlette.responses import Response
 from sglctl.router.metrics import note_attempt
 from sglctl.router.proxy import AttemptFailed, Finish, Forwarder, Head
 from sglctl.router.request import ParsedRequest
+from sglctl.router.responses import Reply
 from sglctl.router.retry import RetryAttempts
 from sglctl.router.upstream import UpstreamError
 from sglctl.router.workers import Worker
@@ -233,7 +234,7 @@ class PDPlan:
         )
 
     # -- one attempt -----------------------------------------------------------------------
-    async def attempt(self, workers: Sequence[Worker], deadline: float, finish: Finish) -> Response:
+    async def attempt(self, workers: Sequence[Worker], deadline: float, finish: Finish) -> Reply:
         prefill, decode = workers
         try:
             return await self._attempt(prefill, decode, deadline, finish)
@@ -262,7 +263,7 @@ class PDPlan:
 
     async def _attempt(
         self, prefill: Worker, decode: Worker, deadline: float, finish: Finish
-    ) -> Response:
+    ) -> Reply:
         fw = self.fw
         port = await bootstrap_port(fw, prefill, deadline)
         host = urlsplit(prefill.url).hostname or "127.0.0.1"
@@ -464,7 +465,7 @@ async def forward_pd(
     parsed: ParsedRequest,
     headers: list[tuple[bytes, bytes]],
     finish: Finish,
-) -> Response:
+) -> Reply:
     """A PD request through the router's one forwarding loop (the module docstring)."""
     forwarder = router.forwarder
     assert forwarder is not None, "router not started"

@@ -34,7 +34,7 @@ import logging
 import random
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -123,7 +123,6 @@ class RetryPolicy:
         return RetryAttempts(self)
 
 
-@dataclass
 class RetryAttempts:
     """The attempts made for one request: decides whether and where another one may go.
 
@@ -137,12 +136,27 @@ class RetryAttempts:
             if not attempts.can_retry():
                 return 502
             await asyncio.sleep(attempts.next_backoff())
+
+    Made for every request, but nearly every request has one attempt: the per-worker counts
+    are only kept from the second attempt on (the first one's worker is ``last_url``), and
+    the first attempt's candidates are the workers as given, unfiltered and uncopied.
     """
 
-    policy: RetryPolicy
-    per_worker: Counter[str] = field(default_factory=Counter)
-    total: int = 0
-    last_url: str | None = None
+    __slots__ = ("_per_worker", "last_url", "policy", "total")
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self.policy = policy
+        self.total = 0
+        self.last_url: str | None = None
+        self._per_worker: dict[str, int] | None = None
+
+    @property
+    def per_worker(self) -> Counter[str]:
+        """Attempts per worker URL so far."""
+        counts: Counter[str] = Counter(self._per_worker or {})
+        if self.total and self._per_worker is None and self.last_url is not None:
+            counts[self.last_url] = 1
+        return counts
 
     @property
     def retries(self) -> int:
@@ -151,7 +165,11 @@ class RetryAttempts:
 
     def record(self, url: str) -> None:
         """An attempt is about to be sent to ``url``."""
-        self.per_worker[url] += 1
+        if self.total:
+            counts = self._per_worker
+            if counts is None:
+                counts = self._per_worker = {self.last_url: 1} if self.last_url else {}
+            counts[url] = counts.get(url, 0) + 1
         self.total += 1
         self.last_url = url
 
@@ -161,15 +179,22 @@ class RetryAttempts:
 
     def worker_allowed(self, url: str) -> bool:
         """Whether ``url`` may receive another attempt of this request."""
-        return self.per_worker[url] <= self.policy.max_worker_retries
+        if not self.total:
+            return True
+        counts = self._per_worker
+        used = (1 if url == self.last_url else 0) if counts is None else counts.get(url, 0)
+        return used <= self.policy.max_worker_retries
 
-    def candidates(self, workers: Iterable[T], key: Callable[[T], str]) -> list[T]:
+    def candidates(self, workers: Sequence[T], key: Callable[[T], str]) -> Sequence[T]:
         """Filter ``workers`` for the next attempt.
 
         Drops workers that used up their per-worker retries, and the worker that just failed
         unless it is the only one left (then retrying it after a backoff is better than
-        giving up: it may have been a blip).
+        giving up: it may have been a blip). Before the first attempt that is all of them:
+        ``workers`` itself comes back (callers do not modify it).
         """
+        if not self.total:
+            return workers
         allowed = [w for w in workers if self.worker_allowed(key(w))]
         others = [w for w in allowed if key(w) != self.last_url]
         return others or allowed
@@ -210,8 +235,12 @@ class RetryBudget:
     def record_request(self) -> None:
         """A client request arrived (deposits ``ratio`` of a retry)."""
         now = self._clock()
-        self._requests.append(now)
-        self._expire(now)
+        requests = self._requests
+        requests.append(now)
+        # Only this queue grows here (retries are expired in try_retry); inline, per request.
+        horizon = now - self.ttl_secs
+        while requests[0] < horizon:
+            requests.popleft()
 
     def try_retry(self) -> bool:
         """Take one retry from the budget; False when it is spent."""

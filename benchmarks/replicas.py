@@ -18,8 +18,11 @@ at 10-20% of the hits. This script measures it on sglctl:
    replica, as long-lived client connections or ``sessionAffinity`` give. Worker caches are
    flushed before each setup, so every setup starts cold.
 3. Prints one row per setup -- hit ratio (the workers' ``cached_tokens`` over prompt tokens),
-   TTFT p50/p99, max/mean requests per worker, errors -- and the ratio of each R-replica hit
-   ratio to the 1-router one.
+   TTFT p50/p99, max/mean requests and tokens per worker, errors -- and each R-replica row's
+   hit ratio and TTFT p99 against one router of the same kind and placement, and (sglctl rows)
+   against one default ``--placement tree`` router, the figure a user switching compares with.
+   ``--placement hash`` routers poll the workers' ``/get_load`` for their bound (pass
+   ``--router-flag=--load-poll-interval-secs=0`` for each replica's own counts only).
 
 The routers take their workers from static ``--worker-urls`` (discovery gives them the same
 list; what is measured is routing, not membership). Everything runs on 127.0.0.1 and every

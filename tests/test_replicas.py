@@ -140,7 +140,7 @@ def test_a_worker_the_other_replicas_fill_is_skipped_by_a_replica_that_sent_it_n
     place the conversation on the other worker. (Without the shared load: every conversation
     stays on its owner and the wait below times out.)
     """
-    sims = [procs.sim_worker() for _ in range(2)]  # speedup 1: 3,000 tokens take ~20 s
+    sims = [procs.sim_worker() for _ in range(2)]  # speedup 1: 8,000 tokens take ~50 s
     urls = [s.url for s in sims]
     full, free = urls
     hasher = PrefixHasher()
@@ -164,11 +164,11 @@ def test_a_worker_the_other_replicas_fill_is_skipped_by_a_replica_that_sent_it_n
         assert on == full
 
         busy = ThreadPoolExecutor(max_workers=4)
-        slow = {"text": SYSTEM, "sampling_params": {"max_new_tokens": 3000}}
+        slow = {"text": SYSTEM, "sampling_params": {"max_new_tokens": 8000}}
 
         def hold() -> None:
             with contextlib.suppress(httpx.HTTPError):
-                httpx.post(full + "/generate", json=slow, timeout=60, trust_env=False)
+                httpx.post(full + "/generate", json=slow, timeout=120, trust_env=False)
 
         try:
             for _ in range(4):

@@ -39,11 +39,11 @@ its prefill (``benchmarks/RESULTS.md``, "Router replicas": 47% of the hits lost)
   what the *other* replicas sent (a replica seeing a third of the traffic would otherwise let a
   worker the others fill take more). A stale or missing report falls back to the own count.
   Shared loads make a tight bound cheaper (3 replicas, epsilon 0.25: 86% of one router's hits
-  kept, against 71% on own counts) but not free (1.0: 94%, 0.5: 91%): a first turn skipped to
-  its second choice is looked for on its owner by the replica that gets its next turn, once
-  the owner is under the bound again. Agreement at one instant cannot fix a skip that
-  depends on the instant, so the default stays 1.0 (``benchmarks/RESULTS.md``, "Router
-  replicas", "Third round").
+  kept; own counts gave 71% in an earlier run) but not free (1.0: 94%, 0.5: 91%): a first
+  turn skipped to its second choice is looked for on its owner by the replica that gets its
+  next turn, once the owner is under the bound again. Agreement at one instant cannot fix a
+  skip that depends on the instant, so the default stays 1.0 (``benchmarks/RESULTS.md``,
+  "Router replicas", "Third round").
   The cache-aware imbalance check still runs first.
 
 The tree still refines it: a request that matches a worker's tree above ``--cache-threshold``

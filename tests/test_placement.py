@@ -179,3 +179,18 @@ def test_hash_placement_polls_the_workers_and_skips_one_other_replicas_fill() ->
     assert other.select(pool, RouteKey(text=text)) is owner
     # The imbalance check keeps reading the own counts unless --worker-load-correction is on.
     assert policy.load_of()(owner) == 0
+
+
+def test_a_worker_holding_one_request_is_never_skipped() -> None:
+    """At low load a single (perhaps already finished, stale-reported) request must not move
+    a conversation off its owner: replicas reading reports a poll apart would disagree."""
+    pool = workers(4)
+    key = pl.placement_key(PrefixHasher().text(conversation(41)))
+    assert key is not None
+    owner = pl.ranked(key, pool)[0]
+    owner.in_flight = 1  # ceil(2 * 2 / 4) = 1 would skip it
+    assert pl.capacity(pool, 1.0) == pl.MIN_CAPACITY
+    assert pl.choose(key, pool, epsilon=1.0) is owner
+    assert pl.choose(key, pool, epsilon=0.0) is owner
+    owner.in_flight = 2  # two while the others hold none: over the floor, skipped at epsilon 0
+    assert pl.choose(key, pool, epsilon=0.0) is not owner

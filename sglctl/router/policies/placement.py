@@ -65,6 +65,14 @@ PLACEMENTS = ("tree", "hash")
 DEFAULT_KEY_BLOCKS = 64
 #: Headroom over the mean in-flight count before a worker is skipped (bounded loads).
 DEFAULT_EPSILON = 1.0
+#: A worker under this many requests is never skipped. Without a floor, at low load one
+#: request more than the mean is "over": ``ceil(2 x 2 / 4) = 1`` lets no worker of four
+#: hold one request while another arrives, and the workers' /get_load reports, up to a poll
+#: interval old, still show a request that has finished -- so a replica reading such a
+#: report skipped a conversation's owner that another replica, a moment earlier, had not
+#: (caught by ``tests/test_replicas.py`` under load). Below two requests a worker is not a
+#: pile to spread.
+MIN_CAPACITY = 2
 _MASK64 = (1 << 64) - 1
 #: A worker's load in requests, as the bound reads it.
 LoadFn = Callable[[Worker], int]
@@ -118,7 +126,7 @@ def capacity(workers: Sequence[Worker], epsilon: float, load: LoadFn = own_load)
 
 
 def _capacity(loads: Sequence[int], epsilon: float) -> int:
-    return max(1, math.ceil((1.0 + epsilon) * (sum(loads) + 1) / len(loads)))
+    return max(MIN_CAPACITY, math.ceil((1.0 + epsilon) * (sum(loads) + 1) / len(loads)))
 
 
 def choose(

@@ -18,8 +18,11 @@ at 10-20% of the hits. This script measures it on sglctl:
    replica, as long-lived client connections or ``sessionAffinity`` give. Worker caches are
    flushed before each setup, so every setup starts cold.
 3. Prints one row per setup -- hit ratio (the workers' ``cached_tokens`` over prompt tokens),
-   TTFT p50/p99, max/mean requests per worker, errors -- and the ratio of each R-replica hit
-   ratio to the 1-router one.
+   TTFT p50/p99, max/mean requests and tokens per worker, errors -- and each R-replica row's
+   hit ratio and TTFT p99 against one router of the same kind and placement, and (sglctl rows)
+   against one default ``--placement tree`` router, the figure a user switching compares with.
+   ``--placement hash`` routers poll the workers' ``/get_load`` for their bound (pass
+   ``--router-flag=--load-poll-interval-secs=0`` for each replica's own counts only).
 
 The routers take their workers from static ``--worker-urls`` (discovery gives them the same
 list; what is measured is routing, not membership). Everything runs on 127.0.0.1 and every
@@ -664,8 +667,8 @@ def run_point(
         for w in workers:
             w.stop()
     header = ["router", "routers", "ok/sent", "err", "hit ratio", "of ideal", "hits kept",
-              "TTFT p50", "TTFT p99", "p99 vs 1", "max/mean req", "per replica",
-              "verdict"]  # fmt: skip
+              "TTFT p50", "TTFT p99", "p99 vs 1", "hits vs tree", "p99 vs tree",
+              "max/mean req", "max/mean tok", "per replica", "verdict"]  # fmt: skip
     table = Table(title=f"{trace}, KV {settings.kv_cache_tokens}: 1 router vs replicas")
     for name in header:
         table.add_column(name, justify="left" if name in ("router", "routers") else "right")
@@ -675,6 +678,14 @@ def run_point(
         one = done.get(setup.single)
         kept = p99 = float("nan")
         verdict = "-"
+        # Against one default (--placement tree) sglctl router too: what a user compares with.
+        one_tree = Setup("sglctl", 1, "request", "tree")
+        tree = done.get(one_tree)
+        kept_tree = p99_tree = float("nan")
+        if tree is not None and setup.kind == "sglctl" and setup != one_tree:
+            t = tree[0].summary
+            kept_tree = s.hit_ratio / t.hit_ratio if t.hit_ratio else float("nan")
+            p99_tree = s.ttft_p99 / t.ttft_p99 if t.ttft_p99 else float("nan")
         if one is not None and setup.replicas > 1:
             base = one[0].summary
             kept = s.hit_ratio / base.hit_ratio if base.hit_ratio else float("nan")
@@ -694,7 +705,10 @@ def run_point(
             fmt_ms(s.ttft_p50),
             fmt_ms(s.ttft_p99),
             "-" if p99 != p99 else f"{p99:.2f}x",
+            "-" if kept_tree != kept_tree else f"{kept_tree:.0%}",
+            "-" if p99_tree != p99_tree else f"{p99_tree:.2f}x",
             f"{s.request_imbalance:.2f}",
+            f"{s.token_imbalance:.2f}",
             "/".join(str(n) for n in transport.sent),
             verdict,
         ]

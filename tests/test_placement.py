@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from sglctl.router.flags import parse_args
+from sglctl.router.load_poll import WorkerLoad
 from sglctl.router.policies import CacheAwarePolicy, RouteKey, make_policy
 from sglctl.router.policies import placement as pl
 from sglctl.router.tree import PrefixHasher
@@ -132,3 +135,62 @@ def test_flags_build_a_hash_placing_policy_and_bad_values_are_refused() -> None:
 
 
 # Two real router processes agreeing, and one restarted: tests/test_replicas.py.
+
+
+def test_the_bound_reads_the_load_it_is_given_and_agrees_across_replicas() -> None:
+    """Two replicas with different own counts but the same worker reports skip the same owner."""
+    pool_a, pool_b = workers(4), workers(4)
+    key = pl.placement_key(PrefixHasher().text(conversation(11)))
+    assert key is not None
+    owner, second = (w.url for w in pl.ranked(key, pool_a)[:2])
+    # Each worker reports 4 requests, the owner 12 (mostly the *other* replicas' traffic).
+    reported = {w.url: (12 if w.url == owner else 4) for w in pool_a}
+
+    def shared(w: Worker) -> int:
+        return max(w.in_flight, reported[w.url])
+
+    # Replica a alone sees nothing in flight: by its own counts the owner is free...
+    assert pl.choose(key, pool_a, epsilon=0.5).url == owner
+    # ...but the shared loads put it over ceil(1.5 * 25 / 4) = 10: skipped, on both replicas,
+    # whatever each one has in flight itself.
+    assert pl.capacity(pool_a, 0.5, shared) == 10
+    pool_b[1].in_flight = 3
+    assert pl.choose(key, pool_a, epsilon=0.5, load=shared).url == second
+    assert pl.choose(key, pool_b, epsilon=0.5, load=shared).url == second
+
+
+def test_hash_placement_polls_the_workers_and_skips_one_other_replicas_fill() -> None:
+    pool = workers(4)
+    policy = hashed(placement_epsilon=0.5)
+    assert policy.uses_worker_loads, "--placement hash must turn the /get_load poller on"
+    assert make_policy("cache_aware", parse_args([])).uses_worker_loads is False
+    text = conversation(21)
+    key = pl.placement_key(policy.prefixes(RouteKey(text=text)))
+    assert key is not None
+    owner, second = pl.ranked(key, pool)[:2]
+    now = time.monotonic()
+    fresh = {w.url: WorkerLoad(12 if w is owner else 4, 0, 0, now) for w in pool}
+    policy.worker_loads = fresh
+    assert policy.select(pool, RouteKey(text=text)) is second
+    # The same reports, stale (the poller is late or the worker stopped answering): the
+    # replica's own counts (all 0) decide, and the owner is chosen again.
+    other = hashed(placement_epsilon=0.5)
+    other.worker_loads = {u: WorkerLoad(r.num_reqs, 0, 0, now - 60.0) for u, r in fresh.items()}
+    assert other.select(pool, RouteKey(text=text)) is owner
+    # The imbalance check keeps reading the own counts unless --worker-load-correction is on.
+    assert policy.load_of()(owner) == 0
+
+
+def test_a_worker_holding_one_request_is_never_skipped() -> None:
+    """At low load a single (perhaps already finished, stale-reported) request must not move
+    a conversation off its owner: replicas reading reports a poll apart would disagree."""
+    pool = workers(4)
+    key = pl.placement_key(PrefixHasher().text(conversation(41)))
+    assert key is not None
+    owner = pl.ranked(key, pool)[0]
+    owner.in_flight = 1  # ceil(2 * 2 / 4) = 1 would skip it
+    assert pl.capacity(pool, 1.0) == pl.MIN_CAPACITY
+    assert pl.choose(key, pool, epsilon=1.0) is owner
+    assert pl.choose(key, pool, epsilon=0.0) is owner
+    owner.in_flight = 2  # two while the others hold none: over the floor, skipped at epsilon 0
+    assert pl.choose(key, pool, epsilon=0.0) is not owner

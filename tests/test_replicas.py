@@ -12,12 +12,17 @@ looks at a router's tree or its code: a replica that agrees only by chance of it
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
 from sglctl.bench.workers import REQUESTS, parse_counters
 from sglctl.net import find_free_port
+from sglctl.router.policies import placement as pl
+from sglctl.router.tree import PrefixHasher
+from sglctl.router.workers import Worker
 from sglctl.spawn import ManagedProcess
 from tests.support import wait_until
 
@@ -38,10 +43,10 @@ def turn(conv: int, turns: int) -> str:
     return SYSTEM + own
 
 
-def router(procs, urls: Sequence[str], port: int | None = None) -> ManagedProcess:
+def router(procs, urls: Sequence[str], *extra: str, port: int | None = None) -> ManagedProcess:
     """A replica, returned once it routes to every worker (replicas agree over the same list)."""
     proc = procs.router(
-        urls, "--placement", PLACEMENT, "--metrics-port", str(find_free_port()), port=port
+        urls, "--placement", PLACEMENT, "--metrics-port", str(find_free_port()), *extra, port=port
     )
 
     def ready() -> bool:
@@ -122,3 +127,67 @@ def test_two_replicas_choose_the_same_worker_and_one_restarted_agrees_at_once(pr
             on_a, cached = send(client, a.url, urls, turn(conv, 1))
             assert on_a == on_b, f"conversation {conv}: restarted b {on_b}, a {on_a}"
             assert cached >= 0.8, f"conversation {conv}: {cached:.0%} cached on a's choice"
+
+
+def test_a_worker_the_other_replicas_fill_is_skipped_by_a_replica_that_sent_it_nothing(
+    procs,
+) -> None:
+    """The bounded-load check reads the worker's own /get_load, not only this replica's counts.
+
+    Slow requests sent straight to one worker stand for the other replicas' traffic. A fresh
+    replica has nothing in flight anywhere, so by its own counts the owner of a new
+    conversation is always free; with the workers' loads it must see that owner is full and
+    place the conversation on the other worker. (Without the shared load: every conversation
+    stays on its owner and the wait below times out.)
+    """
+    sims = [procs.sim_worker() for _ in range(2)]  # speedup 1: 8,000 tokens take ~50 s
+    urls = [s.url for s in sims]
+    full, free = urls
+    hasher = PrefixHasher()
+    pool = [Worker(u) for u in urls]
+
+    def owned_by(url: str, start: int) -> list[int]:
+        """Conversations whose rendezvous owner is ``url`` (what every replica computes)."""
+        found = []
+        for conv in range(start, start + 400):
+            key = pl.placement_key(hasher.text(turn(conv, 1)))
+            if key is not None and pl.ranked(key, pool)[0].url == url:
+                found.append(conv)
+        return found
+
+    # epsilon 0: a worker over the mean is skipped, so one slow request already tips it.
+    replica = router(procs, urls, "--placement-epsilon", "0", "--load-poll-interval-secs", "0.1")
+    convs = iter(owned_by(full, 1000))
+    with httpx.Client(timeout=30, trust_env=False) as client:
+        # Unloaded, a conversation goes to its owner (the control: the hash decides).
+        on, _ = send(client, replica.url, urls, turn(next(convs), 1))
+        assert on == full
+
+        busy = ThreadPoolExecutor(max_workers=4)
+        slow = {"text": SYSTEM, "sampling_params": {"max_new_tokens": 8000}}
+
+        def hold() -> None:
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.post(full + "/generate", json=slow, timeout=120, trust_env=False)
+
+        try:
+            for _ in range(4):
+                busy.submit(hold)
+
+            def loaded() -> bool:
+                load = client.get(full + "/get_load").json()
+                return sum(r["num_reqs"] for r in load) >= 4
+
+            wait_until(loaded, timeout=20, what="the other replicas' requests on the owner")
+
+            def placed_elsewhere() -> bool:
+                on, _ = send(client, replica.url, urls, turn(next(convs), 1))
+                return on == free
+
+            wait_until(
+                placed_elsewhere,
+                timeout=15,
+                what="the replica to skip the owner the others fill (from /get_load)",
+            )
+        finally:
+            busy.shutdown(wait=False, cancel_futures=True)

@@ -276,8 +276,8 @@ def build_parser(prog: str = "sglctl router") -> argparse.ArgumentParser:
         "--placement-epsilon",
         type=nnf,
         default=d.placement_epsilon,
-        help="--placement hash: skip a worker whose in-flight count would exceed "
-        "(1 + this) x the mean",
+        help="--placement hash: skip a worker whose load (this router's in-flight count, "
+        "raised to the worker's own /get_load num_reqs) would exceed (1 + this) x the mean",
     )
     g.add_argument(
         "--placement-key-blocks",
@@ -291,8 +291,8 @@ def build_parser(prog: str = "sglctl router") -> argparse.ArgumentParser:
         type=nnf,
         default=d.load_poll_interval_secs,
         help="sglctl only: seconds between polls of each worker's /get_load, the workers' own "
-        "load that least_ttft (and cache_aware with --worker-load-correction) adds to the "
-        "router's counts (0: never poll)",
+        "load that least_ttft (and cache_aware with --worker-load-correction or --placement "
+        "hash) adds to the router's counts (0: never poll)",
     )
     g.add_argument(
         "--cached-tokens-correction",

@@ -35,9 +35,9 @@ Two corrections from the workers, both off by default (sglctl only, issue 14):
   router, the worker's own num_reqs from /get_load)`` (:func:`~sglctl.router.load_poll.
   effective_load`) for the imbalance check and the least-loaded choices, so requests from
   other routers or clients count: with N router replicas each sees only 1/N of the traffic.
-  (``--placement hash``'s bounded-load check reads ``in_flight`` itself, in
-  :mod:`~sglctl.router.policies.placement`; it sees the workers' own load only once that
-  module takes a load function.)
+  (``--placement hash`` turns the poller on by itself: its bounded-load check always reads
+  the same effective load, so that every replica skips the same owners; see
+  :mod:`~sglctl.router.policies.placement`.)
 
 Why ``placement="load"`` exists (issue 14, ``benchmarks/RESULTS.md`` "Where the E2E gap came
 from"): the smallest-tree rule balances the *characters* each worker was sent, not the work it
@@ -169,8 +169,10 @@ class CacheAwarePolicy(Policy):
         self.tree = PrefixTree(block)
         #: ``--cached-tokens-correction``: trims the tree to what the workers report.
         self.corrector = TreeCorrector(self.tree) if trim_from_reports else None
-        #: ``--worker-load-correction``: the router's poller fills :attr:`worker_loads`.
-        self.uses_worker_loads = load_from_workers
+        #: ``--worker-load-correction`` (or ``--placement hash``, whose bound reads the same
+        #: loads on every replica): the router's poller fills :attr:`worker_loads`.
+        self.load_from_workers = load_from_workers
+        self.uses_worker_loads = load_from_workers or placement == "hash"
         self.worker_loads: Mapping[str, WorkerLoad] = {}
         self._next: _Ticket | None = None
         #: Requests routed to a worker because of a prefix match, and the others; exported
@@ -187,9 +189,14 @@ class CacheAwarePolicy(Policy):
 
     def load_of(self) -> Callable[[Worker], int]:
         """A worker's load in requests: in flight, or corrected by the workers' own reports."""
-        if not self.uses_worker_loads:
-            return _load
+        return self.shared_load() if self.load_from_workers else _load
+
+    def shared_load(self) -> Callable[[Worker], int]:
+        """In flight, raised to the worker's fresh ``/get_load`` count (the same on every
+        replica); just in flight when nothing is polled."""
         loads, now = self.worker_loads, time.monotonic()
+        if not loads:
+            return _load
         return lambda w: effective_load(w.in_flight, loads.get(w.url), now)
 
     def is_imbalanced(
@@ -264,7 +271,9 @@ class CacheAwarePolicy(Policy):
         if self.placement == "hash":
             hash_key = placement.placement_key(prefixes, self.placement_key_blocks)
             if hash_key is not None:
-                return placement.choose(hash_key, by_load, self.placement_epsilon)
+                return placement.choose(
+                    hash_key, by_load, self.placement_epsilon, self.shared_load()
+                )
         elif self.placement == "load":
             # The least loaded, and among those the smallest tree: when the fleet is idle
             # (all loads 0) the tree size still spreads new prefixes instead of worker 0

@@ -24,16 +24,27 @@ its prefill (``benchmarks/RESULTS.md``, "Router replicas": 47% of the hits lost)
   worker joining takes only the keys it now wins, about ``1/n`` of them: the other workers'
   caches stay warm. No ring, no state, so a restarted replica agrees at once.
 - **Bounded loads** (Mirrokni, Thorup, Zadimoghaddam, "Consistent Hashing with Bounded Loads"):
-  walking the workers in score order, skip one whose in-flight count would exceed
+  walking the workers in score order, skip one whose load would exceed
   ``ceil((1 + epsilon) x mean)`` with this request counted, so a hot key cannot pile onto one
   worker. ``epsilon`` trades balance for agreement: 0 forces near-perfect balance and moves
-  many keys off their first choice, large values never skip. The loads are the replica's own
-  in-flight counts (each replica sees its share of the traffic): small integers that differ
-  between replicas, so a tight bound skips a conversation's owner on one replica and not on
-  another, and that disagreement is a lost hit. Measured (``benchmarks/replicas.py``, 3
-  replicas, per-request spread): epsilon 0.25 kept 0.134 of hits, 1.0 kept 0.176 at the same
-  max/mean request balance (1.11-1.16); hence the default 1.0 (a worker may hold up to twice
-  the mean). The cache-aware imbalance check still runs first, on the same counts.
+  many keys off their first choice, large values never skip. The skip is only as consistent
+  across replicas as the loads it reads. A replica's own in-flight counts (each replica sees
+  its share of the traffic) are small integers that differ between replicas, so a tight bound
+  skips a conversation's owner on one replica and not on another, and that disagreement is a
+  lost hit (first round, own counts: epsilon 0.25 kept 0.134 of hits, 1.0 kept 0.176). So the
+  policy passes a ``load`` function: with ``--placement hash`` the router polls every worker's
+  ``/get_load`` (:mod:`~sglctl.router.load_poll`) and the load is
+  :func:`~sglctl.router.load_poll.effective_load` -- the larger of the replica's own count and
+  the worker's ``num_reqs`` -- which every replica reads from the same worker, and which counts
+  what the *other* replicas sent (a replica seeing a third of the traffic would otherwise let a
+  worker the others fill take more). A stale or missing report falls back to the own count.
+  Shared loads make a tight bound cheaper (3 replicas, epsilon 0.25: 86% of one router's hits
+  kept; own counts gave 71% in an earlier run) but not free (1.0: 94%, 0.5: 91%): a first
+  turn skipped to its second choice is looked for on its owner by the replica that gets its
+  next turn, once the owner is under the bound again. Agreement at one instant cannot fix a
+  skip that depends on the instant, so the default stays 1.0 (``benchmarks/RESULTS.md``,
+  "Router replicas", "Third round").
+  The cache-aware imbalance check still runs first.
 
 The tree still refines it: a request that matches a worker's tree above ``--cache-threshold``
 follows the tree, whatever the hash says.
@@ -43,7 +54,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 
 from sglctl.router.tree import Prefixes
@@ -54,7 +65,22 @@ PLACEMENTS = ("tree", "hash")
 DEFAULT_KEY_BLOCKS = 64
 #: Headroom over the mean in-flight count before a worker is skipped (bounded loads).
 DEFAULT_EPSILON = 1.0
+#: A worker under this many requests is never skipped. Without a floor, at low load one
+#: request more than the mean is "over": ``ceil(2 x 2 / 4) = 1`` lets no worker of four
+#: hold one request while another arrives, and the workers' /get_load reports, up to a poll
+#: interval old, still show a request that has finished -- so a replica reading such a
+#: report skipped a conversation's owner that another replica, a moment earlier, had not
+#: (caught by ``tests/test_replicas.py`` under load). Below two requests a worker is not a
+#: pile to spread.
+MIN_CAPACITY = 2
 _MASK64 = (1 << 64) - 1
+#: A worker's load in requests, as the bound reads it.
+LoadFn = Callable[[Worker], int]
+
+
+def own_load(worker: Worker) -> int:
+    """The requests this router has in flight on ``worker`` (the fallback load)."""
+    return worker.in_flight
 
 
 @lru_cache(maxsize=4096)
@@ -94,25 +120,33 @@ def ranked(key: int, workers: Sequence[Worker]) -> list[Worker]:
     return sorted(workers, key=lambda w: (score(key, w.url), w.url), reverse=True)
 
 
-def capacity(workers: Sequence[Worker], epsilon: float) -> int:
-    """Most requests in flight a worker may hold, this one included, before it is skipped."""
-    total = sum(w.in_flight for w in workers) + 1
-    return max(1, math.ceil((1.0 + epsilon) * total / len(workers)))
+def capacity(workers: Sequence[Worker], epsilon: float, load: LoadFn = own_load) -> int:
+    """Most requests a worker may hold, this one included, before it is skipped."""
+    return _capacity([load(w) for w in workers], epsilon)
 
 
-def choose(key: int, workers: Sequence[Worker], epsilon: float = DEFAULT_EPSILON) -> Worker:
-    """The highest-weight worker for ``key`` whose load stays within the bound.
+def _capacity(loads: Sequence[int], epsilon: float) -> int:
+    return max(MIN_CAPACITY, math.ceil((1.0 + epsilon) * (sum(loads) + 1) / len(loads)))
+
+
+def choose(
+    key: int, workers: Sequence[Worker], epsilon: float = DEFAULT_EPSILON, load: LoadFn = own_load
+) -> Worker:
+    """The highest-weight worker for ``key`` whose ``load`` stays within the bound.
 
     The same worker as walking :func:`ranked` and taking the first within the bound, in one
     pass (no sort: ~4 µs instead of ~9 µs for 8 workers). Some worker is always at or below
     the mean, so one always qualifies; the least loaded is only a guard.
     """
-    cap = capacity(workers, epsilon)
+    loads = [load(w) for w in workers]
+    cap = _capacity(loads, epsilon)
     best: Worker | None = None
     best_score = (-1, "")
-    for worker in workers:
-        if worker.in_flight < cap:
+    for worker, held in zip(workers, loads, strict=True):
+        if held < cap:
             weight = (_mix(key ^ url_seed(worker.url)), worker.url)
             if weight > best_score:
                 best, best_score = worker, weight
-    return best if best is not None else min(workers, key=lambda w: w.in_flight)
+    if best is not None:
+        return best
+    return min(zip(workers, loads, strict=True), key=lambda pair: pair[1])[0]

@@ -74,18 +74,17 @@ def _url(worker: Worker) -> str:
 #: The pass-through names as bytes (the native client's raw headers are lower-case bytes).
 _PASS_RAW = frozenset(name.encode("latin-1") for name in _PASS_HEADERS)
 _WORKER_HEADER_RAW = WORKER_HEADER.encode("latin-1")
-#: Appended by :func:`_answer_headers` when the answer is an event stream (then removed).
-_EVENT_STREAM_MARK = (b"", b"")
 
 
 def _answer_headers(
     worker: Worker, response: UpstreamResponse, extra: dict[str, str] | None
-) -> list[tuple[bytes, bytes]]:
-    """The client's headers for ``response``: the worker's name, ``extra``, the passed ones.
+) -> tuple[list[tuple[bytes, bytes]], bool]:
+    """The client's headers for ``response`` (the worker's name, ``extra``, the passed ones)
+    and whether it is an event stream.
 
     One pass over the worker's raw headers (the first of each passed name wins, as a lookup
-    by name would); ends with :data:`_EVENT_STREAM_MARK` when the content type is an event
-    stream, which saves the caller a second scan.
+    by name would); the content type is read in the same pass, which saves the caller a
+    second scan.
     """
     out = [(_WORKER_HEADER_RAW, worker.url.encode("latin-1"))]
     if extra:
@@ -107,9 +106,7 @@ def _answer_headers(
                 out.append((raw_name, raw_value))
                 if raw_name == b"content-type":
                     stream = raw_value.startswith(b"text/event-stream")
-    if stream:
-        out.append(_EVENT_STREAM_MARK)
-    return out
+    return out, stream
 
 
 async def close_response(response: UpstreamResponse) -> None:
@@ -447,9 +444,8 @@ class Forwarder:
             await head.abandon(self.in_flight)
             raise _Failure(f"{worker.url}: {head.watch.reason}", blamed=[worker])
         worker.breaker.record_success()
-        out_headers = _answer_headers(worker, response, headers)
-        if out_headers[-1] is _EVENT_STREAM_MARK:  # an event stream: relay it as it comes
-            out_headers.pop()
+        out_headers, stream = _answer_headers(worker, response, headers)
+        if stream:  # an event stream: relay it as it comes
             finish.add(head.release)
             head.watch.streaming = True  # the relay owns the watch from here
             return Answer(status, out_headers, body_iterator=self._relay(head, finish, rewrite))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
@@ -40,3 +41,30 @@ def test_separate_caches_follow_a_conversation_and_spread_new_ones() -> None:
     # One cache per request at most: a third conversation goes to the emptier cache.
     three = [*reqs, req(4, "c"), req(5, "c", "c2")]
     assert grid.separate_lru_hit_ratio(three, 2, 10_000, threshold=0.4) == 300 / 900
+
+
+def test_ttft_floor_counts_only_uncached_tokens_in_chunks() -> None:
+    from sglctl.sim.timing import TimingModel
+
+    model = TimingModel()
+    reqs = [req(0, "a", tokens=10_000), req(1, "a", "b", tokens=10_000)]
+    first, second = grid.ttft_floor_ms(reqs, sim_speedup=2.0, timing=model, chunk=8192)
+    # The first prompt is all new, in two chunks (8192 + 1808), at twice the sim's speed.
+    whole = model.prefill_seconds([(0, 8192)]) + model.prefill_seconds([(8192, 1808)])
+    assert first == whole / 2 * 1000
+    # The second finds "a" cached (seen before): only "b" is prefilled, after 10k in KV.
+    again = model.prefill_seconds([(10_000, 8192)]) + model.prefill_seconds([(18_192, 1808)])
+    assert second == again / 2 * 1000
+    assert second < first * 1.5  # attention over the cached prefix costs, but no re-prefill
+
+
+def test_ttft_p99_verdict_says_when_the_floor_is_above_the_target() -> None:
+    # Only the fields the verdict reads matter: a stand-in for a run's Summary.
+    class Fake:
+        ttft_p99, ttft_p50, latency_p50, hit_ratio, request_imbalance = 1000.0, 1, 1, 0.1, 1.0
+
+    ours: Any = Fake()
+    reachable = {n: f for n, f, _ in grid.verdicts(ours, ours, 0.1, floor_p99=700.0)}
+    unreachable = {n: f for n, f, _ in grid.verdicts(ours, ours, 0.1, floor_p99=800.0)}
+    assert "unreachable" not in reachable["TTFT p99 <= 0.75x SGLang"]
+    assert unreachable["TTFT p99 <= 0.75x SGLang"] == "1.00x; unreachable: floor 0.80x"

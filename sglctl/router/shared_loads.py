@@ -152,7 +152,7 @@ class SharedLoads:
         self._names.release()
         self._shm.close()
         if unlink:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(FileNotFoundError), _untracked():
                 self._shm.unlink()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._lock_path)

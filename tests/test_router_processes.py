@@ -342,3 +342,20 @@ def test_merge_scrapes_sums_counters_and_histograms_not_shared_gauges() -> None:
     assert 'sglang_router_requests_total{route="/generate"} 7.0' in merged
     assert 'sglang_router_worker_healthy{worker="a"} 1.0' in merged
     assert "sglang_router_queued_requests 7.0" in merged
+
+
+# -- sglctl up -----------------------------------------------------------------------------
+def test_sglctl_up_runs_its_router_as_several_processes(tmp_path) -> None:
+    from test_up import up_runner
+
+    with up_runner(tmp_path) as start:
+        up = start(*TWO)
+        wait_for_processes(up.url)
+        for i in range(8):
+            generate(up.url, f"through sglctl up {i}")
+        with both(up.url) as (c0, c1):
+            for client in (c0, c1):
+                assert len(client.get("/list_workers").json()["urls"]) == 2
+                assert _requests_total(client.get("/metrics").text) == 8
+        assert up.interrupt() == 0
+        up.assert_nothing_left()

@@ -50,6 +50,8 @@ CHILD_ENV = "SGLCTL_ROUTER_CHILD"
 MAX_DEFAULT = 8
 #: Seconds between a child's exit and its restart (a crash loop costs little CPU).
 RESTART_DELAY = 0.5
+#: How a line of routes starts (siblings.py sends them apart from other messages).
+ROUTES = b'[{"t":"route"'
 #: Seconds the hub waits for siblings' metrics.
 SCRAPE_WAIT = 5.0
 
@@ -111,6 +113,9 @@ class Hub:
         index: int | None = None
         try:
             while line := await reader.readline():
+                if index is not None and line.startswith(ROUTES):
+                    self._send(line, exclude=index)  # the hot traffic: relayed as it is
+                    continue
                 batch = orjson.loads(line)
                 if index is None:
                     index = int(batch[0]["i"])

@@ -70,6 +70,8 @@ class Siblings:
         self.index = index
         self._writer: asyncio.StreamWriter | None = None
         self._pending: list[Message] = []
+        #: Routes travel in lines of their own, which the hub relays without parsing.
+        self._routes: list[Message] = []
         self._flush_scheduled = False
         self._ids = itertools.count(1)
         self._scrapes: dict[int, asyncio.Future[list[bytes]]] = {}
@@ -86,22 +88,30 @@ class Siblings:
 
     def tell_route(self, key: RouteKey, url: str) -> None:
         if key.input_ids:
-            self.tell({"t": "route", "w": url, "i": list(key.input_ids[: ROUTE_TEXT_CHARS // 4])})
+            message = {"t": "route", "w": url, "i": list(key.input_ids[: ROUTE_TEXT_CHARS // 4])}
         elif key.text:
-            self.tell({"t": "route", "w": url, "x": key.text[:ROUTE_TEXT_CHARS]})
+            message = {"t": "route", "w": url, "x": key.text[:ROUTE_TEXT_CHARS]}
+        else:
+            return
+        self._routes.append(message)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_later(BATCH_DELAY, self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        batch, self._pending = self._pending, []
+        batches = [b for b in (self._routes, self._pending) if b]
+        self._routes, self._pending = [], []
         writer = self._writer
+        count = sum(len(b) for b in batches)
         if writer is None or writer.is_closing():
-            self.dropped += len(batch)
+            self.dropped += count
             return
         if writer.transport.get_write_buffer_size() > MAX_BUFFERED:
-            self.dropped += len(batch)
-            log.warning("sibling hub is not reading; dropped %d messages", len(batch))
+            self.dropped += count
+            log.warning("sibling hub is not reading; dropped %d messages", count)
             return
-        writer.write(orjson.dumps(batch) + b"\n")
+        writer.writelines([orjson.dumps(batch) + b"\n" for batch in batches])
 
     async def scrape(self) -> list[bytes]:
         """Every sibling's own ``/metrics`` exposition (those that answered in time)."""
@@ -209,7 +219,13 @@ def publish_routes(policy: Policy, siblings: Siblings) -> None:
 
     def select(workers: Sequence[Worker], key: RouteKey = NO_KEY) -> Worker | None:
         chosen = inner(workers, key)
-        if chosen is not None and not key.empty:
+        if chosen is None or key.empty:
+            return chosen
+        # A hit on the whole prompt taught this tree nothing new, nor would it the siblings'
+        # (they learnt it when it was new): skip it. It leaves their LRU order a little
+        # older than this process's, which only matters at the --max-tree-size bound.
+        whole = len(key.input_ids) if key.input_ids else len(key.text or "")
+        if getattr(policy, "last_decision", "") != "cache_hit" or policy.last_match < whole:
             siblings.tell_route(key, chosen.url)
         return chosen
 

@@ -119,6 +119,7 @@ def test_affinity_with_two_processes_is_within_5_points_of_one(procs) -> None:
     several = router2(procs, urls)
     one = affinity(single.url)
     two = affinity(several.url)
+    print(f"affinity: {one:.1f}% with 1 process, {two:.1f}% with 2")
     assert served_by_both(several.url)
     assert two >= one - 5.0, f"affinity {two:.1f}% with 2 processes, {one:.1f}% with 1"
 

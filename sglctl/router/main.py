@@ -4,6 +4,10 @@ Parses the flags into a :class:`~sglctl.router.config.RouterConfig`, refuses fla
 honour with one clear line, and serves the app with uvicorn (uvloop, httptools, with the
 connection limits of :mod:`sglctl.router.http_server`) on ``--host/--port``, plus a second
 listener for ``/metrics`` on ``--metrics-host/--metrics-port`` in the same event loop.
+
+With ``--router-processes N`` > 1 (the default on 4+ cores) this process binds the sockets and
+supervises N children instead (:mod:`sglctl.router.processes`); each child comes back here
+with :data:`~sglctl.router.processes.CHILD_ENV` set and serves on the sockets it inherited.
 """
 
 from __future__ import annotations

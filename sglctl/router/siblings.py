@@ -36,17 +36,34 @@ import logging
 import os
 import signal
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
 
 from sglctl.router.policies.base import NO_KEY, Policy, RouteKey
-from sglctl.router.workers import Worker
-
-if TYPE_CHECKING:
-    from sglctl.router.router import Router
+from sglctl.router.workers import Worker, WorkerRegistry
 
 log = logging.getLogger(__name__)
+
+
+class _Metrics(Protocol):
+    def render(self) -> bytes: ...
+
+
+class Router(Protocol):
+    """What the siblings' messages act on: :class:`sglctl.router.router.Router` (a protocol,
+    so that this module does not import the router it is imported by)."""
+
+    @property
+    def registry(self) -> WorkerRegistry: ...
+
+    @property
+    def metrics(self) -> _Metrics: ...
+
+    def policies(self) -> list[Policy]: ...
+
+    def interrupt(self, url: str, reason: str) -> int: ...
+
 
 Message = dict[str, Any]
 #: Largest line read from the hub (a batch of routes of long prompts).

@@ -448,7 +448,7 @@ def build_parser(prog: str = "sglctl router") -> argparse.ArgumentParser:
     g.add_argument(
         "--router-processes",
         type=argtypes.positive_int,
-        default=None,
+        default=argparse.SUPPRESS,  # RouterConfig's None: chosen from the cores at start
         metavar="N",
         help="router processes serving the port, acting as one (shared loads, routes, admin, "
         "health, breakers, metrics); default: one per two usable cores, 1 to 8",

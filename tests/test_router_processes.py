@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -360,3 +362,16 @@ def test_sglctl_up_runs_its_router_as_several_processes(tmp_path) -> None:
                 assert _requests_total(client.get("/metrics").text) == 8
         assert up.interrupt() == 0
         up.assert_nothing_left()
+
+
+def test_a_child_that_cannot_start_stops_the_router_with_its_error(tmp_path) -> None:
+    args = [sys.executable, "-m", "sglctl.router", "--port", str(find_free_port())]
+    args += ["--metrics-port", str(find_free_port()), *TWO]
+    args += ["--service-discovery", "--selector", "app=x"]
+    env = {**os.environ, "KUBECONFIG": str(tmp_path / "none"), "HOME": str(tmp_path)}
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert "no usable Kubernetes credentials" in done.stderr
+    assert "before it was ready; stopping the router" in done.stderr
+    assert "BufferError" not in done.stderr

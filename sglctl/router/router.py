@@ -144,7 +144,12 @@ class Router:
             disabled_because=stall_disabled_because(config),
         )
         self.sources: list[WorkerSource] = list(extra_sources or [])
-        self.discovery = self._make_discovery(config)
+        try:
+            self.discovery = self._make_discovery(config)
+        except StartupError:
+            if self.loads is not None:  # released now, not by a garbage collector at exit
+                self.loads.close()
+            raise
         if self.discovery is not None:
             self.sources.append(self.discovery)
             self.metrics.discovery_stats = self.discovery.metrics_stats

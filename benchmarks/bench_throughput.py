@@ -247,8 +247,10 @@ def start_router(
     placement: Placement,
     log_dir: Path,
     sglang_python: Path | None,
+    router_processes: int | None = None,
 ) -> ManagedProcess:
-    """One router, default flags (cache_aware), warning-level logs, pinned as placed."""
+    """One router, default flags (cache_aware), warning-level logs, pinned as placed;
+    ``router_processes``: sglctl's ``--router-processes`` (None: its default)."""
     port = find_free_port()
     metrics_port = str(find_free_port())
     pin = placement.prefix(placement.router_cpus)
@@ -271,6 +273,8 @@ def start_router(
             args = [*pin, sys.executable, "-m", "sglctl.router", "--host", "127.0.0.1"]
             args += ["--port", str(port), "--worker-urls", *upstream_urls]
             args += ["--metrics-port", metrics_port, "--log-level", "warning"]
+            if router_processes is not None:
+                args += ["--router-processes", str(router_processes)]
         proc = spawn(
             "floor-proxy" if target == "floor" else "sglctl",
             args,
@@ -407,6 +411,7 @@ def run(
     sglang_python: Path | None,
     log_dir: Path,
     floor: bool = False,
+    router_processes: int | None = None,
 ) -> list[Point]:
     targets = [
         t
@@ -437,7 +442,9 @@ def run(
                 router: ManagedProcess | None = None
                 if first.target != "direct":
                     progress.update(task, description=f"starting {first.target}")
-                    router = start_router(first.target, urls, placement, log_dir, sglang_python)
+                    router = start_router(
+                        first.target, urls, placement, log_dir, sglang_python, router_processes
+                    )
                 url = router.url if router else urls[0]
                 try:
                     for point in group:
@@ -716,6 +723,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="Also measure benchmarks/floor_proxy.py: a minimal Python proxy, the floor.",
     )
+    parser.add_argument(
+        "--router-processes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="sglctl's --router-processes (default: the router's own default). With N > 1 "
+        "use --placement shared: pinned puts the router on one CPU.",
+    )
     parser.add_argument("--out-dir", type=Path, default=REPO / "bench-out" / "bench_throughput")
     parser.add_argument(
         "--report-from", type=Path, help="Print the tables of an earlier run's JSON (no run)."
@@ -749,7 +764,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     console.print(f"placement: {placement.describe()}; load average {os.getloadavg()[0]:.1f}")
     started = time.monotonic()
-    points = run(settings, placement, wrk, sglang_python, log_dir, floor=args.floor)
+    points = run(
+        settings,
+        placement,
+        wrk,
+        sglang_python,
+        log_dir,
+        floor=args.floor,
+        router_processes=args.router_processes,
+    )
     report(points, settings, placement, args.out_dir)
     console.print(f"total time {time.monotonic() - started:.0f} s")
     return 0 if all(p.requests > 0 for p in points) else 1

@@ -126,6 +126,7 @@ async def _admit_when_healthy(router: Router, worker: Worker) -> None:
         return  # removed (or replaced) meanwhile
     if problem is None:
         worker.health_ok = True
+        router.tell_siblings({"t": "health", "w": worker.url, "ok": True, "why": None})
         log.info("pending worker %s passed its health check; now in routing", worker.url)
         return
     log.warning(
@@ -135,6 +136,7 @@ async def _admit_when_healthy(router: Router, worker: Worker) -> None:
         problem,
     )
     router.registry.remove(worker.url)
+    router.tell_siblings({"t": "remove", "w": worker.url})
 
 
 def _register(router: Router, url: str, *, healthy: bool) -> Worker:
@@ -143,6 +145,7 @@ def _register(router: Router, url: str, *, healthy: bool) -> Worker:
     except DuplicateWorkerError:  # added by a concurrent call while we probed
         raise RouterError(409, f"worker {url} is already registered") from None
     worker.health_ok = healthy
+    router.tell_siblings({"t": "add", "w": worker.url, "ok": healthy})
     return worker
 
 
@@ -238,6 +241,7 @@ def _remove(router: Router, url_or_id: str) -> Response:
         router.registry.remove(worker.url)
     except UnknownWorkerError:
         raise RouterError(404, f"no worker {url_or_id} is registered") from None
+    router.tell_siblings({"t": "remove", "w": worker.url})
     return json_response(
         {"status": "ok", "url": worker.url, "message": f"removed worker {worker.url}"}
     )
@@ -315,6 +319,7 @@ async def flush_cache(request: Request) -> Response:
     for policy in (router.policy, router.decode_policy):
         if policy is not None:
             policy.flush()
+    router.tell_siblings({"t": "flush"})
     flushed = len(targets) - len(failed)
     if failed:
         log.warning("flush_cache failed on %d of %d workers: %s", len(failed), len(targets), failed)

@@ -56,7 +56,10 @@ class CircuitBreaker:
         enabled: bool = True,
         clock: Callable[[], float] = time.monotonic,
         name: str = "",
+        on_open: Callable[[str], None] | None = None,
     ) -> None:
+        """``on_open(reason)`` hears every opening decided here (not :meth:`force_open`):
+        the several-process router tells the sibling processes (``--router-processes``)."""
         if failure_threshold < 1:
             raise ValueError(f"failure_threshold must be >= 1, not {failure_threshold}")
         if success_threshold < 1:
@@ -70,6 +73,7 @@ class CircuitBreaker:
         self.enabled = enabled
         self.name = name
         self._clock = clock
+        self.on_open = on_open
         self._state: State = "closed"
         self._consecutive_failures = 0
         self._streak_started = 0.0
@@ -174,8 +178,15 @@ class CircuitBreaker:
         self._half_open_successes = 0
         self._probe_started = None
 
+    def force_open(self, reason: str) -> None:
+        """Open now because another router process's breaker for this worker opened: the
+        router's processes share one verdict, so one process's failures spare the others'
+        requests. Not reported to ``on_open`` (it came from there)."""
+        if self.enabled and self._state != "open":
+            self._open(self._clock(), reason, tell=False)
+
     # -- internals ------------------------------------------------------------------------
-    def _open(self, now: float, reason: str) -> None:
+    def _open(self, now: float, reason: str, tell: bool = True) -> None:
         self._state = "open"
         self._opened_at = now
         self._consecutive_failures = 0
@@ -188,6 +199,8 @@ class CircuitBreaker:
             reason,
             self.timeout_secs,
         )
+        if tell and self.on_open is not None:
+            self.on_open(reason)
 
     def _maybe_half_open(self) -> None:
         if self._state == "open" and self._clock() - self._opened_at >= self.timeout_secs:

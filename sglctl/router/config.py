@@ -64,6 +64,10 @@ class RouterConfig:
     #: sglctl only: the hot path's HTTP client, "native" (sglctl.router.upstream) or "httpx".
     upstream_client: str = "native"
 
+    # Router processes (sglctl only).
+    #: --router-processes: processes serving the port; None: one per two usable cores (1-8).
+    router_processes: int | None = None
+
     # Prefill/decode disaggregation.
     pd_disaggregation: bool = False
     prefill_servers: list[PrefillServer] = field(default_factory=list)

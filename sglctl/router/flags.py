@@ -444,6 +444,16 @@ def build_parser(prog: str = "sglctl router") -> argparse.ArgumentParser:
         help="histogram buckets of sglang_router_request_duration_seconds",
     )
 
+    g = p.add_argument_group("router processes (sglctl)")
+    g.add_argument(
+        "--router-processes",
+        type=argtypes.positive_int,
+        default=argparse.SUPPRESS,  # RouterConfig's None: chosen from the cores at start
+        metavar="N",
+        help="router processes serving the port, acting as one (shared loads, routes, admin, "
+        "health, breakers, metrics); default: one per two usable cores, 1 to 8",
+    )
+
     g = p.add_argument_group("request handling")
     g.add_argument(
         "--request-id-headers",

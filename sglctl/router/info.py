@@ -7,6 +7,7 @@ fails); ``/get_server_info`` adds which router answered and how many workers it 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -140,7 +141,7 @@ async def server_info(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    return Response(_router(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    return Response(await _router(request).render_metrics(), media_type=CONTENT_TYPE_LATEST)
 
 
 async def stats(request: Request) -> Response:
@@ -154,4 +155,13 @@ async def stats(request: Request) -> Response:
         uptime_secs=round(time.time() - router.started_at, 3),
         in_flight=sum(w.in_flight for w in registry.all()),
     )
+    if router.cluster is not None and router.loads is not None:
+        # Which of the --router-processes answered (the counts above are its own, but for
+        # in_flight, which is the whole router's), and each process's share of in_flight.
+        data["process"] = {
+            "index": router.cluster.index,
+            "processes": router.cluster.procs,
+            "pid": os.getpid(),
+            "in_flight_by_process": router.loads.by_process(),
+        }
     return json_response(data)

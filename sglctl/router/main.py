@@ -4,6 +4,10 @@ Parses the flags into a :class:`~sglctl.router.config.RouterConfig`, refuses fla
 honour with one clear line, and serves the app with uvicorn (uvloop, httptools, with the
 connection limits of :mod:`sglctl.router.http_server`) on ``--host/--port``, plus a second
 listener for ``/metrics`` on ``--metrics-host/--metrics-port`` in the same event loop.
+
+With ``--router-processes N`` > 1 (the default on 4+ cores) this process binds the sockets and
+supervises N children instead (:mod:`sglctl.router.processes`); each child comes back here
+with :data:`~sglctl.router.processes.CHILD_ENV` set and serves on the sockets it inherited.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import ipaddress
 import logging
 import socket
 import sys
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from typing import Any
 
 import uvicorn
@@ -33,18 +37,19 @@ from sglctl.router.http_server import (
     protocol_class,
     raise_fd_limit,
 )
+from sglctl.router.processes import ChildSpec, child_spec, default_processes, run_parent
 from sglctl.router.request import shutdown_parse_pool
 from sglctl.router.router import StartupError
 
 log = logging.getLogger(__name__)
 
 
-def metrics_app(render: Callable[[], bytes]) -> Starlette:
+def metrics_app(render: Callable[[], Awaitable[bytes]]) -> Starlette:
     """A tiny app that serves only ``GET /metrics`` (the ``--metrics-port`` listener)."""
     from prometheus_client import CONTENT_TYPE_LATEST
 
     async def metrics(request: Request) -> Response:
-        return Response(render(), media_type=CONTENT_TYPE_LATEST)
+        return Response(await render(), media_type=CONTENT_TYPE_LATEST)
 
     return Starlette(routes=[Route("/metrics", metrics, methods=["GET"])])
 
@@ -64,13 +69,19 @@ class ListenError(RuntimeError):
     """An address to listen on is unusable; the message is one line for the operator."""
 
 
-def listen(host: str, port: int, what: str) -> socket.socket:
-    """Bind ``host:port`` before anything starts, so a busy port is one clear error."""
+def listen(host: str, port: int, what: str, reuse_port: bool = False) -> socket.socket:
+    """Bind ``host:port`` before anything starts, so a busy port is one clear error.
+
+    ``reuse_port``: one of several sockets on the same port (``--router-processes``), among
+    which the kernel spreads new connections.
+    """
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         family, _, _, _, address = infos[0]
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
     except OSError as exc:
         raise ListenError(
@@ -80,25 +91,37 @@ def listen(host: str, port: int, what: str) -> socket.socket:
     return sock
 
 
-async def serve(config: RouterConfig) -> None:
-    """Run the router until SIGINT/SIGTERM."""
+def _has_metrics_listener(config: RouterConfig) -> bool:
+    return bool(config.metrics_port and config.metrics_port != config.port)
+
+
+def _metrics_socket(config: RouterConfig) -> socket.socket:
+    return listen(
+        config.metrics_host, config.metrics_port, "metrics (--metrics-host/--metrics-port)"
+    )
+
+
+async def serve(config: RouterConfig, child: ChildSpec | None = None) -> None:
+    """Run the router until SIGINT/SIGTERM (``child``: as one process of several, on the
+    sockets its parent bound)."""
     from sglctl.router.app import create_app
     from sglctl.router.fastpath import FastPath
     from sglctl.router.fastpath import enabled_for as fastpath_enabled
     from sglctl.router.router import Router
 
-    sockets = [listen(config.host, config.port, "requests (--host/--port)")]
     metrics_sockets: list[socket.socket] = []
-    if config.metrics_port and config.metrics_port != config.port:
-        metrics_sockets.append(
-            listen(
-                config.metrics_host, config.metrics_port, "metrics (--metrics-host/--metrics-port)"
-            )
-        )
+    if child is not None:
+        sockets = [socket.socket(fileno=child.fd)]
+        if child.metrics_fd is not None:
+            metrics_sockets.append(socket.socket(fileno=child.metrics_fd))
+    else:
+        sockets = [listen(config.host, config.port, "requests (--host/--port)")]
+        if _has_metrics_listener(config):
+            metrics_sockets.append(_metrics_socket(config))
 
     raise_fd_limit()
     log_accept_errors(asyncio.get_running_loop())
-    router = Router(config)
+    router = Router(config, cluster=child)
     app = create_app(router)
     # Inference POSTs skip ASGI and Starlette (fastpath.py), unless CORS or PD need the app.
     fast = FastPath(router) if fastpath_enabled(config) else None
@@ -127,7 +150,7 @@ async def serve(config: RouterConfig) -> None:
     if metrics_sockets:
         metrics_server = _QuietServer(
             uvicorn.Config(
-                metrics_app(router.metrics.render),
+                metrics_app(router.render_metrics),
                 host=config.metrics_host,
                 port=config.metrics_port,
                 lifespan="off",
@@ -198,15 +221,38 @@ def warn_if_exposed(config: RouterConfig) -> bool:
     return True
 
 
+def run_processes(config: RouterConfig, argv: Sequence[str], count: int) -> None:
+    """``--router-processes`` > 1: bind the sockets here, then supervise the children."""
+    try:
+        sockets = [
+            listen(config.host, config.port, "requests (--host/--port)", reuse_port=True)
+            for _ in range(count)
+        ]
+        metrics = _metrics_socket(config) if _has_metrics_listener(config) else None
+    except ListenError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    raise SystemExit(run_parent(argv, sockets, metrics, config.shutdown_grace_period_secs))
+
+
 def main(argv: Sequence[str] | None = None, prog: str = "sglctl router") -> None:
     """Parse ``argv`` (default ``sys.argv[1:]``) and run the router."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     config = parse_args(argv, prog=prog)
-    configure_logging(config.log_level, config.log_dir, name="router", json=config.log_json)
+    child = child_spec()
+    # Several processes: each child logs to its own file (router-<i>.log) beside the parent's.
+    name = "router" if child is None else f"router-{child.index}"
+    configure_logging(config.log_level, config.log_dir, name=name, json=config.log_json)
     if config.unsupported:
         _, reason = config.unsupported[0]
         print(f"error: {reason}", file=sys.stderr)
         raise SystemExit(2)
-    warn_if_exposed(config)
+    count = config.router_processes or default_processes()
+    if child is None:
+        warn_if_exposed(config)
+        if count > 1:
+            run_processes(config, argv, count)
+            return
     try:
         import uvloop
 
@@ -215,7 +261,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "sglctl router") -> None
         runner = asyncio.run
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            runner(serve(config))
+            runner(serve(config, child))
     except (ListenError, StartupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None

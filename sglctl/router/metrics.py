@@ -644,3 +644,66 @@ def _access(obs: RequestObservation, code: int, elapsed: float, ttft: float | No
         retries,
         extra=fields,
     )
+
+
+#: Gauges that count something each router process holds on its own (``--router-processes``):
+#: summed over processes. Every other gauge describes shared state (workers' health, breaker,
+#: in flight from the shared counts), already whole in any one process: taken from it.
+PER_PROCESS_GAUGES = frozenset(
+    {
+        "sglang_router_queued_requests",
+        "sglang_router_queue_capacity",
+        "sglang_router_admitted_requests",
+    }
+)
+_SUMMED_TYPES = ("counter", "histogram", "summary")
+
+
+def merge_scrapes(local: bytes, others: Sequence[bytes]) -> bytes:
+    """One exposition for the whole router from each process's own (``/metrics`` with
+    ``--router-processes N``): counters and histograms summed per label set, the gauges of
+    :data:`PER_PROCESS_GAUGES` summed, other gauges as this process reports them."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], int]] = {}
+
+    def add(family: Metric, first: bool) -> None:
+        summed = family.type in _SUMMED_TYPES or family.name in PER_PROCESS_GAUGES
+        mine = families.get(family.name)
+        if mine is None:
+            if not first and not summed:
+                return
+            families[family.name] = family
+            values[family.name] = {
+                (s.name, tuple(sorted(s.labels.items()))): i for i, s in enumerate(family.samples)
+            }
+            return
+        if not summed:
+            return
+        index = values[family.name]
+        for sample in family.samples:
+            if sample.name.endswith("_created"):
+                continue
+            key = (sample.name, tuple(sorted(sample.labels.items())))
+            at = index.get(key)
+            if at is None:
+                index[key] = len(mine.samples)
+                mine.samples.append(sample)
+            else:
+                old = mine.samples[at]
+                mine.samples[at] = old._replace(value=old.value + sample.value)
+
+    for family in text_string_to_metric_families(local.decode()):
+        add(family, True)
+    for text in others:
+        for family in text_string_to_metric_families(text.decode()):
+            add(family, False)
+
+    class _Merged(Collector):
+        def collect(self) -> Iterator[Metric]:
+            yield from families.values()
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Merged())
+    return generate_latest(registry)

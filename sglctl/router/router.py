@@ -43,6 +43,9 @@ from sglctl.router.workers import Breaker, Worker, WorkerRegistry
 
 if TYPE_CHECKING:
     from sglctl.router.discovery.k8s import DiscoveryStatus, K8sDiscoverySource
+    from sglctl.router.processes import ChildSpec
+    from sglctl.router.shared_loads import SharedLoads
+    from sglctl.router.siblings import Message, Siblings
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +71,20 @@ class Router:
         *,
         extra_sources: list[WorkerSource] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        cluster: ChildSpec | None = None,
     ) -> None:
-        """``transport`` replaces the network for worker calls (in-process tests)."""
+        """``transport`` replaces the network for worker calls (in-process tests);
+        ``cluster``: this is one of several router processes (``--router-processes``)."""
         self.config = config
         self._transport = transport
         self.started_at = time.time()
-        self.registry = WorkerRegistry(self._make_breaker)
+        self.cluster = cluster
+        self.loads: SharedLoads | None = None
+        self.siblings: Siblings | None = None
+        if cluster is None:
+            self.registry = WorkerRegistry(self._make_breaker)
+        else:
+            self.registry = self._join(cluster)
         prefill_policy = config.prefill_policy if config.is_pd else None
         self.policy: Policy = make_policy(prefill_policy or config.policy, config)
         # PD mode picks the decode worker with its own policy: --decode-policy, by default
@@ -118,7 +129,8 @@ class Router:
             failure_threshold=config.health_failure_threshold,
             success_threshold=config.health_success_threshold,
             endpoint=config.health_check_endpoint,
-            enabled=not config.disable_health_check,
+            # Several processes: the first one checks, the others hear its verdicts.
+            enabled=not config.disable_health_check and (cluster is None or cluster.index == 0),
             on_change=self._on_health_change,
             skip_sources=EXTERNALLY_CHECKED,
         )
@@ -132,7 +144,12 @@ class Router:
             disabled_because=stall_disabled_because(config),
         )
         self.sources: list[WorkerSource] = list(extra_sources or [])
-        self.discovery = self._make_discovery(config)
+        try:
+            self.discovery = self._make_discovery(config)
+        except StartupError:
+            if self.loads is not None:  # released now, not by a garbage collector at exit
+                self.loads.close()
+            raise
         if self.discovery is not None:
             self.sources.append(self.discovery)
             self.metrics.discovery_stats = self.discovery.metrics_stats
@@ -151,6 +168,40 @@ class Router:
         self.forwarded_headers = frozenset(
             h.encode("latin-1") for h in ("authorization", *id_headers)
         )
+        if self.siblings is not None:
+            from sglctl.router.siblings import publish_routes
+
+            for policy in self.policies():
+                publish_routes(policy, self.siblings)
+
+    # -- several processes (--router-processes) ---------------------------------------------
+    def _join(self, cluster: ChildSpec) -> WorkerRegistry:
+        """The shared in-flight counts and the line to the siblings (imported here: a
+        single-process router never loads them)."""
+        from sglctl.router.shared_loads import SharedLoads, worker_factory
+        from sglctl.router.siblings import Siblings
+
+        self.loads = SharedLoads.attach(cluster.loads, cluster.procs, cluster.index)
+        self.loads.clear_row()
+        self.siblings = Siblings(cluster.hub, cluster.index)
+        return WorkerRegistry(self._make_breaker, worker_factory(self.loads))
+
+    def policies(self) -> list[Policy]:
+        return [p for p in (self.policy, self.decode_policy) if p is not None]
+
+    def tell_siblings(self, message: Message) -> None:
+        """Tell the other router processes (no-op with one process)."""
+        if self.siblings is not None:
+            self.siblings.tell(message)
+
+    async def render_metrics(self) -> bytes:
+        """``/metrics``: this process's, or with several processes the whole router's."""
+        if self.siblings is None:
+            return self.metrics.render()
+        from sglctl.router.metrics import merge_scrapes
+
+        local = self.metrics.render()
+        return merge_scrapes(local, await self.siblings.scrape())
 
     # -- wiring ----------------------------------------------------------------------------
     @staticmethod
@@ -180,9 +231,17 @@ class Router:
             window_secs=c.cb_window_duration_secs or 120.0,
             enabled=not c.disable_circuit_breaker,
             name=url,
+            on_open=(
+                None
+                if self.siblings is None
+                else lambda why: self.tell_siblings({"t": "open", "w": url, "why": why})
+            ),
         )
 
     def _on_health_change(self, worker: CheckedWorker, healthy: bool) -> None:
+        if self.siblings is not None:
+            why = self.health.status(worker.url).last_error
+            self.tell_siblings({"t": "health", "w": worker.url, "ok": healthy, "why": why})
         if not healthy:
             why = self.health.status(worker.url).last_error or "failed its health checks"
             self.interrupt(worker.url, f"worker {worker.url} ejected: {why}")
@@ -246,6 +305,8 @@ class Router:
         )
         self._chain_signals()
         await self.static.run(self.registry)
+        if self.siblings is not None:
+            self._spawn(self.siblings.run(self), "siblings")
         # Other worker sources. With --state-table the supervisor's shared-memory table
         # drives membership (helper C's StateTableSource, imported lazily so a plain router
         # never loads the shared-memory code).
@@ -342,6 +403,10 @@ class Router:
             self.forwarder.upstream.close_all()
         if self.client is not None:
             await self.client.aclose()
+        if self.siblings is not None:
+            from sglctl.router.siblings import close
+
+            await close(self.siblings)
         log.info("router stopped")
 
 

@@ -200,13 +200,21 @@ class UnknownWorkerError(KeyError):
 #: ``listener(event, worker)`` with event "added" or "removed".
 Listener = Callable[[str, Worker], None]
 BreakerFactory = Callable[[str], Breaker]
+#: Builds a :class:`Worker` (``url, breaker, role=..., ...``); the several-process router's
+#: :func:`~sglctl.router.shared_loads.worker_factory` counts load in shared memory.
+WorkerFactory = Callable[..., Worker]
 
 
 class WorkerRegistry:
     """The set of workers, keyed by URL, with change listeners."""
 
-    def __init__(self, breaker_factory: BreakerFactory | None = None) -> None:
+    def __init__(
+        self,
+        breaker_factory: BreakerFactory | None = None,
+        worker_factory: WorkerFactory = Worker,
+    ) -> None:
         self._workers: dict[str, Worker] = {}
+        self._worker_factory = worker_factory
         self._listeners: list[Listener] = []
         self._breaker_factory = breaker_factory
 
@@ -230,7 +238,7 @@ class WorkerRegistry:
         if url in self._workers:
             raise DuplicateWorkerError(f"worker {url} is already registered")
         breaker = self._breaker_factory(url) if self._breaker_factory else None
-        worker = Worker(
+        worker = self._worker_factory(
             url, breaker, role=role, bootstrap_port=bootstrap_port, source=source, meta=meta
         )
         self._workers[url] = worker

@@ -47,6 +47,11 @@ ROUTER_FLAGS_SHOWN = (
     ("--host", "127.0.0.1", "address the router listens on"),
     ("--port", "30000", "the router's port; also names this run (state table sglctl_<port>)"),
     ("--metrics-port", "29000", "Prometheus /metrics port"),
+    (
+        "--router-processes",
+        "one per two usable cores, 1 to 8",
+        "router processes on the port, acting as one router",
+    ),
 )
 
 

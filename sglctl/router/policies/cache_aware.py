@@ -251,6 +251,12 @@ class CacheAwarePolicy(Policy):
             self._next = _Ticket(self, chosen.url, prefixes, blocks, tick, not key.input_ids)
         self.tree.insert(prefixes, chosen.url)
 
+    def observe(self, key: RouteKey, url: str) -> None:
+        """Record that another router process sent ``key`` to ``url`` (``--router-processes``),
+        so that this process's tree sends the same prefix there too."""
+        if not key.empty:
+            self.tree.insert(self.prefixes(key), url)
+
     def begin_attempt(self, worker: Worker) -> _Ticket | None:
         ticket, self._next = self._next, None
         if ticket is None or ticket.url != worker.url or self.corrector is None:

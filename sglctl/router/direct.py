@@ -160,6 +160,11 @@ def _noop(status: int = 0, ok: bool = False) -> None:
     pass
 
 
+#: A placeholder until start() sets the real one (one Finish fewer per request).
+_UNSET = Finish()
+_UNSET.done = True
+
+
 class WholeAttempt:
     """One attempt of a request on the callback path: the sink of the worker's answer.
 
@@ -200,7 +205,7 @@ class WholeAttempt:
         self.ctx = ctx
         self.closed = False
         # Filled by start() right after the write (nothing can call back before it returns).
-        self.finish: Finish = Finish()
+        self.finish: Finish = _UNSET
         self.attempts: RetryAttempts | None = None
         self.ticket: Ticket | None = None
         self.response: NativeResponse | None = None
@@ -233,10 +238,10 @@ class WholeAttempt:
             self._failed(_Failure(message, status=status, blamed=[worker]), status)
             return
         out_headers, _ = _answer_headers(worker, response, None)
-        response.release()  # the connection goes back to the pool
         out_headers.extend(whole_headers(status, len(content)))
         cycle.write_whole(status, out_headers, content)
         # -- the client has its answer: the rest is off the critical path -----------------
+        response.release()  # the connection goes back to the pool
         worker.last_byte = monotonic()  # stall detector: the answer arrived
         ok = status < 400
         self.release(status, True)

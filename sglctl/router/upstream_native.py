@@ -140,9 +140,10 @@ class _Connection(asyncio.Protocol):
         assert response is not None
         response.status = self.parser.get_status_code()
         response.keep_alive = self.parser.should_keep_alive()
-        response.has_length = any(
-            n in (b"content-length", b"transfer-encoding") for n, _ in response.raw_headers
-        )
+        for name, _ in response.raw_headers:  # a loop, not any(): no generator per answer
+            if name == b"content-length" or name == b"transfer-encoding":
+                response.has_length = True
+                break
         response.headers_done = True
         response._head_done()
 

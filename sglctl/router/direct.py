@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 from time import monotonic
 from typing import TYPE_CHECKING, cast
 
@@ -72,6 +73,8 @@ if TYPE_CHECKING:
     from sglctl.router.inflight import Watch
     from sglctl.router.router import Router
     from sglctl.router.workers import Worker
+
+log = logging.getLogger(__name__)
 
 _ERROR_TEXT_LIMIT = 300
 _EVENT_STREAM = b"text/event-stream"
@@ -102,37 +105,37 @@ def start(
     fw = router.forwarder
     assert fw is not None, "router not started"
     pool = cast(UpstreamPool, fw.upstream)
-    plan = _Single(fw, b"POST", target.encode("latin-1"), body, headers, key)
+    path = target.encode("latin-1")
     candidates = fw.registry.routable()
-    worker = fw.choose(candidates, key) if candidates else None
+    try:
+        worker = fw.choose(candidates, key) if candidates else None
+    except Exception as exc:  # a bug in a policy: a 500, and the admission slot given back
+        log.error("choosing a worker for POST %s failed", cycle.route, exc_info=exc)
+        finish = _begin(router, cycle.route, started, admitted)
+        _write_error(
+            cycle, finish, RouterError(500, f"internal router error: {type(exc).__name__}")
+        )
+        return
     if worker is None:
         finish = _begin(router, cycle.route, started, admitted)
+        plan = _Single(fw, b"POST", path, body, headers, key)
         _write_error(cycle, finish, RouterError(503, plan.unavailable()))
         return
     loop = cycle.protocol.loop
     deadline = loop.time() + fw.request_timeout_secs
-    attempt = WholeAttempt(cycle, fw, plan, worker, deadline, ctx)
+    attempt = WholeAttempt(cycle, fw, worker, path, body, headers, key, deadline, ctx)
     try:
-        response = pool.send_now(
-            worker.url, plan.method, plan.path, headers, body, deadline, attempt, loop
-        )
+        response = pool.send_now(worker.url, b"POST", path, headers, body, deadline, attempt, loop)
     except UpstreamError:  # an unusable URL: the task path reports it as the attempt's error
         response = None
     # -- the worker has the request: the book-keeping runs while it works ------------------
     finish = attempt.finish = _begin(router, cycle.route, started, admitted)
-    attempts = attempt.attempts = fw.retry.new_attempts()
     if fw.budget is not None:
         fw.budget.record_request()
-    attempts.record(worker.url)
     note_attempt(fw.policy, candidates, key, worker)  # [observability]
-    plan.ticket = attempt.ticket = fw.policy.begin_attempt(worker)  # [policy feedback]
+    attempt.ticket = fw.policy.begin_attempt(worker)  # [policy feedback]
     if response is None:  # no idle connection: connecting needs a task
-        cycle.spawn(
-            finish,
-            fw.run(plan, finish, attempts=attempts, deadline=deadline, workers=(worker,)),
-            ctx,
-            cleanup=attempt.unstarted,
-        )
+        attempt.resend()
         return
     attempt.response = response
     watch = attempt.watch = fw.in_flight.watch(worker.url)
@@ -173,14 +176,16 @@ class WholeAttempt:
     """
 
     __slots__ = (
-        "attempts",
+        "body",
         "closed",
         "ctx",
         "cycle",
         "deadline",
         "finish",
         "fw",
-        "plan",
+        "headers",
+        "key",
+        "path",
         "release",
         "response",
         "ticket",
@@ -192,21 +197,26 @@ class WholeAttempt:
         self,
         cycle: LeanCycle,
         fw: Forwarder,
-        plan: _Single,
         worker: Worker,
+        path: bytes,
+        body: bytes,
+        headers: list[tuple[bytes, bytes]],
+        key: RouteKey,
         deadline: float,
         ctx: contextvars.Context,
     ) -> None:
         self.cycle = cycle
         self.fw = fw
-        self.plan = plan
         self.worker = worker
+        self.path = path
+        self.body = body
+        self.headers = headers
+        self.key = key
         self.deadline = deadline
         self.ctx = ctx
         self.closed = False
         # Filled by start() right after the write (nothing can call back before it returns).
         self.finish: Finish = _UNSET
-        self.attempts: RetryAttempts | None = None
         self.ticket: Ticket | None = None
         self.response: NativeResponse | None = None
         self.watch: Watch | None = None
@@ -263,19 +273,7 @@ class WholeAttempt:
             self.closed = True
             self.cycle.direct = None
             self._drop()
-            fw = self.fw
-            self.cycle.spawn(
-                self.finish,
-                fw.run(
-                    self.plan,
-                    self.finish,
-                    attempts=self.attempts,
-                    deadline=self.deadline,
-                    workers=(worker,),
-                ),
-                self.ctx,
-                cleanup=self.unstarted,
-            )
+            self.resend()
             return
         timed_out = isinstance(error, UpstreamTimeout) and (
             self.cycle.protocol.loop.time() >= self.deadline
@@ -305,6 +303,30 @@ class WholeAttempt:
         self._drop()
         self.worker.breaker.release()  # no verdict on the worker
         self.finish(inference.CLIENT_CLOSED, False)
+
+    def task_state(self) -> tuple[_Single, RetryAttempts]:
+        """The task path's plan and attempt book-keeping for this request, this attempt
+        recorded. Made only when the request moves to a task: a request served here whole
+        never needs them."""
+        fw = self.fw
+        plan = _Single(fw, b"POST", self.path, self.body, self.headers, self.key)
+        plan.ticket = self.ticket
+        attempts = fw.retry.new_attempts()
+        attempts.record(self.worker.url)
+        return plan, attempts
+
+    def resend(self) -> None:
+        """This attempt again from a task (a new connection to the same worker: no retry)."""
+        plan, attempts = self.task_state()
+        finish = self.finish
+        self.cycle.spawn(
+            finish,
+            self.fw.run(
+                plan, finish, attempts=attempts, deadline=self.deadline, workers=(self.worker,)
+            ),
+            self.ctx,
+            cleanup=self.unstarted,
+        )
 
     def unstarted(self) -> None:
         """A continuation task that was cancelled before it ran (the client left at once):
@@ -342,8 +364,7 @@ class WholeAttempt:
         ticket = self.ticket
         if ticket is not None:  # [policy feedback] an attempt that failed before its answer
             ticket.done(False, b"")
-        attempts = self.attempts
-        assert attempts is not None
+        plan, attempts = self.task_state()
         fw, finish = self.fw, self.finish
         try:
             last_error, backoff = fw.settle((self.worker,), failure, attempts, self.deadline)
@@ -353,7 +374,7 @@ class WholeAttempt:
         cycle.spawn(
             finish,
             fw.run(
-                self.plan,
+                plan,
                 finish,
                 attempts=attempts,
                 deadline=self.deadline,
@@ -369,13 +390,14 @@ class WholeAttempt:
         self.cycle.direct = None
         response.sink = None  # from now on the response wakes a waiting task
         watch = self.watch
-        assert watch is not None and self.attempts is not None
+        assert watch is not None
         watch.reading = False
         self.worker.last_byte = monotonic()  # stall detector: the response head arrived
         head = Head(self.worker, response, self.release, watch, self.ticket)
+        plan, attempts = self.task_state()
         self.cycle.spawn(
             self.finish,
-            _deliver(self.fw, self.plan, head, self.attempts, self.deadline, self.finish),
+            _deliver(self.fw, plan, head, attempts, self.deadline, self.finish),
             self.ctx,
             cleanup=self._abandon,
         )

@@ -74,6 +74,8 @@ def _url(worker: Worker) -> str:
 #: The pass-through names as bytes (the native client's raw headers are lower-case bytes).
 _PASS_RAW = frozenset(name.encode("latin-1") for name in _PASS_HEADERS)
 _WORKER_HEADER_RAW = WORKER_HEADER.encode("latin-1")
+#: Worker URLs as header values, encoded once per URL (every answer names its worker).
+_URL_BYTES: dict[str, bytes] = {}
 
 
 def _answer_headers(
@@ -86,7 +88,12 @@ def _answer_headers(
     by name would); the content type is read in the same pass, which saves the caller a
     second scan.
     """
-    out = [(_WORKER_HEADER_RAW, worker.url.encode("latin-1"))]
+    url = _URL_BYTES.get(worker.url)
+    if url is None:
+        if len(_URL_BYTES) > 4096:  # workers come and go: bounded
+            _URL_BYTES.clear()
+        url = _URL_BYTES[worker.url] = worker.url.encode("latin-1")
+    out = [(_WORKER_HEADER_RAW, url)]
     if extra:
         out += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()]
     stream = False

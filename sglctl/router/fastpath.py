@@ -14,10 +14,12 @@ inference path (exact path, HTTP/1.1) in ``on_headers_complete`` and creates a
 attributes the protocol and uvicorn's connection code use (``body``, ``more_body``,
 ``message_event``, ``keep_alive``, ``disconnected``, ``response_started``,
 ``response_complete``, ``run_asgi``), so pipelining, keep-alive, graceful shutdown and the
-header/body limits and timeouts of :mod:`~sglctl.router.http_server` apply unchanged. Its
-coroutine reads the body, runs :func:`~sglctl.router.inference.admit_and_forward` (the same
-parse, admission, headers and forwarder as the Starlette route) and writes the answer to the
-transport itself:
+header/body limits and timeouts of :mod:`~sglctl.router.http_server` apply unchanged. A
+body that arrived with its head (nearly always) is served from the protocol's callbacks, no
+task at all (:meth:`LeanCycle.start_whole`, :mod:`~sglctl.router.direct`), as long as nothing
+has to wait; otherwise the cycle's task reads the body, runs
+:func:`~sglctl.router.inference.admit_and_forward` (the same parse, admission, headers and
+forwarder as the Starlette route) and writes the answer to the transport itself:
 
 - a whole answer: status line, headers and body in **one write**;
 - a stream: the head, then each chunk in chunked encoding; chunks that are ready in the same

@@ -33,7 +33,9 @@ A limit hit while an earlier pipelined response is still being written does not 
 the connection stops reading and closes after that response. Keep-alive, pipelining and
 streaming are uvicorn's. Inference POSTs skip ASGI and Starlette when :func:`protocol_class`
 is given a :class:`~sglctl.router.fastpath.FastPath` (that module says how); these limits
-apply to them the same way, since their cycle has the attributes used here.
+apply to them the same way, since their cycle has the attributes used here. A lean request
+starts in ``on_message_complete`` when its whole body came in the same read (then it is
+served from callbacks, :mod:`~sglctl.router.direct`), else at the end of the read.
 
 :func:`raise_fd_limit` (soft RLIMIT_NOFILE to the hard limit) and :func:`log_accept_errors`
 (asyncio's own EMFILE report, when running without uvloop) are the process-wide half.

@@ -1,7 +1,7 @@
 """The callback-driven whole answer: from the client's bytes to the worker and back, no task.
 
 Why: at one connection nothing batches, and a whole request on the task path
-(:mod:`~sglctl.router.fastpath`'s ``LeanCycle._serve``) paid for a task, its first step, a
+(:mod:`~sglctl.router.fastpath`'s ``Cycle._serve``) paid for a task, its first step, a
 chain of coroutines (``run`` → ``attempt`` → ``open`` → ``request``) resumed once when the
 worker's answer came, plus every piece of book-keeping (metrics, retry counters, the load
 slot, the in-flight watch, the policy's ticket) *before* the worker had the request or the
@@ -9,7 +9,7 @@ client its answer (``benchmarks/RESULTS.md``, "Critical path"). The floor proxy
 (``benchmarks/floor_proxy.py``) shows what a Python proxy pays with plain callbacks.
 
 How: when a lean request's whole body arrived with its head (nearly always), the protocol
-calls ``LeanCycle.start_whole`` inside ``on_message_complete``; it parses, admits (a free
+calls ``Cycle.start_whole`` inside ``on_message_complete``; it parses, admits (a free
 slot only: :meth:`~sglctl.router.admission.AdmissionController.try_acquire`), chooses the
 worker (:meth:`~sglctl.router.proxy.Forwarder.choose`) and :func:`start` writes the request
 on an idle keep-alive connection (:meth:`~sglctl.router.upstream_native.UpstreamPool.send_now`).
@@ -45,8 +45,9 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+from collections.abc import Callable, Coroutine
 from time import monotonic
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from sglctl.router import inference
 from sglctl.router.errors import RouterError
@@ -67,9 +68,6 @@ from sglctl.router.upstream import UpstreamError, UpstreamTimeout
 from sglctl.router.upstream_native import NativeResponse, UpstreamPool
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
-    from sglctl.router.fastpath import LeanCycle
     from sglctl.router.inflight import Watch
     from sglctl.router.router import Router
     from sglctl.router.workers import Worker
@@ -80,6 +78,29 @@ _ERROR_TEXT_LIMIT = 300
 _EVENT_STREAM = b"text/event-stream"
 
 
+class Cycle(Protocol):
+    """What this module needs of :class:`~sglctl.router.fastpath.LeanCycle` (which imports
+    this module, so it is named by its shape here)."""
+
+    route: str
+    protocol: Any
+    direct: WholeAttempt | None
+
+    def write_whole(
+        self, status: int, raw_headers: list[tuple[bytes, bytes]], body: bytes | memoryview
+    ) -> None: ...
+
+    def write_error(self, exc: RouterError) -> None: ...
+
+    def spawn(
+        self,
+        finish: Finish,
+        reply: Coroutine[Any, Any, Reply],
+        ctx: contextvars.Context,
+        cleanup: Callable[[], None] | None = None,
+    ) -> None: ...
+
+
 def available(router: Router) -> bool:
     """Whether ``router``'s hot path can be driven by callbacks (the native client)."""
     forwarder = router.forwarder
@@ -87,7 +108,7 @@ def available(router: Router) -> bool:
 
 
 def start(
-    cycle: LeanCycle,
+    cycle: Cycle,
     router: Router,
     target: str,
     body: bytes,
@@ -154,7 +175,7 @@ def _begin(router: Router, route: str, started: float, admitted: bool) -> Finish
     return finish
 
 
-def _write_error(cycle: LeanCycle, finish: Finish, exc: RouterError) -> None:
+def _write_error(cycle: Cycle, finish: Finish, exc: RouterError) -> None:
     cycle.write_error(exc)
     finish(exc.status, False)
 
@@ -195,7 +216,7 @@ class WholeAttempt:
 
     def __init__(
         self,
-        cycle: LeanCycle,
+        cycle: Cycle,
         fw: Forwarder,
         worker: Worker,
         path: bytes,

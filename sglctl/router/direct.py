@@ -1,7 +1,7 @@
 """The callback-driven whole answer: from the client's bytes to the worker and back, no task.
 
 Why: at one connection nothing batches, and a whole request on the task path
-(:mod:`~sglctl.router.fastpath`'s ``Cycle._serve``) paid for a task, its first step, a
+(:mod:`~sglctl.router.fastpath`'s ``LeanCycle._serve``) paid for a task, its first step, a
 chain of coroutines (``run`` → ``attempt`` → ``open`` → ``request``) resumed once when the
 worker's answer came, plus every piece of book-keeping (metrics, retry counters, the load
 slot, the in-flight watch, the policy's ticket) *before* the worker had the request or the
@@ -9,7 +9,7 @@ client its answer (``benchmarks/RESULTS.md``, "Critical path"). The floor proxy
 (``benchmarks/floor_proxy.py``) shows what a Python proxy pays with plain callbacks.
 
 How: when a lean request's whole body arrived with its head (nearly always), the protocol
-calls ``Cycle.start_whole`` inside ``on_message_complete``; it parses, admits (a free
+calls ``LeanCycle.start_whole`` inside ``on_message_complete``; it parses, admits (a free
 slot only: :meth:`~sglctl.router.admission.AdmissionController.try_acquire`), chooses the
 worker (:meth:`~sglctl.router.proxy.Forwarder.choose`) and :func:`start` writes the request
 on an idle keep-alive connection (:meth:`~sglctl.router.upstream_native.UpstreamPool.send_now`).

@@ -39,7 +39,8 @@ def anyio_backend() -> str:
 @dataclass
 class RawWorker:
     """A worker on a raw socket, told by the body what to do: ``text``, ``status``, ``delay``
-    (seconds; only on the worker named ``delay_on`` if given), ``sse``, ``drop_reused``."""
+    (seconds; only on the worker named ``delay_on`` if given), ``sse``, ``drop_reused``,
+    ``size`` (a whole body of that many bytes)."""
 
     name: str
     server: asyncio.Server | None = None
@@ -96,6 +97,9 @@ class RawWorker:
                 b"transfer-encoding: chunked\r\n\r\n" + events + b"0\r\n\r\n"
             )
         status = job.get("status", 200)
+        if job.get("size"):  # a large whole body: past the client's 1 MiB read-pause mark
+            body = b"x" * job["size"]
+            return b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
         body = orjson.dumps({"echo": job.get("text"), "worker": self.name})
         head = b"HTTP/1.1 %d X\r\ncontent-type: application/json\r\n" % status
         return head + b"content-length: %d\r\n\r\n%s" % (len(body), body)
@@ -292,3 +296,16 @@ async def test_bad_requests_are_answered_from_the_callback() -> None:
         assert r.json()["error"]["type"] == "invalid_request_error"
         assert s.workers[0].started == 1  # only the warm-up reached the worker
         assert s.counts() == {("/generate", 400): 1}
+
+
+async def test_a_whole_answer_larger_than_the_read_pause_mark_arrives_whole() -> None:
+    """The upstream client pauses reading past 1 MiB for a reader that takes pieces; the
+    callback path takes the body whole at its end, so it must never pause (it would hang)."""
+    async with setup("--request-timeout-secs", "20") as s, client_for(s) as client:
+        await warm(s, client)
+        size = 3 * 1024 * 1024
+        r = await client.post("/generate", json={"text": "big", "size": size})
+        assert r.status_code == 200
+        assert len(r.content) == size
+        assert s.served == ["callback"]
+        assert s.in_flight() == 0

@@ -152,7 +152,14 @@ class _Connection(asyncio.Protocol):
         assert response is not None
         response.chunks.append(body)
         response.buffered += len(body)
-        if response.buffered > _HIGH_WATER and not self.paused and self.transport is not None:
+        # Back-pressure for a reader that takes the body piece by piece; a callback-driven
+        # answer (a sink) is taken whole at its end, and nobody would resume the reading.
+        if (
+            response.buffered > _HIGH_WATER
+            and response.sink is None
+            and not self.paused
+            and self.transport is not None
+        ):
             self.paused = True
             self.transport.pause_reading()
         response._wake()

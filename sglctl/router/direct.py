@@ -245,7 +245,10 @@ class WholeAttempt:
 
     # -- the worker's answer (upstream_native.ResponseSink) ---------------------------------
     def upstream_head(self, response: NativeResponse) -> None:
-        if self.closed or retryable_status(response.status):
+        if self.closed:
+            return
+        self.worker.last_byte = monotonic()  # stall detector: the response head arrived
+        if retryable_status(response.status):
             return  # a retryable status is judged with its body, at the end
         for name, value in response.raw_headers:
             if name == b"content-type":
@@ -413,7 +416,6 @@ class WholeAttempt:
         watch = self.watch
         assert watch is not None
         watch.reading = False
-        self.worker.last_byte = monotonic()  # stall detector: the response head arrived
         head = Head(self.worker, response, self.release, watch, self.ticket)
         plan, attempts = self.task_state()
         self.cycle.spawn(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -155,12 +156,18 @@ class _Responses:
 async def test_inference_requests_take_the_lean_path(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[str] = []
     original = fastpath.LeanCycle._serve
+    original_whole = fastpath.LeanCycle._serve_whole
 
     async def spy(self: fastpath.LeanCycle) -> None:
         seen.append(self.route)
         await original(self)
 
+    def spy_whole(self: fastpath.LeanCycle, ctx: contextvars.Context) -> None:
+        seen.append(self.route)  # the callback path (direct.py): a whole body, no task
+        original_whole(self, ctx)
+
     monkeypatch.setattr(fastpath.LeanCycle, "_serve", spy)
+    monkeypatch.setattr(fastpath.LeanCycle, "_serve_whole", spy_whole)
     async with setup() as s, httpx.AsyncClient(base_url=s.base, trust_env=False) as client:
         r = await client.post("/generate", json={"text": "hello"})
         assert r.json() == {"echo": "hello"}

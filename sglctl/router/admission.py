@@ -161,6 +161,18 @@ class AdmissionController:
         finally:
             self.release()
 
+    def try_acquire(self) -> bool:
+        """Take a slot now if one is free and nobody waits (what :meth:`acquire` does without
+        waiting); False when the request would have to queue. Pair a True with
+        :meth:`release`. For the callback-driven path, which has no task to wait in."""
+        if not self.enabled:
+            return True
+        if self._active < self.max_concurrent and not self._heap:
+            self._active += 1
+            self._stats.admitted_total += 1
+            return True
+        return False
+
     async def acquire(self, priority: int = DEFAULT_PRIORITY) -> None:
         """Wait for a slot (see the module docstring); pair with :meth:`release`."""
         if not self.enabled:

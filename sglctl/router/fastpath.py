@@ -14,10 +14,12 @@ inference path (exact path, HTTP/1.1) in ``on_headers_complete`` and creates a
 attributes the protocol and uvicorn's connection code use (``body``, ``more_body``,
 ``message_event``, ``keep_alive``, ``disconnected``, ``response_started``,
 ``response_complete``, ``run_asgi``), so pipelining, keep-alive, graceful shutdown and the
-header/body limits and timeouts of :mod:`~sglctl.router.http_server` apply unchanged. Its
-coroutine reads the body, runs :func:`~sglctl.router.inference.admit_and_forward` (the same
-parse, admission, headers and forwarder as the Starlette route) and writes the answer to the
-transport itself:
+header/body limits and timeouts of :mod:`~sglctl.router.http_server` apply unchanged. A
+body that arrived with its head (nearly always) is served from the protocol's callbacks, no
+task at all (:meth:`LeanCycle.start_whole`, :mod:`~sglctl.router.direct`), as long as nothing
+has to wait; otherwise the cycle's task reads the body, runs
+:func:`~sglctl.router.inference.admit_and_forward` (the same parse, admission, headers and
+forwarder as the Starlette route) and writes the answer to the transport itself:
 
 - a whole answer: status line, headers and body in **one write**;
 - a stream: the head, then each chunk in chunked encoding; chunks that are ready in the same
@@ -40,15 +42,21 @@ on the Starlette route.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
+import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT, FlowControl
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
-from sglctl.router import inference
+from sglctl.router import direct, inference
 from sglctl.router.admission import AdmissionRejected
 from sglctl.router.errors import RouterError, error_body
+from sglctl.router.proxy import Finish
+from sglctl.router.request import OFF_LOOP_BYTES
+from sglctl.router.responses import Reply
 from sglctl.router.router import Router
 
 log = logging.getLogger(__name__)
@@ -72,6 +80,9 @@ class FastPath:
     """What every lean request needs from its process: the router, cached header bytes."""
 
     routes = ROUTES
+    #: Whole bodies that arrived with their head take the callback path (direct.py); False
+    #: sends every lean request down the task path (tests compare the two).
+    callback_path = True
 
     def __init__(self, router: Router) -> None:
         self.router = router
@@ -155,6 +166,7 @@ class LeanCycle:
         "_flush_handle",
         "_pending",
         "body",
+        "direct",
         "fast",
         "flow",
         "headers",
@@ -204,6 +216,8 @@ class LeanCycle:
         self.task: asyncio.Task[Any] | None = None
         self._pending: list[bytes] = []
         self._flush_handle: asyncio.Handle | None = None
+        #: The worker attempt of a callback-driven request while it waits (direct.py).
+        self.direct: direct.WholeAttempt | None = None
 
     # -- what the protocol calls -----------------------------------------------------------
     @property
@@ -214,8 +228,13 @@ class LeanCycle:
     def disconnected(self, value: bool) -> None:
         """The protocol saw the client go (or refused its body): stop this request now."""
         self._disconnected = value
+        if not value or self.response_complete:
+            return
+        attempt = self.direct
+        if attempt is not None:  # on the callback path: no task to cancel
+            attempt.abort()
         task = self.task
-        if value and task is not None and not task.done() and not self.response_complete:
+        if task is not None and not task.done():
             task.cancel()
 
     async def run_asgi(self, app: object) -> None:
@@ -238,32 +257,139 @@ class LeanCycle:
             response = await inference.admit_and_forward(
                 router, self.route, self.query, body, self.headers, finish
             )
-        except RouterError as exc:
-            finish(exc.status, False)
-            self._write_error(exc)
+        except BaseException as exc:
+            if self._answer_failure(exc, finish):
+                raise
             return
-        except AdmissionRejected as exc:
-            finish(429, False)
-            self._write_error(inference.rejected(exc))
-            return
-        except _ClientGone:
-            finish(inference.CLIENT_CLOSED, False)
-            return
-        except asyncio.CancelledError:
-            finish(inference.CLIENT_CLOSED, False)
-            if self._absorb_cancel():
-                return
-            raise
-        except Exception as exc:
-            finish(500, False)
-            log.exception("unexpected error on POST %s", self.route)
-            self._write_error(RouterError(500, f"internal router error: {type(exc).__name__}"))
-            return
-        iterator = getattr(response, "body_iterator", None)
-        if iterator is None:
-            self._write_whole(response.status_code, response.raw_headers, response.body)
+        iterator = getattr(response, "body_iterator", None)  # here, not in a helper: one
+        if iterator is None:  # coroutine fewer in every resumption of a relayed stream
+            self.write_whole(response.status_code, response.raw_headers, response.body)
         else:
             await self._stream(response.status_code, response.raw_headers, iterator)
+
+    def _answer_failure(self, exc: BaseException, finish: Finish) -> bool:
+        """Answer (and record) a request that failed before its answer; True to re-raise."""
+        if isinstance(exc, RouterError):
+            finish(exc.status, False)
+            self.write_error(exc)
+        elif isinstance(exc, AdmissionRejected):
+            finish(429, False)
+            self.write_error(inference.rejected(exc))
+        elif isinstance(exc, _ClientGone):
+            finish(inference.CLIENT_CLOSED, False)
+        elif isinstance(exc, asyncio.CancelledError):
+            finish(inference.CLIENT_CLOSED, False)
+            return not self._absorb_cancel()
+        elif isinstance(exc, Exception):
+            finish(500, False)
+            log.error("unexpected error on POST %s", self.route, exc_info=exc)
+            self.write_error(RouterError(500, f"internal router error: {type(exc).__name__}"))
+        else:
+            return True
+        return False
+
+    # -- the callback path (direct.py) ---------------------------------------------------
+    def start_whole(self) -> None:
+        """The whole body is in (the protocol's ``on_message_complete``): serve it from
+        this callback (direct.py) when that is possible, else start the task path."""
+        fast = self.fast
+        if (
+            not fast.callback_path
+            or len(self.body) > OFF_LOOP_BYTES
+            or self._disconnected
+            or not direct.available(fast.router)
+        ):
+            self.protocol._start_asgi_task(self, None)
+            return
+        ctx = contextvars.copy_context()
+        ctx.run(self._serve_whole, ctx)
+
+    def _serve_whole(self, ctx: contextvars.Context) -> None:
+        router = self.fast.router
+        started = time.perf_counter()
+        route = self.route
+        try:
+            # The whole body is here, and llhttp held it to its Content-Length: its own
+            # length is the check (no scan of the headers for the declared one).
+            body = bytes(self.body)
+            self.body = bytearray()
+            limit = router.config.max_payload_size
+            if len(body) > limit:
+                raise RouterError(413, f"request body exceeds the limit of {limit} bytes")
+            parsed, priority = inference.checked(router, route, body)
+            admission = router.admission
+            if parsed.stream or not admission.try_acquire():
+                # A stream, or a queue to wait in: the task path from here.
+                finish = inference.begin(router, route, started)
+                self.spawn(
+                    finish,
+                    inference.admitted_forward(
+                        router, route, self.query, body, parsed, priority, self.headers, finish
+                    ),
+                    ctx,
+                )
+                return
+            headers = inference.forward_headers(self.headers, router.forwarded_headers)
+            direct.start(
+                self,
+                router,
+                inference.target_of(route, self.query),
+                body,
+                headers,
+                parsed.key,
+                started,
+                admission.enabled,
+                ctx,
+            )
+        except RouterError as exc:
+            finish = inference.begin(router, route, started)
+            self._answer_failure(exc, finish)
+        except Exception as exc:  # a bug: answered (500) and logged as on the task path
+            self._answer_failure(exc, inference.begin(router, route, started))
+
+    def spawn(
+        self,
+        finish: Finish,
+        reply: Coroutine[Any, Any, Reply],
+        ctx: contextvars.Context,
+        cleanup: Callable[[], None] | None = None,
+    ) -> None:
+        """Continue this request in a task on the task path: ``reply`` gives its answer.
+
+        A task cancelled before its first step (the client left at once) never runs its
+        coroutine, hence no ``finally`` of it: ``cleanup`` then frees what the callback path
+        handed over, and the request is recorded as 499.
+        """
+        protocol = self.protocol
+        task = protocol.loop.create_task(self._continue(finish, reply), context=ctx)
+        self.task = task
+
+        def done(task: asyncio.Task[None]) -> None:
+            protocol.tasks.discard(task)
+            if task.cancelled():
+                reply.close()  # never awaited: no warning about it
+                if cleanup is not None:
+                    cleanup()
+                finish(inference.CLIENT_CLOSED, False)
+
+        task.add_done_callback(done)
+        protocol.tasks.add(task)
+
+    async def _continue(self, finish: Finish, reply: Coroutine[Any, Any, Reply]) -> None:
+        try:
+            try:
+                response = await reply
+            except BaseException as exc:
+                if self._answer_failure(exc, finish):
+                    raise
+                return
+            iterator = getattr(response, "body_iterator", None)  # here, not in a helper: one
+            if iterator is None:  # coroutine fewer in every resumption of a relayed stream
+                self.write_whole(response.status_code, response.raw_headers, response.body)
+            else:
+                await self._stream(response.status_code, response.raw_headers, iterator)
+        finally:
+            self.on_response = _noop
 
     def _absorb_cancel(self) -> bool:
         """On CancelledError: True when the cancel was ours (the client left), to swallow."""
@@ -272,8 +398,8 @@ class LeanCycle:
         uncancel = getattr(self.task, "uncancel", None)  # Python >= 3.11
         return not (uncancel is not None and uncancel() > 0)
 
-    async def _read_body(self, limit: int) -> bytes:
-        """The body under ``limit`` (413), as :func:`~sglctl.router.request.read_body`."""
+    def _check_declared(self, limit: int) -> None:
+        """400 for an unreadable Content-Length, 413 for one above ``limit``."""
         declared = None
         for name, value in self.headers:
             if name == b"content-length":
@@ -285,6 +411,10 @@ class LeanCycle:
             raise RouterError(
                 413, f"request body of {declared} bytes exceeds the limit of {limit} bytes"
             )
+
+    async def _read_body(self, limit: int) -> bytes:
+        """The body under ``limit`` (413), as :func:`~sglctl.router.request.read_body`."""
+        self._check_declared(limit)
         if self.waiting_for_100_continue and self.more_body:
             self.waiting_for_100_continue = False
             if not self.transport.is_closing():
@@ -332,7 +462,7 @@ class LeanCycle:
             self.transport.close()
         self.on_response()  # the protocol: next pipelined request or keep-alive timer
 
-    def _write_whole(
+    def write_whole(
         self, status: int, raw_headers: list[tuple[bytes, bytes]], body: bytes | memoryview
     ) -> None:
         if self._disconnected:
@@ -343,7 +473,7 @@ class LeanCycle:
         self.transport.write(b"".join(parts))
         self._complete()
 
-    def _write_error(self, exc: RouterError) -> None:
+    def write_error(self, exc: RouterError) -> None:
         body = error_body(exc.status, exc.message, exc.error_type)
         headers = [
             (b"content-length", b"%d" % len(body)),
@@ -351,7 +481,7 @@ class LeanCycle:
         ]
         for name, value in exc.headers.items():
             headers.append((name.lower().encode("latin-1"), value.encode("latin-1")))
-        self._write_whole(exc.status, headers, body)
+        self.write_whole(exc.status, headers, body)
 
     def _flush(self) -> None:
         self._flush_handle = None

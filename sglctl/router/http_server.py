@@ -33,7 +33,9 @@ A limit hit while an earlier pipelined response is still being written does not 
 the connection stops reading and closes after that response. Keep-alive, pipelining and
 streaming are uvicorn's. Inference POSTs skip ASGI and Starlette when :func:`protocol_class`
 is given a :class:`~sglctl.router.fastpath.FastPath` (that module says how); these limits
-apply to them the same way, since their cycle has the attributes used here.
+apply to them the same way, since their cycle has the attributes used here. A lean request
+starts in ``on_message_complete`` when its whole body came in the same read (then it is
+served from callbacks, :mod:`~sglctl.router.direct`), else at the end of the read.
 
 :func:`raise_fd_limit` (soft RLIMIT_NOFILE to the hard limit) and :func:`log_accept_errors`
 (asyncio's own EMFILE report, when running without uvloop) are the process-wide half.
@@ -225,6 +227,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._discarding = False  # refused: drop whatever else the client sends
         self._lingered = 0
         self._lean = False  # the request being parsed is on the lean path
+        #: A lean request whose head is in and whose body may still come in this read: it
+        #: starts in on_message_complete (callback path) or at the end of the read (a task).
+        self._lean_pending: Any = None
         self._at_boundary = True  # the last byte read ended a request (or none came yet)
         self._idle_since: float | None = None  # when the last response ended, if no byte since
 
@@ -276,6 +281,23 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             return
         self._unset_keepalive_if_required()
         self._at_boundary = False
+        try:
+            self._feed(data)
+        finally:
+            if self._lean_pending is not None:
+                # A lean request whose body did not arrive whole: its task reads the rest.
+                cycle, self._lean_pending = self._lean_pending, None
+                if not self._discarding and not cycle.disconnected:
+                    self._start_asgi_task(cycle, None)
+        if self._in_head and self._head_timer is None and not self._at_boundary:
+            # Bytes of a request head that is not complete yet (the first bytes of the next
+            # request on a keep-alive connection, or a pipelined one): its clock starts now.
+            # Armed after the feed, not before: a head that arrives whole (nearly always)
+            # then costs no timer at all.
+            self._arm_head_timer()
+
+    def _feed(self, data: bytes) -> None:
+        """Feed ``data`` to the parser within the head-size limit (module docstring)."""
         limit = self.limits.max_header_bytes
         while data:
             if self._in_head:
@@ -305,12 +327,6 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 return
             if self._discarding or self.parser is None:
                 return
-        if self._in_head and self._head_timer is None and not self._at_boundary:
-            # Bytes of a request head that is not complete yet (the first bytes of the next
-            # request on a keep-alive connection, or a pipelined one): its clock starts now.
-            # Armed after the feed, not before: a head that arrives whole (nearly always)
-            # then costs no timer at all.
-            self._arm_head_timer()
 
     # -- parser callbacks -------------------------------------------------------------------
 
@@ -372,7 +388,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         existing = self.cycle
         self.cycle = cycle  # type: ignore[assignment]
         if existing is None or existing.response_complete:
-            self._start_asgi_task(cycle, None)
+            self._lean_pending = cycle  # started when its body is in (on_message_complete)
         else:  # pipelined behind a response still going out: uvicorn's queue
             self.flow.pause_reading()
             self.pipeline.appendleft((cycle, None))  # type: ignore[arg-type]
@@ -400,8 +416,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().on_body(body)
 
     def on_message_complete(self) -> None:
+        cycle = self.cycle
         if self._lean:
-            cycle = self.cycle
             if not cycle.response_complete:
                 cycle.more_body = False
                 cycle.message_event.set()
@@ -413,6 +429,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self._body_timer is not None:
             self._body_timer.cancel()
             self._body_timer = None
+        if self._lean_pending is cycle and cycle is not None:
+            # The whole body came with its head: served from here, no task (fastpath.py).
+            self._lean_pending = None
+            cycle.start_whole()
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
         if app is None:  # a lean cycle: it calls body_wait() if it ever has to wait

@@ -26,6 +26,7 @@ from sglctl.router.pd import forward_pd
 from sglctl.router.proxy import Finish
 from sglctl.router.request import (
     OFF_LOOP_BYTES,
+    ParsedRequest,
     parse_inference,
     parse_inference_async,
     read_body,
@@ -87,9 +88,15 @@ def forward_headers(
     return _JSON_ONLY if headers is None else headers
 
 
-def begin(router: Router, route: str) -> Finish:
-    """Start one request's observation; the returned :class:`Finish` records its end."""
-    started = time.perf_counter()
+def begin(router: Router, route: str, started: float | None = None) -> Finish:
+    """Start one request's observation; the returned :class:`Finish` records its end.
+
+    ``started`` (``time.perf_counter()``) is when the request arrived, if that was earlier:
+    the callback path (:mod:`~sglctl.router.direct`) begins the observation only after the
+    worker has the request.
+    """
+    if started is None:
+        started = time.perf_counter()
     metrics, stats = router.metrics, router.stats
     obs = metrics.begin(route, started)  # the task's current request (TTFT, retries, worker)
 
@@ -99,6 +106,19 @@ def begin(router: Router, route: str) -> Finish:
         stats.record(elapsed, ok)
 
     return Finish(record)
+
+
+def checked(router: Router, route: str, body: bytes) -> tuple[ParsedRequest, int]:
+    """Parse and check a body of at most :data:`OFF_LOOP_BYTES`; it and its priority.
+
+    Raises :class:`RouterError` (400) for a body a user must fix.
+    """
+    parsed = parse_inference(route, body, need_key=router.needs_text)
+    try:
+        priority = parse_priority(parsed.payload.get("priority"))
+    except ValueError as exc:
+        raise RouterError(400, str(exc)) from None
+    return parsed, priority
 
 
 async def admit_and_forward(
@@ -115,15 +135,29 @@ async def admit_and_forward(
     the caller turns them into answers and calls ``finish`` for them.
     """
     if len(body) <= OFF_LOOP_BYTES:  # nearly always: parsed here, without a coroutine
-        parsed = parse_inference(route, body, need_key=router.needs_text)
+        parsed, priority = checked(router, route, body)
     else:
         parsed = await parse_inference_async(
             route, body, need_key=router.needs_text, need_payload=router.config.is_pd
         )
-    try:
-        priority = parse_priority(parsed.payload.get("priority"))
-    except ValueError as exc:
-        raise RouterError(400, str(exc)) from None
+        try:
+            priority = parse_priority(parsed.payload.get("priority"))
+        except ValueError as exc:
+            raise RouterError(400, str(exc)) from None
+    return await admitted_forward(router, route, query, body, parsed, priority, raw_headers, finish)
+
+
+async def admitted_forward(
+    router: Router,
+    route: str,
+    query: bytes,
+    body: bytes,
+    parsed: ParsedRequest,
+    priority: int,
+    raw_headers: Iterable[tuple[bytes, bytes]],
+    finish: Finish,
+) -> Reply:
+    """:func:`admit_and_forward` from a checked body on: admission, headers, forwarding."""
     admission = router.admission
     if admission.enabled:
         queued_at = time.perf_counter()
@@ -135,8 +169,12 @@ async def admit_and_forward(
         return await forward_pd(router, route, parsed, headers, finish)
     forwarder = router.forwarder
     assert forwarder is not None, "router not started"
-    target = f"{route}?{query.decode('latin-1')}" if query else route
-    return await forwarder.forward(target, body, headers, parsed.key, finish)
+    return await forwarder.forward(target_of(route, query), body, headers, parsed.key, finish)
+
+
+def target_of(route: str, query: bytes) -> str:
+    """The path and query the worker is sent."""
+    return f"{route}?{query.decode('latin-1')}" if query else route
 
 
 def rejected(exc: AdmissionRejected) -> RouterError:

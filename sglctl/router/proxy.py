@@ -74,6 +74,8 @@ def _url(worker: Worker) -> str:
 #: The pass-through names as bytes (the native client's raw headers are lower-case bytes).
 _PASS_RAW = frozenset(name.encode("latin-1") for name in _PASS_HEADERS)
 _WORKER_HEADER_RAW = WORKER_HEADER.encode("latin-1")
+#: Worker URLs as header values, encoded once per URL (every answer names its worker).
+_URL_BYTES: dict[str, bytes] = {}
 
 
 def _answer_headers(
@@ -86,7 +88,12 @@ def _answer_headers(
     by name would); the content type is read in the same pass, which saves the caller a
     second scan.
     """
-    out = [(_WORKER_HEADER_RAW, worker.url.encode("latin-1"))]
+    url = _URL_BYTES.get(worker.url)
+    if url is None:
+        if len(_URL_BYTES) > 4096:  # workers come and go: bounded
+            _URL_BYTES.clear()
+        url = _URL_BYTES[worker.url] = worker.url.encode("latin-1")
+    out = [(_WORKER_HEADER_RAW, url)]
     if extra:
         out += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()]
     stream = False
@@ -297,23 +304,78 @@ class Forwarder:
         plan = _Single(self, method.encode("latin-1"), path.encode("latin-1"), body, headers, key)
         return self.run(plan, finish)
 
-    async def run(self, plan: Plan, finish: Finish | None = None) -> Reply:
-        """Attempt ``plan`` until an answer, within the retry limits, budget and deadline."""
-        finish = finish or Finish()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.request_timeout_secs
+    def begin_run(self) -> tuple[RetryAttempts, float]:
+        """A request's attempt book-keeping and deadline (and its deposit in the budget)."""
+        deadline = asyncio.get_running_loop().time() + self.request_timeout_secs
         attempts = self.retry.new_attempts()
         if self.budget is not None:
             self.budget.record_request()
-        last_error: str | None = None
+        return attempts, deadline
+
+    def pick(self, plan: Plan, attempts: RetryAttempts, last_error: str | None) -> Sequence[Worker]:
+        """The next attempt's workers; raises the 503 (none routable) or 502 (none left)."""
+        workers = plan.pick(attempts)
+        if workers is None:
+            if last_error is None:
+                raise RouterError(503, plan.unavailable())
+            raise RouterError(502, f"all attempts failed; last error: {last_error}")
+        if attempts.total > 1 and self.on_retry is not None:
+            self.on_retry()  # counted when a retry is really sent, not when one is allowed
+        return workers
+
+    def settle(
+        self,
+        workers: Sequence[Worker],
+        failure: _Failure,
+        attempts: RetryAttempts,
+        deadline: float,
+    ) -> tuple[str, float]:
+        """Book a failed attempt (breakers, error counts); the error text and the backoff
+        before the next attempt. Raises the 504 (deadline) or 502 (no retry left)."""
+        for worker in workers:
+            if worker in failure.blamed:
+                worker.errors_total += 1
+                worker.breaker.record_failure()
+            else:
+                worker.breaker.release()
+        last_error = str(failure)
+        remaining = deadline - asyncio.get_running_loop().time()
+        if failure.timed_out or remaining <= 0:
+            raise RouterError(
+                504,
+                f"request timed out after {self.request_timeout_secs:g}s ({last_error})",
+            ) from None
+        if not attempts.can_retry() or (self.budget is not None and not self.budget.try_retry()):
+            raise RouterError(502, f"worker request failed; last error: {last_error}") from None
+        log.debug("retrying after failure at %s", last_error)
+        return last_error, min(attempts.next_backoff(), remaining)
+
+    async def run(
+        self,
+        plan: Plan,
+        finish: Finish | None = None,
+        *,
+        attempts: RetryAttempts | None = None,
+        deadline: float = 0.0,
+        workers: Sequence[Worker] | None = None,
+        last_error: str | None = None,
+        backoff: float = 0.0,
+    ) -> Reply:
+        """Attempt ``plan`` until an answer, within the retry limits, budget and deadline.
+
+        The keyword arguments continue a request that began elsewhere (the callback path of
+        :mod:`~sglctl.router.direct`): its ``attempts`` and ``deadline``, and either the
+        ``workers`` already picked for the next attempt or, after a failure, the
+        ``last_error`` and the ``backoff`` to wait first.
+        """
+        finish = finish or Finish()
+        if attempts is None:
+            attempts, deadline = self.begin_run()
+        if backoff > 0:
+            await asyncio.sleep(backoff)
         while True:
-            workers = plan.pick(attempts)
             if workers is None:
-                if last_error is None:
-                    raise RouterError(503, plan.unavailable())
-                raise RouterError(502, f"all attempts failed; last error: {last_error}")
-            if attempts.total > 1 and self.on_retry is not None:
-                self.on_retry()  # counted when a retry is really sent, not when one is allowed
+                workers = self.pick(plan, attempts, last_error)
             try:
                 return await plan.attempt(workers, deadline, finish)
             except _Failure as exc:
@@ -321,25 +383,9 @@ class Forwarder:
             except asyncio.CancelledError:
                 _release_probes(workers)  # the client left: no verdict on anyone
                 raise
-            for worker in workers:
-                if worker in failure.blamed:
-                    worker.errors_total += 1
-                    worker.breaker.record_failure()
-                else:
-                    worker.breaker.release()
-            last_error = str(failure)
-            remaining = deadline - loop.time()
-            if failure.timed_out or remaining <= 0:
-                raise RouterError(
-                    504,
-                    f"request timed out after {self.request_timeout_secs:g}s ({last_error})",
-                ) from None
-            if not attempts.can_retry() or (
-                self.budget is not None and not self.budget.try_retry()
-            ):
-                raise RouterError(502, f"worker request failed; last error: {last_error}") from None
-            log.debug("retrying after failure at %s", last_error)
-            await asyncio.sleep(min(attempts.next_backoff(), remaining))
+            last_error, pause = self.settle(workers, failure, attempts, deadline)
+            workers = None
+            await asyncio.sleep(pause)
 
     # -- one leg: one request to one worker ------------------------------------------------
     async def open(

@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from typing import cast
+from typing import Protocol, cast
 from urllib.parse import urlsplit
 
 import httptools
@@ -42,6 +42,27 @@ from sglctl.router.upstream import Upstream, UpstreamError, UpstreamResponse, Up
 
 _HIGH_WATER = 1 << 20
 _LOW_WATER = 1 << 16
+
+
+class ResponseSink(Protocol):
+    """Who gets a callback-driven answer's events (:meth:`UpstreamPool.send_now`).
+
+    Each is called from the worker connection's protocol callbacks, at most once for the
+    head and once for the end or a failure; the sink may :meth:`NativeResponse.release` the
+    response (or clear ``response.sink`` to hand it to a task) from any of them.
+    """
+
+    def upstream_head(self, response: NativeResponse) -> None:
+        """Status and headers are in (``response.status``, ``response.raw_headers``)."""
+        ...
+
+    def upstream_done(self, response: NativeResponse) -> None:
+        """The whole body is in ``response.chunks``."""
+        ...
+
+    def upstream_failed(self, response: NativeResponse, error: UpstreamError) -> None:
+        """The connection failed, the answer was malformed, or the deadline passed."""
+        ...
 
 
 class _Origin:
@@ -119,18 +140,26 @@ class _Connection(asyncio.Protocol):
         assert response is not None
         response.status = self.parser.get_status_code()
         response.keep_alive = self.parser.should_keep_alive()
-        response.has_length = any(
-            n in (b"content-length", b"transfer-encoding") for n, _ in response.raw_headers
-        )
+        for name, _ in response.raw_headers:  # a loop, not any(): no generator per answer
+            if name == b"content-length" or name == b"transfer-encoding":
+                response.has_length = True
+                break
         response.headers_done = True
-        response._wake()
+        response._head_done()
 
     def on_body(self, body: bytes) -> None:
         response = self.response
         assert response is not None
         response.chunks.append(body)
         response.buffered += len(body)
-        if response.buffered > _HIGH_WATER and not self.paused and self.transport is not None:
+        # Back-pressure for a reader that takes the body piece by piece; a callback-driven
+        # answer (a sink) is taken whole at its end, and nobody would resume the reading.
+        if (
+            response.buffered > _HIGH_WATER
+            and response.sink is None
+            and not self.paused
+            and self.transport is not None
+        ):
             self.paused = True
             self.transport.pause_reading()
         response._wake()
@@ -171,10 +200,17 @@ class NativeResponse:
         "headers_done",
         "keep_alive",
         "raw_headers",
+        "sink",
         "status",
     )
 
-    def __init__(self, pool: UpstreamPool, conn: _Connection, deadline: float) -> None:
+    def __init__(
+        self,
+        pool: UpstreamPool,
+        conn: _Connection,
+        deadline: float,
+        sink: ResponseSink | None = None,
+    ) -> None:
         self._pool = pool
         self._conn = conn
         self._deadline = deadline
@@ -192,6 +228,9 @@ class NativeResponse:
         self._timing = False  # registered with the pool's deadlines
         self._timed_out = False
         self._released = False
+        #: Set for a callback-driven answer (:meth:`UpstreamPool.send_now`): the protocol's
+        #: events go to it instead of waking a waiting task. Cleared to hand over to a task.
+        self.sink = sink
 
     # -- for the protocol ------------------------------------------------------------------
     def _wake(self) -> None:
@@ -199,13 +238,28 @@ class NativeResponse:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def _head_done(self) -> None:
+        sink = self.sink
+        if sink is not None:
+            sink.upstream_head(self)
+        else:
+            self._wake()
+
     def _finish(self) -> None:
         self.complete = True
-        self._wake()
+        sink = self.sink
+        if sink is not None:
+            sink.upstream_done(self)
+        else:
+            self._wake()
 
     def _fail(self, error: UpstreamError) -> None:
         if self._error is None and not self.complete:
             self._error = error
+            sink = self.sink
+            if sink is not None:
+                sink.upstream_failed(self, error)
+                return
         self._wake()
 
     async def _wait(self) -> None:
@@ -231,6 +285,9 @@ class NativeResponse:
 
     def _expire(self) -> None:
         self._timed_out = True
+        if self.sink is not None:
+            self._fail(UpstreamTimeout("worker did not answer within the request timeout"))
+            return
         waiter = self._waiter
         if waiter is not None:
             _expire(waiter)
@@ -419,21 +476,15 @@ class UpstreamPool:
             ) from None
         return conn
 
-    async def request(
+    def _prepare(
         self,
         base_url: str,
         method: bytes,
         path: bytes,
         headers: list[tuple[bytes, bytes]],
         body: bytes,
-        deadline: float,
-    ) -> UpstreamResponse:
-        """Send a request to ``base_url`` + ``path``; returns once the response head arrived.
-
-        ``deadline`` is on the event loop's clock and bounds everything, body reads included.
-        """
-        if self.fallback is not None and not base_url.startswith("http://"):
-            return await self.fallback.request(base_url, method, path, headers, body, deadline)
+    ) -> tuple[_Origin, bytes]:
+        """The origin of ``base_url`` and the request as one buffer (head and body)."""
         try:
             origin = self._origin(base_url)
         except ValueError as exc:  # a port that is not a number
@@ -452,7 +503,63 @@ class UpstreamPool:
             head.append(b"%s: %s\r\n" % (name, value))
         head.append(b"content-length: %d\r\n\r\n" % len(body))
         head.append(body)
-        payload = b"".join(head)  # one copy of the body, not two
+        return origin, b"".join(head)  # one copy of the body, not two
+
+    def send_now(
+        self,
+        base_url: str,
+        method: bytes,
+        path: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        deadline: float,
+        sink: ResponseSink,
+        loop: asyncio.AbstractEventLoop,
+    ) -> NativeResponse | None:
+        """Write the request on an idle keep-alive connection now, without a task.
+
+        The answer's events (head, end, failure, the deadline) go to ``sink``'s callbacks
+        (the callback-driven whole-answer path, :mod:`~sglctl.router.direct`). None when this
+        cannot be done synchronously: no idle connection to ``base_url`` (connecting needs a
+        task), a URL the fallback client serves, or a connection that closed under us; the
+        caller then uses :meth:`request`. Every connection used here is a reused one, so a
+        failure before any byte of answer is the caller's cue to resend on a new connection,
+        as :meth:`request` does.
+        """
+        if not base_url.startswith("http://"):
+            return None
+        origin, payload = self._prepare(base_url, method, path, headers, body)
+        conn = self._take_idle(origin)
+        if conn is None or conn.transport is None:
+            return None
+        response = NativeResponse(self, conn, deadline, sink)
+        conn.response = response
+        try:
+            conn.transport.write(payload)
+        except RuntimeError:  # uvloop: the transport closed under us
+            response.sink = None
+            response.release()
+            return None
+        response._timing = True  # the deadline is watched from now on
+        self._deadlines.add(response, loop)
+        return response
+
+    async def request(
+        self,
+        base_url: str,
+        method: bytes,
+        path: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        deadline: float,
+    ) -> UpstreamResponse:
+        """Send a request to ``base_url`` + ``path``; returns once the response head arrived.
+
+        ``deadline`` is on the event loop's clock and bounds everything, body reads included.
+        """
+        if self.fallback is not None and not base_url.startswith("http://"):
+            return await self.fallback.request(base_url, method, path, headers, body, deadline)
+        origin, payload = self._prepare(base_url, method, path, headers, body)
         for _ in range(2):
             conn = self._take_idle(origin)
             reused = conn is not None

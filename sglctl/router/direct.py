@@ -54,13 +54,13 @@ from sglctl.router.errors import RouterError
 from sglctl.router.metrics import note_attempt  # [observability]
 from sglctl.router.policies.base import RouteKey, Ticket
 from sglctl.router.proxy import (
-    _TICKET_TAIL,
+    TICKET_TAIL,
+    AttemptFailure,
     Finish,
     Forwarder,
     Head,
-    _answer_headers,
-    _Failure,
-    _Single,
+    SinglePlan,
+    answer_headers,
 )
 from sglctl.router.responses import Reply, whole_headers
 from sglctl.router.retry import RetryAttempts, retryable_status
@@ -139,7 +139,7 @@ def start(
         return
     if worker is None:
         finish = _begin(router, cycle.route, started, admitted)
-        plan = _Single(fw, b"POST", path, body, headers, key)
+        plan = SinglePlan(fw, b"POST", path, body, headers, key)
         _write_error(cycle, finish, RouterError(503, plan.unavailable()))
         return
     loop = cycle.protocol.loop
@@ -269,9 +269,9 @@ class WholeAttempt:
         if retryable_status(status):
             detail = content[:_ERROR_TEXT_LIMIT].decode(errors="replace")
             message = f"{worker.url}: HTTP {status}" + (f": {detail}" if detail else "")
-            self._failed(_Failure(message, status=status, blamed=[worker]), status)
+            self._failed(AttemptFailure(message, status=status, blamed=[worker]), status)
             return
-        out_headers, _ = _answer_headers(worker, response, None)
+        out_headers, _ = answer_headers(worker, response, None)
         out_headers.extend(whole_headers(status, len(content)))
         cycle.write_whole(status, out_headers, content)
         # -- the client has its answer: the rest is off the critical path -----------------
@@ -284,7 +284,7 @@ class WholeAttempt:
         ticket = self.ticket
         if ticket is not None:  # [policy feedback] the whole answer: first byte and end
             ticket.first_byte(False)
-            ticket.done(ok, content[-_TICKET_TAIL:])
+            ticket.done(ok, content[-TICKET_TAIL:])
         self.finish(status, ok)
 
     def upstream_failed(self, response: NativeResponse, error: UpstreamError) -> None:
@@ -302,7 +302,7 @@ class WholeAttempt:
         timed_out = isinstance(error, UpstreamTimeout) and (
             self.cycle.protocol.loop.time() >= self.deadline
         )
-        self._failed(_Failure(f"{worker.url}: {error}", timed_out, blamed=[worker]), 0)
+        self._failed(AttemptFailure(f"{worker.url}: {error}", timed_out, blamed=[worker]), 0)
 
     # -- Task's methods for the in-flight watcher ------------------------------------------
     def done(self) -> bool:
@@ -314,7 +314,7 @@ class WholeAttempt:
             return False
         watch = self.watch
         reason = watch.reason if watch is not None else "interrupted"
-        self._failed(_Failure(f"{self.worker.url}: {reason}", blamed=[self.worker]), 0)
+        self._failed(AttemptFailure(f"{self.worker.url}: {reason}", blamed=[self.worker]), 0)
         return True
 
     # -- the client ------------------------------------------------------------------------
@@ -328,12 +328,12 @@ class WholeAttempt:
         self.worker.breaker.release()  # no verdict on the worker
         self.finish(inference.CLIENT_CLOSED, False)
 
-    def task_state(self) -> tuple[_Single, RetryAttempts]:
+    def task_state(self) -> tuple[SinglePlan, RetryAttempts]:
         """The task path's plan and attempt book-keeping for this request, this attempt
         recorded. Made only when the request moves to a task: a request served here whole
         never needs them."""
         fw = self.fw
-        plan = _Single(fw, b"POST", self.path, self.body, self.headers, self.key)
+        plan = SinglePlan(fw, b"POST", self.path, self.body, self.headers, self.key)
         plan.ticket = self.ticket
         attempts = fw.retry.new_attempts()
         attempts.record(self.worker.url)
@@ -379,7 +379,7 @@ class WholeAttempt:
         self.release(status, False)
         self._unwatch()
 
-    def _failed(self, failure: _Failure, status: int) -> None:
+    def _failed(self, failure: AttemptFailure, status: int) -> None:
         """A retryable failure before any byte reached the client: blame, then retry or answer."""
         self.closed = True
         cycle = self.cycle
@@ -428,7 +428,7 @@ class WholeAttempt:
 
 async def _deliver(
     fw: Forwarder,
-    plan: _Single,
+    plan: SinglePlan,
     head: Head,
     attempts: RetryAttempts,
     deadline: float,
@@ -437,7 +437,7 @@ async def _deliver(
     """The task path from a head on (an event stream), with its retry if it was ejected."""
     try:
         return await fw.deliver(head, deadline, finish)
-    except _Failure as failure:
+    except AttemptFailure as failure:
         if head.ticket is not None:
             head.ticket.done(False, b"")
         last_error, backoff = fw.settle((head.worker,), failure, attempts, deadline)

@@ -2,7 +2,7 @@
 
 One loop (:meth:`Forwarder.run`) serves every inference request; what differs between a
 regular request and a prefill/decode (PD) one is a *plan* (:class:`Plan`): which workers one
-attempt goes to and how it is sent. A regular request's plan (:class:`_Single`, behind
+attempt goes to and how it is sent. A regular request's plan (:class:`SinglePlan`, behind
 :meth:`Forwarder.forward`) sends it to one worker; the PD plan (:mod:`~sglctl.router.pd`)
 sends it to a prefill and a decode worker at once. Both use the same pieces here: the
 breaker check (:meth:`Forwarder.choose`), the load slot and in-flight watch of each leg
@@ -21,7 +21,7 @@ One request's life here:
    checks ejecting the worker interrupt it.
 3. A connect error, a timeout, an interruption or a retryable status
    (:func:`~sglctl.router.retry.retryable_status`) *before any byte reached the client*
-   raises :class:`_Failure` naming the workers to blame: each gets a breaker failure, and the
+   raises :class:`AttemptFailure` naming the workers to blame: each gets a breaker failure, and the
    request is retried after a backoff, within the retry limits and the fleet-wide retry
    budget. Once streaming began there is no retry: a mid-stream failure ends the stream
    (with an SSE error event for event streams) and is logged.
@@ -64,7 +64,7 @@ _PASS_HEADERS = ("content-type", "x-request-id", "cache-control")
 WORKER_HEADER = "x-sglctl-worker"
 _ERROR_TEXT_LIMIT = 300
 #: Bytes of a whole answer's end handed to the policy's ticket (cached_tokens is there).
-_TICKET_TAIL = 1024
+TICKET_TAIL = 1024
 
 
 def _url(worker: Worker) -> str:
@@ -78,7 +78,7 @@ _WORKER_HEADER_RAW = WORKER_HEADER.encode("latin-1")
 _URL_BYTES: dict[str, bytes] = {}
 
 
-def _answer_headers(
+def answer_headers(
     worker: Worker, response: UpstreamResponse, extra: dict[str, str] | None
 ) -> tuple[list[tuple[bytes, bytes]], bool]:
     """The client's headers for ``response`` (the worker's name, ``extra``, the passed ones)
@@ -157,7 +157,7 @@ class Finish:
                 log.exception("request completion callback failed")
 
 
-class _Failure(Exception):
+class AttemptFailure(Exception):
     """A retryable failure of one attempt.
 
     ``blamed`` are the workers whose breaker records it (the attempt's other workers get
@@ -180,7 +180,7 @@ class _Failure(Exception):
 
 
 #: The public name for plans in other modules (pd.py raises it too).
-AttemptFailed = _Failure
+AttemptFailed = AttemptFailure
 
 
 class Head:
@@ -231,7 +231,7 @@ class Plan(Protocol):
         ...
 
     async def attempt(self, workers: Sequence[Worker], deadline: float, finish: Finish) -> Reply:
-        """Send one attempt; the answer, or raise :class:`_Failure`."""
+        """Send one attempt; the answer, or raise :class:`AttemptFailure`."""
         ...
 
 
@@ -301,7 +301,9 @@ class Forwarder:
         wrapping it in one of its own, since every resumption of a request's task passes
         through each coroutine of its chain.
         """
-        plan = _Single(self, method.encode("latin-1"), path.encode("latin-1"), body, headers, key)
+        plan = SinglePlan(
+            self, method.encode("latin-1"), path.encode("latin-1"), body, headers, key
+        )
         return self.run(plan, finish)
 
     def begin_run(self) -> tuple[RetryAttempts, float]:
@@ -326,7 +328,7 @@ class Forwarder:
     def settle(
         self,
         workers: Sequence[Worker],
-        failure: _Failure,
+        failure: AttemptFailure,
         attempts: RetryAttempts,
         deadline: float,
     ) -> tuple[str, float]:
@@ -378,7 +380,7 @@ class Forwarder:
                 workers = self.pick(plan, attempts, last_error)
             try:
                 return await plan.attempt(workers, deadline, finish)
-            except _Failure as exc:
+            except AttemptFailure as exc:
                 failure = exc
             except asyncio.CancelledError:
                 _release_probes(workers)  # the client left: no verdict on anyone
@@ -399,7 +401,7 @@ class Forwarder:
     ) -> Head:
         """Send to ``worker`` from the current task; its answer's :class:`Head`.
 
-        Raises :class:`_Failure` (blaming ``worker``) for a transport error, a timeout, a
+        Raises :class:`AttemptFailure` (blaming ``worker``) for a transport error, a timeout, a
         retryable status, or an interruption by :mod:`~sglctl.router.inflight`; any other
         cancellation propagates. The load slot and the watch are freed on every exit but the
         returned head, which owns them.
@@ -422,10 +424,10 @@ class Forwarder:
             if isinstance(exc, asyncio.CancelledError):
                 if not watch.interrupted():
                     raise
-                raise _Failure(f"{worker.url}: {watch.reason}", blamed=[worker]) from None
+                raise AttemptFailure(f"{worker.url}: {watch.reason}", blamed=[worker]) from None
             if isinstance(exc, UpstreamError):
                 timed_out = isinstance(exc, UpstreamTimeout) and loop.time() >= deadline
-                raise _Failure(f"{worker.url}: {exc}", timed_out, blamed=[worker]) from None
+                raise AttemptFailure(f"{worker.url}: {exc}", timed_out, blamed=[worker]) from None
             raise
         status = response.status
         if retryable_status(status):
@@ -438,13 +440,13 @@ class Forwarder:
                 self.in_flight.unwatch(watch)
                 await response.aclose()
             message = f"{worker.url}: HTTP {status}" + (f": {detail}" if detail else "")
-            raise _Failure(message, status=status, blamed=[worker])
+            raise AttemptFailure(message, status=status, blamed=[worker])
         return Head(worker, response, release, watch)
 
     async def read_whole(self, head: Head, deadline: float) -> bytes:
         """The whole body of ``head``'s answer, read in the current task; frees the head.
 
-        Raises :class:`_Failure` like :meth:`open` (the body is read before any byte went to
+        Raises :class:`AttemptFailure` like :meth:`open` (the body is read before any byte went to
         the client, so a failure here is still retried).
         """
         loop = asyncio.get_running_loop()
@@ -453,7 +455,7 @@ class Forwarder:
         ok = False
         try:
             if watch.reason is not None:  # ejected between the head and this read
-                raise _Failure(f"{worker.url}: {watch.reason}", blamed=[worker])
+                raise AttemptFailure(f"{worker.url}: {watch.reason}", blamed=[worker])
             watch.reading = True
             content = await response.read()
             worker.last_byte = monotonic()  # stall detector: the body arrived
@@ -462,10 +464,10 @@ class Forwarder:
         except asyncio.CancelledError:
             if not watch.interrupted():
                 raise
-            raise _Failure(f"{worker.url}: {watch.reason}", blamed=[worker]) from None
+            raise AttemptFailure(f"{worker.url}: {watch.reason}", blamed=[worker]) from None
         except UpstreamError as exc:
             timed_out = isinstance(exc, UpstreamTimeout) and loop.time() >= deadline
-            raise _Failure(f"{worker.url}: {exc}", timed_out, blamed=[worker]) from None
+            raise AttemptFailure(f"{worker.url}: {exc}", timed_out, blamed=[worker]) from None
         finally:
             watch.reading = False
             head.release(response.status, ok)
@@ -488,9 +490,9 @@ class Forwarder:
         status = response.status
         if head.watch.reason is not None:  # ejected after its head came (PD: the prefill's wait)
             await head.abandon(self.in_flight)
-            raise _Failure(f"{worker.url}: {head.watch.reason}", blamed=[worker])
+            raise AttemptFailure(f"{worker.url}: {head.watch.reason}", blamed=[worker])
         worker.breaker.record_success()
-        out_headers, stream = _answer_headers(worker, response, headers)
+        out_headers, stream = answer_headers(worker, response, headers)
         if stream:  # an event stream: relay it as it comes
             finish.add(head.release)
             head.watch.streaming = True  # the relay owns the watch from here
@@ -498,7 +500,7 @@ class Forwarder:
         content = await self.read_whole(head, deadline)
         if head.ticket is not None:  # [policy feedback] the whole answer: first byte and end
             head.ticket.first_byte(False)
-            head.ticket.done(status < 400, content[-_TICKET_TAIL:])
+            head.ticket.done(status < 400, content[-TICKET_TAIL:])
         if rewrite is not None and status < 400:
             content = rewrite.whole(content)
         finish(status, status < 400)
@@ -586,7 +588,7 @@ class Rewrite(Protocol):
         ...
 
 
-class _Single:
+class SinglePlan:
     """The regular plan: each attempt goes to one worker chosen by the policy."""
 
     __slots__ = ("body", "forwarder", "headers", "key", "method", "path", "ticket")

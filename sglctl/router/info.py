@@ -154,4 +154,6 @@ async def stats(request: Request) -> Response:
         uptime_secs=round(time.time() - router.started_at, 3),
         in_flight=sum(w.in_flight for w in registry.all()),
     )
+    if router.kv_feed is not None:  # --kv-events: each worker's feed and index
+        data["kv_events"] = router.kv_feed.snapshot()
     return json_response(data)

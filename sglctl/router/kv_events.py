@@ -291,6 +291,23 @@ class KvEventsFeed:
         feed = self.feeds.get(url)
         return feed is not None and feed.connected
 
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        """Per worker: whether its feed is up, the last batch, replays, what the index holds
+        (the router's ``/stats`` ``kv_events``: what to look at when routing looks wrong)."""
+        out: dict[str, dict[str, Any]] = {}
+        for url in self._tasks:
+            feed = self.feeds.get(url)
+            out[url] = {
+                "endpoint": feed.endpoints.pub if feed else None,
+                "connected": bool(feed and feed.connected),
+                "last_seq": feed.last if feed else None,
+                "batches": feed.batches if feed else 0,
+                "replays": feed.replays if feed else 0,
+                "blocks": self.index.blocks(url),
+                "cached_tokens": self.index.cached_tokens(url),
+            }
+        return out
+
     async def run(self) -> None:
         """Follow the registry until cancelled."""
         import zmq.asyncio

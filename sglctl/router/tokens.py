@@ -22,10 +22,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sglctl import fourchar
-from sglctl.router.policies.base import RouteKey
+
+if TYPE_CHECKING:  # policies import this module: no import cycle at run time
+    from sglctl.router.policies.base import RouteKey
 
 log = logging.getLogger(__name__)
 

@@ -74,7 +74,7 @@ from collections.abc import Callable, Mapping, Sequence
 from operator import attrgetter
 
 from sglctl.router.kv_index import KvIndex
-from sglctl.router.load_poll import WorkerLoad, effective_load
+from sglctl.router.load_poll import WorkerLoad, current_load, effective_load
 from sglctl.router.policies import placement, reports
 from sglctl.router.policies.base import NO_KEY, Policy, RouteKey
 from sglctl.router.policies.reports import TreeCorrector
@@ -215,16 +215,20 @@ class CacheAwarePolicy(Policy):
 
     def load_of(self) -> Callable[[Worker], int]:
         """A worker's load in requests: in flight, or corrected by the workers' own reports."""
-        shared = self.load_from_workers or self.kv_index is not None
-        return self.shared_load() if shared else _load
+        if self.kv_index is not None:
+            return self.shared_load(current=True)
+        return self.shared_load() if self.load_from_workers else _load
 
-    def shared_load(self) -> Callable[[Worker], int]:
+    def shared_load(self, current: bool = False) -> Callable[[Worker], int]:
         """In flight, raised to the worker's fresh ``/get_load`` count (the same on every
-        replica); just in flight when nothing is polled."""
+        replica); just in flight when nothing is polled. ``current``: the report moved on by
+        this router's own dispatches since (:func:`~sglctl.router.load_poll.current_load`),
+        for the greedy placement of ``--kv-events``."""
         loads, now = self.worker_loads, time.monotonic()
         if not loads:
             return _load
-        return lambda w: effective_load(w.in_flight, loads.get(w.url), now)
+        fn = current_load if current else effective_load
+        return lambda w: fn(w.in_flight, loads.get(w.url), now)
 
     def is_imbalanced(
         self, workers: Sequence[Worker], load: Callable[[Worker], int] = _load

@@ -51,6 +51,26 @@ def encode(text: str) -> list[int]:
     return memoryview(raw).cast("I").tolist() if _LITTLE_ENDIAN else _encode_wide(text)
 
 
+def encode_view(text: str) -> Sequence[int]:
+    """:func:`encode` without building the list: a read-only view over the packed ids.
+
+    For the router's exact-index lookup (``sglctl.router.tokens``), which reads only the
+    blocks up to the first miss: building a list of every id of a 126k-token prompt costs
+    more than the whole lookup. Latin-1 text only gives ids below ``2**32``, so the view is
+    also what :func:`wire_ids` would give; other text takes the list path.
+    """
+    if not _LITTLE_ENDIAN or not text:
+        return wire_ids(encode(text))
+    try:
+        raw = text.encode("latin-1")
+    except UnicodeEncodeError:
+        return wire_ids(_encode_wide(text))
+    pad = -len(raw) % CHARS_PER_TOKEN
+    if pad:
+        raw += b"\0" * pad
+    return memoryview(raw).cast("I")
+
+
 def _encode_wide(text: str) -> list[int]:
     """Slow path for text with characters above U+00FF: one small integer formula a chunk."""
     ids: list[int] = []

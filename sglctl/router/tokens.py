@@ -37,7 +37,7 @@ class Encoder(Protocol):
 
     name: str
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str) -> Sequence[int]: ...
 
 
 class FourCharEncoder:
@@ -45,8 +45,8 @@ class FourCharEncoder:
 
     name = "sim 4-character rule"
 
-    def encode(self, text: str) -> list[int]:
-        return fourchar.wire_ids(fourchar.encode(text))
+    def encode(self, text: str) -> Sequence[int]:
+        return fourchar.encode_view(text)
 
 
 class HFEncoder:
@@ -58,7 +58,7 @@ class HFEncoder:
         self.name = str(path)
         self._tokenizer: Any = Tokenizer.from_file(str(path))
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str) -> Sequence[int]:
         ids: list[int] = self._tokenizer.encode(text, add_special_tokens=True).ids
         return ids
 

@@ -47,7 +47,11 @@ feed, and chat requests (no template here: :mod:`sglctl.router.tokens`), are mat
 tree as before. Misses keep the configured placement (``load`` by default: the greedy choice
 on current load), and the load read for the imbalance check and the placement is the shared
 one (:meth:`CacheAwarePolicy.shared_load`, the workers' ``/get_load`` counts every replica
-reads alike), as ``placement="hash"`` does.
+reads alike), as ``placement="hash"`` does, moved on by this router's own dispatches since the
+last report (:func:`~sglctl.router.load_poll.current_load`: else every miss until the next poll
+goes to the same least-loaded worker). The tree is still fed: among equally loaded workers a
+miss goes to the smallest tree, which differs per replica, so misses arriving together at
+different replicas spread instead of colliding.
 
 Why ``placement="load"`` exists (issue 14, ``benchmarks/RESULTS.md`` "Where the E2E gap came
 from"): the smallest-tree rule balances the *characters* each worker was sent, not the work it

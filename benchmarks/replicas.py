@@ -134,6 +134,9 @@ FULL = Settings(
 #: (round-robin); ``session`` -- a conversation stays on one replica (what long-lived client
 #: connections or ``sessionAffinity`` give behind a Service).
 SPREADS = ("request", "session")
+#: A diagnostic spread: every request to replica 0, the others only run (and, with
+#: ``--kv-events``, subscribe): what the idle replicas cost the machine, with no routing effect.
+IDLE = "idle"
 Picker = Callable[[bytes], int | None]
 
 
@@ -437,7 +440,11 @@ def run_setup(
 ) -> tuple[BenchResult, SpreadTransport, Restart | None]:
     flush(worker_urls)
     routers = start_routers(setup, log_dir, worker_urls, policy, extra, sglang_python)
-    pick = session_picker(workload, builder, setup.replicas) if setup.spread == "session" else None
+    pick: Picker | None = None
+    if setup.spread == "session":
+        pick = session_picker(workload, builder, setup.replicas)
+    elif setup.spread == IDLE:
+        pick = lambda body: 0  # noqa: E731
     transport = SpreadTransport([r.url for r in routers], pick)
     restart = Restart(setup.replicas - 1) if setup.restart else None
 
@@ -602,10 +609,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--kv-events-page-size", type=int, default=64)
     parser.add_argument(
         "--spread",
-        choices=(*SPREADS, "both"),
+        choices=(*SPREADS, IDLE, "both"),
         default="both",
         help="how clients reach the replicas: a new replica per request (round-robin), one "
-        "per conversation (sticky sessions), or both setups",
+        "per conversation (sticky sessions), or both setups; idle: all to the first replica "
+        "(a diagnostic: what the other replicas cost the machine alone)",
     )
     parser.add_argument(
         "--router-flag",

@@ -192,3 +192,48 @@ def test_route_tokens() -> None:
     assert wide is not None and max(wide) < 1 << 63
     with pytest.raises(ValueError, match=r"tokenizer\.json"):
         load_encoder("/nonexistent/dir")
+
+
+def test_router_flags() -> None:
+    from sglctl.router.flags import parse_args
+
+    config = parse_args(["--worker-urls", "http://w:1", "--kv-events", "--kv-events-port", "5557"])
+    assert (config.kv_events, config.kv_events_port, config.tokenizer_path) == (True, 5557, None)
+    assert parse_args(["--kv-events", "--tokenizer-path", "/t.json"]).unsupported == []
+    refused = parse_args(["--tokenizer-path", "/t.json"]).unsupported
+    assert [flag for flag, _ in refused] == ["--tokenizer-path"]
+    for bad in (
+        ["--kv-events", "--policy", "round_robin"],
+        ["--kv-events-replay-port", "5558"],
+    ):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+
+
+def test_feed_sequence_numbers_duplicates_and_a_restarted_publisher() -> None:
+    import asyncio
+
+    from sglctl.router.kv_events import Endpoints, WorkerFeed
+
+    index = KvIndex()
+    index.add_worker(W1)
+    feed = WorkerFeed(W1, index, Endpoints("tcp://127.0.0.1:1", None), ctx=None)
+
+    def stored(h: int, parent: int | None, tokens: list[int]) -> bytes:
+        return sglang_batch([["BlockStored", [h], parent, tokens, 2, None]])
+
+    async def run() -> None:
+        await feed._on_batch(0, stored(1, None, [1, 2]))
+        await feed._on_batch(1, stored(2, 1, [3, 4]))
+        await feed._on_batch(1, stored(9, 2, [5, 6]))  # a duplicate: ignored
+        assert index.match([1, 2, 3, 4, 5, 6]) == {W1: 4}
+        # The worker restarted: its sequence starts again, its cache is new.
+        await feed._on_batch(0, stored(7, None, [8, 8]))
+        assert index.match([1, 2, 3, 4]) == {}
+        assert index.match([8, 8]) == {W1: 2}
+        # A gap with no replay socket: applied anyway (and logged).
+        await feed._on_batch(5, stored(8, 7, [9, 9]))
+        assert index.match([8, 8, 9, 9]) == {W1: 4}
+        assert feed.last == 5
+
+    asyncio.run(run())

@@ -181,7 +181,7 @@ class WorkerFeed:
                 self.endpoints.pub,
                 self.endpoints.replay or "none",
             )
-            await self._replay(0)
+            await self._replay(0 if self.last is None else self.last + 1)
             while True:
                 frames = await sub.recv_multipart()
                 if len(frames) < 3:

@@ -24,6 +24,14 @@ at 10-20% of the hits. This script measures it on sglctl:
    ``--placement hash`` routers poll the workers' ``/get_load`` for their bound (pass
    ``--router-flag=--load-poll-interval-secs=0`` for each replica's own counts only).
 
+``--kv-events`` (issue 16, the workers as the source of truth) starts the sims publishing
+their KV cache events (``--kv-events-config``, ``--page-size`` 64 -- the trace's 512-token
+blocks are whole pages, so no hit is lost to paging) and the sglctl routers subscribed
+(``--kv-events``, ``--placement load``): per point, one router without events (the default
+router, approximate tree: the baseline the issue means), one router with events and
+``--replicas`` with events, spread per request (``--spread``); the same columns, "vs tree"
+being against the router without events.
+
 The routers take their workers from static ``--worker-urls`` (discovery gives them the same
 list; what is measured is routing, not membership). Everything runs on 127.0.0.1 and every
 process started here is stopped at the end, also on Ctrl-C. Figures: the "Router replicas"
@@ -32,6 +40,8 @@ section of benchmarks/RESULTS.md.
     python benchmarks/replicas.py --quick     # one trace, one KV size, sglctl only
     python benchmarks/replicas.py --max-requests 700     # the recorded matrix (~25 minutes)
     python benchmarks/replicas.py --restart --traces conversation_trace   # a replica restarted
+    python benchmarks/replicas.py --kv-events --max-requests 700 --no-sglang   # issue 16
+    python benchmarks/replicas.py --kv-events --restart --traces conversation_trace
 
 The full matrix (the default): both traces (``--traces``), two KV sizes (``--kv-cache-tokens``),
 and per point one router and 3 replicas of sglctl ``--placement tree`` and ``hash``, spread
@@ -101,6 +111,8 @@ class Settings:
     speedup: float
     load_factor: float
     kv_cache_tokens: int
+    #: Sims publish KV cache events with this --page-size (None: no events, page size 1).
+    kv_events_page_size: int | None = None
 
     @property
     def sim_speedup(self) -> float:
@@ -122,6 +134,9 @@ FULL = Settings(
 #: (round-robin); ``session`` -- a conversation stays on one replica (what long-lived client
 #: connections or ``sessionAffinity`` give behind a Service).
 SPREADS = ("request", "session")
+#: A diagnostic spread: every request to replica 0, the others only run (and, with
+#: ``--kv-events``, subscribe): what the idle replicas cost the machine, with no routing effect.
+IDLE = "idle"
 Picker = Callable[[bytes], int | None]
 
 
@@ -205,7 +220,10 @@ def start_workers(log_dir: Path, settings: Settings) -> list[ManagedProcess]:
         "--stream-interval", "16",
         "--log-level", "warning",
     ]  # fmt: skip
-    procs = [spawn_sim_worker(log_dir, *flags, wait=False) for _ in range(settings.workers)]
+    procs = [
+        spawn_sim_worker(log_dir, *flags, *events_flags(settings), wait=False)
+        for _ in range(settings.workers)
+    ]
     for proc in procs:
         if not wait_for_http(proc.url + "/health", 60.0, alive=proc.alive):
             tail = proc.log_tail()
@@ -213,6 +231,19 @@ def start_workers(log_dir: Path, settings: Settings) -> list[ManagedProcess]:
                 p.stop()
             raise RuntimeError(f"sim worker {proc.url} did not start:\n{tail}")
     return procs
+
+
+def events_flags(settings: Settings) -> list[str]:
+    """A sim's KV cache event flags (SGLang's), on ports of its own; none without events."""
+    if settings.kv_events_page_size is None:
+        return []
+    config = {
+        "publisher": "zmq",
+        "endpoint": f"tcp://*:{find_free_port()}",
+        "replay_endpoint": f"tcp://*:{find_free_port()}",
+    }
+    return ["--page-size", str(settings.kv_events_page_size), "--kv-events-config",
+            json.dumps(config)]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -224,10 +255,13 @@ class Setup:
     spread: str = "request"
     placement: str = "tree"  # sglctl only
     restart: bool = False
+    events: bool = False  # sglctl only: --kv-events
 
     @property
     def router(self) -> str:
-        return f"sglctl {self.placement}" if self.kind == "sglctl" else "SGLang Router"
+        if self.kind != "sglctl":
+            return "SGLang Router"
+        return f"sglctl {self.placement}" + (" + events" if self.events else "")
 
     @property
     def label(self) -> str:
@@ -237,7 +271,7 @@ class Setup:
     @property
     def single(self) -> Setup:
         """The one-router setup this one is judged against (same router, same placement)."""
-        return Setup(self.kind, 1, "request", self.placement)
+        return Setup(self.kind, 1, "request", self.placement, events=self.events)
 
 
 def label(replicas: int, spread: str) -> str:
@@ -245,10 +279,23 @@ def label(replicas: int, spread: str) -> str:
 
 
 def matrix(
-    replicas: int, spreads: Sequence[str], placements: Sequence[str], sglang: bool
+    replicas: int,
+    spreads: Sequence[str],
+    placements: Sequence[str],
+    sglang: bool,
+    events: bool = False,
 ) -> list[Setup]:
     """Every setup of one benchmark point, each one-router baseline before its replicas."""
     setups: list[Setup] = []
+    if events:  # one default router (tree, no events), then 1 and N routers fed by events
+        setups.append(Setup("sglctl", 1, placement="load"))
+        for placement in placements:
+            setups.append(Setup("sglctl", 1, placement=placement, events=True))
+            setups += [Setup("sglctl", replicas, s, placement, events=True) for s in spreads]
+        if sglang:
+            setups.append(Setup("sglang", 1))
+            setups += [Setup("sglang", replicas, s) for s in spreads]
+        return setups
     for placement in placements:
         setups.append(Setup("sglctl", 1, placement=placement))
         setups += [Setup("sglctl", replicas, s, placement) for s in spreads]
@@ -276,6 +323,7 @@ def start_router(
             worker_urls,
             "--policy", policy,
             "--placement", setup.placement,
+            *(["--kv-events"] if setup.events else []),
             *extra,
             "--metrics-port", metrics_port,
             "--log-level", "warning",
@@ -312,6 +360,7 @@ def start_routers(
     try:
         for i in range(setup.replicas):
             name = f"{setup.kind}-{setup.placement}-{setup.replicas}x-{i}"
+            name += "-events" if setup.events else ""
             routers.append(
                 start_router(setup, log_dir, worker_urls, policy, extra, sglang_python, name)
             )
@@ -391,12 +440,18 @@ def run_setup(
 ) -> tuple[BenchResult, SpreadTransport, Restart | None]:
     flush(worker_urls)
     routers = start_routers(setup, log_dir, worker_urls, policy, extra, sglang_python)
-    pick = session_picker(workload, builder, setup.replicas) if setup.spread == "session" else None
+    pick: Picker | None = None
+    if setup.spread == "session":
+        pick = session_picker(workload, builder, setup.replicas)
+    elif setup.spread == IDLE:
+        pick = lambda body: 0  # noqa: E731
     transport = SpreadTransport([r.url for r in routers], pick)
     restart = Restart(setup.replicas - 1) if setup.restart else None
 
     def again(i: int, port: int) -> ManagedProcess:
         name = f"{setup.kind}-{setup.placement}-{setup.replicas}x-{i}-restarted"
+        if setup.events:
+            name += "-events"
         return start_router(setup, log_dir, worker_urls, policy, extra, sglang_python, name, port)
 
     async def go() -> BenchResult:
@@ -540,16 +595,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--policy", default="cache_aware")
     parser.add_argument(
         "--placement",
-        choices=("tree", "hash", "both"),
-        default="both",
-        help="the sglctl routers' --placement: where cache_aware puts a prefix no tree holds",
+        choices=("tree", "hash", "load", "both"),
+        default=None,
+        help="the sglctl routers' --placement: where cache_aware puts a prefix no tree holds "
+        "(default: both tree and hash; with --kv-events: load, the router's default)",
     )
     parser.add_argument(
+        "--kv-events",
+        action="store_true",
+        help="sims publish KV cache events (--page-size --kv-events-page-size), sglctl "
+        "routers subscribe (--kv-events); adds one router without events as the baseline",
+    )
+    parser.add_argument("--kv-events-page-size", type=int, default=64)
+    parser.add_argument(
         "--spread",
-        choices=(*SPREADS, "both"),
+        choices=(*SPREADS, IDLE, "both"),
         default="both",
         help="how clients reach the replicas: a new replica per request (round-robin), one "
-        "per conversation (sticky sessions), or both setups",
+        "per conversation (sticky sessions), or both setups; idle: all to the first replica "
+        "(a diagnostic: what the other replicas cost the machine alone)",
     )
     parser.add_argument(
         "--router-flag",
@@ -583,6 +647,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         speedup=args.speedup or base.speedup,
         load_factor=base.load_factor,
         kv_cache_tokens=base.kv_cache_tokens,
+        kv_events_page_size=args.kv_events_page_size if args.kv_events else None,
     )
     traces = [trace_path(t) for t in ([args.trace] if args.trace else args.traces)]
     if args.quick and not args.trace:
@@ -597,11 +662,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if sglang_python is None and not (args.no_sglang or args.quick):
         console.print(f"[yellow]no {python}: the SGLang Router rows are skipped")
     spreads = SPREADS if args.spread == "both" else (args.spread,)
+    if args.placement is None:
+        args.placement = "load" if args.kv_events else "both"
     placements = ("tree", "hash") if args.placement == "both" else (args.placement,)
+    if args.kv_events and args.spread == "both":
+        spreads = ("request",)  # the trees' worst case (--spread session: that one)
     if args.restart:
-        setups = [Setup("sglctl", settings.replicas, "request", p, True) for p in placements]
+        setups = [
+            Setup("sglctl", settings.replicas, "request", p, True, events=args.kv_events)
+            for p in placements
+        ]
     else:
-        setups = matrix(settings.replicas, spreads, placements, sglang_python is not None)
+        setups = matrix(
+            settings.replicas, spreads, placements, sglang_python is not None, args.kv_events
+        )
     log_dir = REPO / "bench-out" / "replicas-logs"
     load_before = os.getloadavg()
     started = time.monotonic()
@@ -679,7 +753,9 @@ def run_point(
         kept = p99 = float("nan")
         verdict = "-"
         # Against one default (--placement tree) sglctl router too: what a user compares with.
-        one_tree = Setup("sglctl", 1, "request", "tree")
+        # With --kv-events the baseline is the default router: --placement load, no events.
+        events_mode = any(x.events for x in done)
+        one_tree = Setup("sglctl", 1, "request", "load" if events_mode else "tree")
         tree = done.get(one_tree)
         kept_tree = p99_tree = float("nan")
         if tree is not None and setup.kind == "sglctl" and setup != one_tree:

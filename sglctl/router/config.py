@@ -52,6 +52,17 @@ class RouterConfig:
     #: sglctl only, cache_aware: load = max(in flight, the worker's /get_load num_reqs).
     worker_load_correction: bool = False
 
+    # KV cache events (issue 16: kv_events.py, kv_index.py, tokens.py): cache_aware matches
+    # on the exact index the workers' own events build, the same on every router replica.
+    #: sglctl only: subscribe to every worker's KV cache events.
+    kv_events: bool = False
+    #: Where each worker publishes: tcp://<worker host>:<port>; None: its /get_server_info.
+    kv_events_port: int | None = None
+    kv_events_replay_port: int | None = None
+    #: The model's tokenizer.json (or its directory), to tokenize text as the workers do;
+    #: None: the sim's 4-character rule. Only used with kv_events.
+    tokenizer_path: str | None = None
+
     # Limits.
     max_payload_size: int = 10_485_760
     request_timeout_secs: float = 1800.0

@@ -75,7 +75,6 @@ def _flag(dest: str) -> str:
 #: (one value each / a list of values); accepted so that old scripts get a clear refusal.
 _COMPAT_VALUE_DESTS = (
     "model_path",
-    "tokenizer_path",
     "chat_template",
     "reasoning_parser",
     "tool_call_parser",
@@ -144,6 +143,12 @@ REFUSED: tuple[Refusal, ...] = (
         "--history-backend",
         lambda ns: ns.history_backend not in ("memory", "none"),
         "conversation history storage is not supported by sglctl; drop --history-backend",
+    ),
+    Refusal(
+        "--tokenizer-path",
+        lambda ns: ns.tokenizer_path is not None and not ns.kv_events,
+        "--tokenizer-path is only used with --kv-events (to tokenize prompts as the workers "
+        "do); add --kv-events or drop it",
     ),
     *(
         Refusal(_flag(dest), _given(dest), f"{_flag(dest)}: {_NOT_ROUTING}")
@@ -307,6 +312,33 @@ def build_parser(prog: str = "sglctl router") -> argparse.ArgumentParser:
         help="sglctl only, cache_aware: count a worker's load as the larger of this router's "
         "in-flight requests and the worker's own num_reqs (/get_load, polled every "
         "--load-poll-interval-secs); use it with router replicas",
+    )
+    # KV cache events (issue 16): grouped here, additive.
+    g.add_argument(
+        "--kv-events",
+        action="store_true",
+        help="sglctl only, cache_aware: subscribe to every worker's KV cache events (SGLang "
+        "--kv-events-config) and match prompts on the exact index they build, the same on "
+        "every router replica; misses keep --placement, on the workers' shared /get_load",
+    )
+    g.add_argument(
+        "--kv-events-port",
+        type=argtypes.port,
+        default=d.kv_events_port,
+        help="--kv-events: every worker publishes on tcp://<its host>:PORT (default: read "
+        "each worker's kv_events_config from its /get_server_info)",
+    )
+    g.add_argument(
+        "--kv-events-replay-port",
+        type=argtypes.port,
+        default=d.kv_events_replay_port,
+        help="--kv-events with --kv-events-port: the workers' replay_endpoint port",
+    )
+    g.add_argument(
+        "--tokenizer-path",
+        default=d.tokenizer_path,
+        help="--kv-events: the model's tokenizer.json (or its directory) to tokenize text "
+        "prompts as the workers do (default: the sim worker's 4-character rule)",
     )
     g.add_argument(
         "--max-payload-size",
@@ -771,6 +803,10 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "sglctl router") -
     )
     if not 0.0 <= ns.cache_threshold <= 1.0:
         parser.error(f"--cache-threshold must be within [0, 1], got {ns.cache_threshold}")
+    if ns.kv_events and (ns.policy != "cache_aware" or pd):
+        parser.error("--kv-events is used by --policy cache_aware outside PD mode only")
+    if ns.kv_events_replay_port is not None and ns.kv_events_port is None:
+        parser.error("--kv-events-replay-port needs --kv-events-port (both, or neither)")
     built: dict[str, Any] = {
         "worker_urls": _urls(ns.worker_urls, "--worker-urls", parser),
         "pd_disaggregation": pd,

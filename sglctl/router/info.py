@@ -164,4 +164,6 @@ async def stats(request: Request) -> Response:
             "pid": os.getpid(),
             "in_flight_by_process": router.loads.by_process(),
         }
+    if router.kv_feed is not None:  # --kv-events: each worker's feed and index
+        data["kv_events"] = router.kv_feed.snapshot()
     return json_response(data)

@@ -38,6 +38,9 @@ class WorkerLoad:
     num_tokens: int
     #: time.monotonic() when the answer arrived.
     at: float
+    #: This router's own in-flight count on the worker when the answer arrived (for
+    #: :func:`current_load`).
+    own_in_flight: int = 0
 
 
 def effective_load(in_flight: int, load: WorkerLoad | None, now: float) -> int:
@@ -52,7 +55,24 @@ def effective_load(in_flight: int, load: WorkerLoad | None, now: float) -> int:
     return max(in_flight, load.num_reqs)
 
 
-def parse_load(body: Any, at: float) -> WorkerLoad | None:
+def current_load(in_flight: int, load: WorkerLoad | None, now: float) -> int:
+    """The worker's report moved forward by what this router did since: ``num_reqs`` plus
+    the change of this router's own in-flight count since the report (at least in flight).
+
+    :func:`effective_load` is the same on every replica between two polls, which is what
+    ``--placement hash``'s bound needs (replicas agree on whom to skip). The greedy "least
+    loaded" placement needs the opposite: with a report up to a poll interval old, the max of
+    the report and the own count does not move when this router sends a request (its own
+    count is inside the report), so every miss until the next poll would go to the same
+    least-loaded worker. Adding the own dispatches since the report spreads them, and the
+    other replicas' dispatches arrive with the next report (``--kv-events``).
+    """
+    if load is None or now - load.at >= STALE_SECS:
+        return in_flight
+    return max(in_flight, load.num_reqs + in_flight - load.own_in_flight)
+
+
+def parse_load(body: Any, at: float, own_in_flight: int = 0) -> WorkerLoad | None:
     """A ``/get_load`` answer (a list of per-rank dicts, or one dict) as a :class:`WorkerLoad`."""
     ranks = body if isinstance(body, list) else [body]
     totals = [0, 0, 0]
@@ -64,7 +84,7 @@ def parse_load(body: Any, at: float) -> WorkerLoad | None:
             if not isinstance(value, int) or isinstance(value, bool):
                 return None
             totals[i] += value
-    return WorkerLoad(totals[0], totals[1], totals[2], at)
+    return WorkerLoad(totals[0], totals[1], totals[2], at, own_in_flight)
 
 
 class LoadPoller:
@@ -95,7 +115,11 @@ class LoadPoller:
             response = await self.client.get(
                 url + "/get_load", timeout=max(min(self.interval_secs, 2.0), 0.2)
             )
-            load = parse_load(response.json(), time.monotonic()) if response.is_success else None
+            worker = self.registry.get(url)
+            own = worker.in_flight if worker is not None else 0
+            load = (
+                parse_load(response.json(), time.monotonic(), own) if response.is_success else None
+            )
             problem = None if load is not None else f"HTTP {response.status_code} or bad body"
         except (httpx.HTTPError, ValueError) as exc:
             load, problem = None, f"{type(exc).__name__}: {exc}"

@@ -180,7 +180,7 @@ def _chat_key(payload: dict[str, Any]) -> RouteKey:
         if not isinstance(role, str):
             raise _bad(f"messages[{i}].role", "a string", role)
         texts.append(_message_text(message.get("content"), i))
-    return RouteKey(text="\n".join(texts))
+    return RouteKey(text="\n".join(texts), chat=True)
 
 
 _KEYS = {

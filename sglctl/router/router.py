@@ -28,14 +28,18 @@ from sglctl.router.admission import AdmissionController
 from sglctl.router.circuit_breaker import CircuitBreaker
 from sglctl.router.config import RouterConfig
 from sglctl.router.health import CheckedWorker, HealthChecker
+from sglctl.router.kv_events import KvEventsFeed
+from sglctl.router.kv_index import KvIndex
 from sglctl.router.load_poll import LoadPoller
 from sglctl.router.metrics import RouterMetrics, state_table_reader
 from sglctl.router.policies import Policy, make_policy
+from sglctl.router.policies.cache_aware import CacheAwarePolicy
 from sglctl.router.proxy import Forwarder
 from sglctl.router.retry import RetryBudget, RetryPolicy
 from sglctl.router.sources import StaticSource, WorkerSource
 from sglctl.router.stall import StallDetector, stall_disabled_because
 from sglctl.router.stats import RollingStats
+from sglctl.router.tokens import load_encoder
 from sglctl.router.upstream import Upstream
 from sglctl.router.upstream_httpx import HttpxUpstream
 from sglctl.router.upstream_native import UpstreamPool
@@ -94,6 +98,18 @@ class Router:
             if config.is_pd
             else None
         )
+        #: --kv-events (issue 16): the exact index every worker's events feed; its feed task
+        #: is started in :meth:`start` once the HTTP client exists.
+        self.kv_index: KvIndex | None = None
+        self.kv_feed: KvEventsFeed | None = None
+        if config.kv_events and isinstance(self.policy, CacheAwarePolicy):
+            try:
+                encoder = load_encoder(config.tokenizer_path)
+            except ValueError as exc:
+                raise StartupError(str(exc)) from None
+            self.kv_index = KvIndex()
+            self.policy.use_kv_events(self.kv_index, self._kv_fed, encoder)
+            log.info("kv events on: tokenizing text prompts with %s", encoder.name)
         #: Whether requests need their routing text: for either PD policy, not only the first.
         self.needs_text = self.policy.needs_text or bool(
             self.decode_policy and self.decode_policy.needs_text
@@ -257,6 +273,10 @@ class Router:
             return 0
         return self.forwarder.in_flight.interrupt(url, reason)
 
+    def _kv_fed(self, url: str) -> bool:
+        """Whether ``url``'s KV event feed is up (the policy matches it on the index)."""
+        return self.kv_feed is not None and self.kv_feed.has_feed(url)
+
     def _on_membership(self, event: str, worker: Worker) -> None:
         policies = [self.policy, self.decode_policy] if self.decode_policy else [self.policy]
         if self.config.is_pd:
@@ -323,6 +343,15 @@ class Router:
         for policy in (self.policy, self.decode_policy):
             if policy is not None:
                 self._spawn(policy.run_background(), f"{policy.name} maintenance")
+        if self.kv_index is not None:
+            self.kv_feed = KvEventsFeed(
+                self.registry,
+                self.kv_index,
+                self.client,
+                c.kv_events_port,
+                c.kv_events_replay_port,
+            )
+            self._spawn(self.kv_feed.run(), "kv events feed")
         if self.policy.uses_worker_loads and c.load_poll_interval_secs > 0:
             poller = LoadPoller(self.registry, self.client, c.load_poll_interval_secs)
             self.policy.worker_loads = poller.loads  # the workers' own load, kept fresh

@@ -17,7 +17,19 @@ def sim_worker(
         "sim/Llama-3.1-8B-Instruct", help="Model name to report (nothing is loaded)."
     ),
     served_model_name: str | None = typer.Option(None, help="Name in OpenAI responses."),
-    tokenizer_path: str | None = typer.Option(None, help="Tokenizer name to report."),
+    tokenizer_path: str | None = typer.Option(
+        None,
+        help="A tokenizer.json (or a directory holding one) to encode prompts with instead of "
+        "the 4-character rule; anything else is only reported by /get_model_info.",
+    ),
+    page_size: int = typer.Option(
+        1, help="KV cache page size in tokens, as SGLang's --page-size (KV events are per page)."
+    ),
+    kv_events_config: str | None = typer.Option(
+        None,
+        help="Publish KV cache events as SGLang does, e.g. "
+        '\'{"publisher":"zmq","endpoint":"tcp://*:5557","replay_endpoint":"tcp://*:5558"}\'.',
+    ),
     kv_cache_tokens: int = typer.Option(
         444_500,
         "--kv-cache-tokens",
@@ -101,6 +113,8 @@ def sim_worker(
             model_path=model_path,
             served_model_name=served_model_name,
             tokenizer_path=tokenizer_path,
+            page_size=page_size,
+            kv_events_config=kv_events_config,
             kv_cache_tokens=kv_cache_tokens,
             max_running_requests=max_running_requests,
             chunked_prefill_size=chunked_prefill_size,

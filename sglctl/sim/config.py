@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sglctl.sim.kv_events import KvEventsConfig
 from sglctl.sim.timing import (
     DEFAULT_CHUNKED_PREFILL_SIZE,
     DEFAULT_CONTEXT_LENGTH,
@@ -51,6 +52,10 @@ class SimConfig:
     disaggregation_timeout_s: float = DEFAULT_DISAGGREGATION_TIMEOUT_S
     transfer: TransferModel = field(default_factory=TransferModel)
     seed: int = 0
+    #: SGLang's --page-size: the KV cache works in pages of this many tokens (events per page).
+    page_size: int = 1
+    #: SGLang's --kv-events-config JSON (sglctl.sim.kv_events); None: no events.
+    kv_events_config: str | None = None
     tp_size: int = 1
     dp_size: int = 1
     log_level: str = "info"
@@ -65,6 +70,7 @@ class SimConfig:
             "tp_size": self.tp_size,
             "dp_size": self.dp_size,
             "stream_interval": self.stream_interval,
+            "page_size": self.page_size,
         }
         for name, value in positive.items():
             if value <= 0:
@@ -98,6 +104,19 @@ class SimConfig:
             raise ValueError(f"--port must be within 1..65535, not {self.port}")
         if self.min_tick_s < 0:
             raise ValueError("the scheduler tick must be >= 0")
+        _ = self.kv_events  # a bad --kv-events-config fails here, with its message
+
+    @property
+    def kv_events(self) -> KvEventsConfig | None:
+        """The parsed ``--kv-events-config`` (None when not given)."""
+        if self.kv_events_config is None:
+            return None
+        return KvEventsConfig.from_json(self.kv_events_config)
+
+    @property
+    def kv_events_enabled(self) -> bool:
+        config = self.kv_events
+        return config is not None and config.enabled
 
     @property
     def model_name(self) -> str:

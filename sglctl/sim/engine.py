@@ -33,6 +33,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from sglctl.sim.config import SimConfig
 from sglctl.sim.output import OutputPlan
@@ -110,7 +111,12 @@ class Engine:
     def __init__(self, config: SimConfig, on_finish: Callable[[SimRequest], None] | None = None):
         self.config = config
         self.timing = config.timing
-        self.cache = RadixCache(config.kv_cache_tokens)
+        self.cache = RadixCache(
+            config.kv_cache_tokens, config.page_size, record_events=config.kv_events_enabled
+        )
+        #: Receives each step's KV cache events (``--kv-events-config``; the service sets it
+        #: to the publisher's queue put, so the request path never waits for the network).
+        self.on_kv_events: Callable[[list[Any]], None] | None = None
         self.on_finish = on_finish
         self.on_first_token: Callable[[SimRequest], None] | None = None
         self.on_kv_ready: Callable[[SimRequest], None] | None = None
@@ -208,8 +214,17 @@ class Engine:
         if self.waiting or self.active:
             return False  # a batch still in flight only holds aborted requests: harmless
         self.cache.reset()
+        self.publish_kv_events()
         log.info("radix cache flushed")
         return True
+
+    def publish_kv_events(self) -> None:
+        """Hand the events the cache recorded since the last call to the publisher, as one
+        batch (SGLang sends one batch per scheduler step)."""
+        if self.cache.events:
+            events = self.cache.take_events()
+            if self.on_kv_events is not None:
+                self.on_kv_events(events)
 
     @property
     def num_running(self) -> int:
@@ -255,6 +270,7 @@ class Engine:
             if self._pending is None and self._gpu_free_at < now:
                 self._gpu_free_at = now  # the GPU sat idle; it starts again now
             self._advance(now)
+            self.publish_kv_events()
             self._notify_streams()
             self._update_throughput(now)
             if self._pending is None:

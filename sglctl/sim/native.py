@@ -207,6 +207,8 @@ def server_args(sim: SimWorker) -> dict[str, Any]:
         "model_path": config.model_path,
         "tokenizer_path": config.tokenizer_path or config.model_path,
         "served_model_name": config.model_name,
+        "page_size": config.page_size,
+        "kv_events_config": config.kv_events_config,
         "host": config.host,
         "port": config.port,
         "tp_size": config.tp_size,

@@ -14,7 +14,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sglctl.sim.tokenizer import CHARS_PER_TOKEN, encode
+from sglctl.fourchar import CHARS_PER_TOKEN, encode  # output text and ids: always the rule
 
 _CORPUS = (
     "The simulated model answers in plain words. It has no weights and no GPU, yet it "

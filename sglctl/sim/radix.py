@@ -11,6 +11,14 @@ This mirrors what SGLang's ``RadixCache`` does, in the amount of detail the simu
   output). Making room evicts least-recently-used unlocked leaves, leaf by leaf, the way SGLang
   does, so a shared prefix outlives the branches that hang off it.
 
+With ``page_size`` > 1 the cache works in whole pages, as SGLang's does with ``--page-size``:
+only page-aligned prefixes are inserted and matched, so every edge is a run of whole pages and
+children are keyed by their first page. With ``record_events`` on, the cache also records
+SGLang's KV cache events (:mod:`sglctl.sim.kv_events`) in the order SGLang emits them: one
+``BlockStored`` per page a new node brings (chained to the previous page by its hash), one
+``BlockRemoved`` per page an evicted leaf drops, ``AllBlocksCleared`` on :meth:`reset`.
+Splitting a node moves its page hashes, it emits nothing (SGLang's split does not either).
+
 Token runs are Python lists; comparisons use slice equality (C speed) with a binary search
 for the first mismatch, so matching a 126k-token prompt costs microseconds, not a Python loop
 over every token.
@@ -22,17 +30,23 @@ import heapq
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
+
+from sglctl.sim.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, page_hash
 
 
 class Node:
     """One tree node; ``key`` is the token run on the edge from the parent."""
 
-    __slots__ = ("children", "key", "last_access", "parent", "ref")
+    __slots__ = ("children", "hashes", "key", "last_access", "parent", "ref")
 
     def __init__(self, key: list[int], parent: Node | None) -> None:
         self.key = key
         self.parent = parent
-        self.children: dict[int, Node] = {}
+        #: Children by their first token (page size 1) or first page (a tuple).
+        self.children: dict[Any, Node] = {}
+        #: One block hash per page of ``key`` (only with events on).
+        self.hashes: list[int] = []
         self.ref = 0
         self.last_access = time.monotonic()
 
@@ -70,14 +84,23 @@ def _common_prefix_len(key: Sequence[int], tokens: Sequence[int], start: int) ->
 class RadixCache:
     """Radix tree of cached token runs plus the accounting of a ``capacity``-token KV pool."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, page_size: int = 1, record_events: bool = False) -> None:
         if capacity <= 0:
             raise ValueError(f"capacity must be positive, not {capacity}")
+        if page_size <= 0:
+            raise ValueError(f"page_size must be positive, not {page_size}")
         self.capacity = capacity
+        self.page_size = page_size
+        self.record_events = record_events
+        #: KV cache events not taken yet (:meth:`take_events`); stays empty with events off.
+        self.events: list[BlockStored | BlockRemoved | AllBlocksCleared] = []
+        self.root = Node([], None)
         self.reset()
 
     def reset(self) -> None:
         """Drop every cached token. Only valid when nothing is locked or reserved."""
+        if self.record_events and self.root.children:
+            self.events.append(AllBlocksCleared())
         self.root = Node([], None)
         self.root.ref = 1  # the root is never evicted
         self.evictable_size = 0  # tokens in unlocked nodes
@@ -104,6 +127,30 @@ class RadixCache:
         """What an allocation could get: free tokens plus everything evictable."""
         return self.free + self.evictable_size
 
+    # ----- events --------------------------------------------------------------------------
+
+    def take_events(self) -> list[BlockStored | BlockRemoved | AllBlocksCleared]:
+        """The events recorded since the last call, oldest first (one batch to publish)."""
+        events, self.events = self.events, []
+        return events
+
+    def _child_key(self, tokens: Sequence[int], pos: int) -> Any:
+        if self.page_size == 1:
+            return tokens[pos]
+        return tuple(tokens[pos : pos + self.page_size])
+
+    def _record_stored(self, node: Node) -> None:
+        """One ``BlockStored`` per page of a new node, each chained to the page before."""
+        parent = node.parent
+        prev = parent.hashes[-1] if parent is not None and parent.hashes else None
+        size = self.page_size
+        for start in range(0, len(node.key), size):
+            page = node.key[start : start + size]
+            block = page_hash(prev, page)
+            node.hashes.append(block)
+            self.events.append(BlockStored([block], prev, page, len(page), None))
+            prev = block
+
     # ----- matching and insertion ----------------------------------------------------------
 
     def match_prefix(self, tokens: Sequence[int]) -> Match:
@@ -115,12 +162,17 @@ class RadixCache:
         now = time.monotonic()
         node = self.root
         pos = 0
-        while pos < len(tokens):
-            child = node.children.get(tokens[pos])
+        size = self.page_size
+        end = len(tokens) - len(tokens) % size  # whole pages only
+        while pos < end:
+            child = node.children.get(self._child_key(tokens, pos))
             if child is None:
                 break
             shared = _common_prefix_len(child.key, tokens, pos)
+            shared -= shared % size
             child.last_access = now
+            if shared == 0:  # the first page differs after its first tokens (page_size > 1)
+                break
             if shared < len(child.key):
                 node = self._split(child, shared)
                 pos += shared
@@ -135,12 +187,15 @@ class RadixCache:
         New tokens count as evictable until someone locks them. The caller is responsible for
         having room (see :meth:`allocate`): insertion itself never evicts.
         """
-        match = self.match_prefix(tokens)
+        aligned = len(tokens) - len(tokens) % self.page_size  # SGLang caches whole pages only
+        match = self.match_prefix(tokens[:aligned] if aligned < len(tokens) else tokens)
         node, pos = match.node, match.length
-        if pos == len(tokens):
+        if pos == aligned:
             return node, 0
-        new = Node(list(tokens[pos:]), node)
-        node.children[new.key[0]] = new
+        new = Node(list(tokens[pos:aligned]), node)
+        node.children[self._child_key(new.key, 0)] = new
+        if self.record_events:
+            self._record_stored(new)
         added = len(new.key)
         self.evictable_size += added  # a new node starts unlocked, even under a locked parent
         return new, added
@@ -152,10 +207,13 @@ class RadixCache:
         upper = Node(child.key[:at], parent)
         upper.ref = child.ref
         upper.last_access = child.last_access
-        parent.children[upper.key[0]] = upper
+        if child.hashes:  # ``at`` is page-aligned: the pages' hashes split with them
+            pages = at // self.page_size
+            upper.hashes, child.hashes = child.hashes[:pages], child.hashes[pages:]
+        parent.children[self._child_key(upper.key, 0)] = upper
         child.key = child.key[at:]
         child.parent = upper
-        upper.children[child.key[0]] = child
+        upper.children[self._child_key(child.key, 0)] = child
         return upper
 
     # ----- locking -------------------------------------------------------------------------
@@ -211,7 +269,9 @@ class RadixCache:
             leaf = heapq.heappop(leaves)
             parent = leaf.parent
             assert parent is not None
-            del parent.children[leaf.key[0]]
+            del parent.children[self._child_key(leaf.key, 0)]
+            if self.record_events:
+                self.events.extend(BlockRemoved([block]) for block in leaf.hashes)
             evicted += len(leaf.key)
             self.evictable_size -= len(leaf.key)
             if parent is not self.root and not parent.children and parent.ref == 0:

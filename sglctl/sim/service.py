@@ -17,11 +17,13 @@ from typing import Any
 from starlette.types import Message, Receive
 
 from sglctl import __version__
+from sglctl.sim import tokenizer
 from sglctl.sim.config import SimConfig
 from sglctl.sim.disagg import DecodeReceiver, PrefillRooms, parse_bootstrap
 from sglctl.sim.engine import Engine, Phase, RequestRejected, SimRequest
 from sglctl.sim.errors import APIError
 from sglctl.sim.faults import FaultInjector
+from sglctl.sim.kv_events import KvEventPublisher
 from sglctl.sim.metrics import SimMetrics
 from sglctl.sim.output import plan_output
 from sglctl.sim.protocol import GenerateItem
@@ -43,6 +45,11 @@ class SimWorker:
         self.faults = FaultInjector(config)
         self.started_at = time.time()
         self._task: asyncio.Task[None] | None = None
+        #: Publishes the cache's KV events (``--kv-events-config``), from :meth:`start` on.
+        self.kv_publisher: KvEventPublisher | None = None
+        tokenizer_file = tokenizer.tokenizer_file(config.tokenizer_path)
+        if tokenizer_file is not None:
+            tokenizer.use_tokenizer_file(tokenizer_file)
         # PD roles: at most one of these exists (sglctl.sim.disagg).
         self.prefill: PrefillRooms | None = None
         self.decode: DecodeReceiver | None = None
@@ -63,6 +70,10 @@ class SimWorker:
     # ----- life cycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
+        events = self.config.kv_events
+        if events is not None and events.enabled:
+            self.kv_publisher = KvEventPublisher(events)
+            self.engine.on_kv_events = self.kv_publisher.publish
         if self.prefill is not None:
             await self.prefill.server.start()
         self._task = asyncio.get_running_loop().create_task(self.engine.run(), name="sim-engine")
@@ -76,6 +87,10 @@ class SimWorker:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self.kv_publisher is not None:
+            self.engine.on_kv_events = None
+            await asyncio.to_thread(self.kv_publisher.close)
+            self.kv_publisher = None
 
     # ----- generation ------------------------------------------------------------------------
 

@@ -1,113 +1,90 @@
-"""A deterministic, fast stand-in tokenizer: one token per fixed 4-character chunk.
+"""The simulated worker's tokenizer: the 4-character rule, or a real ``tokenizer.json``.
 
-Rule: the text is cut into consecutive chunks of ``CHARS_PER_TOKEN`` (4) characters; the last
-chunk may be shorter. A chunk whose characters are all below U+0100 (Latin-1, so all ASCII)
-gets the id ``c0 | c1 << 8 | c2 << 16 | c3 << 24`` (missing characters count as 0); any other
-chunk gets ``2**32 + (c0 | c1 << 21 | c2 << 42 | c3 << 63)``. Ids are therefore a reversible
-encoding of the chunk: :func:`decode` gives the text back exactly.
+By default every prompt is encoded with the 4-character rule of :mod:`sglctl.fourchar` (fast,
+reversible, ~4 characters a token like real tokenizers; its docstring says why). With
+``--tokenizer-path`` naming a ``tokenizer.json`` (or a directory holding one) the worker
+encodes and decodes with that file through the ``tokenizers`` library instead, the way SGLang
+uses the model's tokenizer: a router that tokenizes to match the worker's KV cache events
+(``sglctl router --kv-events --tokenizer-path``) can then be tested against the very ids a
+real worker would cache. A ``--tokenizer-path`` that is not such a file stays what it always
+was here, a name reported by ``/get_model_info``.
 
-Why this rule:
-
-* Real tokenizers average about four characters a token on English text, so prompt sizes and
-  the router's character-based cache estimates stay in proportion with real SGLang.
-* A token depends only on its own four characters, so texts whose lengths are multiples of four
-  concatenate into the concatenation of their tokens. The benchmark relies on that to build
-  prompts from 512-token blocks (:func:`text_for_tokens`).
-* Latin-1 text is encoded with one ``bytes`` conversion and a ``memoryview`` cast, so 500 KB of
-  text (a 126k-token prompt) encodes in about a millisecond with no per-token Python work.
-
-No BOS token is added: ``prompt_tokens`` equals ``len(encode(text))``.
+The choice is process-wide (one worker per process): :func:`use_tokenizer_file` swaps it, and
+:func:`encode` / :func:`decode` dispatch at call time, so modules that imported them directly
+follow.
 """
 
 from __future__ import annotations
 
-import random
-from array import array
+import logging
 from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
 
-CHARS_PER_TOKEN = 4
-_WIDE_BASE = 1 << 32
-_MAX_CODEPOINT = 0x10FFFF
-# 64 symbols, so that a random byte maps onto one of them evenly (byte % 64).
-_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 ."
-_BYTE_TO_SYMBOL = bytes.maketrans(bytes(range(256)), (_ALPHABET * 4).encode("ascii"))
+from sglctl import fourchar
+from sglctl.fourchar import CHARS_PER_TOKEN, text_for_tokens
+
+__all__ = [
+    "CHARS_PER_TOKEN",
+    "count_tokens",
+    "decode",
+    "encode",
+    "text_for_tokens",
+    "token_strings",
+    "tokenizer_file",
+    "use_tokenizer_file",
+]
+
+log = logging.getLogger(__name__)
+#: The loaded ``tokenizers.Tokenizer``, or None for the 4-character rule.
+_real: Any = None
+
+
+def tokenizer_file(path: str | None) -> Path | None:
+    """The ``tokenizer.json`` that ``path`` names (the file, or a directory holding it)."""
+    if not path:
+        return None
+    candidate = Path(path)
+    if candidate.is_dir():
+        candidate = candidate / "tokenizer.json"
+    return candidate if candidate.is_file() else None
+
+
+def use_tokenizer_file(path: str | Path | None) -> None:
+    """Encode with the ``tokenizer.json`` at ``path`` from now on (None: the 4-character rule)."""
+    global _real
+    if path is None:
+        _real = None
+        return
+    from tokenizers import Tokenizer  # only a worker given a real tokenizer loads the library
+
+    _real = Tokenizer.from_file(str(path))
+    log.info("tokenizing with %s (add_special_tokens=True, as SGLang does)", path)
 
 
 def encode(text: str) -> list[int]:
-    """Token ids of ``text`` (see the module docstring for the rule)."""
-    if not text:
-        return []
-    try:
-        raw = text.encode("latin-1")
-    except UnicodeEncodeError:
-        return _encode_wide(text)
-    pad = -len(raw) % CHARS_PER_TOKEN
-    if pad:
-        raw += b"\0" * pad
-    return memoryview(raw).cast("I").tolist() if _LITTLE_ENDIAN else _encode_wide(text)
-
-
-def _encode_wide(text: str) -> list[int]:
-    """Slow path for text with characters above U+00FF: one small integer formula a chunk."""
-    ids: list[int] = []
-    for start in range(0, len(text), CHARS_PER_TOKEN):
-        chunk = [ord(ch) for ch in text[start : start + CHARS_PER_TOKEN]]
-        chunk += [0] * (CHARS_PER_TOKEN - len(chunk))
-        if max(chunk) < 0x100:
-            ids.append(chunk[0] | chunk[1] << 8 | chunk[2] << 16 | chunk[3] << 24)
-        else:
-            ids.append(_WIDE_BASE + (chunk[0] | chunk[1] << 21 | chunk[2] << 42 | chunk[3] << 63))
+    """Token ids of ``text``."""
+    if _real is None:
+        return fourchar.encode(text)
+    ids: list[int] = _real.encode(text, add_special_tokens=True).ids
     return ids
 
 
 def decode(ids: Iterable[int]) -> str:
-    """Text of ``ids``; ids that no text encodes to decode to U+FFFD instead of failing."""
-    ids = list(ids)
-    if not ids:
-        return ""
-    if max(ids) < _WIDE_BASE and min(ids) >= 0:
-        raw = array("I", ids)
-        if not _LITTLE_ENDIAN:
-            raw.byteswap()
-        return raw.tobytes().decode("latin-1").replace("\0", "")
-    return "".join(_decode_one(token) for token in ids)
-
-
-def _decode_one(token: int) -> str:
-    if 0 <= token < _WIDE_BASE:
-        codes = [(token >> shift) & 0xFF for shift in (0, 8, 16, 24)]
-    elif token >= _WIDE_BASE:
-        value = token - _WIDE_BASE
-        codes = [(value >> shift) & 0x1FFFFF for shift in (0, 21, 42, 63)]
-    else:
-        return "\ufffd"
-    return "".join(
-        "\ufffd" if code > _MAX_CODEPOINT or 0xD800 <= code <= 0xDFFF else chr(code)
-        for code in codes
-        if code
-    )
+    """Text of ``ids``."""
+    if _real is None:
+        return fourchar.decode(ids)
+    text: str = _real.decode(list(ids), skip_special_tokens=True)
+    return text
 
 
 def count_tokens(text: str) -> int:
-    """``len(encode(text))`` without building the list."""
-    return -(-len(text) // CHARS_PER_TOKEN)
-
-
-def text_for_tokens(n: int, seed: int | str = 0) -> str:
-    """Pseudo-random ASCII text that encodes to exactly ``n`` tokens; same seed, same text.
-
-    The text is ``n * CHARS_PER_TOKEN`` characters long, so texts made by this function can be
-    concatenated and the tokens concatenate with them.
-    """
-    if n < 0:
-        raise ValueError(f"n must be >= 0, not {n}")
-    rng = random.Random(seed if isinstance(seed, int) else str(seed))
-    return rng.randbytes(n * CHARS_PER_TOKEN).translate(_BYTE_TO_SYMBOL).decode("ascii")
+    """``len(encode(text))`` (without building the list for the 4-character rule)."""
+    return fourchar.count_tokens(text) if _real is None else len(encode(text))
 
 
 def token_strings(ids: Sequence[int]) -> list[str]:
     """Each token's own text (for logprob-style per-token output)."""
-    return [_decode_one(token) for token in ids]
-
-
-_LITTLE_ENDIAN = array("I", [1]).tobytes()[0] == 1
+    if _real is None:
+        return fourchar.token_strings(ids)
+    return [_real.decode([token], skip_special_tokens=False) for token in ids]

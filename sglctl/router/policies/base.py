@@ -25,6 +25,9 @@ class RouteKey:
 
     text: str | None = None
     input_ids: Sequence[int] | None = None
+    #: A chat request: ``text`` is the messages' contents, not the prompt the worker renders
+    #: (so ``--kv-events`` cannot tokenize it; see :mod:`sglctl.router.tokens`).
+    chat: bool = False
 
     @property
     def empty(self) -> bool:

@@ -39,6 +39,20 @@ Two corrections from the workers, both off by default (sglctl only, issue 14):
   the same effective load, so that every replica skips the same owners; see
   :mod:`~sglctl.router.policies.placement`.)
 
+With KV cache events (``--kv-events``, :meth:`CacheAwarePolicy.use_kv_events`): for the
+workers whose event feed is up, step 2 matches the request's *tokens* against the exact index
+of what they hold (:mod:`sglctl.router.kv_index`, fed by every worker's events, so every
+router replica sees the same thing, whichever replica placed the prefix); workers without a
+feed, and chat requests (no template here: :mod:`sglctl.router.tokens`), are matched on the
+tree as before. Misses keep the configured placement (``load`` by default: the greedy choice
+on current load), and the load read for the imbalance check and the placement is the shared
+one (:meth:`CacheAwarePolicy.shared_load`, the workers' ``/get_load`` counts every replica
+reads alike), as ``placement="hash"`` does, moved on by this router's own dispatches since the
+last report (:func:`~sglctl.router.load_poll.current_load`: else every miss until the next poll
+goes to the same least-loaded worker). The tree is still fed: among equally loaded workers a
+miss goes to the smallest tree, which differs per replica, so misses arriving together at
+different replicas spread instead of colliding.
+
 Why ``placement="load"`` exists (issue 14, ``benchmarks/RESULTS.md`` "Where the E2E gap came
 from"): the smallest-tree rule balances the *characters* each worker was sent, not the work it
 is doing. Most requests of the traces are misses, so it hands every miss to one worker until
@@ -63,10 +77,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from operator import attrgetter
 
-from sglctl.router.load_poll import WorkerLoad, effective_load
+from sglctl.router.kv_index import KvIndex
+from sglctl.router.load_poll import WorkerLoad, current_load, effective_load
 from sglctl.router.policies import placement, reports
 from sglctl.router.policies.base import NO_KEY, Policy, RouteKey
 from sglctl.router.policies.reports import TreeCorrector
+from sglctl.router.tokens import Encoder, route_tokens
 from sglctl.router.tree import DEFAULT_BLOCK, Prefixes, PrefixHasher, PrefixTree
 from sglctl.router.workers import Worker
 
@@ -181,6 +197,20 @@ class CacheAwarePolicy(Policy):
         self.cache_misses = 0
         #: Requests routed by the imbalance fallback.
         self.balance_fallbacks = 0
+        #: ``--kv-events``: the exact index, which workers have a live feed, the tokenizer.
+        self.kv_index: KvIndex | None = None
+        self.kv_fed: Callable[[str], bool] = lambda url: False
+        self.kv_encoder: Encoder | None = None
+        #: Requests whose match was decided on the exact index (hit or miss).
+        self.kv_matched = 0
+
+    def use_kv_events(self, index: KvIndex, fed: Callable[[str], bool], encoder: Encoder) -> None:
+        """Match on ``index`` for the workers ``fed`` says have a live event feed; read the
+        shared load (the poller must run: :attr:`uses_worker_loads`)."""
+        self.kv_index = index
+        self.kv_fed = fed
+        self.kv_encoder = encoder
+        self.uses_worker_loads = True
 
     def prefixes(self, key: RouteKey) -> Prefixes:
         if key.input_ids:
@@ -189,15 +219,20 @@ class CacheAwarePolicy(Policy):
 
     def load_of(self) -> Callable[[Worker], int]:
         """A worker's load in requests: in flight, or corrected by the workers' own reports."""
+        if self.kv_index is not None:
+            return self.shared_load(current=True)
         return self.shared_load() if self.load_from_workers else _load
 
-    def shared_load(self) -> Callable[[Worker], int]:
+    def shared_load(self, current: bool = False) -> Callable[[Worker], int]:
         """In flight, raised to the worker's fresh ``/get_load`` count (the same on every
-        replica); just in flight when nothing is polled."""
+        replica); just in flight when nothing is polled. ``current``: the report moved on by
+        this router's own dispatches since (:func:`~sglctl.router.load_poll.current_load`),
+        for the greedy placement of ``--kv-events``."""
         loads, now = self.worker_loads, time.monotonic()
         if not loads:
             return _load
-        return lambda w: effective_load(w.in_flight, loads.get(w.url), now)
+        fn = current_load if current else effective_load
+        return lambda w: fn(w.in_flight, loads.get(w.url), now)
 
     def is_imbalanced(
         self, workers: Sequence[Worker], load: Callable[[Worker], int] = _load
@@ -230,10 +265,9 @@ class CacheAwarePolicy(Policy):
             chosen = min(workers, key=load)
         else:
             by_load = sorted(workers, key=load)
-            best_url, matched = self.tree.match(prefixes, (w.url for w in by_load))
-            self.last_match = matched
+            best_url, ratio = self._best_match(key, prefixes, by_load)
             by_url = {w.url: w for w in by_load}
-            if best_url is not None and matched / prefixes.length > self.cache_threshold:
+            if best_url is not None and ratio > self.cache_threshold:
                 self.cache_hits += 1
                 self.last_decision = "cache_hit"
                 chosen = by_url[best_url]
@@ -242,6 +276,38 @@ class CacheAwarePolicy(Policy):
                 chosen = self.place(prefixes, by_load, load)
         self._record(prefixes, chosen, key)
         return chosen
+
+    def _best_match(
+        self, key: RouteKey, prefixes: Prefixes, by_load: Sequence[Worker]
+    ) -> tuple[str | None, float]:
+        """The worker holding the longest share of the request and that share (0..1).
+
+        Fed workers are matched on the exact index in tokens, the others on the tree in its
+        units; the larger share wins, ties to the less loaded (``by_load`` order).
+        """
+        index, encoder = self.kv_index, self.kv_encoder
+        tree_workers: Sequence[Worker] = by_load
+        best_url: str | None = None
+        best = 0.0
+        if index is not None and encoder is not None:
+            fed = [w for w in by_load if self.kv_fed(w.url)]
+            tokens = route_tokens(key, encoder) if fed else None
+            if fed and tokens:
+                self.kv_matched += 1
+                matches = index.match(tokens, (w.url for w in fed))
+                for worker in fed:
+                    share = matches.get(worker.url, 0) / len(tokens)
+                    if share > best:
+                        best_url, best = worker.url, share
+                self.last_match = max(matches.values(), default=0)
+                tree_workers = [w for w in by_load if w not in fed]
+        if tree_workers:
+            url, matched = self.tree.match(prefixes, (w.url for w in tree_workers))
+            share = matched / prefixes.length
+            if url is not None and (best_url is None or share > best):
+                best_url, best = url, share
+                self.last_match = matched
+        return best_url, best
 
     def _record(self, prefixes: Prefixes, chosen: Worker, key: RouteKey) -> None:
         """The tree gets the prompt; with the correction on, the next attempt a ticket."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import pytest
@@ -194,3 +195,34 @@ def test_every_port_conflict_is_reported_at_once() -> None:
     assert "4 port problems" in message
     for flag in ("--port 30600", "--metrics-port 29600", "--worker-base-port 31100"):
         assert f"pass {flag}" in message, message
+
+
+def test_kv_events_give_each_worker_its_own_ports_and_a_page_size() -> None:
+    cfg = parse_up_args(["--dp-size", "2", "--kv-events", "--kv-events-base-port", "6000"])
+    plan = make_plan(cfg, NO_GPU, has_sglang=False)
+    configs = []
+    for w in plan.workers:
+        i = w.argv.index("--kv-events-config")
+        configs.append(json.loads(w.argv[i + 1]))
+        assert w.argv[w.argv.index("--page-size") + 1] == "64"
+    assert configs == [
+        {"publisher": "zmq", "endpoint": "tcp://127.0.0.1:6000",
+         "replay_endpoint": "tcp://127.0.0.1:6001"},
+        {"publisher": "zmq", "endpoint": "tcp://127.0.0.1:6002",
+         "replay_endpoint": "tcp://127.0.0.1:6003"},
+    ]  # fmt: skip
+    assert "--kv-events" in cfg.router_args  # the router subscribes
+    # A taken events port names its flag; without --kv-events no worker publishes.
+    with pytest.raises(PlanError, match=r"port 6003 \(worker 1's KV events replay server\)"):
+        check_ports(cfg, plan, is_free=lambda host, port: port != 6003)
+    plain = make_plan(parse_up_args(["--dp-size", "2"]), NO_GPU, has_sglang=False)
+    assert all("--kv-events-config" not in w.argv for w in plain.workers)
+
+
+def test_kv_events_keep_the_users_page_size_and_refuse_one_config_for_all() -> None:
+    cfg = parse_up_args(["--dp-size", "1", "--kv-events", "--", "--page-size", "16"])
+    (worker,) = make_plan(cfg, NO_GPU, has_sglang=False).workers
+    assert worker.argv.count("--page-size") == 1
+    assert worker.argv[worker.argv.index("--page-size") + 1] == "16"
+    with pytest.raises(UsageError, match="pass the router's --kv-events instead"):
+        parse_up_args(["--dp-size", "2", "--", "--kv-events-config", '{"publisher":"zmq"}'])

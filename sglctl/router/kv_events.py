@@ -52,6 +52,12 @@ END_SEQ = -1
 RECONCILE_SECS = 1.0
 #: How long one replay answer may take before the feed gives up on that replay.
 REPLAY_TIMEOUT_SECS = 5.0
+#: A feed that got no batch for this long asks the replay socket for anything newer. Why: a
+#: SUB socket's subscription reaches the publisher a moment after ``connect`` (ZMQ's "slow
+#: joiner"), so a batch sent in that moment is lost; on a busy worker the next batch shows
+#: the gap and a replay fills it, but a worker that then goes quiet would leave the index
+#: short until its next store. One small round trip per idle worker every few seconds.
+IDLE_REPLAY_SECS = 2.0
 #: Between attempts to learn a worker's publisher from /get_server_info.
 RESOLVE_RETRY_SECS = 2.0
 
@@ -183,6 +189,9 @@ class WorkerFeed:
             )
             await self._replay(0 if self.last is None else self.last + 1)
             while True:
+                if not await sub.poll(IDLE_REPLAY_SECS * 1000):
+                    await self._replay(0 if self.last is None else self.last + 1)
+                    continue
                 frames = await sub.recv_multipart()
                 if len(frames) < 3:
                     continue

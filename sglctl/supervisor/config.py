@@ -26,9 +26,16 @@ BACKENDS = ("auto", "sglang", "sim")
 DEFAULT_WORKER_BASE_PORT = 31000
 #: SGLang's own default ``--disaggregation-bootstrap-port``; prefill worker j gets this + j.
 DEFAULT_BOOTSTRAP_BASE_PORT = 8998
+#: SGLang's own default KV events port (``tcp://*:5557``); with the router's ``--kv-events``,
+#: worker i publishes on this + 2i and answers replays on this + 2i + 1.
+DEFAULT_KV_EVENTS_BASE_PORT = 5557
 #: Worker flags ``sglctl up`` sets itself in a PD layout (one value per worker, not one for
 #: all): given after ``--`` they would override the plan, so they are refused.
-PLANNED_WORKER_FLAGS = ("--disaggregation-mode", "--disaggregation-bootstrap-port")
+PLANNED_WORKER_FLAGS = (
+    "--disaggregation-mode",
+    "--disaggregation-bootstrap-port",
+    "--kv-events-config",
+)
 #: Router flags that name workers: ``sglctl up`` starts its own and tells the router of them.
 PLANNED_ROUTER_FLAGS = (
     "--worker-urls",
@@ -71,6 +78,8 @@ class UpConfig:
     decode_dp: int = 0
     #: Prefill worker j's ``--disaggregation-bootstrap-port`` is this + j.
     bootstrap_base_port: int = DEFAULT_BOOTSTRAP_BASE_PORT
+    #: With the router's ``--kv-events``: worker i's KV events ports are this + 2i, + 2i + 1.
+    kv_events_base_port: int = DEFAULT_KV_EVENTS_BASE_PORT
     tp_size: int = 1
     base_gpu_id: int = 0
     worker_base_port: int = DEFAULT_WORKER_BASE_PORT
@@ -229,6 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PORT",
         help="prefill worker j's --disaggregation-bootstrap-port is this + j "
         "(kept across its restarts)",
+    )
+    g.add_argument(
+        "--kv-events-base-port",
+        type=argtypes.port,
+        default=d.kv_events_base_port,
+        metavar="PORT",
+        help="with the router's --kv-events: worker i publishes its KV cache events on this + 2i "
+        "and answers replays on this + 2i + 1 (its --kv-events-config, set by sglctl up)",
     )
 
     g = p.add_argument_group(
@@ -411,13 +428,19 @@ def _check_layout(
             "(e.g. --prefill-dp 1 --decode-dp 2)"
         )
     for flag in PLANNED_ROUTER_FLAGS:
-        if _has_flag(router_args, flag):
+        if has_flag(router_args, flag):
             raise UsageError(
                 f"sglctl up starts its own workers; drop {flag} (or run `sglctl router "
                 f"{flag} ...` for workers started elsewhere)"
             )
     for flag in PLANNED_WORKER_FLAGS:
-        if _has_flag(worker_args, flag):
+        if flag == "--kv-events-config" and has_flag(worker_args, flag):
+            raise UsageError(
+                "--kv-events-config after `--` would give every worker the same ports; pass "
+                "the router's --kv-events instead: sglctl up then gives worker i its own "
+                "(--kv-events-base-port + 2i, + 2i + 1)"
+            )
+        if has_flag(worker_args, flag):
             raise UsageError(
                 f"{flag} after `--` would give every worker the same value; sglctl up sets it "
                 "per worker: drop it and use --prefill-dp P --decode-dp D "
@@ -425,7 +448,7 @@ def _check_layout(
             )
 
 
-def _has_flag(args: Sequence[str], flag: str) -> bool:
+def has_flag(args: Sequence[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in args)
 
 

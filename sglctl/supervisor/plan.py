@@ -21,13 +21,14 @@ router and in-flight decode requests keep pointing at the right place.
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from sglctl.gpus import GpuReport
 from sglctl.net import port_is_free
-from sglctl.supervisor.config import UpConfig
+from sglctl.supervisor.config import UpConfig, has_flag
 
 WORKER_HOST = "127.0.0.1"
 
@@ -163,6 +164,38 @@ def role_flags(role: str, bootstrap_port: int | None = None) -> tuple[str, ...]:
     raise PlanError(f"unknown worker role {role!r}; choose prefill or decode")
 
 
+#: The page size ``sglctl up`` gives workers that publish KV events, unless ``--page-size``
+#: follows ``--``: SGLang sends one event per page, and with its default of 1 a 30k-token
+#: prompt would be 30k events for every router to decode.
+KV_EVENTS_PAGE_SIZE = 64
+
+
+def kv_events_flags(
+    port: int, worker_args: Sequence[str], host: str = "127.0.0.1"
+) -> tuple[str, ...]:
+    """SGLang's ``--kv-events-config`` for a worker publishing on ``port`` (replays on
+    ``port + 1``), and ``--page-size`` unless the user gave one. The router finds the ports in
+    the worker's ``/get_server_info``, so nothing else needs to know them."""
+    config = json.dumps(
+        {
+            "publisher": "zmq",
+            "endpoint": f"tcp://{host}:{port}",
+            "replay_endpoint": f"tcp://{host}:{port + 1}",
+        },
+        separators=(",", ":"),
+    )
+    page = () if has_flag(worker_args, "--page-size") else ("--page-size", str(KV_EVENTS_PAGE_SIZE))
+    return ("--kv-events-config", config, *page)
+
+
+def kv_events_ports(config: UpConfig, n_workers: int) -> list[int]:
+    """Worker i's KV events publisher port (its replay port is the next one); none without
+    the router's ``--kv-events``."""
+    if not has_flag(config.router_args, "--kv-events"):
+        return []
+    return [config.kv_events_base_port + 2 * i for i in range(n_workers)]
+
+
 def worker_command(
     backend: str,
     model: str,
@@ -243,6 +276,12 @@ def make_plan(config: UpConfig, gpus: GpuReport, has_sglang: bool) -> Plan:
         )
     else:
         groups = [() for _ in range(n)]
+    events = kv_events_ports(config, n)
+    if events and events[-1] + 1 > 65535:
+        raise PlanError(
+            f"--kv-events-base-port {config.kv_events_base_port} leaves no room for {n} "
+            "workers' KV events ports: lower it"
+        )
     workers = [
         make_worker_spec(
             i,
@@ -251,7 +290,9 @@ def make_plan(config: UpConfig, gpus: GpuReport, has_sglang: bool) -> Plan:
             config.worker_base_port + i,
             groups[i],
             config.tp_size,
-            config.worker_args,
+            [*kv_events_flags(events[i], config.worker_args, WORKER_HOST), *config.worker_args]
+            if events
+            else config.worker_args,
             role=role,
             bootstrap_port=bootstrap_port,
         )
@@ -283,8 +324,15 @@ def port_conflicts(config: UpConfig, plan: Plan, is_free: PortCheck = port_is_fr
         for w in plan.workers
         if w.bootstrap_port is not None
     ]  # fmt: skip
+    events = kv_events_ports(config, len(plan.workers))
+    wanted += [
+        (WORKER_HOST, port + k, f"worker {i}'s KV events {what}", "--kv-events-base-port")
+        for i, port in enumerate(events)
+        for k, what in ((0, "publisher"), (1, "replay server"))
+    ]
     blocks = {
         "--worker-base-port": (config.worker_base_port, len(plan.workers)),
+        "--kv-events-base-port": (config.kv_events_base_port, 2 * len(events)),
         "--bootstrap-base-port": (
             config.bootstrap_base_port,
             sum(w.bootstrap_port is not None for w in plan.workers),

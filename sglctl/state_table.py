@@ -67,10 +67,8 @@ import logging
 import os
 import stat
 import struct
-import sys
 import time
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 from pathlib import Path
@@ -78,6 +76,7 @@ from pathlib import Path
 import psutil
 
 from sglctl.proctree import process_start_time
+from sglctl.shm import open_segment, untracked
 
 log = logging.getLogger(__name__)
 
@@ -258,34 +257,6 @@ def process_matches(pid: int, create_time: float) -> bool:
     return started != 0.0 and abs(started - create_time) < 0.5
 
 
-@contextlib.contextmanager
-def _untracked() -> Iterator[None]:
-    """Keep ``multiprocessing``'s resource tracker out of our segments (Python < 3.13).
-
-    Before 3.13 every ``SharedMemory`` (even one that only attaches) registers with a tracker
-    process that unlinks the segment when the registering process exits -- so the router
-    exiting would delete the supervisor's table. Lifetimes here are explicit (the supervisor
-    unlinks at shutdown; a stale segment is replaced by the next run), so we opt out.
-    """
-    if sys.version_info >= (3, 13):
-        yield
-        return
-    tracker = shared_memory.resource_tracker  # type: ignore[attr-defined]
-    saved = tracker.register, tracker.unregister
-    tracker.register = tracker.unregister = lambda *args, **kwargs: None
-    try:
-        yield
-    finally:
-        tracker.register, tracker.unregister = saved
-
-
-def _open(name: str, create: bool = False, size: int = 0) -> shared_memory.SharedMemory:
-    with _untracked():
-        if sys.version_info >= (3, 13):
-            return shared_memory.SharedMemory(name, create=create, size=size, track=False)
-        return shared_memory.SharedMemory(name, create=create, size=size)
-
-
 def _encode(text: str, size: int) -> bytes:
     raw = text.encode()
     if len(raw) > size:
@@ -319,7 +290,7 @@ def _peek_info(name: str) -> TableInfo | None:
     """Segment ``name``'s header whatever its layout version; None when it is missing, not
     an sglctl table, or still being created (no magic yet, or no owner recorded)."""
     try:
-        shm = _open(name)
+        shm = open_segment(name)
     except (FileNotFoundError, ValueError, OSError):
         return None
     try:
@@ -339,10 +310,10 @@ def _peek_info(name: str) -> TableInfo | None:
 def _unlink(name: str) -> None:
     """Remove segment ``name``'s name (gone already is fine)."""
     try:
-        shm = _open(name)
+        shm = open_segment(name)
     except FileNotFoundError:
         return
-    with _untracked(), contextlib.suppress(FileNotFoundError):
+    with untracked(), contextlib.suppress(FileNotFoundError):
         shm.unlink()
     with contextlib.suppress(BufferError):
         shm.close()
@@ -442,10 +413,10 @@ class StateTable:
         size = HEADER_SIZE + n_slots * SLOT_SIZE
         stale_slots: list[WorkerSlot] = []
         try:
-            shm = _open(name, create=True, size=size)
+            shm = open_segment(name, create=True, size=size)
         except FileExistsError:
             stale_slots = cls._take_over_stale(name)
-            shm = _open(name, create=True, size=size)
+            shm = open_segment(name, create=True, size=size)
         buf = shm.buf
         assert buf is not None
         buf[:size] = bytes(size)
@@ -509,7 +480,7 @@ class StateTable:
     def attach(cls, name: str) -> StateTable:
         """Open an existing segment (router, dashboard, control client)."""
         try:
-            shm = _open(name)
+            shm = open_segment(name)
         except FileNotFoundError as exc:
             raise StateTableError(
                 f"no state table named {name!r} (is `sglctl up` running?)"
@@ -529,7 +500,7 @@ class StateTable:
 
     def unlink(self) -> None:
         """Remove the segment's name; existing mappings stay valid until closed."""
-        with _untracked(), contextlib.suppress(FileNotFoundError):
+        with untracked(), contextlib.suppress(FileNotFoundError):
             self._shm.unlink()
 
     def __enter__(self) -> StateTable:

@@ -256,7 +256,8 @@ def test_attach_missing_or_foreign_segment_fails_clearly(name: str) -> None:
         StateTable.attach(name)
     from multiprocessing import shared_memory
 
-    from sglctl.state_table import _open, _untracked
+    from sglctl.shm import open_segment as _open
+    from sglctl.shm import untracked as _untracked
 
     foreign = _open(name, create=True, size=4096)
     assert foreign.buf is not None
@@ -443,7 +444,8 @@ def test_remove_stale_segments_removes_only_tables_of_dead_owners(name: str) -> 
     live = f"sglctl_test_{uuid.uuid4().hex[:10]}"
     foreign = f"sglctl_test_{uuid.uuid4().hex[:10]}"
     live_table, _ = StateTable.create(live, n_slots=1)
-    from sglctl.state_table import _open, _unlink
+    from sglctl.shm import open_segment as _open
+    from sglctl.state_table import _unlink
 
     not_ours = _open(foreign, create=True, size=4096)  # no magic: foreign, or being created
     try:
@@ -464,7 +466,7 @@ def test_remove_stale_segments_removes_only_tables_of_dead_owners(name: str) -> 
 
 def test_a_stale_table_of_another_layout_version_is_replaced(name: str) -> None:
     _segment_of_a_killed_owner(name)
-    from sglctl.state_table import _open
+    from sglctl.shm import open_segment as _open
 
     old = _open(name)
     assert old.buf is not None

@@ -31,11 +31,11 @@ import fcntl
 import logging
 import os
 import secrets
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from multiprocessing import shared_memory
 
 from sglctl.router.workers import Breaker, Worker
+from sglctl.shm import open_segment, untracked
 
 log = logging.getLogger(__name__)
 
@@ -43,30 +43,6 @@ log = logging.getLogger(__name__)
 SLOTS = 1024
 #: Bytes of a worker URL in the slot table (longer URLs are not shared: see ``slot_of``).
 NAME_BYTES = 256
-
-
-@contextlib.contextmanager
-def _untracked() -> Iterator[None]:
-    """Keep ``multiprocessing``'s resource tracker from unlinking the segment when a child
-    exits (Python < 3.13 registers even a process that only attaches); the parent unlinks
-    it explicitly (see :mod:`sglctl.state_table` for the same reasoning)."""
-    if sys.version_info >= (3, 13):
-        yield
-        return
-    tracker = shared_memory.resource_tracker  # type: ignore[attr-defined]
-    saved = tracker.register, tracker.unregister
-    tracker.register = tracker.unregister = lambda *args, **kwargs: None
-    try:
-        yield
-    finally:
-        tracker.register, tracker.unregister = saved
-
-
-def _segment(name: str, create: bool, size: int = 0) -> shared_memory.SharedMemory:
-    with _untracked():
-        if sys.version_info >= (3, 13):
-            return shared_memory.SharedMemory(name, create=create, size=size, track=False)
-        return shared_memory.SharedMemory(name, create=create, size=size)
 
 
 class SharedLoads:
@@ -94,14 +70,14 @@ class SharedLoads:
     def create(cls, procs: int) -> SharedLoads:
         """The parent's segment (all zero), and its lock file; the parent's index is 0."""
         name = f"sglctl-loads-{os.getpid()}-{secrets.token_hex(4)}"
-        shm = _segment(name, create=True, size=cls.size(procs))
+        shm = open_segment(name, create=True, size=cls.size(procs))
         with open(lock_path(name), "w"):
             pass
         return cls(shm, procs, 0)
 
     @classmethod
     def attach(cls, name: str, procs: int, index: int) -> SharedLoads:
-        return cls(_segment(name, create=False), procs, index)
+        return cls(open_segment(name, create=False), procs, index)
 
     def clear_row(self) -> None:
         """Zero this process's row: what a previous process with this index counted is gone."""
@@ -152,7 +128,7 @@ class SharedLoads:
         self._names.release()
         self._shm.close()
         if unlink:
-            with contextlib.suppress(FileNotFoundError), _untracked():
+            with contextlib.suppress(FileNotFoundError), untracked():
                 self._shm.unlink()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._lock_path)

@@ -35,12 +35,11 @@ import itertools
 import logging
 import os
 import signal
-from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import orjson
 
-from sglctl.router.policies.base import NO_KEY, Policy, RouteKey
+from sglctl.router.policies.base import Policy, RouteKey
 from sglctl.router.workers import Worker, WorkerRegistry
 
 log = logging.getLogger(__name__)
@@ -224,29 +223,10 @@ def _health_word(worker: Worker) -> str:
 
 
 def publish_routes(policy: Policy, siblings: Siblings) -> None:
-    """Make ``policy`` tell the siblings every routing decision (prefix, worker).
-
-    Wraps this one policy object's ``select`` (an instance attribute: the class and every
-    single-process router are untouched), for policies that can learn a sibling's choice
-    (those with ``observe``, i.e. the cache-aware tree).
-    """
-    if getattr(policy, "observe", None) is None:
-        return
-    inner: Callable[[Sequence[Worker], RouteKey], Worker | None] = policy.select
-
-    def select(workers: Sequence[Worker], key: RouteKey = NO_KEY) -> Worker | None:
-        chosen = inner(workers, key)
-        if chosen is None or key.empty:
-            return chosen
-        # A hit on the whole prompt taught this tree nothing new, nor would it the siblings'
-        # (they learnt it when it was new): skip it. It leaves their LRU order a little
-        # older than this process's, which only matters at the --max-tree-size bound.
-        whole = len(key.input_ids) if key.input_ids else len(key.text or "")
-        if getattr(policy, "last_decision", "") != "cache_hit" or policy.last_match < whole:
-            siblings.tell_route(key, chosen.url)
-        return chosen
-
-    policy.select = select  # type: ignore[method-assign]
+    """Make ``policy`` tell the siblings every routing decision (prefix, worker), for policies
+    that can learn a sibling's choice (the cache-aware tree: ``on_route`` / ``observe``)."""
+    if hasattr(policy, "on_route") and hasattr(policy, "observe"):
+        policy.on_route = siblings.tell_route
 
 
 async def close(siblings: Siblings) -> None:

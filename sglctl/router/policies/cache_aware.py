@@ -251,6 +251,8 @@ class CacheAwarePolicy(Policy):
             self.last_decision = "single_worker"
             if not key.empty:
                 self._record(self.prefixes(key), chosen, key)
+                if self.on_route is not None:
+                    self.on_route(key, chosen.url)
             return chosen
         load = self.load_of()
         if key.empty:
@@ -271,10 +273,15 @@ class CacheAwarePolicy(Policy):
                 self.cache_hits += 1
                 self.last_decision = "cache_hit"
                 chosen = by_url[best_url]
+                if ratio >= 1.0:  # nothing new: the siblings learnt it when it was
+                    self._record(prefixes, chosen, key)
+                    return chosen
             else:
                 self.cache_misses += 1
                 chosen = self.place(prefixes, by_load, load)
         self._record(prefixes, chosen, key)
+        if self.on_route is not None:
+            self.on_route(key, chosen.url)
         return chosen
 
     def _best_match(
@@ -316,6 +323,13 @@ class CacheAwarePolicy(Policy):
             tick = self.tree.last_use(prefixes, chosen.url, blocks) if blocks else 0
             self._next = _Ticket(self, chosen.url, prefixes, blocks, tick, not key.input_ids)
         self.tree.insert(prefixes, chosen.url)
+
+    #: Told every decision that taught the tree something (the request's key and the worker
+    #: chosen), so that the other ``--router-processes`` record it too (:meth:`observe` on
+    #: their side); None in a single-process router. A hit on the whole prompt is not told:
+    #: it leaves the siblings' LRU order a little older than this process's, which only
+    #: matters at the ``--max-tree-size`` bound.
+    on_route: Callable[[RouteKey, str], None] | None = None
 
     def observe(self, key: RouteKey, url: str) -> None:
         """Record that another router process sent ``key`` to ``url`` (``--router-processes``),

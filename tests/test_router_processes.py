@@ -375,3 +375,32 @@ def test_a_child_that_cannot_start_stops_the_router_with_its_error(tmp_path) -> 
     assert "no usable Kubernetes credentials" in done.stderr
     assert "before it was ready; stopping the router" in done.stderr
     assert "BufferError" not in done.stderr
+
+
+def test_a_long_prompt_reaches_the_siblings_whole(procs) -> None:
+    """A prompt longer than the first cut of what siblings were told (64 KB) is learnt whole
+    by the other process, so its next turn there is a hit on the same worker (a sibling that
+    knows only a prefix under half the prompt counts it a miss)."""
+    workers = [procs.sim_worker(*FAST) for _ in range(2)]
+    router = router2(procs, [w.url for w in workers])
+    prompt = "".join(
+        f"[paragraph {i}] a long shared document, word after word. " for i in range(4000)
+    )
+    assert len(prompt) > 200_000
+    body = {"text": prompt, "sampling_params": {"max_new_tokens": 1}}
+    with both(router.url) as (c0, c1):
+        first = c0.post("/generate", json=body)
+        assert first.status_code == 200, first.text
+        owner = first.headers["x-sglctl-worker"]
+
+        def learnt() -> bool:
+            text = c1.get("/metrics").text
+            line = f'sglang_router_tree_size_chars{{worker="{owner}"}} '
+            sizes = [float(row.split()[-1]) for row in text.splitlines() if row.startswith(line)]
+            return bool(sizes) and sizes[0] >= len(prompt)
+
+        wait_until(learnt, timeout=30, what="process 1's tree holding the whole prompt")
+        body["text"] = prompt + " and the next question"
+        again = c1.post("/generate", json=body)
+        assert again.status_code == 200, again.text
+        assert again.headers["x-sglctl-worker"] == owner

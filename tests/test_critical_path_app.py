@@ -10,19 +10,13 @@ the task path for the first request to each stub.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
-import httpx
 import pytest
 
 # Re-collected here, so that they run with this module's ``harness``.
 from test_fastpath_app import *  # noqa: F403
-from test_fastpath_app import lean_server
-from test_router_app import Harness, Stub, make_config, served
-
-from sglctl.net import find_free_port
-from sglctl.router.router import Router
+from test_fastpath_app import lean_harness
 
 # Not repeated here: these name their workers by the httpx harness's ``http://<stub>`` URLs
 # (registry look-ups, admin calls, metric labels, PD pairs), which real sockets do not have.
@@ -45,20 +39,4 @@ for _name in (
 @pytest.fixture(params=["native"])
 def harness(request: pytest.FixtureRequest) -> Callable[..., object]:
     """test_router_app's harness: stubs on real sockets, the native client, the lean server."""
-
-    @contextlib.asynccontextmanager
-    async def build(names: list[str], *flags: str, extra: list[str] = ()) -> AsyncIterator[Harness]:  # type: ignore[assignment]
-        stubs = {n: Stub(n) for n in [*names, *extra]}
-        async with contextlib.AsyncExitStack() as stack:
-            urls = await stack.enter_async_context(served(stubs))
-            urls["gone"] = f"http://127.0.0.1:{find_free_port()}"  # nothing listens
-            router = Router(make_config([urls[n] for n in names], *flags))
-            await router.start()
-            try:
-                base = await stack.enter_async_context(lean_server(router))
-                async with httpx.AsyncClient(base_url=base, trust_env=False) as client:
-                    yield Harness(router, client, stubs, urls)
-            finally:
-                await router.stop()
-
-    return build
+    return lean_harness(request.param)

@@ -63,7 +63,12 @@ async def lean_server(
 @pytest.fixture(params=["httpx"])
 def harness(request: pytest.FixtureRequest) -> Callable[..., object]:
     """test_router_app's harness, but the router is served over a socket (module docstring)."""
-    mode = request.param
+    return lean_harness(request.param)
+
+
+def lean_harness(mode: str) -> Callable[..., object]:
+    """The harness builder: stubs behind the httpx transport (``"httpx"``) or on real sockets
+    with the native client (``"native"``, test_critical_path_app.py), the lean server."""
 
     @contextlib.asynccontextmanager
     async def build(names: list[str], *flags: str, extra: list[str] = ()) -> AsyncIterator[Harness]:  # type: ignore[assignment]

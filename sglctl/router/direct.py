@@ -275,6 +275,12 @@ class WholeAttempt:
         out_headers.extend(whole_headers(status, len(content)))
         cycle.write_whole(status, out_headers, content)
         # -- the client has its answer: the rest is off the critical path -----------------
+        # No reference cycle is left behind (response.sink <-> attempt.response, the watch's
+        # task <-> attempt.watch): an attempt left in a cycle kept its ~30 objects (cycle,
+        # context, observation, response, ...) for the garbage collector, whose young-
+        # generation passes over them were ~9% of a whole request's instructions.
+        response.sink = None
+        self.response = None
         response.release()  # the connection goes back to the pool
         worker.last_byte = monotonic()  # stall detector: the answer arrived
         ok = status < 400
@@ -367,7 +373,9 @@ class WholeAttempt:
     def _unwatch(self) -> None:
         watch = self.watch
         if watch is not None:
+            self.watch = None
             watch.reading = False
+            watch.task = None  # the watch <-> attempt cycle: freed by refcount, not the GC
             self.fw.in_flight.unwatch(watch)
 
     def _drop(self, status: int = 0) -> None:

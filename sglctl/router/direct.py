@@ -161,8 +161,8 @@ def start(
         attempt.resend()
         return
     attempt.response = response
-    watch = attempt.watch = fw.in_flight.watch(worker.url)
-    watch.task = attempt  # type: ignore[assignment]  # interrupt() cancels through it
+    # interrupt() cancels through the attempt, as through a task
+    watch = attempt.watch = fw.in_flight.watch(worker.url, attempt)  # type: ignore[arg-type]
     watch.reading = True
     attempt.release = worker.take_load_slot()
     cycle.direct = attempt

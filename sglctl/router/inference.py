@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from sglctl.router.admission import AdmissionRejected, parse_priority
+from sglctl.router.admission import DEFAULT_PRIORITY, AdmissionRejected, parse_priority
 from sglctl.router.errors import RouterError
 from sglctl.router.metrics import RequestObservation, RouterMetrics
 from sglctl.router.pd import forward_pd
@@ -147,8 +147,11 @@ def checked(router: Router, route: str, body: bytes) -> tuple[ParsedRequest, int
     Raises :class:`RouterError` (400) for a body a user must fix.
     """
     parsed = parse_inference(route, body, need_key=router.needs_text)
+    value = parsed.payload.get("priority")
+    if value is None:  # nearly always: no call for the default
+        return parsed, DEFAULT_PRIORITY
     try:
-        priority = parse_priority(parsed.payload.get("priority"))
+        priority = parse_priority(value)
     except ValueError as exc:
         raise RouterError(400, str(exc)) from None
     return parsed, priority

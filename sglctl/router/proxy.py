@@ -271,14 +271,16 @@ class Forwarder:
     ) -> Worker | None:
         """The policy's pick among ``candidates`` whose breaker lets the request through."""
         policy = policy or self.policy
-        pool = list(candidates)
+        pool = candidates  # copied only when a breaker refuses one (rare): no list per request
         while pool:
             worker = policy.select(pool, key)
             if worker is None:
                 return None
             if worker.breaker.allow():
                 return worker
-            pool.remove(worker)
+            if pool is candidates:
+                pool = list(candidates)
+            pool.remove(worker)  # type: ignore[attr-defined]
         return None
 
     # -- the loop --------------------------------------------------------------------------

@@ -11,13 +11,14 @@ replace it.
 
 How: the router runs under valgrind's callgrind with instrumentation off (start-up at about
 nulgrind speed); once it is ready, instrumentation goes on (vgdb's ``instrumentation on``),
-wrk drives it for ``--duration`` seconds (``benchmarks/wrk/post.lua``, one stub upstream),
+wrk drives it for ``--duration`` seconds (``benchmarks/wrk/post.lua``, ``--upstreams`` stubs),
 the counters are dumped, and instructions (user space, router process) are divided by the
 requests wrk saw complete. Requests still in flight at the end add an error of about
 concurrency / requests.
 
     python benchmarks/instructions_per_request.py                  # this checkout
     python benchmarks/instructions_per_request.py --tree /tmp/main  # another checkout's sglctl
+    python benchmarks/instructions_per_request.py --upstreams 4     # the multi-worker routing
 
 Needs ``valgrind`` (Debian package, with ``vgdb``) and ``wrk`` (installed as bench_throughput
 does).
@@ -61,13 +62,15 @@ def _monitor(pid: int, *command: str) -> None:
     subprocess.run(["vgdb", f"--pid={pid}", *command], capture_output=True, timeout=120)
 
 
-def measure(tree: Path | None, mode: str, concurrency: int, duration: float) -> float:
+def measure(
+    tree: Path | None, mode: str, concurrency: int, duration: float, upstreams: int = 1
+) -> float:
     """Instructions per request of one instrumented wrk run against a fresh router."""
     wrk = bt.ensure_wrk()
     placement = bt.make_placement("shared")
     with tempfile.TemporaryDirectory(prefix="instr-") as tmp:
         out = Path(tmp)
-        upstream = bt.start_upstreams(1, placement, out)[0]
+        stubs = bt.start_upstreams(upstreams, placement, out)
         port = find_free_port()
         env = dict(os.environ)
         if tree is not None:  # before the cwd (PYTHONSAFEPATH) and this checkout's install
@@ -87,7 +90,7 @@ def measure(tree: Path | None, mode: str, concurrency: int, duration: float) -> 
             "--port",
             str(port),
             "--worker-urls",
-            upstream.url,
+            *(stub.url for stub in stubs),
             "--metrics-port",
             str(find_free_port()),
             "--log-level",
@@ -113,7 +116,8 @@ def measure(tree: Path | None, mode: str, concurrency: int, duration: float) -> 
             requests = int(summary["requests"])  # type: ignore[call-overload]
         finally:
             router.stop()
-            upstream.stop()
+            for stub in stubs:
+                stub.stop()
         keep = os.environ.get("INSTR_KEEP_DUMPS")
         if keep:  # for callgrind_annotate
             for path in glob.glob(str(out / "callgrind.out.*")):
@@ -127,10 +131,17 @@ def main() -> int:
     parser.add_argument("--modes", default="whole", help="Comma-separated: whole, stream.")
     parser.add_argument("--concurrency", default="1,64", help="Comma-separated wrk -c values.")
     parser.add_argument("--duration", type=float, default=15.0, help="Instrumented seconds.")
+    parser.add_argument(
+        "--upstreams",
+        type=int,
+        default=1,
+        help="Stub upstreams (1: the single-worker routing path; bench_throughput uses 4, "
+        "where cache_aware matches, balances and places).",
+    )
     args = parser.parse_args()
     for mode in args.modes.split(","):
         for c in (int(x) for x in args.concurrency.split(",")):
-            per = measure(args.tree, mode, c, args.duration)
+            per = measure(args.tree, mode, c, args.duration, args.upstreams)
             print(f"{mode:6} c={c:<4} {per / 1000:8.1f} k instructions/req", flush=True)
     return 0
 

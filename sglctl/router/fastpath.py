@@ -58,6 +58,7 @@ from sglctl.router.proxy import Finish
 from sglctl.router.request import OFF_LOOP_BYTES
 from sglctl.router.responses import Reply
 from sglctl.router.router import Router
+from sglctl.router.upstream_native import UpstreamPool
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +164,7 @@ class LeanCycle:
 
     __slots__ = (
         "_disconnected",
+        "_event",
         "_flush_handle",
         "_pending",
         "body",
@@ -171,7 +173,6 @@ class LeanCycle:
         "flow",
         "headers",
         "keep_alive",
-        "message_event",
         "more_body",
         "on_response",
         "protocol",
@@ -204,7 +205,9 @@ class LeanCycle:
         self.keep_alive = keep_alive
         self.waiting_for_100_continue = expect_100_continue
         self.on_response = protocol.on_response_complete
-        self.message_event = _Signal()
+        #: Made only when someone waits for body bytes (:attr:`message_event`): the body
+        #: nearly always arrives with its head, and then nobody does.
+        self._event: _Signal | None = None
         # Request state (the protocol's on_body / on_message_complete fill these).
         self.body = bytearray()
         self.more_body = True
@@ -220,6 +223,23 @@ class LeanCycle:
         self.direct: direct.WholeAttempt | None = None
 
     # -- what the protocol calls -----------------------------------------------------------
+    @property
+    def message_event(self) -> _Signal:
+        """uvicorn's ``message_event`` (set when body bytes or the body's end arrive), made
+        on first use. A fresh one starts clear: that is right, since the waiter checks
+        ``body`` and ``more_body`` in the same step before it waits (:meth:`_read_body`)."""
+        event = self._event
+        if event is None:
+            event = self._event = _Signal()
+        return event
+
+    def wake(self) -> None:
+        """Body bytes or the body's end arrived: wake the reader if one waits (the protocol's
+        ``on_body`` / ``on_message_complete``)."""
+        event = self._event
+        if event is not None:
+            event.set()
+
     @property
     def disconnected(self) -> bool:
         return self._disconnected
@@ -293,11 +313,13 @@ class LeanCycle:
         """The whole body is in (the protocol's ``on_message_complete``): serve it from
         this callback (direct.py) when that is possible, else start the task path."""
         fast = self.fast
+        forwarder = fast.router.forwarder
         if (
             not fast.callback_path
             or len(self.body) > OFF_LOOP_BYTES
             or self._disconnected
-            or not direct.available(fast.router)
+            or forwarder is None
+            or type(forwarder.upstream) is not UpstreamPool  # direct.available(), inlined
         ):
             self.protocol._start_asgi_task(self, None)
             return
@@ -473,6 +495,23 @@ class LeanCycle:
         self.transport.write(b"".join(parts))
         self._complete()
 
+    def write_formatted(self, status: int, lines: bytes, body: bytes) -> None:
+        """:meth:`write_whole` with the header lines already formatted (``name: value\\r\\n``
+        each, no blank line): the callback path builds them in one pass over the worker's
+        headers (direct.py), without a list of pairs to format again here."""
+        if self._disconnected:
+            return
+        self.response_started = True
+        self.waiting_for_100_continue = False
+        head = STATUS_LINE[status] + self.fast.default_headers(
+            self.protocol.server_state.default_headers
+        )
+        if self.keep_alive:
+            self.transport.write(b"".join((head, lines, b"\r\n", body)))
+        else:
+            self.transport.write(b"".join((head, lines, _CLOSE, b"\r\n", body)))
+        self._complete()
+
     def write_error(self, exc: RouterError) -> None:
         body = error_body(exc.status, exc.message, exc.error_type)
         headers = [
@@ -560,4 +599,4 @@ class LeanCycle:
         self.body += data
         if len(self.body) > HIGH_WATER_LIMIT:
             self.flow.pause_reading()
-        self.message_event.set()
+        self.wake()

@@ -279,7 +279,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             if self._lingered > LINGER_BYTES:
                 self.transport.close()
             return
-        self._unset_keepalive_if_required()
+        self._idle_since = None  # _unset_keepalive_if_required(), inlined: every request
         self._at_boundary = False
         try:
             self._feed(data)
@@ -420,7 +420,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self._lean:
             if not cycle.response_complete:
                 cycle.more_body = False
-                cycle.message_event.set()
+                cycle.wake()  # type: ignore[attr-defined]
         else:
             super().on_message_complete()
         self._in_head = True

@@ -14,14 +14,16 @@ live once; each maps errors to answers in its own way.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Iterable
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from sglctl.router.admission import AdmissionRejected, parse_priority
+from sglctl.router.admission import DEFAULT_PRIORITY, AdmissionRejected, parse_priority
 from sglctl.router.errors import RouterError
+from sglctl.router.metrics import RequestObservation, RouterMetrics
 from sglctl.router.pd import forward_pd
 from sglctl.router.proxy import Finish
 from sglctl.router.request import (
@@ -33,6 +35,9 @@ from sglctl.router.request import (
 )
 from sglctl.router.responses import Answer, Reply
 from sglctl.router.router import Router
+from sglctl.router.stats import RollingStats
+
+log = logging.getLogger(__name__)
 
 KEYED_ROUTES = ("/generate", "/v1/chat/completions", "/v1/completions")
 UNKEYED_ROUTES = ("/v1/embeddings", "/v1/rerank", "/v1/score", "/classify", "/encode")
@@ -97,15 +102,43 @@ def begin(router: Router, route: str, started: float | None = None) -> Finish:
     """
     if started is None:
         started = time.perf_counter()
-    metrics, stats = router.metrics, router.stats
+    metrics = router.metrics
     obs = metrics.begin(route, started)  # the task's current request (TTFT, retries, worker)
+    return _Observed(metrics, router.stats, obs, started)
 
-    def record(status: int, ok: bool) -> None:
-        elapsed = time.perf_counter() - started
-        metrics.finish(obs, status, elapsed)
-        stats.record(elapsed, ok)
 
-    return Finish(record)
+class _Observed(Finish):
+    """A request's :class:`Finish` that records it (metrics, rolling stats) before its other
+    callbacks: what a ``record`` closure passed to ``Finish`` did, without the closure, its
+    four cells and the callbacks' tuple made per request."""
+
+    __slots__ = ("_metrics", "_obs", "_started", "_stats")
+
+    def __init__(
+        self, metrics: RouterMetrics, stats: RollingStats, obs: RequestObservation, started: float
+    ) -> None:
+        self.callbacks = []
+        self.done = False
+        self._metrics = metrics
+        self._stats = stats
+        self._obs = obs
+        self._started = started
+
+    def __call__(self, status: int, ok: bool) -> None:
+        if self.done:
+            return
+        self.done = True
+        try:
+            elapsed = time.perf_counter() - self._started
+            self._metrics.finish(self._obs, status, elapsed)
+            self._stats.record(elapsed, ok)
+        except Exception:
+            log.exception("request completion callback failed")
+        for callback in self.callbacks:
+            try:
+                callback(status, ok)
+            except Exception:
+                log.exception("request completion callback failed")
 
 
 def checked(router: Router, route: str, body: bytes) -> tuple[ParsedRequest, int]:
@@ -114,8 +147,11 @@ def checked(router: Router, route: str, body: bytes) -> tuple[ParsedRequest, int
     Raises :class:`RouterError` (400) for a body a user must fix.
     """
     parsed = parse_inference(route, body, need_key=router.needs_text)
+    value = parsed.payload.get("priority")
+    if value is None:  # nearly always: no call for the default
+        return parsed, DEFAULT_PRIORITY
     try:
-        priority = parse_priority(parsed.payload.get("priority"))
+        priority = parse_priority(value)
     except ValueError as exc:
         raise RouterError(400, str(exc)) from None
     return parsed, priority

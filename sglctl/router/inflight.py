@@ -63,9 +63,10 @@ class InFlightWatcher:
     def __init__(self) -> None:
         self._watches: dict[str, set[Watch]] = {}
 
-    def watch(self, url: str) -> Watch:
-        """Register the current task's attempt at ``url``; pair with :meth:`unwatch`."""
-        watch = Watch(url, asyncio.current_task())
+    def watch(self, url: str, task: asyncio.Task[object] | None = None) -> Watch:
+        """Register the current task's attempt at ``url`` (or ``task``'s: the callback path
+        passes its attempt, which duck-types a task); pair with :meth:`unwatch`."""
+        watch = Watch(url, task if task is not None else asyncio.current_task())
         watches = self._watches.get(url)
         if watches is None:  # not setdefault(url, set()): that builds a set on every call
             watches = self._watches[url] = set()

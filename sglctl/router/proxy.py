@@ -72,8 +72,8 @@ def _url(worker: Worker) -> str:
 
 
 #: The pass-through names as bytes (the native client's raw headers are lower-case bytes).
-_PASS_RAW = frozenset(name.encode("latin-1") for name in _PASS_HEADERS)
-_WORKER_HEADER_RAW = WORKER_HEADER.encode("latin-1")
+PASS_RAW = frozenset(name.encode("latin-1") for name in _PASS_HEADERS)
+WORKER_HEADER_RAW = WORKER_HEADER.encode("latin-1")
 #: Worker URLs as header values, encoded once per URL (every answer names its worker).
 _URL_BYTES: dict[str, bytes] = {}
 
@@ -93,7 +93,7 @@ def answer_headers(
         if len(_URL_BYTES) > 4096:  # workers come and go: bounded
             _URL_BYTES.clear()
         url = _URL_BYTES[worker.url] = worker.url.encode("latin-1")
-    out = [(_WORKER_HEADER_RAW, url)]
+    out = [(WORKER_HEADER_RAW, url)]
     if extra:
         out += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()]
     stream = False
@@ -108,7 +108,7 @@ def answer_headers(
     else:
         seen: tuple[bytes, ...] = ()
         for raw_name, raw_value in raw:
-            if raw_name in _PASS_RAW and raw_name not in seen:
+            if raw_name in PASS_RAW and raw_name not in seen:
                 seen += (raw_name,)
                 out.append((raw_name, raw_value))
                 if raw_name == b"content-type":
@@ -271,14 +271,16 @@ class Forwarder:
     ) -> Worker | None:
         """The policy's pick among ``candidates`` whose breaker lets the request through."""
         policy = policy or self.policy
-        pool = list(candidates)
+        pool = candidates  # copied only when a breaker refuses one (rare): no list per request
         while pool:
             worker = policy.select(pool, key)
             if worker is None:
                 return None
             if worker.breaker.allow():
                 return worker
-            pool.remove(worker)
+            if pool is candidates:
+                pool = list(candidates)
+            pool.remove(worker)  # type: ignore[attr-defined]
         return None
 
     # -- the loop --------------------------------------------------------------------------

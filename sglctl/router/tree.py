@@ -274,12 +274,29 @@ class PrefixTree:
         """
         best: str | None = None
         best_blocks = 0
+        hashes = prefixes.hashes
+        if not hashes:
+            return None, 0
+        count = len(hashes)
+        last = hashes[-1]
+        tenants = self._tenants
         for name in names:
-            blocks = self.match_blocks(prefixes, name)
-            if blocks > best_blocks:
-                best, best_blocks = name, blocks
-                if blocks == len(prefixes.hashes):
-                    break
+            # match_blocks(), inlined: called for every worker of every routed request.
+            tenant = tenants.get(name)
+            if tenant is None:
+                continue
+            entries = tenant.entries
+            if last in entries:  # the whole prompt: no one can match more
+                return name, prefixes.matched_length(count)
+            lo, hi = 0, count  # the first lo blocks match, the first hi do not
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if hashes[mid - 1] in entries:
+                    lo = mid
+                else:
+                    hi = mid
+            if lo > best_blocks:
+                best, best_blocks = name, lo
         return best, prefixes.matched_length(best_blocks)
 
     def smallest(self, names: Iterable[str]) -> str | None:

@@ -162,7 +162,8 @@ class _Connection(asyncio.Protocol):
         ):
             self.paused = True
             self.transport.pause_reading()
-        response._wake()
+        if response._waiter is not None:  # a task waits (a callback-driven answer: nobody)
+            response._wake()
 
     def on_message_complete(self) -> None:
         assert self.response is not None

@@ -88,6 +88,7 @@ from sglctl.router.workers import Worker
 
 log = logging.getLogger(__name__)
 _load = attrgetter("in_flight")
+_url = attrgetter("url")
 #: ``placement.PLACEMENTS`` plus ``"load"``, which needs no shared computation across replicas.
 _PLACEMENTS = (*placement.PLACEMENTS, "load")
 
@@ -237,7 +238,7 @@ class CacheAwarePolicy(Policy):
     def is_imbalanced(
         self, workers: Sequence[Worker], load: Callable[[Worker], int] = _load
     ) -> bool:
-        loads = [load(w) for w in workers]
+        loads = list(map(load, workers))  # C-level with the default attrgetter
         high, low = max(loads), min(loads)
         return high - low > self.balance_abs_threshold and high > low * self.balance_rel_threshold
 
@@ -268,11 +269,13 @@ class CacheAwarePolicy(Policy):
         else:
             by_load = sorted(workers, key=load)
             best_url, ratio = self._best_match(key, prefixes, by_load)
-            by_url = {w.url: w for w in by_load}
             if best_url is not None and ratio > self.cache_threshold:
                 self.cache_hits += 1
                 self.last_decision = "cache_hit"
-                chosen = by_url[best_url]
+                # A scan, not a url -> worker dict built for every request (a miss needs none).
+                for chosen in by_load:
+                    if chosen.url == best_url:
+                        break
                 if ratio >= 1.0:  # nothing new: the siblings learnt it when it was
                     self._record(prefixes, chosen, key)
                     return chosen
@@ -309,7 +312,7 @@ class CacheAwarePolicy(Policy):
                 self.last_match = max(matches.values(), default=0)
                 tree_workers = [w for w in by_load if w not in fed]
         if tree_workers:
-            url, matched = self.tree.match(prefixes, (w.url for w in tree_workers))
+            url, matched = self.tree.match(prefixes, map(_url, tree_workers))  # C-level names
             share = matched / prefixes.length
             if url is not None and (best_url is None or share > best):
                 best_url, best = url, share

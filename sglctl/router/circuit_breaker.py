@@ -105,7 +105,9 @@ class CircuitBreaker:
 
     def is_available(self) -> bool:
         """Whether :meth:`allow` would say yes right now, without claiming anything."""
-        if not self.enabled:
+        # Closed is the state of nearly every call (every worker, every request): answer it
+        # before the ``state`` property, which only matters for an open breaker's timeout.
+        if not self.enabled or self._state == "closed":
             return True
         state = self.state
         if state == "closed":
@@ -117,7 +119,7 @@ class CircuitBreaker:
     # -- acting ---------------------------------------------------------------------------
     def allow(self) -> bool:
         """Claim permission to send one request; in half-open this takes the probe slot."""
-        if not self.enabled:
+        if not self.enabled or self._state == "closed":
             return True
         state = self.state
         if state == "closed":

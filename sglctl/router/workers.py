@@ -288,10 +288,15 @@ class WorkerRegistry:
     # -- routing ---------------------------------------------------------------------------
     def routable(self, role: str | None = None) -> list[Worker]:
         """THE list every policy selects from: healthy, available, breaker not open."""
+        # is_routable() spelled out: this runs for every worker on every request.
         return [
             w
             for w in self._workers.values()
-            if (role is None or w.role == role) and w.is_routable()
+            if w.health_ok
+            and not w.suspect
+            and w.available
+            and (role is None or w.role == role)
+            and w.breaker.is_available()
         ]
 
     def set_available(self, url: str, available: bool) -> None:

@@ -208,7 +208,7 @@ class Link:
     def _drop(self, n: int) -> None:
         self.dropped += n
         now = time.monotonic()
-        if now - self._warned > WARN_EVERY:
+        if n and now - self._warned > WARN_EVERY:
             self._warned = now
             log.warning(
                 "router peer %s (%s) unreachable: dropping its routes (%d so far)",
@@ -242,6 +242,8 @@ class Link:
             except (httpx.HTTPError, ValueError, KeyError) as exc:
                 if self.connected:
                     log.warning("router peer %s (%s) lost: %s", self.name, self.url, exc)
+                else:  # not up yet (replicas start in any order), or still down
+                    log.debug("router peer %s (%s) not answering: %s", self.name, self.url, exc)
                 self.connected = False
                 self._drop(len(batch))
                 await asyncio.sleep(backoff)

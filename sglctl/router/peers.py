@@ -76,6 +76,8 @@ RING_BYTES = 256 * 1024 * 1024
 QUEUE_BYTES = 64 * 1024 * 1024
 #: A batch closes at this many bytes of prompt text (a POST well under --max-payload-size).
 BATCH_BYTES = 4 * 1024 * 1024
+#: Seconds routes gather after one POST before the next (bounds POSTs per second).
+GATHER_SECS = 0.05
 #: Seconds a POST to a peer may take; backoff bounds after a failure.
 POST_TIMEOUT = 10.0
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 5.0
@@ -189,7 +191,6 @@ class Link:
         self.sent = 0
         self.dropped = 0
         self._warned = 0.0
-        self._catch_up = False
         self.task: asyncio.Task[None] | None = None
 
     def offer(self, message: Message) -> None:
@@ -250,14 +251,16 @@ class Link:
                 backoff = min(BACKOFF_MAX, backoff * 2)
                 self.wake.set()
                 continue
-            if self.queue or self._catch_up:
+            if self.queue:
                 self.wake.set()
+            # Routes gather for a moment before the next POST: at most ~1/GATHER_SECS POSTs a
+            # second per peer whatever the request rate (one route per POST cost ~2 ms of
+            # CPU a request on each side; a peer learns a route 10 ms later, long before
+            # the prefill it saves is done).
+            await asyncio.sleep(GATHER_SECS)
 
     async def _post(self, batch: list[Message]) -> None:
         owner = self.owner
-        if self._catch_up:
-            self._catch_up = False
-            batch = owner.ring.snapshot() + batch
         body = orjson.dumps(batch)
         r = await owner.client.post(
             self.url,
@@ -280,7 +283,10 @@ class Link:
             # A new peer, or one that restarted: it gets this process's recent decisions.
             self.peer_id = peer_id
             if len(owner.ring):
-                self._catch_up = True
+                # First in the queue, in batches like any (a ring is larger than one POST).
+                ring = owner.ring.snapshot()
+                self.queue.extendleft(reversed(ring))
+                self.queued_bytes += owner.ring.bytes
                 log.info(
                     "router peer %s (%s): sending it %d recent routes",
                     self.name,

@@ -246,6 +246,7 @@ class Link:
                 else:  # not up yet (replicas start in any order), or still down
                     log.debug("router peer %s (%s) not answering: %s", self.name, self.url, exc)
                 self.connected = False
+                self.peer_id = None  # what it missed meanwhile: the ring, when it answers
                 self._drop(len(batch))
                 await asyncio.sleep(backoff)
                 backoff = min(BACKOFF_MAX, backoff * 2)
@@ -254,9 +255,9 @@ class Link:
             if self.queue:
                 self.wake.set()
             # Routes gather for a moment before the next POST: at most ~1/GATHER_SECS POSTs a
-            # second per peer whatever the request rate (one route per POST cost ~2 ms of
-            # CPU a request on each side; a peer learns a route 10 ms later, long before
-            # the prefill it saves is done).
+            # second per peer whatever the request rate (one route per POST cost ~1.5-2 ms
+            # of CPU a request on each side; a peer learns a route up to 50 ms later, before
+            # the prefill it saves is done; benchmarks/RESULTS.md, "Router peers").
             await asyncio.sleep(GATHER_SECS)
 
     async def _post(self, batch: list[Message]) -> None:

@@ -252,3 +252,36 @@ def test_the_ring_keeps_the_latest_within_its_bounds() -> None:
     ring.add({"t": "route", "w": "u", "x": "y" * 99})
     assert [m["x"][:1] for m in ring.snapshot()] == ["4", "y"]
     assert ring.bytes <= 100
+
+
+def test_a_name_resolving_to_several_addresses_means_all_of_them() -> None:
+    """A headless Service: one link per address, re-resolved; gone addresses are dropped."""
+    import asyncio
+
+    from sglctl.router.peers import Peers
+
+    answers = {"svc": ["10.0.0.1", "10.0.0.2"]}
+
+    async def resolver(host: str, port: int) -> list[str]:
+        return answers[host]
+
+    async def go() -> None:
+        peers = Peers(
+            parse_peers(["svc:8000", "10.0.0.9:8000"]),
+            5.0,
+            "me",
+            apply=lambda m: None,
+            resolver=resolver,
+        )
+        answers["10.0.0.9"] = ["10.0.0.9"]
+        await peers._refresh()
+        assert sorted(peers.links) == [("10.0.0.1", 8000), ("10.0.0.2", 8000), ("10.0.0.9", 8000)]
+        answers["svc"] = ["10.0.0.2", "10.0.0.3"]
+        await peers._refresh()
+        assert sorted(peers.links) == [("10.0.0.2", 8000), ("10.0.0.3", 8000), ("10.0.0.9", 8000)]
+        for link in peers.links.values():
+            assert link.task is not None
+            link.task.cancel()
+        await peers.client.aclose()
+
+    asyncio.run(go())

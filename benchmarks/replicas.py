@@ -42,6 +42,8 @@ section of benchmarks/RESULTS.md.
     python benchmarks/replicas.py --restart --traces conversation_trace   # a replica restarted
     python benchmarks/replicas.py --kv-events --max-requests 700 --no-sglang   # issue 16
     python benchmarks/replicas.py --kv-events --restart --traces conversation_trace
+    python benchmarks/replicas.py --peers --max-requests 700 --no-sglang   # --router-peers
+    python benchmarks/replicas.py --peers --restart --traces conversation_trace
 
 The full matrix (the default): both traces (``--traces``), two KV sizes (``--kv-cache-tokens``),
 and per point one router and 3 replicas of sglctl ``--placement tree`` and ``hash``, spread
@@ -256,12 +258,17 @@ class Setup:
     placement: str = "tree"  # sglctl only
     restart: bool = False
     events: bool = False  # sglctl only: --kv-events
+    peers: bool = False  # sglctl only: --router-peers naming every replica
 
     @property
     def router(self) -> str:
         if self.kind != "sglctl":
             return "SGLang Router"
-        return f"sglctl {self.placement}" + (" + events" if self.events else "")
+        return (
+            f"sglctl {self.placement}"
+            + (" + events" if self.events else "")
+            + (" + peers" if self.peers else "")
+        )
 
     @property
     def label(self) -> str:
@@ -284,9 +291,18 @@ def matrix(
     placements: Sequence[str],
     sglang: bool,
     events: bool = False,
+    peers: bool = False,
 ) -> list[Setup]:
     """Every setup of one benchmark point, each one-router baseline before its replicas."""
     setups: list[Setup] = []
+    if peers:  # one router, then N replicas told each other's dispatches (--router-peers)
+        for placement in placements:
+            setups.append(Setup("sglctl", 1, placement=placement))
+            setups += [Setup("sglctl", replicas, s, placement, peers=True) for s in spreads]
+        if sglang:
+            setups.append(Setup("sglang", 1))
+            setups += [Setup("sglang", replicas, s) for s in spreads]
+        return setups
     if events:  # one default router (tree, no events), then 1 and N routers fed by events
         setups.append(Setup("sglctl", 1, placement="load"))
         for placement in placements:
@@ -355,14 +371,17 @@ def start_routers(
     policy: str,
     extra: Sequence[str],
     sglang_python: Path | None,
+    ports: Sequence[int | None] = (),
 ) -> list[ManagedProcess]:
     routers: list[ManagedProcess] = []
     try:
         for i in range(setup.replicas):
             name = f"{setup.kind}-{setup.placement}-{setup.replicas}x-{i}"
             name += "-events" if setup.events else ""
+            name += "-peers" if setup.peers else ""
+            port = ports[i] if ports else None
             routers.append(
-                start_router(setup, log_dir, worker_urls, policy, extra, sglang_python, name)
+                start_router(setup, log_dir, worker_urls, policy, extra, sglang_python, name, port)
             )
     except BaseException:
         for r in routers:
@@ -439,7 +458,12 @@ def run_setup(
     restart_at: float,
 ) -> tuple[BenchResult, SpreadTransport, Restart | None]:
     flush(worker_urls)
-    routers = start_routers(setup, log_dir, worker_urls, policy, extra, sglang_python)
+    ports: list[int | None] = []
+    if setup.peers:  # every replica gets the same list, itself included (it skips itself)
+        ports = [find_free_port() for _ in range(setup.replicas)]
+        peers = ",".join(f"127.0.0.1:{p}" for p in ports)
+        extra = [*extra, "--router-peers", peers, "--router-peers-refresh-secs", "1"]
+    routers = start_routers(setup, log_dir, worker_urls, policy, extra, sglang_python, ports)
     pick: Picker | None = None
     if setup.spread == "session":
         pick = session_picker(workload, builder, setup.replicas)
@@ -452,6 +476,8 @@ def run_setup(
         name = f"{setup.kind}-{setup.placement}-{setup.replicas}x-{i}-restarted"
         if setup.events:
             name += "-events"
+        if setup.peers:
+            name += "-peers"
         return start_router(setup, log_dir, worker_urls, policy, extra, sglang_python, name, port)
 
     async def go() -> BenchResult:
@@ -608,6 +634,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--kv-events-page-size", type=int, default=64)
     parser.add_argument(
+        "--peers",
+        action="store_true",
+        help="the sglctl replicas get --router-peers naming all of them (issue 16: each told "
+        "the others' dispatches); per point one router, then the replicas with peers",
+    )
+    parser.add_argument(
         "--spread",
         choices=(*SPREADS, IDLE, "both"),
         default="both",
@@ -663,18 +695,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print(f"[yellow]no {python}: the SGLang Router rows are skipped")
     spreads = SPREADS if args.spread == "both" else (args.spread,)
     if args.placement is None:
-        args.placement = "load" if args.kv_events else "both"
+        args.placement = "load" if args.kv_events or args.peers else "both"
     placements = ("tree", "hash") if args.placement == "both" else (args.placement,)
-    if args.kv_events and args.spread == "both":
+    if (args.kv_events or args.peers) and args.spread == "both":
         spreads = ("request",)  # the trees' worst case (--spread session: that one)
     if args.restart:
         setups = [
-            Setup("sglctl", settings.replicas, "request", p, True, events=args.kv_events)
+            Setup(
+                "sglctl",
+                settings.replicas,
+                "request",
+                p,
+                True,
+                events=args.kv_events,
+                peers=args.peers,
+            )
             for p in placements
         ]
     else:
         setups = matrix(
-            settings.replicas, spreads, placements, sglang_python is not None, args.kv_events
+            settings.replicas,
+            spreads,
+            placements,
+            sglang_python is not None,
+            args.kv_events,
+            args.peers,
         )
     log_dir = REPO / "bench-out" / "replicas-logs"
     load_before = os.getloadavg()
@@ -754,7 +799,7 @@ def run_point(
         verdict = "-"
         # Against one default (--placement tree) sglctl router too: what a user compares with.
         # With --kv-events the baseline is the default router: --placement load, no events.
-        events_mode = any(x.events for x in done)
+        events_mode = any(x.events or x.peers for x in done)
         one_tree = Setup("sglctl", 1, "request", "load" if events_mode else "tree")
         tree = done.get(one_tree)
         kept_tree = p99_tree = float("nan")

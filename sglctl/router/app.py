@@ -23,7 +23,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from sglctl import __version__
-from sglctl.router import admin, inference, info
+from sglctl.router import admin, inference, info, peers
 from sglctl.router.errors import RouterError, error_response
 from sglctl.router.router import Router
 
@@ -72,6 +72,9 @@ ROUTES = [
     Route("/get_server_info", info.server_info, methods=["GET"]),
     Route("/metrics", info.metrics, methods=["GET"]),
     Route("/stats", info.stats, methods=["GET"]),
+    # Router replicas (--router-peers): each other's routing decisions.
+    Route(peers.PATH, peers.endpoint, methods=["POST"]),
+    Route("/peers", peers.info, methods=["GET"]),
 ]
 
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the discovery package is only loaded when discovery is on
     from sglctl.router.discovery.k8s_config import K8sDiscoveryConfig
+    from sglctl.router.peers import PeerAddress
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,9 @@ class RouterConfig:
     # Router processes (sglctl only).
     #: --router-processes: processes serving the port; None: one per two usable cores (1-8).
     router_processes: int | None = None
+    #: --router-peers (issue 16, peers.py): the other replicas, told every routing decision.
+    router_peers: list[PeerAddress] = field(default_factory=list)
+    router_peers_refresh_secs: float = 5.0
 
     # Prefill/decode disaggregation.
     pd_disaggregation: bool = False

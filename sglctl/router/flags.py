@@ -485,6 +485,25 @@ def build_parser(prog: str = "sglctl router") -> argparse.ArgumentParser:
         help="router processes serving the port, acting as one (shared loads, routes, admin, "
         "health, breakers, metrics); default: one per two usable cores, 1 to 8",
     )
+    g.add_argument(
+        "--router-peers",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="HOST:PORT",
+        help="sglctl only: the other router replicas (http://host:port or host:port, comma-"
+        "separated or repeated; a name resolving to several addresses, a headless Service, "
+        "means all of them; this router's own address is recognised and skipped), told every "
+        "routing decision so that replicas route as one",
+    )
+    g.add_argument(
+        "--router-peers-refresh-secs",
+        type=argtypes.positive_float,
+        default=d.router_peers_refresh_secs,
+        metavar="SECS",
+        help="--router-peers: seconds between DNS re-resolutions of the peers (and hellos "
+        "that notice a restarted peer)",
+    )
 
     g = p.add_argument_group("request handling")
     g.add_argument(
@@ -807,7 +826,14 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "sglctl router") -
         parser.error("--kv-events is used by --policy cache_aware outside PD mode only")
     if ns.kv_events_replay_port is not None and ns.kv_events_port is None:
         parser.error("--kv-events-replay-port needs --kv-events-port (both, or neither)")
+    from sglctl.router.peers import parse_peers
+
+    try:
+        router_peers = parse_peers(ns.router_peers)
+    except ValueError as exc:
+        parser.error(str(exc))
     built: dict[str, Any] = {
+        "router_peers": router_peers,
         "worker_urls": _urls(ns.worker_urls, "--worker-urls", parser),
         "pd_disaggregation": pd,
         "prefill_servers": prefill,

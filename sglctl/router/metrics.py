@@ -97,6 +97,25 @@ DISCOVERY_METRICS: dict[str, tuple[str, str, str]] = {
         "Unix time of the last successful discovery sync",
     ),
 }
+#: Keys of the ``peer_stats()`` hook (``--router-peers``, peers.py) and their metrics.
+PEER_METRICS: dict[str, tuple[str, str, str]] = {
+    "sent": (
+        "sglctl_peer_routes_sent",
+        "counter",
+        "Routing decisions sent to router peers (with catch-up rings)",
+    ),
+    "received": (
+        "sglctl_peer_routes_received",
+        "counter",
+        "Routing decisions received from router peers and applied",
+    ),
+    "dropped": (
+        "sglctl_peer_routes_dropped",
+        "counter",
+        "Routing decisions not sent: the peer unreachable or its queue full",
+    ),
+    "connected": ("sglctl_peers_connected", "gauge", "Router peers answering (self excluded)"),
+}
 
 
 def status_class(code: int) -> str:
@@ -266,6 +285,7 @@ class _StateCollector(Collector):
         yield from self._admission(m)
         yield from self._supervisor(m)
         yield from self._discovery(m)
+        yield from self._peers(m)
         yield from self._pd(m)
 
     @staticmethod
@@ -464,6 +484,20 @@ class _StateCollector(Collector):
         yield prefill
 
     @staticmethod
+    def _peers(m: RouterMetrics) -> Iterator[Metric]:
+        if m.peer_stats is None:
+            return
+        stats = m.peer_stats()
+        for key, (name, kind, doc) in PEER_METRICS.items():
+            family: Metric
+            if kind == "counter":
+                family = CounterMetricFamily(name, doc)
+            else:
+                family = GaugeMetricFamily(name, doc)
+            family.add_metric([], float(stats.get(key, 0)))
+            yield family
+
+    @staticmethod
     def _discovery(m: RouterMetrics) -> Iterator[Metric]:
         try:
             stats = m.discovery_stats()
@@ -537,6 +571,8 @@ class RouterMetrics:
         self.admission = admission
         self.supervisor_slots = supervisor_slots
         self.discovery_stats: DiscoveryStats = _no_stats
+        #: --router-peers: the links' counts (peers.py); None: no peers, no metrics.
+        self.peer_stats: DiscoveryStats | None = None
         self.access_log = access_log
         self.buckets = tuple(buckets) if buckets else DEFAULT_BUCKETS
         #: (route, HTTP code) -> requests; the status class is derived at scrape time.

@@ -47,6 +47,7 @@ from sglctl.router.workers import Breaker, Worker, WorkerRegistry
 
 if TYPE_CHECKING:
     from sglctl.router.discovery.k8s import DiscoveryStatus, K8sDiscoverySource
+    from sglctl.router.peers import Peers
     from sglctl.router.processes import ChildSpec
     from sglctl.router.shared_loads import SharedLoads
     from sglctl.router.siblings import Message, Siblings
@@ -184,11 +185,14 @@ class Router:
         self.forwarded_headers = frozenset(
             h.encode("latin-1") for h in ("authorization", *id_headers)
         )
-        if self.siblings is not None:
+        #: --router-peers (issue 16, peers.py): the other replicas hear every decision.
+        self.peers: Peers | None = self._make_peers(config, cluster)
+        sinks = [s.tell_route for s in (self.siblings, self.peers) if s is not None]
+        if sinks:
             from sglctl.router.siblings import publish_routes
 
             for policy in self.policies():
-                publish_routes(policy, self.siblings)
+                publish_routes(policy, *sinks)
 
     # -- several processes (--router-processes) ---------------------------------------------
     def _join(self, cluster: ChildSpec) -> WorkerRegistry:
@@ -201,6 +205,34 @@ class Router:
         self.loads.clear_row()
         self.siblings = Siblings(cluster.hub, cluster.index)
         return WorkerRegistry(self._make_breaker, worker_factory(self.loads))
+
+    def _make_peers(self, config: RouterConfig, cluster: ChildSpec | None) -> Peers | None:
+        if not config.router_peers:
+            return None
+        from sglctl.router import peers, siblings
+
+        siblings_ = self.siblings
+        found = peers.Peers(
+            config.router_peers,
+            config.router_peers_refresh_secs,
+            peers.instance_id(cluster.hub if cluster is not None else None),
+            apply=lambda message: siblings.apply(self, message),
+            relay=siblings_.relay_routes if siblings_ is not None else None,
+        )
+        self.metrics.peer_stats = found.stats
+        policy = self.policy
+        if isinstance(policy, CacheAwarePolicy) and config.load_poll_interval_secs > 0:
+            # A replica sees its own 1/N of the requests in flight; the workers' own num_reqs
+            # (/get_load) counts everyone's (as --worker-load-correction): without it, three
+            # replicas that agree on every prefix still pile new ones on a worker the others
+            # fill (synth 600k, 2,000 requests, a loaded machine: TTFT p50 and p99 2.7x one
+            # router's; with it p50 2.4x, p99 1.7x; benchmarks/RESULTS.md, "Router peers").
+            policy.load_from_workers = True
+            policy.uses_worker_loads = True
+        log.info(
+            "router peers: %s (instance %s)", ", ".join(map(str, config.router_peers)), found.id
+        )
+        return found
 
     def policies(self) -> list[Policy]:
         return [p for p in (self.policy, self.decode_policy) if p is not None]
@@ -327,6 +359,8 @@ class Router:
         await self.static.run(self.registry)
         if self.siblings is not None:
             self._spawn(self.siblings.run(self), "siblings")
+        if self.peers is not None:
+            self._spawn(self.peers.run(), "router peers")
         # Other worker sources. With --state-table the supervisor's shared-memory table
         # drives membership (helper C's StateTableSource, imported lazily so a plain router
         # never loads the shared-memory code).

@@ -35,6 +35,7 @@ import itertools
 import logging
 import os
 import signal
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import orjson
@@ -114,6 +115,14 @@ class Siblings:
         else:
             return
         self._routes.append(message)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_later(BATCH_DELAY, self._flush)
+
+    def relay_routes(self, messages: list[Message]) -> None:
+        """Hand routes heard from router peers (``--router-peers``) on to the siblings; they
+        apply them (``observe``) and tell no one, so nothing loops back to the peers."""
+        self._routes.extend(messages)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_later(BATCH_DELAY, self._flush)
@@ -226,11 +235,24 @@ def _health_word(worker: Worker) -> str:
     return "healthy" if worker.health_ok else "unhealthy"
 
 
-def publish_routes(policy: Policy, siblings: Siblings) -> None:
-    """Make ``policy`` tell the siblings every routing decision (prefix, worker), for policies
-    that can learn a sibling's choice (the cache-aware tree: ``on_route`` / ``observe``)."""
-    if hasattr(policy, "on_route") and hasattr(policy, "observe"):
-        policy.on_route = siblings.tell_route
+RouteSink = Callable[[RouteKey, str], None]
+
+
+def publish_routes(policy: Policy, *sinks: RouteSink) -> None:
+    """Make ``policy`` tell every sink (the siblings' and the peers' ``tell_route``) each
+    routing decision (prefix, worker), for policies that can learn another router's choice
+    (the cache-aware tree: ``on_route`` / ``observe``)."""
+    if not sinks or not (hasattr(policy, "on_route") and hasattr(policy, "observe")):
+        return
+    if len(sinks) == 1:
+        policy.on_route = sinks[0]
+        return
+
+    def fan_out(key: RouteKey, url: str) -> None:
+        for sink in sinks:
+            sink(key, url)
+
+    policy.on_route = fan_out
 
 
 async def close(siblings: Siblings) -> None:

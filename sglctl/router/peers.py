@@ -1,0 +1,492 @@
+"""Router replicas tell each other their dispatches (``--router-peers``, issue 16).
+
+N separate ``sglctl router`` replicas (behind one Service, or started by hand) route as one
+when each knows where the others sent every prefix. Measured on the same point (synth
+trace, 600k-token KV caches, 3 replicas, ``benchmarks/RESULTS.md``): hash placement alone
+and the workers' KV events (``--kv-events``) keep most hits but not the TTFT p99 (1.2-1.44x:
+a replica learns of a new document only from the worker's ``BlockStored``, after the
+prefill); one router of 3 *processes* whose hub relays every routing decision kept 103% of
+the hits at p99 0.95x. This module gives separate replicas what the hub gives processes:
+every routing decision (the siblings' ``route`` message, :mod:`~sglctl.router.siblings`).
+
+Transport: batches POSTed to the peer's own HTTP port, ``POST /peers/routes`` (an orjson
+list of ``route`` messages, header :data:`SENDER_HEADER` with the sender's instance id; the
+answer names the receiver's). Why HTTP on the router's port rather than a port of its own:
+one port to expose and to allow in a Kubernetes NetworkPolicy, and the router already
+defends that port against bad clients. Why batches: one request in flight per peer, the next
+batch gathering while it is in flight, so that the cost per request shrinks as the rate
+grows (one POST per peer per round trip, whatever the request rate). A peer that is down
+costs nothing on the request path: its queue is bounded (routes beyond are dropped and
+counted, with a rate-limited warning), and its link retries with a backoff.
+
+Membership: ``--router-peers`` names addresses (``http://host:port`` or ``host:port``). A
+hostname resolving to several addresses means all of them (a Kubernetes headless Service),
+re-resolved every ``--router-peers-refresh-secs``. Every replica may get the same list: an
+address whose answer carries this replica's own instance id is itself, and skipped.
+
+Catch-up: each process keeps a ring of its own recent decisions (:data:`RING_ROUTES`); when
+a peer (re)appears with a new instance id -- a restarted replica -- it gets the ring first,
+so it knows the live conversations at once instead of after a minute of misses.
+
+With ``--router-processes N``: every process sends its own dispatches to the peers; the
+process that receives a peer's batch applies it and relays it to its siblings. Routes heard
+from peers or siblings are applied with the policy's ``observe``, which tells no one: no
+loops. The instance id is the replica's, the same in all its processes (derived from the
+parent's hub path), so that a replica's processes do not take each other for peers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import hashlib
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from sglctl.router.errors import error_response
+from sglctl.router.policies.base import RouteKey
+
+log = logging.getLogger(__name__)
+
+Message = dict[str, Any]
+
+#: The endpoint peers POST their batches to.
+PATH = "/peers/routes"
+#: Request header: the sender's instance id (the answer's ``id`` is the receiver's).
+SENDER_HEADER = "x-sglctl-peer"
+#: Characters of a prompt sent to peers (as to siblings: the whole of a 128k-token prompt).
+ROUTE_TEXT_CHARS = 512 * 1024
+#: The ring of own recent decisions sent to a peer that (re)appears.
+RING_ROUTES = 4096
+#: Bytes of prompt text the ring and each peer's queue may hold at most.
+RING_BYTES = 256 * 1024 * 1024
+QUEUE_BYTES = 64 * 1024 * 1024
+#: A batch closes at this many bytes of prompt text (a POST well under --max-payload-size).
+BATCH_BYTES = 4 * 1024 * 1024
+#: Seconds routes gather after one POST before the next (bounds POSTs per second).
+GATHER_SECS = 0.05
+#: Seconds a POST to a peer may take; backoff bounds after a failure.
+POST_TIMEOUT = 10.0
+BACKOFF_MIN, BACKOFF_MAX = 0.2, 5.0
+#: Seconds between two "peer unreachable, dropping" warnings per peer.
+WARN_EVERY = 30.0
+DEFAULT_PORT = 30000
+
+
+@dataclass(frozen=True)
+class PeerAddress:
+    """One ``--router-peers`` item: a host (name or IP) and a port."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def parse_peer(item: str) -> PeerAddress:
+    """``http://host:port``, ``host:port`` or ``[v6]:port`` (port default 30000).
+    ValueError with a message naming the item when it is not one of these."""
+    text = item.strip()
+    if not text:
+        raise ValueError("an empty --router-peers item")
+    if "://" not in text:
+        text = "http://" + text
+    parts = urlsplit(text)
+    if parts.scheme != "http":
+        raise ValueError(f"--router-peers {item!r}: only http:// peers are supported")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"--router-peers {item!r}: give host:port, without a path")
+    try:
+        port = parts.port or DEFAULT_PORT
+    except ValueError:
+        raise ValueError(f"--router-peers {item!r}: bad port") from None
+    if not parts.hostname:
+        raise ValueError(f"--router-peers {item!r}: no host")
+    return PeerAddress(parts.hostname, port)
+
+
+def parse_peers(items: Iterable[str]) -> list[PeerAddress]:
+    """Every item of repeated and comma-separated ``--router-peers`` values, in order,
+    without duplicates."""
+    seen: dict[PeerAddress, None] = {}
+    for value in items:
+        for item in value.split(","):
+            if item.strip():
+                seen[parse_peer(item)] = None
+    return list(seen)
+
+
+def instance_id(hub_path: str | None) -> str:
+    """This replica's id: random, or the same in every process of one router (the parent's
+    hub socket path is unique to it, and the host's name makes it unique across hosts)."""
+    if hub_path is None:
+        return uuid.uuid4().hex
+    seed = f"{socket.gethostname()}:{hub_path}:{os.getppid()}".encode()
+    return hashlib.sha256(seed).hexdigest()[:32]
+
+
+def route_message(key: RouteKey, url: str) -> Message | None:
+    """The ``route`` message of a decision (the siblings' format), None for an empty key."""
+    if key.input_ids:
+        return {"t": "route", "w": url, "i": list(key.input_ids[: ROUTE_TEXT_CHARS // 4])}
+    if key.text:
+        return {"t": "route", "w": url, "x": key.text[:ROUTE_TEXT_CHARS]}
+    return None
+
+
+def _size(message: Message) -> int:
+    text = message.get("x")
+    return len(text) if text is not None else 4 * len(message.get("i") or ()) + 64
+
+
+class Ring:
+    """The last :data:`RING_ROUTES` own decisions (bounded in bytes too), for catch-up."""
+
+    def __init__(self, routes: int = RING_ROUTES, max_bytes: int = RING_BYTES) -> None:
+        self._items: collections.deque[Message] = collections.deque()
+        self.routes = routes
+        self.max_bytes = max_bytes
+        self.bytes = 0
+
+    def add(self, message: Message) -> None:
+        self._items.append(message)
+        self.bytes += _size(message)
+        while self._items and (len(self._items) > self.routes or self.bytes > self.max_bytes):
+            self.bytes -= _size(self._items.popleft())
+
+    def snapshot(self) -> list[Message]:
+        return list(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class Link:
+    """One peer address: its queue and the task sending it batches, one POST at a time."""
+
+    def __init__(self, owner: Peers, ip: str, port: int, name: str) -> None:
+        self.owner = owner
+        self.url = f"http://{ip if ':' not in ip else f'[{ip}]'}:{port}{PATH}"
+        self.name = name
+        self.queue: collections.deque[Message] = collections.deque()
+        self.queued_bytes = 0
+        self.wake = asyncio.Event()
+        self.peer_id: str | None = None
+        self.is_self = False
+        self.connected = False
+        self.sent = 0
+        self.dropped = 0
+        self._warned = 0.0
+        self.task: asyncio.Task[None] | None = None
+
+    def offer(self, message: Message) -> None:
+        if self.is_self:
+            return
+        size = _size(message)
+        if self.queued_bytes + size > QUEUE_BYTES or (not self.connected and len(self.queue) > 0):
+            # Down (or unknown and already owing a batch): drop instead of holding memory;
+            # the ring catches the peer up when it answers again.
+            self._drop(1)
+            return
+        self.queue.append(message)
+        self.queued_bytes += size
+        self.wake.set()
+
+    def _drop(self, n: int) -> None:
+        self.dropped += n
+        now = time.monotonic()
+        if n and now - self._warned > WARN_EVERY:
+            self._warned = now
+            log.warning(
+                "router peer %s (%s) unreachable: dropping its routes (%d so far)",
+                self.name,
+                self.url,
+                self.dropped,
+            )
+
+    def _take(self) -> list[Message]:
+        batch: list[Message] = []
+        size = 0
+        while self.queue and (not batch or size < BATCH_BYTES):
+            message = self.queue.popleft()
+            batch.append(message)
+            size += _size(message)
+        self.queued_bytes = max(0, self.queued_bytes - size)
+        return batch
+
+    async def run(self) -> None:
+        backoff = BACKOFF_MIN
+        refresh = self.owner.refresh_secs
+        while not self.is_self:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), refresh)
+            self.wake.clear()
+            # Connected and idle: a hello (an empty batch) every refresh, to notice a restart.
+            batch = self._take()
+            try:
+                await self._post(batch)
+                backoff = BACKOFF_MIN
+            except (httpx.HTTPError, ValueError, KeyError) as exc:
+                if self.connected:
+                    log.warning("router peer %s (%s) lost: %s", self.name, self.url, exc)
+                else:  # not up yet (replicas start in any order), or still down
+                    log.debug("router peer %s (%s) not answering: %s", self.name, self.url, exc)
+                self.connected = False
+                self.peer_id = None  # what it missed meanwhile: the ring, when it answers
+                self._drop(len(batch))
+                await asyncio.sleep(backoff)
+                backoff = min(BACKOFF_MAX, backoff * 2)
+                self.wake.set()
+                continue
+            if self.queue:
+                self.wake.set()
+            # Routes gather for a moment before the next POST: at most ~1/GATHER_SECS POSTs a
+            # second per peer whatever the request rate (one route per POST cost ~1.5-2 ms
+            # of CPU a request on each side; a peer learns a route up to 50 ms later, before
+            # the prefill it saves is done; benchmarks/RESULTS.md, "Router peers").
+            await asyncio.sleep(GATHER_SECS)
+
+    async def _post(self, batch: list[Message]) -> None:
+        owner = self.owner
+        body = orjson.dumps(batch)
+        r = await owner.client.post(
+            self.url,
+            content=body,
+            headers={SENDER_HEADER: owner.id, "content-type": "application/json"},
+        )
+        if r.status_code != 200:
+            raise ValueError(f"HTTP {r.status_code}: {r.text[:200]}")
+        peer_id = str(r.json()["id"])
+        if peer_id == owner.id:
+            self.is_self = True
+            self.queue.clear()
+            log.info("router peer %s (%s) is this router: skipped", self.name, self.url)
+            return
+        self.sent += len(batch)
+        if not self.connected:
+            self.connected = True
+            log.info("router peer %s (%s) connected (instance %s)", self.name, self.url, peer_id)
+        if peer_id != self.peer_id:
+            # A new peer, or one that restarted: it gets this process's recent decisions.
+            self.peer_id = peer_id
+            if len(owner.ring):
+                # First in the queue, in batches like any (a ring is larger than one POST).
+                ring = owner.ring.snapshot()
+                self.queue.extendleft(reversed(ring))
+                self.queued_bytes += owner.ring.bytes
+                log.info(
+                    "router peer %s (%s): sending it %d recent routes",
+                    self.name,
+                    self.url,
+                    len(owner.ring),
+                )
+
+    def ping(self) -> None:
+        self.wake.set()
+
+
+async def resolve(host: str, port: int) -> list[str]:
+    """Every address ``host`` resolves to (a headless Service: one per pod)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+    )
+    return sorted({str(info[4][0]) for info in infos})
+
+
+class Peers:
+    """This process's links to the other replicas, and what it received from them."""
+
+    def __init__(
+        self,
+        addresses: Sequence[PeerAddress],
+        refresh_secs: float,
+        replica_id: str,
+        *,
+        apply: Callable[[Message], None],
+        relay: Callable[[list[Message]], None] | None = None,
+        resolver: Callable[[str, int], Any] = resolve,
+    ) -> None:
+        """``apply`` learns one received route (the policy's ``observe``); ``relay`` hands a
+        received batch on to this replica's sibling processes (None with one process)."""
+        self.addresses = list(addresses)
+        self.refresh_secs = refresh_secs
+        self.id = replica_id
+        self.apply = apply
+        self.relay = relay
+        self.resolver = resolver
+        self.ring = Ring()
+        self.links: dict[tuple[str, int], Link] = {}
+        self.received = 0
+        self.rejected = 0
+        self.senders: set[str] = set()
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(POST_TIMEOUT, connect=2.0),
+            limits=httpx.Limits(max_keepalive_connections=64),
+            trust_env=False,
+        )
+
+    # -- the request path: own decisions ----------------------------------------------------
+    def tell_route(self, key: RouteKey, url: str) -> None:
+        message = route_message(key, url)
+        if message is None:
+            return
+        self.ring.add(message)
+        for link in self.links.values():
+            link.offer(message)
+
+    # -- receiving ------------------------------------------------------------------------
+    def receive(self, sender: str, batch: list[Message]) -> int:
+        """Apply a peer's batch (and relay it to the siblings); the routes applied."""
+        if sender != self.id and sender not in self.senders:
+            # A replica never heard from (new or restarted): every link says hello now, so
+            # that the one reaching it sends its ring without waiting for the next refresh.
+            self.senders.add(sender)
+            for link in self.links.values():
+                link.ping()
+        routes = [m for m in batch if m.get("t") == "route"]
+        for message in routes:
+            self.apply(message)
+        if routes and self.relay is not None:
+            self.relay(routes)
+        self.received += len(routes)
+        return len(routes)
+
+    # -- membership -----------------------------------------------------------------------
+    async def run(self) -> None:
+        """Resolve the addresses every refresh; start a link for each new one."""
+        try:
+            while True:
+                await self._refresh()
+                await asyncio.sleep(self.refresh_secs)
+        finally:
+            for link in self.links.values():
+                if link.task is not None:
+                    link.task.cancel()
+            await self.client.aclose()
+
+    async def _refresh(self) -> None:
+        current: dict[tuple[str, int], str] = {}
+        for address in self.addresses:
+            try:
+                ips = await self.resolver(address.host, address.port)
+            except OSError as exc:
+                log.warning("router peers: cannot resolve %s: %s", address.host, exc)
+                # Keep what it resolved to before (a DNS hiccup, not a membership change).
+                for key, link in self.links.items():
+                    if link.name == str(address):
+                        current[key] = link.name
+                continue
+            for ip in ips:
+                current.setdefault((ip, address.port), str(address))
+        for key in [k for k in self.links if k not in current]:
+            link = self.links.pop(key)
+            if link.task is not None:
+                link.task.cancel()
+            if not link.is_self:
+                log.info("router peer %s (%s) gone from DNS", link.name, link.url)
+        for key, name in current.items():
+            if key not in self.links:
+                link = Link(self, key[0], key[1], name)
+                self.links[key] = link
+                link.task = asyncio.get_running_loop().create_task(
+                    link.run(), name=f"router peer {key[0]}:{key[1]}"
+                )
+                link.wake.set()
+
+    # -- what operators see ---------------------------------------------------------------
+    def stats(self) -> dict[str, float]:
+        others = [link for link in self.links.values() if not link.is_self]
+        return {
+            "sent": sum(link.sent for link in others),
+            "received": self.received,
+            "dropped": sum(link.dropped for link in others),
+            "connected": sum(1 for link in others if link.connected),
+        }
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "ring": len(self.ring),
+            **self.stats(),
+            "rejected": self.rejected,
+            "peers": [
+                {
+                    "address": link.name,
+                    "url": link.url,
+                    "self": link.is_self,
+                    "connected": link.connected,
+                    "instance": link.peer_id,
+                    "queued": len(link.queue),
+                    "sent": link.sent,
+                    "dropped": link.dropped,
+                }
+                for link in self.links.values()
+            ],
+        }
+
+
+def valid_batch(body: bytes) -> list[Message]:
+    """A peer's batch, or ValueError saying what is wrong with it (a 400)."""
+    try:
+        batch = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"body is not JSON: {exc}") from None
+    if not isinstance(batch, list):
+        raise ValueError("body must be a JSON list of route messages")
+    for n, message in enumerate(batch):
+        if not isinstance(message, dict) or message.get("t") != "route":
+            raise ValueError(f'item {n}: not a route message ({{"t": "route", ...}})')
+        if not isinstance(message.get("w"), str):
+            raise ValueError(f'item {n}: "w" (the worker URL) must be a string')
+        text, ids = message.get("x"), message.get("i")
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f'item {n}: "x" must be a string')
+        if ids is not None and (not isinstance(ids, list) or not all(type(t) is int for t in ids)):
+            raise ValueError(f'item {n}: "i" must be a list of integers')
+        if text is None and ids is None:
+            raise ValueError(f'item {n}: needs "x" (text) or "i" (token ids)')
+    return batch
+
+
+async def endpoint(request: Request) -> Response:
+    """``POST /peers/routes``: a peer's batch of routes; answers this replica's id."""
+    router = request.app.state.router
+    peers: Peers | None = getattr(router, "peers", None)
+    if peers is None:
+        return error_response(404, "this router has no --router-peers")
+    sender = request.headers.get(SENDER_HEADER, "")
+    if not sender or len(sender) > 128:
+        peers.rejected += 1
+        return error_response(400, f"missing or bad {SENDER_HEADER} header (the sender's id)")
+    try:
+        batch = valid_batch(await request.body())
+    except ValueError as exc:
+        peers.rejected += 1
+        log.warning("router peers: bad batch from %s: %s", request.client, exc)
+        return error_response(400, str(exc))
+    applied = peers.receive(sender, batch) if sender != peers.id else 0
+    return Response(
+        orjson.dumps({"id": peers.id, "applied": applied}), media_type="application/json"
+    )
+
+
+async def info(request: Request) -> Response:
+    """``GET /peers``: this process's links, counts and ring."""
+    peers: Peers | None = getattr(request.app.state.router, "peers", None)
+    if peers is None:
+        return error_response(404, "this router has no --router-peers")
+    return Response(orjson.dumps(peers.snapshot()), media_type="application/json")

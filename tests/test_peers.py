@@ -1,0 +1,287 @@
+"""Router replicas that tell each other their dispatches (``--router-peers``, issue 16).
+
+Real router subprocesses on free ports in front of sim workers. Each replica gets the same
+``--router-peers`` list naming every replica (itself included, as a Kubernetes headless
+Service would). Which worker served a request is read from the ``x-sglctl-worker`` header;
+what a replica heard from ``GET /peers``. With ``PEERS = False`` (replicas without the flag)
+the affinity tests fail: the second replica places the prefixes by its own load instead.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+import pytest
+
+from sglctl.net import find_free_port
+from sglctl.router.peers import PeerAddress, Ring, parse_peers, valid_batch
+from sglctl.sim.tokenizer import text_for_tokens
+from sglctl.spawn import ManagedProcess
+from tests.support import wait_until
+
+PEERS = True
+SYSTEM = text_for_tokens(200, "system prompt")
+
+
+def conversation(conv: int, turns: int) -> str:
+    return SYSTEM + "".join(text_for_tokens(400, f"conv {conv} turn {t}") for t in range(turns))
+
+
+@pytest.fixture
+def client() -> Any:
+    with httpx.Client(timeout=60, trust_env=False) as c:
+        yield c
+
+
+def replica(
+    procs: Any, urls: Sequence[str], port: int, peer_ports: Sequence[int], *extra: str
+) -> ManagedProcess:
+    peers = ",".join(f"127.0.0.1:{p}" for p in peer_ports)
+    if port != peer_ports[0]:  # the workers in another order: other ties than the first's
+        urls = list(reversed(urls))
+    flags = ["--router-peers", peers, "--router-peers-refresh-secs", "0.5"] if PEERS else []
+    # --placement tree: a new prefix goes by this replica's own history (its smallest tree),
+    # so that two replicas without peers disagree (with "load" both would, on an idle
+    # system, pick the same worker by the same ties).
+    proc: ManagedProcess = procs.router(urls, "--placement", "tree", *flags, *extra, port=port)
+    return proc
+
+
+def peers_view(client: httpx.Client, router: ManagedProcess) -> dict[str, Any]:
+    r = client.get(router.url + "/peers")
+    if not PEERS:
+        return {"connected": 1, "received": 1 << 30, "peers": []}
+    assert r.status_code == 200, r.text
+    view: dict[str, Any] = r.json()
+    return view
+
+
+def wait_connected(client: httpx.Client, router: ManagedProcess, peers: int) -> None:
+    wait_until(
+        lambda: peers_view(client, router)["connected"] >= peers,
+        timeout=30,
+        what=f"{router.name} connected to {peers} peers",
+    )
+
+
+def generate(client: httpx.Client, url: str, text: str, *, fresh: bool = False) -> str:
+    """Send ``text``; the worker that served it. ``fresh``: on a new connection."""
+    body = {"text": text, "sampling_params": {"max_new_tokens": 1}}
+    if fresh:
+        with httpx.Client(timeout=60, trust_env=False) as c:
+            r = c.post(url + "/generate", json=body)
+    else:
+        r = client.post(url + "/generate", json=body)
+    assert r.status_code == 200, r.text
+    worker = r.headers.get("x-sglctl-worker")
+    assert worker is not None
+    return worker
+
+
+def sims(procs: Any, n: int) -> list[str]:
+    return [procs.sim_worker("--speedup", "50").url for _ in range(n)]
+
+
+def test_a_prefix_placed_through_one_replica_is_followed_by_the_other(procs, client) -> None:
+    urls = sims(procs, 3)
+    ports = [find_free_port(), find_free_port()]
+    a, b = (replica(procs, urls, port, ports) for port in ports)
+    wait_connected(client, a, 1)
+    wait_connected(client, b, 1)
+    view = peers_view(client, a)
+    if PEERS:
+        assert sorted(p["self"] for p in view["peers"]) == [False, True], view
+    # Different histories: b's own placement would not follow a's.
+    for conv in range(100, 103):
+        generate(client, b.url, conversation(conv, 1))
+    placed = set()
+    for conv in range(8):
+        before = peers_view(client, b)["received"]
+        on_a = generate(client, a.url, conversation(conv, 1))
+        placed.add(on_a)
+        if PEERS:
+            wait_until(
+                lambda before=before: peers_view(client, b)["received"] > before,
+                timeout=10,
+                what="b hearing a's route",
+            )
+        on_b = generate(client, b.url, conversation(conv, 2))
+        assert on_b == on_a, f"conversation {conv}: a placed it on {on_a}, b sent it to {on_b}"
+    assert len(placed) >= 2, "new conversations are still spread over the workers"
+
+
+def test_a_restarted_replica_catches_up_without_new_traffic(procs, client) -> None:
+    urls = sims(procs, 3)
+    ports = [find_free_port(), find_free_port()]
+    a, b = (replica(procs, urls, port, ports) for port in ports)
+    wait_connected(client, a, 1)
+    placed = {conv: generate(client, a.url, conversation(conv, 1)) for conv in range(8)}
+    assert len(set(placed.values())) >= 2
+    b.stop()
+    b = replica(procs, urls, ports[1], ports)
+    # No request through a from here on: b learns a's recent decisions from a's ring.
+    if PEERS:
+        wait_until(
+            lambda: peers_view(client, b)["received"] >= len(placed),
+            timeout=30,
+            what="the restarted replica receiving a's ring",
+        )
+    for conv in range(100, 103):  # b's own new traffic: its placement differs from a's
+        generate(client, b.url, conversation(conv, 1))
+    for conv, worker in placed.items():
+        assert generate(client, b.url, conversation(conv, 2)) == worker, f"conversation {conv}"
+
+
+def test_a_peer_down_neither_slows_nor_fails_requests(procs, client) -> None:
+    urls = sims(procs, 2)
+    port = find_free_port()
+    nobody = find_free_port()  # nothing listens there
+    a = replica(procs, urls, port, [port, nobody])
+    slowest = 0.0
+    for i in range(40):
+        start = time.monotonic()
+        generate(client, a.url, text_for_tokens(300, f"down {i}"))
+        slowest = max(slowest, time.monotonic() - start)
+    assert slowest < 2.0, f"a request took {slowest:.2f} s with a peer down"
+    if not PEERS:
+        return
+    wait_until(
+        lambda: peers_view(client, a)["dropped"] >= 30,
+        timeout=10,
+        what="routes to the dead peer dropped and counted",
+    )
+    view = peers_view(client, a)
+    assert view["connected"] == 0 and view["sent"] == 0, view
+    metrics = client.get(a.url + "/metrics").text
+    assert "sglctl_peer_routes_dropped_total" in metrics
+    assert "sglctl_peers_connected 0.0" in metrics
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        (b"{not json", "not JSON"),
+        (b'{"t": "route"}', "JSON list"),
+        (b'[{"t": "add", "w": "http://a"}]', "not a route"),
+        (b'[{"t": "route", "w": 3, "x": "a"}]', "worker URL"),
+        (b'[{"t": "route", "w": "http://a", "i": ["a"]}]', "integers"),
+        (b'[{"t": "route", "w": "http://a"}]', "needs"),
+    ],
+)
+def test_bad_batches_are_named(body: bytes, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        valid_batch(body)
+    assert valid_batch(b'[{"t": "route", "w": "http://a", "i": [1, 2]}]')
+
+
+def test_the_endpoint_answers_bad_input_with_4xx_json(procs, client) -> None:
+    urls = sims(procs, 1)
+    port = find_free_port()
+    a = replica(procs, urls, port, [port])
+    bad = [
+        (b"{not json", {"x-sglctl-peer": "x"}),
+        (b'{"t": "route"}', {"x-sglctl-peer": "x"}),
+        (b'[{"t": "route", "w": "http://a", "i": [1, "2"]}]', {"x-sglctl-peer": "x"}),
+        (b"[]", {}),
+        (b"[]", {"x-sglctl-peer": "y" * 500}),
+    ]
+    for body, headers in bad:
+        r = client.post(a.url + "/peers/routes", content=body, headers=headers)
+        assert r.status_code == 400, (body, r.status_code, r.text)
+        assert "message" in r.json()["error"], r.text
+    r = client.get(a.url + "/peers/routes")
+    assert r.status_code == 405 and r.json()["error"]
+    # An unknown worker is no error: a peer may know a worker this replica has not seen yet.
+    ok = b'[{"t": "route", "w": "http://127.0.0.9:1", "x": "hello"}]'
+    r = client.post(a.url + "/peers/routes", content=ok, headers={"x-sglctl-peer": "z"})
+    assert r.status_code == 200 and r.json()["id"] == peers_view(client, a)["id"], r.text
+    plain = procs.router(urls)
+    r = client.post(plain.url + "/peers/routes", content=b"[]", headers={"x-sglctl-peer": "z"})
+    assert r.status_code == 404 and "router-peers" in r.json()["error"]["message"]
+
+
+def test_peer_routes_reach_every_process_of_a_replica(procs, client) -> None:
+    urls = sims(procs, 3)
+    ports = [find_free_port(), find_free_port()]
+    a = replica(procs, urls, ports[0], ports, "--router-processes", "1")
+    b = replica(procs, urls, ports[1], ports, "--router-processes", "2")
+    wait_connected(client, a, 1)
+    for conv in range(100, 104):  # b's processes get different histories of their own
+        generate(client, b.url, conversation(conv, 1), fresh=True)
+    placed = {conv: generate(client, a.url, conversation(conv, 1)) for conv in range(10)}
+    assert len(set(placed.values())) >= 2
+
+    # Every next turn through b, each on a new connection (the kernel spreads them over
+    # b's two processes): the process that did not receive a's batch learnt it from its
+    # sibling. Polled: the relay takes a moment.
+    def followed() -> bool:
+        return all(
+            generate(client, b.url, conversation(conv, 2), fresh=True) == worker
+            for conv, worker in placed.items()
+        )
+
+    wait_until(followed, timeout=20, what="both of b's processes following a's routes")
+    seen = set()
+    for _ in range(40):
+        with httpx.Client(timeout=10, trust_env=False) as c:
+            seen.add(c.get(b.url + "/stats").json()["process"]["index"])
+    assert seen == {0, 1}, "new connections reach both processes"
+
+
+# -- pure pieces ---------------------------------------------------------------------------
+def test_peer_addresses_parse() -> None:
+    assert parse_peers(["http://a:1,b:2", "b:2", "[::1]:3", "c"]) == [
+        PeerAddress("a", 1),
+        PeerAddress("b", 2),
+        PeerAddress("::1", 3),
+        PeerAddress("c", 30000),
+    ]
+    for bad in ("https://a:1", "a:port", "http://a:1/path", "http://:1"):
+        with pytest.raises(ValueError, match="router-peers"):
+            parse_peers([bad])
+
+
+def test_the_ring_keeps_the_latest_within_its_bounds() -> None:
+    ring = Ring(routes=3, max_bytes=100)
+    for i in range(5):
+        ring.add({"t": "route", "w": "u", "x": str(i)})
+    assert [m["x"] for m in ring.snapshot()] == ["2", "3", "4"]
+    ring.add({"t": "route", "w": "u", "x": "y" * 99})
+    assert [m["x"][:1] for m in ring.snapshot()] == ["4", "y"]
+    assert ring.bytes <= 100
+
+
+def test_a_name_resolving_to_several_addresses_means_all_of_them() -> None:
+    """A headless Service: one link per address, re-resolved; gone addresses are dropped."""
+    import asyncio
+
+    from sglctl.router.peers import Peers
+
+    answers = {"svc": ["10.0.0.1", "10.0.0.2"]}
+
+    async def resolver(host: str, port: int) -> list[str]:
+        return answers[host]
+
+    async def go() -> None:
+        peers = Peers(
+            parse_peers(["svc:8000", "10.0.0.9:8000"]),
+            5.0,
+            "me",
+            apply=lambda m: None,
+            resolver=resolver,
+        )
+        answers["10.0.0.9"] = ["10.0.0.9"]
+        await peers._refresh()
+        assert sorted(peers.links) == [("10.0.0.1", 8000), ("10.0.0.2", 8000), ("10.0.0.9", 8000)]
+        answers["svc"] = ["10.0.0.2", "10.0.0.3"]
+        await peers._refresh()
+        assert sorted(peers.links) == [("10.0.0.2", 8000), ("10.0.0.3", 8000), ("10.0.0.9", 8000)]
+        for link in peers.links.values():
+            assert link.task is not None
+            link.task.cancel()
+        await peers.client.aclose()
+
+    asyncio.run(go())

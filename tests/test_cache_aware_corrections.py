@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from sglctl.router.flags import parse_args
-from sglctl.router.load_poll import STALE_SECS, WorkerLoad, effective_load
+from sglctl.router.load_poll import STALE_SECS, WorkerLoad, current_load, effective_load
 from sglctl.router.policies import CacheAwarePolicy, make_policy
 from sglctl.router.policies.base import RouteKey
 from sglctl.router.workers import Worker
@@ -146,3 +146,17 @@ def test_effective_load() -> None:
     assert effective_load(3, WorkerLoad(10, 2, 0, now - 1), now) == 10
     assert effective_load(30, WorkerLoad(10, 2, 0, now - 1), now) == 30  # ours are in theirs
     assert effective_load(3, WorkerLoad(10, 2, 0, now - STALE_SECS), now) == 3
+
+
+def test_current_load_moves_on_by_own_and_told_dispatches_since_the_report() -> None:
+    """Router peers (``--router-peers``): the report, plus this router's in-flight change
+    since, plus the dispatches other replicas told of since -- so three replicas reading the
+    same report do not all send their misses to the same least-loaded worker."""
+    now = 100.0
+    report = WorkerLoad(4, 0, 0, now - 0.2, own_in_flight=1, told=7)
+    assert current_load(1, report, now, told=7) == 4  # nothing since the report
+    assert current_load(3, report, now, told=7) == 6  # two of ours since
+    assert current_load(1, report, now, told=10) == 7  # three told by peers since
+    assert current_load(0, report, now, told=7) == 3  # one of ours finished
+    assert current_load(2, None, now, told=99) == 2  # no report: own count only
+    assert current_load(2, WorkerLoad(9, 0, 0, now - STALE_SECS), now, told=99) == 2

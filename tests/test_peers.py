@@ -285,3 +285,57 @@ def test_a_name_resolving_to_several_addresses_means_all_of_them() -> None:
         await peers.client.aclose()
 
     asyncio.run(go())
+
+
+def test_live_peer_routes_count_as_load_and_catch_up_routes_do_not() -> None:
+    """A peer's live dispatch raises the worker's ``told_dispatches`` (load until its next
+    ``/get_load`` report); the ring a restarted replica is sent (``"c"``) is history, not load."""
+    import asyncio
+
+    from sglctl.router import siblings
+    from sglctl.router.peers import Peers
+    from sglctl.router.workers import WorkerRegistry
+
+    class FakeRouter:
+        def __init__(self) -> None:
+            self.registry = WorkerRegistry()
+            self.metrics = None
+
+        def policies(self) -> list[Any]:
+            return []
+
+        def interrupt(self, url: str, reason: str) -> int:
+            return 0
+
+    router = FakeRouter()
+    worker = router.registry.add("http://127.0.0.1:9", source="admin")
+
+    async def go() -> None:
+        peers = Peers([], 5.0, "me", apply=lambda m: siblings.apply(router, m))  # type: ignore[arg-type]
+        live = {"t": "route", "w": worker.url, "x": "hello " * 20}
+        old = {"t": "route", "w": worker.url, "x": "older " * 20, "c": 1}
+        assert peers.receive("them", [live, dict(live)]) == 2
+        assert worker.told_dispatches == 2
+        assert peers.receive("them", [old]) == 1
+        assert worker.told_dispatches == 2
+        await peers.client.aclose()
+
+    asyncio.run(go())
+
+
+def test_with_an_api_key_peers_send_it_and_strangers_get_401(procs, client) -> None:
+    """Routes steer traffic: with ``--api-key`` the endpoint wants it (as the admin endpoints
+    do), and the replicas, given the same key, still hear each other."""
+    urls = sims(procs, 2)
+    ports = [find_free_port(), find_free_port()]
+    a, b = (replica(procs, urls, port, ports, "--api-key", "s3cret") for port in ports)
+    wait_connected(client, a, 1)
+    wait_connected(client, b, 1)
+    before = peers_view(client, b)["received"]
+    generate_with_key = {"authorization": "Bearer s3cret"}
+    body = {"text": conversation(7, 1), "sampling_params": {"max_new_tokens": 1}}
+    assert client.post(a.url + "/generate", json=body, headers=generate_with_key).status_code == 200
+    wait_until(lambda: peers_view(client, b)["received"] > before, timeout=10, what="b hearing a")
+    batch = b'[{"t": "route", "w": "http://127.0.0.9:1", "x": "hello"}]'
+    r = client.post(a.url + "/peers/routes", content=batch, headers={"x-sglctl-peer": "z"})
+    assert r.status_code == 401 and "api key" in r.json()["error"]["message"], r.text

@@ -41,6 +41,8 @@ class WorkerLoad:
     #: This router's own in-flight count on the worker when the answer arrived (for
     #: :func:`current_load`).
     own_in_flight: int = 0
+    #: The worker's ``told_dispatches`` when the answer arrived (for :func:`current_load`).
+    told: int = 0
 
 
 def effective_load(in_flight: int, load: WorkerLoad | None, now: float) -> int:
@@ -55,9 +57,11 @@ def effective_load(in_flight: int, load: WorkerLoad | None, now: float) -> int:
     return max(in_flight, load.num_reqs)
 
 
-def current_load(in_flight: int, load: WorkerLoad | None, now: float) -> int:
+def current_load(in_flight: int, load: WorkerLoad | None, now: float, told: int = 0) -> int:
     """The worker's report moved forward by what this router did since: ``num_reqs`` plus
-    the change of this router's own in-flight count since the report (at least in flight).
+    the change of this router's own in-flight count since the report (at least in flight),
+    plus the dispatches other replicas told us of since (``told``: the worker's
+    ``told_dispatches`` now; ``--router-peers``).
 
     :func:`effective_load` is the same on every replica between two polls, which is what
     ``--placement hash``'s bound needs (replicas agree on whom to skip). The greedy "least
@@ -65,14 +69,19 @@ def current_load(in_flight: int, load: WorkerLoad | None, now: float) -> int:
     the report and the own count does not move when this router sends a request (its own
     count is inside the report), so every miss until the next poll would go to the same
     least-loaded worker. Adding the own dispatches since the report spreads them, and the
-    other replicas' dispatches arrive with the next report (``--kv-events``).
+    other replicas' dispatches arrive with the next report -- or sooner, when the replicas
+    tell each other their dispatches (``--router-peers``): without those, three replicas
+    reading the same report sent their misses to the same least-loaded worker until the next
+    poll, and TTFT p50 doubled (``benchmarks/RESULTS.md``, "Router peers"). A told dispatch
+    that the report already holds (told late) counts twice until the next report, and one
+    that finished is not taken off until then: both err by at most a poll interval's worth.
     """
     if load is None or now - load.at >= STALE_SECS:
         return in_flight
-    return max(in_flight, load.num_reqs + in_flight - load.own_in_flight)
+    return max(in_flight, load.num_reqs + in_flight - load.own_in_flight + told - load.told)
 
 
-def parse_load(body: Any, at: float, own_in_flight: int = 0) -> WorkerLoad | None:
+def parse_load(body: Any, at: float, own_in_flight: int = 0, told: int = 0) -> WorkerLoad | None:
     """A ``/get_load`` answer (a list of per-rank dicts, or one dict) as a :class:`WorkerLoad`."""
     ranks = body if isinstance(body, list) else [body]
     totals = [0, 0, 0]
@@ -84,7 +93,7 @@ def parse_load(body: Any, at: float, own_in_flight: int = 0) -> WorkerLoad | Non
             if not isinstance(value, int) or isinstance(value, bool):
                 return None
             totals[i] += value
-    return WorkerLoad(totals[0], totals[1], totals[2], at, own_in_flight)
+    return WorkerLoad(totals[0], totals[1], totals[2], at, own_in_flight, told)
 
 
 class LoadPoller:
@@ -117,8 +126,11 @@ class LoadPoller:
             )
             worker = self.registry.get(url)
             own = worker.in_flight if worker is not None else 0
+            told = worker.told_dispatches if worker is not None else 0
             load = (
-                parse_load(response.json(), time.monotonic(), own) if response.is_success else None
+                parse_load(response.json(), time.monotonic(), own, told)
+                if response.is_success
+                else None
             )
             problem = None if load is not None else f"HTTP {response.status_code} or bad body"
         except (httpx.HTTPError, ValueError) as exc:

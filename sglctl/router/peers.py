@@ -56,6 +56,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
+from sglctl.router.admin import check_api_key
 from sglctl.router.errors import error_response
 from sglctl.router.policies.base import RouteKey
 
@@ -77,7 +78,7 @@ QUEUE_BYTES = 64 * 1024 * 1024
 #: A batch closes at this many bytes of prompt text (a POST well under --max-payload-size).
 BATCH_BYTES = 4 * 1024 * 1024
 #: Seconds routes gather after one POST before the next (bounds POSTs per second).
-GATHER_SECS = 0.05
+GATHER_SECS = 0.01
 #: Seconds a POST to a peer may take; backoff bounds after a failure.
 POST_TIMEOUT = 10.0
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 5.0
@@ -256,8 +257,11 @@ class Link:
                 self.wake.set()
             # Routes gather for a moment before the next POST: at most ~1/GATHER_SECS POSTs a
             # second per peer whatever the request rate (one route per POST cost ~1.5-2 ms
-            # of CPU a request on each side; a peer learns a route up to 50 ms later, before
-            # the prefill it saves is done; benchmarks/RESULTS.md, "Router peers").
+            # of CPU a request on each side on long prompts). 10 ms, not the first 50: the
+            # routes are also the other replicas' load (Worker.told_dispatches), and at 50 ms
+            # misses arriving together still piled on one worker (quiet machine, synth 600k,
+            # 2,000 requests: TTFT p99 1.14x one router's at 50 ms, 0.99x at 10 ms;
+            # benchmarks/RESULTS.md, "Router peers, the load told").
             await asyncio.sleep(GATHER_SECS)
 
     async def _post(self, batch: list[Message]) -> None:
@@ -266,7 +270,7 @@ class Link:
         r = await owner.client.post(
             self.url,
             content=body,
-            headers={SENDER_HEADER: owner.id, "content-type": "application/json"},
+            headers=owner.headers,
         )
         if r.status_code != 200:
             raise ValueError(f"HTTP {r.status_code}: {r.text[:200]}")
@@ -285,7 +289,8 @@ class Link:
             self.peer_id = peer_id
             if len(owner.ring):
                 # First in the queue, in batches like any (a ring is larger than one POST).
-                ring = owner.ring.snapshot()
+                # Marked as catch-up ("c"): old dispatches, not load on the workers now.
+                ring = [dict(m, c=1) for m in owner.ring.snapshot()]
                 self.queue.extendleft(reversed(ring))
                 self.queued_bytes += owner.ring.bytes
                 log.info(
@@ -319,9 +324,12 @@ class Peers:
         apply: Callable[[Message], None],
         relay: Callable[[list[Message]], None] | None = None,
         resolver: Callable[[str, int], Any] = resolve,
+        api_key: str | None = None,
     ) -> None:
         """``apply`` learns one received route (the policy's ``observe``); ``relay`` hands a
-        received batch on to this replica's sibling processes (None with one process)."""
+        received batch on to this replica's sibling processes (None with one process).
+        ``api_key``: the router's ``--api-key``, sent to the peers (every replica of one
+        Deployment has the same), which ask it as their admin endpoints do."""
         self.addresses = list(addresses)
         self.refresh_secs = refresh_secs
         self.id = replica_id
@@ -333,6 +341,9 @@ class Peers:
         self.received = 0
         self.rejected = 0
         self.senders: set[str] = set()
+        self.headers = {SENDER_HEADER: replica_id, "content-type": "application/json"}
+        if api_key:
+            self.headers["authorization"] = f"Bearer {api_key}"
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(POST_TIMEOUT, connect=2.0),
             limits=httpx.Limits(max_keepalive_connections=64),
@@ -359,6 +370,8 @@ class Peers:
                 link.ping()
         routes = [m for m in batch if m.get("t") == "route"]
         for message in routes:
+            if not message.pop("c", None):
+                message["p"] = 1  # a live dispatch: counted as load (siblings.apply)
             self.apply(message)
         if routes and self.relay is not None:
             self.relay(routes)
@@ -468,6 +481,8 @@ async def endpoint(request: Request) -> Response:
     peers: Peers | None = getattr(router, "peers", None)
     if peers is None:
         return error_response(404, "this router has no --router-peers")
+    # Routes steer traffic: who may add workers may tell routes, no one else.
+    check_api_key(router.config.api_key, request)
     sender = request.headers.get(SENDER_HEADER, "")
     if not sender or len(sender) > 128:
         peers.rejected += 1

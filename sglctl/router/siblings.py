@@ -20,6 +20,7 @@ every sibling's own exposition and :func:`~sglctl.router.metrics.merge_scrapes` 
 Messages (``t`` is the type)::
 
     route  {"w": url, "x": text} or {"w": url, "i": token ids}
+           (+ "p": 1 when a router peer's live dispatch: counted as load on the worker)
     add    {"w": url, "ok": healthy}        remove {"w": url}        flush {}
     health {"w": url, "ok": bool, "why": reason}
     open   {"w": url, "why": reason}        (a breaker opened)
@@ -199,6 +200,10 @@ def apply(router: Router, message: Message) -> None:
     if kind == "route":
         worker = registry.get(url)
         if worker is not None:
+            if message.get("p"):
+                # A live dispatch of another replica (--router-peers): load until the
+                # worker's next /get_load report holds it.
+                worker.told_dispatches += 1
             key = RouteKey(text=message.get("x"), input_ids=message.get("i"))
             for policy in router.policies():
                 observe = getattr(policy, "observe", None)

@@ -190,6 +190,10 @@ class CacheAwarePolicy(Policy):
         #: loads on every replica): the router's poller fills :attr:`worker_loads`.
         self.load_from_workers = load_from_workers
         self.uses_worker_loads = load_from_workers or placement == "hash"
+        #: The reports moved on by the dispatches since (this router's, and the other
+        #: replicas' told by ``--router-peers``) for the imbalance check and the greedy
+        #: placement, instead of the max of report and own count: set with router peers.
+        self.current_loads = False
         self.worker_loads: Mapping[str, WorkerLoad] = {}
         self._next: _Ticket | None = None
         #: Requests routed to a worker because of a prefix match, and the others; exported
@@ -220,7 +224,7 @@ class CacheAwarePolicy(Policy):
 
     def load_of(self) -> Callable[[Worker], int]:
         """A worker's load in requests: in flight, or corrected by the workers' own reports."""
-        if self.kv_index is not None:
+        if self.kv_index is not None or self.current_loads:
             return self.shared_load(current=True)
         return self.shared_load() if self.load_from_workers else _load
 
@@ -232,8 +236,9 @@ class CacheAwarePolicy(Policy):
         loads, now = self.worker_loads, time.monotonic()
         if not loads:
             return _load
-        fn = current_load if current else effective_load
-        return lambda w: fn(w.in_flight, loads.get(w.url), now)
+        if current:
+            return lambda w: current_load(w.in_flight, loads.get(w.url), now, w.told_dispatches)
+        return lambda w: effective_load(w.in_flight, loads.get(w.url), now)
 
     def is_imbalanced(
         self, workers: Sequence[Worker], load: Callable[[Worker], int] = _load

@@ -14,7 +14,6 @@ Bodies are read incrementally under :data:`ADMIN_BODY_LIMIT` (64 KiB, or
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 
 import httpx
@@ -23,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from sglctl.polling import PollTimeout, poll
+from sglctl.router.api_key import check_api_key
 from sglctl.router.errors import RouterError
 from sglctl.router.request import read_body
 from sglctl.router.responses import json_response
@@ -36,18 +36,6 @@ log = logging.getLogger(__name__)
 ADMIN_BODY_LIMIT = 64 * 1024
 #: How long ``POST /add_worker`` without ``wait`` probes the new worker before answering.
 ADMIN_PROBE_SECS = 5.0
-
-
-def check_api_key(api_key: str | None, request: Request) -> None:
-    """401 unless the request carries the configured API key (no-op without a key)."""
-    if not api_key:
-        return
-    given = request.headers.get("authorization", "")
-    scheme, _, token = given.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        token.strip().encode(), api_key.encode()
-    ):
-        raise RouterError(401, "this admin endpoint requires 'Authorization: Bearer <api key>'")
 
 
 async def _url_from(request: Request, limit: int) -> str:

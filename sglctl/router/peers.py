@@ -56,7 +56,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from sglctl.router.admin import check_api_key
+from sglctl.router.api_key import check_api_key
 from sglctl.router.errors import error_response
 from sglctl.router.policies.base import RouteKey
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import httpx
 import pytest
 
 from sglctl.spawn import ManagedProcess, spawn, spawn_router, spawn_sim_worker
@@ -51,3 +52,10 @@ def procs(tmp_path: Path) -> Iterator[Procs]:
         yield launcher
     finally:
         launcher.stop_all()
+
+
+@pytest.fixture
+def client() -> Iterator[httpx.Client]:
+    """A plain HTTP client for the test's requests (no proxy from the environment)."""
+    with httpx.Client(timeout=60, trust_env=False) as c:
+        yield c

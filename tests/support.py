@@ -1,7 +1,7 @@
 """The tests' one way to wait: poll a predicate with a deadline, fail with what was awaited.
 
 No test sleeps to synchronise; it polls for the state it needs. ``wait_until`` returns the
-seconds it took, so timing tests can assert on it.
+seconds it took, so timing tests can assert on it. Also: the prompts of the replica tests.
 """
 
 from __future__ import annotations
@@ -45,3 +45,12 @@ async def async_wait_until(
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         await asyncio.sleep(interval)
     return time.monotonic() - start
+
+
+def conversation(conv: int, turns: int) -> str:
+    """Conversation ``conv``'s prompt after ``turns`` turns: a 200-token system prompt shared by
+    all, then 400 tokens a turn (what the router-replica tests route)."""
+    from sglctl.sim.tokenizer import text_for_tokens
+
+    system = text_for_tokens(200, "system prompt")
+    return system + "".join(text_for_tokens(400, f"conv {conv} turn {t}") for t in range(turns))

@@ -23,16 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from sglctl.net import find_free_port
 from sglctl.sim.tokenizer import text_for_tokens
 from sglctl.spawn import ManagedProcess
-from tests.support import wait_until
+from tests.support import conversation, wait_until
 
 FLAGS: tuple[str, ...] = ("--kv-events",)
 PAGE = 16
-SYSTEM = text_for_tokens(200, "system prompt")
 
 
 def events_sim(procs: Any, *extra: str) -> ManagedProcess:
@@ -101,16 +99,6 @@ def wait_synced(
         timeout=30,
         what=f"{router.name} indexing {at_least_blocks} blocks of {worker}",
     )
-
-
-def conversation(conv: int, turns: int) -> str:
-    return SYSTEM + "".join(text_for_tokens(400, f"conv {conv} turn {t}") for t in range(turns))
-
-
-@pytest.fixture
-def client() -> Any:
-    with httpx.Client(timeout=60, trust_env=False) as c:
-        yield c
 
 
 def test_a_prefix_placed_through_one_router_is_found_through_the_other(procs, client) -> None:

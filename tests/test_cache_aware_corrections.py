@@ -148,15 +148,19 @@ def test_effective_load() -> None:
     assert effective_load(3, WorkerLoad(10, 2, 0, now - STALE_SECS), now) == 3
 
 
-def test_current_load_moves_on_by_own_and_told_dispatches_since_the_report() -> None:
-    """Router peers (``--router-peers``): the report, plus this router's in-flight change
-    since, plus the dispatches other replicas told of since -- so three replicas reading the
-    same report do not all send their misses to the same least-loaded worker."""
+def test_current_load_is_every_replicas_in_flight_raised_to_the_report_moved_on() -> None:
+    """Router peers (``--router-peers``): this router's in flight plus what the others told
+    of theirs, raised to the worker's report moved on by the change of both since -- so a
+    request another replica sent *or finished* counts at once, not at the next poll."""
     now = 100.0
-    report = WorkerLoad(4, 0, 0, now - 0.2, own_in_flight=1, told=7)
-    assert current_load(1, report, now, told=7) == 4  # nothing since the report
-    assert current_load(3, report, now, told=7) == 6  # two of ours since
-    assert current_load(1, report, now, told=10) == 7  # three told by peers since
-    assert current_load(0, report, now, told=7) == 3  # one of ours finished
-    assert current_load(2, None, now, told=99) == 2  # no report: own count only
-    assert current_load(2, WorkerLoad(9, 0, 0, now - STALE_SECS), now, told=99) == 2
+    # The worker held 10 at the report: 1 of ours, 7 of the peers', 2 from elsewhere.
+    report = WorkerLoad(10, 0, 0, now - 0.2, own_in_flight=1, told=7)
+    assert current_load(1, report, now, told=7) == 10  # nothing since the report
+    assert current_load(3, report, now, told=7) == 12  # two of ours since
+    assert current_load(1, report, now, told=10) == 13  # three more of the peers'
+    assert current_load(1, report, now, told=4) == 7  # three of the peers' finished
+    assert current_load(0, report, now, told=7) == 9  # one of ours finished
+    # A report below what the replicas know (it lags them): what they know.
+    assert current_load(1, WorkerLoad(3, 0, 0, now - 0.2, 1, 7), now, told=7) == 8
+    assert current_load(2, None, now, told=5) == 7  # no report: own plus told
+    assert current_load(2, WorkerLoad(99, 0, 0, now - STALE_SECS), now, told=5) == 7

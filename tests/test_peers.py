@@ -20,20 +20,9 @@ from sglctl.net import find_free_port
 from sglctl.router.peers import PeerAddress, Ring, parse_peers, valid_batch
 from sglctl.sim.tokenizer import text_for_tokens
 from sglctl.spawn import ManagedProcess
-from tests.support import wait_until
+from tests.support import conversation, wait_until
 
 PEERS = True
-SYSTEM = text_for_tokens(200, "system prompt")
-
-
-def conversation(conv: int, turns: int) -> str:
-    return SYSTEM + "".join(text_for_tokens(400, f"conv {conv} turn {t}") for t in range(turns))
-
-
-@pytest.fixture
-def client() -> Any:
-    with httpx.Client(timeout=60, trust_env=False) as c:
-        yield c
 
 
 def replica(
@@ -169,12 +158,15 @@ def test_a_peer_down_neither_slows_nor_fails_requests(procs, client) -> None:
         (b'[{"t": "route", "w": 3, "x": "a"}]', "worker URL"),
         (b'[{"t": "route", "w": "http://a", "i": ["a"]}]', "integers"),
         (b'[{"t": "route", "w": "http://a"}]', "needs"),
+        (b'[{"t": "load", "l": [1]}]', "requests in flight"),
+        (b'[{"t": "load", "l": {"http://a": -1}}]', "requests in flight"),
     ],
 )
 def test_bad_batches_are_named(body: bytes, needle: str) -> None:
     with pytest.raises(ValueError, match=needle):
         valid_batch(body)
     assert valid_batch(b'[{"t": "route", "w": "http://a", "i": [1, 2]}]')
+    assert valid_batch(b'[{"t": "load", "l": {"http://a": 2}}]')
 
 
 def test_the_endpoint_answers_bad_input_with_4xx_json(procs, client) -> None:
@@ -287,38 +279,63 @@ def test_a_name_resolving_to_several_addresses_means_all_of_them() -> None:
     asyncio.run(go())
 
 
-def test_live_peer_routes_count_as_load_and_catch_up_routes_do_not() -> None:
-    """A peer's live dispatch raises the worker's ``told_dispatches`` (load until its next
-    ``/get_load`` report); the ring a restarted replica is sent (``"c"``) is history, not load."""
+def test_the_peers_in_flight_add_up_per_worker_and_a_silent_one_expires() -> None:
+    """Each batch's ``load`` replaces its sender's last one; a worker's ``told_in_flight`` is
+    the sum over senders; a sender silent for LOAD_STALE_SECS counts no more. With several
+    processes the load is relayed to the siblings, which apply it the same way."""
     import asyncio
 
     from sglctl.router import siblings
-    from sglctl.router.peers import Peers
+    from sglctl.router.peers import LOAD_STALE_SECS, Peers
     from sglctl.router.workers import WorkerRegistry
 
     class FakeRouter:
         def __init__(self) -> None:
             self.registry = WorkerRegistry()
             self.metrics = None
+            self.peers: Peers | None = None
 
         def policies(self) -> list[Any]:
             return []
 
-        def interrupt(self, url: str, reason: str) -> int:
-            return 0
+        def set_told(self, url: str, n: int) -> None:
+            worker = self.registry.get(url)
+            if worker is not None:
+                worker.told_in_flight = n
 
-    router = FakeRouter()
-    worker = router.registry.add("http://127.0.0.1:9", source="admin")
+    router, sibling = FakeRouter(), FakeRouter()
+    w1 = router.registry.add("http://127.0.0.1:9", source="admin")
+    w2 = router.registry.add("http://127.0.0.1:10", source="admin")
+    s1 = sibling.registry.add(w1.url, source="admin")
+    relayed: list[list[dict[str, Any]]] = []
 
     async def go() -> None:
-        peers = Peers([], 5.0, "me", apply=lambda m: siblings.apply(router, m))  # type: ignore[arg-type]
-        live = {"t": "route", "w": worker.url, "x": "hello " * 20}
-        old = {"t": "route", "w": worker.url, "x": "older " * 20, "c": 1}
-        assert peers.receive("them", [live, dict(live)]) == 2
-        assert worker.told_dispatches == 2
-        assert peers.receive("them", [old]) == 1
-        assert worker.told_dispatches == 2
+        peers = Peers(
+            [],
+            5.0,
+            "me",
+            apply=lambda m: siblings.apply(router, m),  # type: ignore[arg-type]
+            relay=relayed.append,
+            set_told=router.set_told,
+        )
+        sibling.peers = Peers([], 5.0, "me", apply=lambda m: None, set_told=sibling.set_told)
+        route = {"t": "route", "w": w1.url, "x": "hello " * 20}
+        assert peers.receive("a", [route, {"t": "load", "l": {w1.url: 3, w2.url: 1}}]) == 1
+        assert peers.receive("b", [{"t": "load", "l": {w1.url: 2}}]) == 0
+        assert (w1.told_in_flight, w2.told_in_flight) == (5, 1)
+        # a's next word: one of its requests on w1 finished, the one on w2 too.
+        peers.receive("a", [{"t": "load", "l": {w1.url: 2}}])
+        assert (w1.told_in_flight, w2.told_in_flight) == (4, 0)
+        peers.take_load("b", {w1.url: 2}, now=time.monotonic() + LOAD_STALE_SECS / 2)
+        peers.expire(now=time.monotonic() + LOAD_STALE_SECS + 0.1)  # a is silent, b is not
+        assert (w1.told_in_flight, w2.told_in_flight) == (2, 0)
+        assert list(peers.snapshot()["told"]) == ["b"]
+        # The sibling process hears the route and the load from the one that received them.
+        assert relayed[0][0] == route and relayed[0][1]["t"] == "peer_load"
+        siblings.apply(sibling, relayed[0][1])  # type: ignore[arg-type]
+        assert s1.told_in_flight == 3
         await peers.client.aclose()
+        await sibling.peers.client.aclose()
 
     asyncio.run(go())
 
@@ -339,3 +356,34 @@ def test_with_an_api_key_peers_send_it_and_strangers_get_401(procs, client) -> N
     batch = b'[{"t": "route", "w": "http://127.0.0.9:1", "x": "hello"}]'
     r = client.post(a.url + "/peers/routes", content=batch, headers={"x-sglctl-peer": "z"})
     assert r.status_code == 401 and "api key" in r.json()["error"]["message"], r.text
+
+
+def test_a_replica_counts_the_others_requests_in_flight_until_they_end(procs, client) -> None:
+    """The load is every replica's: a stream open through ``a`` counts on ``b`` for its worker
+    (``told`` in ``b``'s ``/peers``) within moments, and stops counting when it ends -- here
+    cut by the client, so no worker report is what tells ``b``."""
+    worker = procs.sim_worker().url  # real time: the answer lasts longer than the test
+    ports = [find_free_port(), find_free_port()]
+    a, b = (replica(procs, [worker], port, ports) for port in ports)
+    wait_connected(client, a, 1)
+    wait_connected(client, b, 1)
+
+    def told_on_b() -> int:
+        loads = peers_view(client, b)["told"].values()
+        return sum(load.get(worker, 0) for load in loads)
+
+    assert told_on_b() == 0
+    body = {"text": conversation(3, 1), "stream": True, "sampling_params": {"max_new_tokens": 4000}}
+    with (
+        httpx.Client(timeout=60, trust_env=False) as streamer,
+        streamer.stream("POST", a.url + "/generate", json=body) as r,
+    ):
+        assert r.status_code == 200
+        next(r.iter_raw())  # the first chunk: the request is on the worker
+        try:
+            wait_until(lambda: told_on_b() == 1, timeout=10, what="b counting a's stream")
+        except AssertionError as exc:  # say what each side saw
+            views = f"b: {peers_view(client, b)}; a: {peers_view(client, a)}"
+            raise AssertionError(f"{exc}; {views}") from None
+    # The client hung up: a cancels it upstream, and tells b its in-flight count fell.
+    wait_until(lambda: told_on_b() == 0, timeout=10, what="b no longer counting a's stream")

@@ -41,7 +41,7 @@ class WorkerLoad:
     #: This router's own in-flight count on the worker when the answer arrived (for
     #: :func:`current_load`).
     own_in_flight: int = 0
-    #: The worker's ``told_dispatches`` when the answer arrived (for :func:`current_load`).
+    #: The worker's ``told_in_flight`` when the answer arrived (for :func:`current_load`).
     told: int = 0
 
 
@@ -58,27 +58,27 @@ def effective_load(in_flight: int, load: WorkerLoad | None, now: float) -> int:
 
 
 def current_load(in_flight: int, load: WorkerLoad | None, now: float, told: int = 0) -> int:
-    """The worker's report moved forward by what this router did since: ``num_reqs`` plus
-    the change of this router's own in-flight count since the report (at least in flight),
-    plus the dispatches other replicas told us of since (``told``: the worker's
-    ``told_dispatches`` now; ``--router-peers``).
+    """The worker's load now: the requests this router and the other replicas have in flight
+    there (``told``: the worker's ``told_in_flight``, what ``--router-peers`` replicas last
+    said of theirs), raised to the worker's last report moved on by the change of both since.
 
     :func:`effective_load` is the same on every replica between two polls, which is what
     ``--placement hash``'s bound needs (replicas agree on whom to skip). The greedy "least
     loaded" placement needs the opposite: with a report up to a poll interval old, the max of
     the report and the own count does not move when this router sends a request (its own
     count is inside the report), so every miss until the next poll would go to the same
-    least-loaded worker. Adding the own dispatches since the report spreads them, and the
-    other replicas' dispatches arrive with the next report -- or sooner, when the replicas
-    tell each other their dispatches (``--router-peers``): without those, three replicas
-    reading the same report sent their misses to the same least-loaded worker until the next
-    poll, and TTFT p50 doubled (``benchmarks/RESULTS.md``, "Router peers"). A told dispatch
-    that the report already holds (told late) counts twice until the next report, and one
-    that finished is not taken off until then: both err by at most a poll interval's worth.
+    least-loaded worker. Adding the own change since the report spreads them. Replicas tell
+    each other their in-flight counts with every batch of routes (``--router-peers``), so a
+    request another replica sent or finished a few milliseconds ago counts at once, not at
+    the next poll: telling only dispatches, a finished request counted until the next report,
+    and three replicas stayed 1.15-1.26x one router's TTFT p99 on the conversation trace
+    (``benchmarks/RESULTS.md``, "Router peers, the load told"). The report still matters for
+    what no replica sees: clients that talk to the worker directly.
     """
+    known = in_flight + told
     if load is None or now - load.at >= STALE_SECS:
-        return in_flight
-    return max(in_flight, load.num_reqs + in_flight - load.own_in_flight + told - load.told)
+        return known
+    return max(known, load.num_reqs + known - load.own_in_flight - load.told)
 
 
 def parse_load(body: Any, at: float, own_in_flight: int = 0, told: int = 0) -> WorkerLoad | None:
@@ -126,7 +126,7 @@ class LoadPoller:
             )
             worker = self.registry.get(url)
             own = worker.in_flight if worker is not None else 0
-            told = worker.told_dispatches if worker is not None else 0
+            told = worker.told_in_flight if worker is not None else 0
             load = (
                 parse_load(response.json(), time.monotonic(), own, told)
                 if response.is_success

@@ -24,6 +24,16 @@ hostname resolving to several addresses means all of them (a Kubernetes headless
 re-resolved every ``--router-peers-refresh-secs``. Every replica may get the same list: an
 address whose answer carries this replica's own instance id is itself, and skipped.
 
+Load: every batch ends with a ``load`` message, the sender's requests in flight per worker
+(``{"t": "load", "l": {url: n}}``, the whole replica's with ``--router-processes``), and a link
+also posts one when those change (every :data:`GATHER_SECS` at most) or, while some are in
+flight, every :data:`LOAD_REFRESH_SECS`. A receiver holds each sender's last one and adds them
+up per worker (``Worker.told_in_flight``); one older than :data:`LOAD_STALE_SECS` (the sender
+died or is cut off) counts no more. So a replica's load is every replica's, a few milliseconds
+old: telling dispatches alone, another replica's finished requests counted until the workers'
+next ``/get_load`` report, and three replicas stayed at 1.15-1.26x one router's TTFT p99 on the
+conversation trace (``benchmarks/RESULTS.md``, "Router peers, the load told").
+
 Catch-up: each process keeps a ring of its own recent decisions (:data:`RING_ROUTES`); when
 a peer (re)appears with a new instance id -- a restarted replica -- it gets the ring first,
 so it knows the live conversations at once instead of after a minute of misses.
@@ -79,6 +89,10 @@ QUEUE_BYTES = 64 * 1024 * 1024
 BATCH_BYTES = 4 * 1024 * 1024
 #: Seconds routes gather after one POST before the next (bounds POSTs per second).
 GATHER_SECS = 0.01
+#: While requests are in flight, seconds between two ``load`` messages when nothing changed,
+#: and the age past which a sender's last one counts no more (several refreshes missed).
+LOAD_REFRESH_SECS = 0.5
+LOAD_STALE_SECS = 2.0
 #: Seconds a POST to a peer may take; backoff bounds after a failure.
 POST_TIMEOUT = 10.0
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 5.0
@@ -191,6 +205,11 @@ class Link:
         self.connected = False
         self.sent = 0
         self.dropped = 0
+        #: The last ``load`` told this peer, and when (time.monotonic()).
+        self.told: dict[str, int] = {}
+        self.told_at = 0.0
+        #: Post even if nothing changed (a new replica appeared: say hello now).
+        self.hello = True
         self._warned = 0.0
         self.task: asyncio.Task[None] | None = None
 
@@ -229,17 +248,31 @@ class Link:
         self.queued_bytes = max(0, self.queued_bytes - size)
         return batch
 
+    def _due(self, now: float, load: dict[str, int]) -> bool:
+        """Whether to post now: routes queued, the load changed or is getting old, or (idle
+        and connected) the hello every refresh that notices a restarted peer."""
+        if self.queue or self.hello or load != self.told:
+            return True
+        age = now - self.told_at
+        return age >= self.owner.refresh_secs or (bool(load) and age >= LOAD_REFRESH_SECS)
+
     async def run(self) -> None:
         backoff = BACKOFF_MIN
-        refresh = self.owner.refresh_secs
+        owner = self.owner
         while not self.is_self:
+            # Woken by a route, else a look at the load every GATHER_SECS: a finished request
+            # is load off a worker, and no route says so.
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), refresh)
+                await asyncio.wait_for(self.wake.wait(), GATHER_SECS)
             self.wake.clear()
-            # Connected and idle: a hello (an empty batch) every refresh, to notice a restart.
+            now = time.monotonic()
+            load = owner.own_load()
+            if not self._due(now, load):
+                continue
             batch = self._take()
             try:
-                await self._post(batch)
+                await self._post([*batch, {"t": "load", "l": load}])
+                self.told, self.told_at, self.hello = load, now, False
                 backoff = BACKOFF_MIN
             except (httpx.HTTPError, ValueError, KeyError) as exc:
                 if self.connected:
@@ -280,7 +313,7 @@ class Link:
             self.queue.clear()
             log.info("router peer %s (%s) is this router: skipped", self.name, self.url)
             return
-        self.sent += len(batch)
+        self.sent += len(batch) - 1  # routes; the last item is the load
         if not self.connected:
             self.connected = True
             log.info("router peer %s (%s) connected (instance %s)", self.name, self.url, peer_id)
@@ -289,9 +322,7 @@ class Link:
             self.peer_id = peer_id
             if len(owner.ring):
                 # First in the queue, in batches like any (a ring is larger than one POST).
-                # Marked as catch-up ("c"): old dispatches, not load on the workers now.
-                ring = [dict(m, c=1) for m in owner.ring.snapshot()]
-                self.queue.extendleft(reversed(ring))
+                self.queue.extendleft(reversed(owner.ring.snapshot()))
                 self.queued_bytes += owner.ring.bytes
                 log.info(
                     "router peer %s (%s): sending it %d recent routes",
@@ -301,6 +332,7 @@ class Link:
                 )
 
     def ping(self) -> None:
+        self.hello = True
         self.wake.set()
 
 
@@ -325,11 +357,15 @@ class Peers:
         relay: Callable[[list[Message]], None] | None = None,
         resolver: Callable[[str, int], Any] = resolve,
         api_key: str | None = None,
+        own_load: Callable[[], dict[str, int]] = dict,
+        set_told: Callable[[str, int], None] = lambda url, n: None,
     ) -> None:
         """``apply`` learns one received route (the policy's ``observe``); ``relay`` hands a
         received batch on to this replica's sibling processes (None with one process).
         ``api_key``: the router's ``--api-key``, sent to the peers (every replica of one
-        Deployment has the same), which ask it as their admin endpoints do."""
+        Deployment has the same), which ask it as their admin endpoints do. ``own_load``:
+        this replica's requests in flight per worker URL (only those with some);
+        ``set_told``: sets a worker's ``told_in_flight``, the other replicas' sum."""
         self.addresses = list(addresses)
         self.refresh_secs = refresh_secs
         self.id = replica_id
@@ -338,6 +374,10 @@ class Peers:
         self.resolver = resolver
         self.ring = Ring()
         self.links: dict[tuple[str, int], Link] = {}
+        self.own_load = own_load
+        self.set_told = set_told
+        #: Each sender's last ``load`` (requests in flight per worker) and when it came.
+        self.told: dict[str, tuple[float, dict[str, int]]] = {}
         self.received = 0
         self.rejected = 0
         self.senders: set[str] = set()
@@ -370,21 +410,53 @@ class Peers:
                 link.ping()
         routes = [m for m in batch if m.get("t") == "route"]
         for message in routes:
-            if not message.pop("c", None):
-                message["p"] = 1  # a live dispatch: counted as load (siblings.apply)
             self.apply(message)
-        if routes and self.relay is not None:
-            self.relay(routes)
+        relayed: list[Message] = routes
+        for message in batch:
+            if message.get("t") == "load":
+                self.take_load(sender, message["l"])
+                relayed = [*routes, {"t": "peer_load", "s": sender, "l": message["l"]}]
+        if relayed and self.relay is not None:
+            self.relay(relayed)
         self.received += len(routes)
         return len(routes)
+
+    def take_load(self, sender: str, load: dict[str, int], now: float | None = None) -> None:
+        """``sender``'s requests in flight per worker (its last word replaces the one before);
+        the workers it names now or named before get their new ``told_in_flight``."""
+        now = time.monotonic() if now is None else now
+        before = self.told.get(sender)
+        self.told[sender] = (now, load)
+        self._retell({*load, *(before[1] if before else ())})
+
+    def expire(self, now: float | None = None) -> None:
+        """Forget the load of senders silent for :data:`LOAD_STALE_SECS` (gone, or cut off:
+        their requests either finished or died with them)."""
+        now = time.monotonic() if now is None else now
+        old = [s for s, (at, _) in self.told.items() if now - at >= LOAD_STALE_SECS]
+        urls: set[str] = set()
+        for sender in old:
+            urls.update(self.told.pop(sender)[1])
+            log.info("router peer instance %s silent: its in-flight counts no longer count", sender)
+        self._retell(urls)
+
+    def _retell(self, urls: Iterable[str]) -> None:
+        told = [load for _, load in self.told.values()]
+        for url in urls:
+            self.set_told(url, sum(load.get(url, 0) for load in told))
 
     # -- membership -----------------------------------------------------------------------
     async def run(self) -> None:
         """Resolve the addresses every refresh; start a link for each new one."""
         try:
+            refreshed = -1e18
             while True:
-                await self._refresh()
-                await asyncio.sleep(self.refresh_secs)
+                now = time.monotonic()
+                if now - refreshed >= self.refresh_secs:
+                    await self._refresh()
+                    refreshed = now
+                self.expire(now)
+                await asyncio.sleep(min(self.refresh_secs, LOAD_STALE_SECS / 4))
         finally:
             for link in self.links.values():
                 if link.task is not None:
@@ -436,6 +508,8 @@ class Peers:
             "ring": len(self.ring),
             **self.stats(),
             "rejected": self.rejected,
+            # What the others have in flight, as they last told (sender -> worker -> n).
+            "told": {sender: load for sender, (_, load) in self.told.items()},
             "peers": [
                 {
                     "address": link.name,
@@ -461,8 +535,15 @@ def valid_batch(body: bytes) -> list[Message]:
     if not isinstance(batch, list):
         raise ValueError("body must be a JSON list of route messages")
     for n, message in enumerate(batch):
+        if isinstance(message, dict) and message.get("t") == "load":
+            load = message.get("l")
+            if not isinstance(load, dict) or not all(
+                type(v) is int and v >= 0 for v in load.values()
+            ):
+                raise ValueError(f'item {n}: "l" must map worker URLs to requests in flight')
+            continue
         if not isinstance(message, dict) or message.get("t") != "route":
-            raise ValueError(f'item {n}: not a route message ({{"t": "route", ...}})')
+            raise ValueError(f'item {n}: not a route or load message ({{"t": "route", ...}})')
         if not isinstance(message.get("w"), str):
             raise ValueError(f'item {n}: "w" (the worker URL) must be a string')
         text, ids = message.get("x"), message.get("i")

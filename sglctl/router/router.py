@@ -219,26 +219,38 @@ class Router:
             apply=lambda message: siblings.apply(self, message),
             relay=siblings_.relay_routes if siblings_ is not None else None,
             api_key=config.api_key,
+            own_load=self._own_load,
+            set_told=self._set_told,
         )
         self.metrics.peer_stats = found.stats
         policy = self.policy
-        if isinstance(policy, CacheAwarePolicy) and config.load_poll_interval_secs > 0:
-            # A replica sees its own 1/N of the requests in flight; the workers' own num_reqs
-            # (/get_load) counts everyone's (as --worker-load-correction): without it, three
-            # replicas that agree on every prefix still pile new ones on a worker the others
-            # fill (synth 600k, 2,000 requests, a loaded machine: TTFT p50 and p99 2.7x one
-            # router's; with it p50 2.4x, p99 1.7x; benchmarks/RESULTS.md, "Router peers").
-            policy.load_from_workers = True
-            policy.uses_worker_loads = True
-            # ...moved on by every replica's dispatches since the last report, which the
-            # peers tell (Worker.told_dispatches): with the max of report and own count, the
-            # three replicas sent their misses to the same least-loaded worker until the
-            # next poll (quiet machine: TTFT p50 2.3x one router's, p99 1.38x).
+        if isinstance(policy, CacheAwarePolicy):
+            # A replica sees its own 1/N of the requests in flight: the peers tell theirs with
+            # every batch (Worker.told_in_flight), and the load is the sum. Telling only
+            # dispatches, the three replicas sent their misses to the same least-loaded
+            # worker until the next poll (quiet machine: TTFT p50 2.3x one router's, p99
+            # 1.38x), and requests another replica finished counted until then (p99 1.15-1.26x
+            # on the conversation trace; benchmarks/RESULTS.md, "Router peers").
             policy.current_loads = True
+            if config.load_poll_interval_secs > 0:
+                # The workers' own num_reqs (/get_load, as --worker-load-correction) raise it
+                # for load no replica sees (clients that talk to a worker directly).
+                policy.load_from_workers = True
+                policy.uses_worker_loads = True
         log.info(
             "router peers: %s (instance %s)", ", ".join(map(str, config.router_peers)), found.id
         )
         return found
+
+    def _own_load(self) -> dict[str, int]:
+        """This replica's requests in flight per worker (the whole router's, with processes),
+        for the peers."""
+        return {w.url: w.in_flight for w in self.registry.all() if w.in_flight > 0}
+
+    def _set_told(self, url: str, n: int) -> None:
+        worker = self.registry.get(url)
+        if worker is not None:
+            worker.told_in_flight = n
 
     def policies(self) -> list[Policy]:
         return [p for p in (self.policy, self.decode_policy) if p is not None]

@@ -200,15 +200,16 @@ def apply(router: Router, message: Message) -> None:
     if kind == "route":
         worker = registry.get(url)
         if worker is not None:
-            if message.get("p"):
-                # A live dispatch of another replica (--router-peers): load until the
-                # worker's next /get_load report holds it.
-                worker.told_dispatches += 1
             key = RouteKey(text=message.get("x"), input_ids=message.get("i"))
             for policy in router.policies():
                 observe = getattr(policy, "observe", None)
                 if observe is not None:
                     observe(key, url)
+    elif kind == "peer_load":
+        # Another replica's in flight (--router-peers), relayed by the sibling that heard it.
+        peers = getattr(router, "peers", None)
+        if peers is not None:
+            peers.take_load(str(message.get("s", "")), dict(message.get("l") or {}))
     elif kind == "add":
         worker = registry.get(url)
         if worker is None:

@@ -102,7 +102,7 @@ class Worker:
         "role",
         "source",
         "suspect",
-        "told_dispatches",
+        "told_in_flight",
         "url",
     )
 
@@ -127,10 +127,10 @@ class Worker:
         self.meta: dict[str, str] = dict(meta or {})
         #: Requests dispatched to this worker and not yet finished (last byte sent or cancelled).
         self.in_flight = 0
-        #: Requests other router replicas told us they sent here (``--router-peers``; only
-        #: ever grows): the load correction counts those sent since the worker's last
-        #: ``/get_load`` report (:func:`~sglctl.router.load_poll.current_load`).
-        self.told_dispatches = 0
+        #: Requests the other router replicas have in flight here, as they last told
+        #: (``--router-peers``, :mod:`~sglctl.router.peers`): part of the worker's load
+        #: (:func:`~sglctl.router.load_poll.current_load`).
+        self.told_in_flight = 0
         self.requests_total = 0
         self.errors_total = 0
         #: Set by the health checker.

@@ -190,9 +190,10 @@ class CacheAwarePolicy(Policy):
         #: loads on every replica): the router's poller fills :attr:`worker_loads`.
         self.load_from_workers = load_from_workers
         self.uses_worker_loads = load_from_workers or placement == "hash"
-        #: The reports moved on by the dispatches since (this router's, and the other
-        #: replicas' told by ``--router-peers``) for the imbalance check and the greedy
-        #: placement, instead of the max of report and own count: set with router peers.
+        #: The load is this router's and the other replicas' in flight (told by
+        #: ``--router-peers``), raised to the reports moved on since, for the imbalance check
+        #: and the greedy placement, instead of the max of report and own count: set with
+        #: router peers (:func:`~sglctl.router.load_poll.current_load`).
         self.current_loads = False
         self.worker_loads: Mapping[str, WorkerLoad] = {}
         self._next: _Ticket | None = None
@@ -231,13 +232,14 @@ class CacheAwarePolicy(Policy):
     def shared_load(self, current: bool = False) -> Callable[[Worker], int]:
         """In flight, raised to the worker's fresh ``/get_load`` count (the same on every
         replica); just in flight when nothing is polled. ``current``: the report moved on by
-        this router's own dispatches since (:func:`~sglctl.router.load_poll.current_load`),
-        for the greedy placement of ``--kv-events``."""
+        this router's own dispatches since and with the peers' in flight
+        (:func:`~sglctl.router.load_poll.current_load`), for the greedy placement of
+        ``--kv-events`` and ``--router-peers``."""
         loads, now = self.worker_loads, time.monotonic()
+        if current:
+            return lambda w: current_load(w.in_flight, loads.get(w.url), now, w.told_in_flight)
         if not loads:
             return _load
-        if current:
-            return lambda w: current_load(w.in_flight, loads.get(w.url), now, w.told_dispatches)
         return lambda w: effective_load(w.in_flight, loads.get(w.url), now)
 
     def is_imbalanced(

@@ -25,14 +25,16 @@ re-resolved every ``--router-peers-refresh-secs``. Every replica may get the sam
 address whose answer carries this replica's own instance id is itself, and skipped.
 
 Load: every batch ends with a ``load`` message, the sender's requests in flight per worker
-(``{"t": "load", "l": {url: n}}``, the whole replica's with ``--router-processes``), and a link
-also posts one when those change (every :data:`GATHER_SECS` at most) or, while some are in
-flight, every :data:`LOAD_REFRESH_SECS`. A receiver holds each sender's last one and adds them
-up per worker (``Worker.told_in_flight``); one older than :data:`LOAD_STALE_SECS` (the sender
-died or is cut off) counts no more. So a replica's load is every replica's, a few milliseconds
-old: telling dispatches alone, another replica's finished requests counted until the workers'
-next ``/get_load`` report, and three replicas stayed at 1.15-1.26x one router's TTFT p99 on the
-conversation trace (``benchmarks/RESULTS.md``, "Router peers, the load told").
+(``{"t": "load", "l": {url: n}}``, the whole replica's with ``--router-processes``). A link
+also posts one alone when they changed (a finished request), every :data:`LOAD_CHANGE_SECS`
+at most (a POST costs a millisecond or two of CPU on each side: at one per change, three
+replicas on two cores took a core and doubled TTFT), and, while some are in flight, every
+:data:`LOAD_REFRESH_SECS`. A receiver keeps each sender's last one and adds them up per
+worker (``Worker.told_in_flight``); one older than :data:`LOAD_STALE_SECS` (the sender died
+or is cut off) counts no more. So a replica's load is every replica's, at most a tenth of a
+second old: telling dispatches alone, another replica's finished requests counted until the
+workers' next ``/get_load`` report, and three replicas stayed at 1.15-1.26x one router's
+TTFT p99 on the conversation trace (``benchmarks/RESULTS.md``, "Router peers, the load told").
 
 Catch-up: each process keeps a ring of its own recent decisions (:data:`RING_ROUTES`); when
 a peer (re)appears with a new instance id -- a restarted replica -- it gets the ring first,
@@ -89,6 +91,9 @@ QUEUE_BYTES = 64 * 1024 * 1024
 BATCH_BYTES = 4 * 1024 * 1024
 #: Seconds routes gather after one POST before the next (bounds POSTs per second).
 GATHER_SECS = 0.01
+#: Seconds between two posts of a changed load without routes (a finished request): a
+#: request lasts seconds, so a tenth of one is fresh enough.
+LOAD_CHANGE_SECS = 0.1
 #: While requests are in flight, seconds between two ``load`` messages when nothing changed,
 #: and the age past which a sender's last one counts no more (several refreshes missed).
 LOAD_REFRESH_SECS = 0.5
@@ -251,19 +256,21 @@ class Link:
     def _due(self, now: float, load: dict[str, int]) -> bool:
         """Whether to post now: routes queued, the load changed or is getting old, or (idle
         and connected) the hello every refresh that notices a restarted peer."""
-        if self.queue or self.hello or load != self.told:
+        if self.queue or self.hello:
             return True
         age = now - self.told_at
+        if load != self.told:
+            return age >= LOAD_CHANGE_SECS
         return age >= self.owner.refresh_secs or (bool(load) and age >= LOAD_REFRESH_SECS)
 
     async def run(self) -> None:
         backoff = BACKOFF_MIN
         owner = self.owner
         while not self.is_self:
-            # Woken by a route, else a look at the load every GATHER_SECS: a finished request
-            # is load off a worker, and no route says so.
+            # Woken by a route, else a look at the load every LOAD_CHANGE_SECS: a finished
+            # request is load off a worker, and no route says so.
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), GATHER_SECS)
+                await asyncio.wait_for(self.wake.wait(), LOAD_CHANGE_SECS)
             self.wake.clear()
             now = time.monotonic()
             load = owner.own_load()

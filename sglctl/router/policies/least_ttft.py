@@ -72,7 +72,7 @@ from __future__ import annotations
 import heapq
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from itertools import count
 
 from sglctl.router.load_poll import STALE_SECS, WorkerLoad
@@ -231,7 +231,7 @@ class _Ticket:
 
     def enqueue(self) -> None:
         model = self.model
-        now = time.monotonic()
+        now = self.policy.clock()
         self.started = now
         self.work = model.queued_tokens + self.tokens
         self.old_tick = self.policy.corrector.start(self.url, id(self), self.old_tick)
@@ -271,7 +271,7 @@ class _Ticket:
         self.dequeue()
         # Only a streamed first chunk times the prefill; a whole answer includes its decode.
         if streamed and was_queued and self.tokens - OVERHEAD_TOKENS >= MIN_LEARN_TOKENS:
-            self.model.learn(self.work, time.monotonic() - self.started)
+            self.model.learn(self.work, self.policy.clock() - self.started)
 
     def done(self, ok: bool, tail: bytes) -> None:
         if self.closed:
@@ -306,6 +306,9 @@ class LeastTTFTPolicy(Policy):
         #: Trims the tree to what the workers report they cache (shared with cache_aware).
         self.corrector = TreeCorrector(self.tree)
         self._next: _Ticket | None = None
+        #: The policy's clock (queue expiry, learned rates, load-report staleness). A seam for
+        #: ``benchmarks/offline_replay.py``, which replays a trace in virtual time.
+        self.clock: Callable[[], float] = time.monotonic
 
     # -- the cost model ----------------------------------------------------------------------
     def model(self, url: str) -> _WorkerModel:
@@ -331,7 +334,7 @@ class LeastTTFTPolicy(Policy):
     def predict(self, worker: Worker, uncached_tokens: int, now: float | None = None) -> float:
         """Predicted seconds to the first token of a request with that many uncached tokens."""
         model = self.model(worker.url)
-        backlog = self.backlog(worker, model, time.monotonic() if now is None else now)
+        backlog = self.backlog(worker, model, self.clock() if now is None else now)
         return (backlog + UNCACHED_WEIGHT * uncached_tokens + OVERHEAD_TOKENS) / model.rate
 
     def prefixes(self, key: RouteKey) -> Prefixes:
@@ -344,7 +347,7 @@ class LeastTTFTPolicy(Policy):
         self.last_match = 0
         if not workers:
             return None
-        now = time.monotonic()
+        now = self.clock()
         text = not key.input_ids
         prefixes = None if key.empty else self.prefixes(key)
         if len(workers) == 1:

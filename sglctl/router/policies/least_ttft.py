@@ -16,8 +16,11 @@ with a miss is not free for the fleet).
   :data:`OVERHEAD_TOKENS` for its fixed per-prefill cost. A request leaves the queue at its
   first streamed chunk; a non-streamed one, whose first byte is the whole answer, at its
   predicted prefill time (or its answer, if that comes first).
-* ``uncached(w)``: this request's prompt tokens beyond the longest prefix the tree has for
-  ``w`` (tree units to tokens: :mod:`~sglctl.router.policies.reports`).
+* ``uncached(w)``: the prefill work of this request's prompt tokens beyond the longest
+  prefix the tree has for ``w`` (tree units to tokens: :mod:`~sglctl.router.policies.
+  reports`): those tokens plus attention's quadratic share (:func:`prefill_work`,
+  :data:`PAIR_WEIGHT`), which makes a 127k-token prompt weigh ~3x its tokens. ``queued``
+  counts the same work.
 * ``decode(w)``: decode pressure, in prefill-token equivalents: every running (decoding)
   request costs :data:`DECODE_TOKENS` plus :data:`DECODE_CONTEXT_WEIGHT` x its context. A
   decode step's time grows with the number of sequences *and* with the KV context they
@@ -123,8 +126,25 @@ FOLLOW_MATCH_FRACTION = 0.5
 #: against cache_aware's 0.11 on the issue-14 grid).
 FOLLOW_COST_FACTOR = 2.0
 FOLLOW_SLACK_SECS = 0.05
+#: Prefill work of one (query, key) pair of attention, in prefill tokens: a prompt's work is
+#: ``new + PAIR_WEIGHT x (new x cached + new x (new + 1) / 2)``, as a GPU's (and the sim's)
+#: prefill time is linear in tokens *plus* attention's pairs. From the FLOPs of an 8B model
+#: (``sglctl/sim/timing.py``): 0.52 MFLOP a pair against 16 GFLOP a token, 1.06 ns against
+#: 32 µs at the same efficiency. A 127k-token prompt is then ~3x its token count, not 1x:
+#: linear work made the workers queued behind one look far less busy than they were, and
+#: that is where the TTFT tail came from (``benchmarks/offline_replay.py``, RESULTS.md
+#: "How low TTFT p99 can go with queues"). 0 makes work linear in uncached tokens.
+PAIR_WEIGHT = 1.06e-9 / 32e-6
 #: Predicted times this close (seconds) are a tie.
 TIE_SECS = 1e-6
+
+
+def prefill_work(uncached: int, prompt: int) -> float:
+    """Prefill work, in tokens, of ``uncached`` new tokens after ``prompt - uncached`` cached
+    ones (:data:`PAIR_WEIGHT`)."""
+    if not PAIR_WEIGHT:
+        return float(uncached)
+    return uncached + PAIR_WEIGHT * uncached * (prompt - uncached + (uncached + 1) / 2)
 
 
 class _WorkerModel:
@@ -357,6 +377,7 @@ class LeastTTFTPolicy(Policy):
         # decision-time figures in benchmarks/RESULTS.md).
         tree, models = self.tree, self.models
         length = prefixes.length if prefixes is not None else 0
+        prompt = -(-length // CHARS_PER_TOKEN) if text else length
         block = self.tree.block
         best_cost = best_blocks = best_load = 0.0
         chosen: Worker | None = None
@@ -377,7 +398,9 @@ class LeastTTFTPolicy(Policy):
             else:
                 uncached = 0
             cost = (
-                self.backlog(worker, model, now) + UNCACHED_WEIGHT * uncached + OVERHEAD_TOKENS
+                self.backlog(worker, model, now)
+                + UNCACHED_WEIGHT * prefill_work(uncached, prompt)
+                + OVERHEAD_TOKENS
             ) / model.rate
             if chosen is None or cost < best_cost - TIE_SECS:
                 better = True
@@ -433,6 +456,8 @@ class LeastTTFTPolicy(Policy):
     ) -> Worker:
         """Record the pick: the tree gets the prompt, the next ``begin_attempt`` a ticket."""
         uncached = self._uncached(prefixes, blocks, text)
+        prompt = units_to_tokens(prefixes.length, text) if prefixes is not None else 0
+        work = round(prefill_work(uncached, prompt))
         if prefixes is not None:
             self.last_match = prefixes.matched_length(blocks)
             self.tree.insert(prefixes, worker.url)
@@ -443,9 +468,9 @@ class LeastTTFTPolicy(Policy):
             prefixes,
             blocks,
             tick,
-            uncached + OVERHEAD_TOKENS,
+            work + OVERHEAD_TOKENS,
             text,
-            units_to_tokens(prefixes.length, text) if prefixes is not None else 0,
+            prompt,
         )
         return worker
 

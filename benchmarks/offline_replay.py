@@ -43,10 +43,15 @@ the grid's speed-up) with no sockets, no asyncio and no wall clock:
 Per point and placement it prints TTFT p50/p99, E2E p50/p99 (ms of the grid's wall clock,
 as ``grid.py`` prints them), the hit ratio, max/mean requests per worker, and the TTFT p99
 against the ``cache_aware`` replay of the same point. It is deterministic: the same point
-gives the same figures (``tests/test_offline_replay.py``).
+gives the same figures (``tests/test_offline_replay.py``), whatever else the machine runs.
+Deterministic is not robust: a p99 of 350 requests is the 4th-worst TTFT, and moving one
+long prompt by a millisecond can move it by 30%. ``--jitter-ms J --seeds N`` replays each
+placement N times with every send delayed by up to J ms (seeded) and prints the medians and
+the p99's range: compare placements on those, not on one draw. ``--set NAME=VALUE`` changes
+a ``least_ttft`` constant for the run (how its variants were tried).
 
     .venv/bin/python benchmarks/offline_replay.py --point synthetic:444000:2      # ~10 s
-    .venv/bin/python benchmarks/offline_replay.py --five                          # issue 14's 5
+    .venv/bin/python benchmarks/offline_replay.py --five --jitter-ms 5 --seeds 5  # ~5 min
 """
 
 from __future__ import annotations
@@ -80,6 +85,7 @@ from sglctl.router.policies import (  # noqa: E402
     Policy,
     RoundRobinPolicy,
     RouteKey,
+    least_ttft,
 )
 from sglctl.router.policies.reports import CORRECTION_INTERVAL_SECS  # noqa: E402
 from sglctl.router.workers import Worker  # noqa: E402
@@ -561,8 +567,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--jitter-ms", type=float, default=0.0, help="Delay each send by up to this (seeded)."
     )
     parser.add_argument("--seeds", type=int, default=5, help="Jittered runs (with --jitter-ms).")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="Set a least_ttft module constant for this run (e.g. PAIR_WEIGHT=0: the policy "
+        "before the attention term); repeatable.",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)  # the engines' "KV cache full" warnings: no news
+    for item in args.set:
+        name, _, value = item.partition("=")
+        if not hasattr(least_ttft, name) or not name.isupper():
+            parser.error(f"--set {item!r}: least_ttft has no constant {name!r}")
+        setattr(least_ttft, name, float(value))
     texts = list(args.point) + (list(FIVE) if args.five else [])
     if not texts:
         parser.error("no points: --point TRACE:KV:LOAD or --five")

@@ -104,7 +104,15 @@ FIVE = (
     "conversation:444000:2",
     "conversation:444000:3",
 )
-PLACEMENTS = ("round_robin", "cache_aware", "least_ttft", "oracle", "oracle_delay", "oracle_follow")
+PLACEMENTS = (
+    "round_robin",
+    "cache_aware",
+    "least_ttft",
+    "oracle",
+    "oracle_delay",
+    "oracle_follow",
+    "oracle_stay",
+)
 #: The grid's sims stream every 16 tokens (``compare_routers.QUICK.stream_interval``).
 STREAM_INTERVAL = 16
 #: ``oracle_follow``: how much later (s) the match holder's first token may come.
@@ -332,10 +340,10 @@ class OraclePlacement(Placement):
             if have > owner_have or (have == owner_have and first < owner_first):
                 owner, owner_have, owner_first = i, have, first
         if (
-            self.variant == "oracle_follow"
+            self.variant in ("oracle_follow", "oracle_stay")
             and owner != best
             and owner_have >= 0.5 * len(job.ids)
-            and owner_first <= firsts[best] + FOLLOW_SLACK
+            and (self.variant == "oracle_stay" or owner_first <= firsts[best] + FOLLOW_SLACK)
         ):
             return owner
         return best

@@ -94,7 +94,7 @@ def test_real_slice_is_deterministic_and_the_oracle_beats_round_robin() -> None:
     speed = 10.0 / point.load
     runs = {
         name: [replay.replay(jobs, name, 8, point.kv_tokens, speed) for _ in range(2)]
-        for name in ("round_robin", "cache_aware", "least_ttft", "oracle")
+        for name in ("round_robin", "cache_aware", "least_ttft", "oracle", "oracle_stay")
     }
     for first, second in runs.values():
         assert first == second  # same figures, request by request

@@ -16,6 +16,7 @@ from sglctl.router.policies.least_ttft import (
     PRIOR_RATE,
     UNCACHED_WEIGHT,
     _WorkerModel,
+    prefill_work,
 )
 from sglctl.router.workers import Worker
 
@@ -52,7 +53,8 @@ def test_queued_prefill_work_spreads_new_prompts() -> None:
     assert len({w.url for w in picks}) == 3  # each pick queues work there: the next goes on
     model = policy.models[picks[0].url]
     assert model.queued == 1
-    assert model.queued_tokens == 1000 + OVERHEAD_TOKENS  # 4000 chars / 4 per token
+    # 4000 chars / 4 per token, plus attention's share of a 1000-token prefill
+    assert model.queued_tokens == round(prefill_work(1000, 1000)) + OVERHEAD_TOKENS
 
 
 def test_cached_prefix_wins_over_equal_queue() -> None:
@@ -339,3 +341,11 @@ def test_decode_pressure_degrades_gracefully() -> None:
     for i in range(3):
         decoding(policy, single[0], text(4000, 50 + i))
     assert policy.select(single, RouteKey(text=text(100, 9))) is single[0]
+
+
+def test_prefill_work_counts_attention_pairs() -> None:
+    # Linear in new tokens plus PAIR_WEIGHT per (query, key) pair: a long uncached prompt
+    # weighs more than its tokens, a cached prefix makes the new tokens dearer.
+    assert prefill_work(0, 0) == 0
+    assert prefill_work(127_000, 127_000) > 2.5 * 127_000
+    assert prefill_work(1000, 9000) > prefill_work(1000, 1000) > 1000

@@ -16,8 +16,11 @@ with a miss is not free for the fleet).
   :data:`OVERHEAD_TOKENS` for its fixed per-prefill cost. A request leaves the queue at its
   first streamed chunk; a non-streamed one, whose first byte is the whole answer, at its
   predicted prefill time (or its answer, if that comes first).
-* ``uncached(w)``: this request's prompt tokens beyond the longest prefix the tree has for
-  ``w`` (tree units to tokens: :mod:`~sglctl.router.policies.reports`).
+* ``uncached(w)``: the prefill work of this request's prompt tokens beyond the longest
+  prefix the tree has for ``w`` (tree units to tokens: :mod:`~sglctl.router.policies.
+  reports`): those tokens plus attention's quadratic share (:func:`prefill_work`,
+  :data:`PAIR_WEIGHT`), which makes a 127k-token prompt weigh ~3x its tokens. ``queued``
+  counts the same work.
 * ``decode(w)``: decode pressure, in prefill-token equivalents: every running (decoding)
   request costs :data:`DECODE_TOKENS` plus :data:`DECODE_CONTEXT_WEIGHT` x its context. A
   decode step's time grows with the number of sequences *and* with the KV context they
@@ -72,7 +75,7 @@ from __future__ import annotations
 import heapq
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from itertools import count
 
 from sglctl.router.load_poll import STALE_SECS, WorkerLoad
@@ -123,8 +126,25 @@ FOLLOW_MATCH_FRACTION = 0.5
 #: against cache_aware's 0.11 on the issue-14 grid).
 FOLLOW_COST_FACTOR = 2.0
 FOLLOW_SLACK_SECS = 0.05
+#: Prefill work of one (query, key) pair of attention, in prefill tokens: a prompt's work is
+#: ``new + PAIR_WEIGHT x (new x cached + new x (new + 1) / 2)``, as a GPU's (and the sim's)
+#: prefill time is linear in tokens *plus* attention's pairs. From the FLOPs of an 8B model
+#: (``sglctl/sim/timing.py``): 0.52 MFLOP a pair against 16 GFLOP a token, 1.06 ns against
+#: 32 µs at the same efficiency. A 127k-token prompt is then ~3x its token count, not 1x:
+#: linear work made the workers queued behind one look far less busy than they were, and
+#: that is where the TTFT tail came from (``benchmarks/offline_replay.py``, RESULTS.md
+#: "How low TTFT p99 can go with queues"). 0 makes work linear in uncached tokens.
+PAIR_WEIGHT = 1.06e-9 / 32e-6
 #: Predicted times this close (seconds) are a tie.
 TIE_SECS = 1e-6
+
+
+def prefill_work(uncached: int, prompt: int) -> float:
+    """Prefill work, in tokens, of ``uncached`` new tokens after ``prompt - uncached`` cached
+    ones (:data:`PAIR_WEIGHT`)."""
+    if not PAIR_WEIGHT:
+        return float(uncached)
+    return uncached + PAIR_WEIGHT * uncached * (prompt - uncached + (uncached + 1) / 2)
 
 
 class _WorkerModel:
@@ -231,7 +251,7 @@ class _Ticket:
 
     def enqueue(self) -> None:
         model = self.model
-        now = time.monotonic()
+        now = self.policy.clock()
         self.started = now
         self.work = model.queued_tokens + self.tokens
         self.old_tick = self.policy.corrector.start(self.url, id(self), self.old_tick)
@@ -271,7 +291,7 @@ class _Ticket:
         self.dequeue()
         # Only a streamed first chunk times the prefill; a whole answer includes its decode.
         if streamed and was_queued and self.tokens - OVERHEAD_TOKENS >= MIN_LEARN_TOKENS:
-            self.model.learn(self.work, time.monotonic() - self.started)
+            self.model.learn(self.work, self.policy.clock() - self.started)
 
     def done(self, ok: bool, tail: bytes) -> None:
         if self.closed:
@@ -306,6 +326,9 @@ class LeastTTFTPolicy(Policy):
         #: Trims the tree to what the workers report they cache (shared with cache_aware).
         self.corrector = TreeCorrector(self.tree)
         self._next: _Ticket | None = None
+        #: The policy's clock (queue expiry, learned rates, load-report staleness). A seam for
+        #: ``benchmarks/offline_replay.py``, which replays a trace in virtual time.
+        self.clock: Callable[[], float] = time.monotonic
 
     # -- the cost model ----------------------------------------------------------------------
     def model(self, url: str) -> _WorkerModel:
@@ -331,7 +354,7 @@ class LeastTTFTPolicy(Policy):
     def predict(self, worker: Worker, uncached_tokens: int, now: float | None = None) -> float:
         """Predicted seconds to the first token of a request with that many uncached tokens."""
         model = self.model(worker.url)
-        backlog = self.backlog(worker, model, time.monotonic() if now is None else now)
+        backlog = self.backlog(worker, model, self.clock() if now is None else now)
         return (backlog + UNCACHED_WEIGHT * uncached_tokens + OVERHEAD_TOKENS) / model.rate
 
     def prefixes(self, key: RouteKey) -> Prefixes:
@@ -344,7 +367,7 @@ class LeastTTFTPolicy(Policy):
         self.last_match = 0
         if not workers:
             return None
-        now = time.monotonic()
+        now = self.clock()
         text = not key.input_ids
         prefixes = None if key.empty else self.prefixes(key)
         if len(workers) == 1:
@@ -354,6 +377,7 @@ class LeastTTFTPolicy(Policy):
         # decision-time figures in benchmarks/RESULTS.md).
         tree, models = self.tree, self.models
         length = prefixes.length if prefixes is not None else 0
+        prompt = -(-length // CHARS_PER_TOKEN) if text else length
         block = self.tree.block
         best_cost = best_blocks = best_load = 0.0
         chosen: Worker | None = None
@@ -374,7 +398,9 @@ class LeastTTFTPolicy(Policy):
             else:
                 uncached = 0
             cost = (
-                self.backlog(worker, model, now) + UNCACHED_WEIGHT * uncached + OVERHEAD_TOKENS
+                self.backlog(worker, model, now)
+                + UNCACHED_WEIGHT * prefill_work(uncached, prompt)
+                + OVERHEAD_TOKENS
             ) / model.rate
             if chosen is None or cost < best_cost - TIE_SECS:
                 better = True
@@ -430,6 +456,8 @@ class LeastTTFTPolicy(Policy):
     ) -> Worker:
         """Record the pick: the tree gets the prompt, the next ``begin_attempt`` a ticket."""
         uncached = self._uncached(prefixes, blocks, text)
+        prompt = units_to_tokens(prefixes.length, text) if prefixes is not None else 0
+        work = round(prefill_work(uncached, prompt))
         if prefixes is not None:
             self.last_match = prefixes.matched_length(blocks)
             self.tree.insert(prefixes, worker.url)
@@ -440,9 +468,9 @@ class LeastTTFTPolicy(Policy):
             prefixes,
             blocks,
             tick,
-            uncached + OVERHEAD_TOKENS,
+            work + OVERHEAD_TOKENS,
             text,
-            units_to_tokens(prefixes.length, text) if prefixes is not None else 0,
+            prompt,
         )
         return worker
 

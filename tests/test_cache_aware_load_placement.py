@@ -88,3 +88,32 @@ def test_load_is_the_default_and_tree_still_a_flag() -> None:
         assert policy.placement == expected
     with pytest.raises(ValueError, match="placement must be one of"):
         CacheAwarePolicy(placement="nearest")
+
+
+def test_with_router_peers_misses_spread_over_near_least_loaded_workers_not_one() -> None:
+    """Router peers (``tie_rng``): replicas hold the same trees and learn each other's
+    dispatches a moment late, so the smallest-tree tie-break sent concurrent misses of two
+    replicas to one worker. With the jitter, two replicas that see the same loads place the
+    same misses on different workers most of the time, and never on a worker two requests
+    above the least loaded."""
+    import random
+
+    def replica(seed: int) -> tuple[CacheAwarePolicy, list[Worker]]:
+        policy, ws = fleet(8, placement="load")
+        policy.tie_rng = random.Random(seed)
+        for i, w in enumerate(ws):
+            w.in_flight = 2 if i < 4 else 4  # four least loaded, four two above
+        return policy, ws
+
+    (a, wa), (b, wb) = replica(1), replica(2)
+    same = 0
+    for i in range(200):
+        text = f"fresh conversation {i} " * 20
+        pa, pb = a.select(wa, key(text)), b.select(wb, key(text))
+        assert pa is not None and pb is not None
+        assert wa.index(pa) < 4 and wb.index(pb) < 4  # never two above the least loaded
+        same += wa.index(pa) == wb.index(pb)
+        a.tree.clear()
+        b.tree.clear()
+    # Without the jitter both pick the same (smallest tree, then order): 200 of 200.
+    assert same < 100, same

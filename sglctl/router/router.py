@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import signal
 import time
 from collections.abc import Coroutine
@@ -232,11 +233,15 @@ class Router:
             # 1.38x), and requests another replica finished counted until then (p99 1.15-1.26x
             # on the conversation trace; benchmarks/RESULTS.md, "Router peers").
             policy.current_loads = True
-            if config.load_poll_interval_secs > 0:
-                # The workers' own num_reqs (/get_load, as --worker-load-correction) raise it
-                # for load no replica sees (clients that talk to a worker directly).
-                policy.load_from_workers = True
-                policy.uses_worker_loads = True
+            # Misses tied on load go to a random one of them, not all to the smallest tree
+            # every replica computes alike (seeded by the instance: replicas differ).
+            policy.tie_rng = random.Random(found.id)
+            # The workers' own num_reqs (/get_load) raise it only with
+            # --worker-load-correction, for load no replica sees (clients that talk to a
+            # worker directly): the report lags the counts the replicas tell, and raising the
+            # load to it moves misses on stale figures (conversation 600k, all traffic through
+            # one of 3 replicas, one run each: max/mean requests 1.21 with the raise, 1.13
+            # without, one router 1.08-1.16 in the same runs).
         log.info(
             "router peers: %s (instance %s)", ", ".join(map(str, config.router_peers)), found.id
         )

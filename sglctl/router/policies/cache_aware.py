@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from operator import attrgetter
@@ -91,6 +92,9 @@ _load = attrgetter("in_flight")
 _url = attrgetter("url")
 #: ``placement.PLACEMENTS`` plus ``"load"``, which needs no shared computation across replicas.
 _PLACEMENTS = (*placement.PLACEMENTS, "load")
+#: Requests of jitter on the load when router peers place a miss (:attr:`tie_rng`): a worker
+#: one request above the least loaded wins now and then, two above never.
+TIE_JITTER = 1.5
 
 
 class _Ticket:
@@ -195,6 +199,13 @@ class CacheAwarePolicy(Policy):
         #: and the greedy placement, instead of the max of report and own count: set with
         #: router peers (:func:`~sglctl.router.load_poll.current_load`).
         self.current_loads = False
+        #: Set with router peers: a miss goes to the least ``load + U(0, TIE_JITTER)``, not
+        #: the least loaded with the smallest tree. Replicas hold the same trees (they tell
+        #: each other every route) and learn each other's dispatches a POST late, so misses
+        #: through two replicas within that moment went to the same worker: a herd one
+        #: router never makes (its own pick raises that worker's load at once). The jitter
+        #: spreads them over the workers within a request of the least loaded.
+        self.tie_rng: random.Random | None = None
         self.worker_loads: Mapping[str, WorkerLoad] = {}
         self._next: _Ticket | None = None
         #: Requests routed to a worker because of a prefix match, and the others; exported
@@ -371,6 +382,9 @@ class CacheAwarePolicy(Policy):
                     hash_key, by_load, self.placement_epsilon, self.shared_load()
                 )
         elif self.placement == "load":
+            if self.tie_rng is not None:
+                jitter = self.tie_rng.random
+                return min(by_load, key=lambda w: load(w) + TIE_JITTER * jitter())
             # The least loaded, and among those the smallest tree: when the fleet is idle
             # (all loads 0) the tree size still spreads new prefixes instead of worker 0
             # taking them all.

@@ -233,8 +233,9 @@ class Router:
             # 1.38x), and requests another replica finished counted until then (p99 1.15-1.26x
             # on the conversation trace; benchmarks/RESULTS.md, "Router peers").
             policy.current_loads = True
-            # Misses tied on load go to a random one of them, not all to the smallest tree
-            # every replica computes alike (seeded by the instance: replicas differ).
+            # A miss goes to the least load plus a random jitter under two requests, not to
+            # the smallest tree every replica computes alike (seeded by the instance id, so
+            # replicas differ; CacheAwarePolicy.tie_rng).
             policy.tie_rng = random.Random(found.id)
             # The workers' own num_reqs (/get_load) raise it only with
             # --worker-load-correction, for load no replica sees (clients that talk to a

@@ -279,6 +279,7 @@ class Link:
             batch = self._take()
             try:
                 await self._post([*batch, {"t": "load", "l": load}])
+                self.sent += 0 if self.is_self else len(batch)
                 self.told, self.told_at, self.hello = load, now, False
                 backoff = BACKOFF_MIN
             except (httpx.HTTPError, ValueError, KeyError) as exc:
@@ -320,7 +321,6 @@ class Link:
             self.queue.clear()
             log.info("router peer %s (%s) is this router: skipped", self.name, self.url)
             return
-        self.sent += len(batch) - 1  # routes; the last item is the load
         if not self.connected:
             self.connected = True
             log.info("router peer %s (%s) connected (instance %s)", self.name, self.url, peer_id)

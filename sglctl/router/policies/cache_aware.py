@@ -89,6 +89,13 @@ from sglctl.router.workers import Worker
 
 log = logging.getLogger(__name__)
 _load = attrgetter("in_flight")
+
+
+def _load_and_told(worker: Worker) -> int:
+    """This router's and the other replicas' requests in flight on ``worker``."""
+    return worker.in_flight + worker.told_in_flight
+
+
 _url = attrgetter("url")
 #: ``placement.PLACEMENTS`` plus ``"load"``, which needs no shared computation across replicas.
 _PLACEMENTS = (*placement.PLACEMENTS, "load")
@@ -195,7 +202,8 @@ class CacheAwarePolicy(Policy):
         self.load_from_workers = load_from_workers
         self.uses_worker_loads = load_from_workers or placement == "hash"
         #: The load is this router's and the other replicas' in flight (told by
-        #: ``--router-peers``), raised to the reports moved on since, for the imbalance check
+        #: ``--router-peers``), raised to the reports moved on since when the workers are
+        #: polled (``--worker-load-correction``, ``--kv-events``), for the imbalance check
         #: and the greedy placement, instead of the max of report and own count: set with
         #: router peers (:func:`~sglctl.router.load_poll.current_load`).
         self.current_loads = False
@@ -247,10 +255,11 @@ class CacheAwarePolicy(Policy):
         (:func:`~sglctl.router.load_poll.current_load`), for the greedy placement of
         ``--kv-events`` and ``--router-peers``."""
         loads, now = self.worker_loads, time.monotonic()
+        if not loads:
+            # Nothing polled (router peers' default): the sum, without current_load's call.
+            return _load_and_told if current else _load
         if current:
             return lambda w: current_load(w.in_flight, loads.get(w.url), now, w.told_in_flight)
-        if not loads:
-            return _load
         return lambda w: effective_load(w.in_flight, loads.get(w.url), now)
 
     def is_imbalanced(

@@ -424,3 +424,19 @@ def test_a_rate_is_learned_from_the_undrained_work_ahead() -> None:
     route(policy, workers, RouteKey(text=text(8000, 18)))
     small = next(t for _, _, t in model.expiry if t is not big)
     assert small.work == pytest.approx(big.tokens / 2 + small.tokens)
+
+
+def test_a_workers_rate_leans_on_the_fleets() -> None:
+    policy, (a, b) = make(2)
+    for _ in range(40):  # alike GPUs, timed apart: b's answers had more unseen waits in them
+        policy.learn(policy.models[a.url], 150_000, 1.0)
+        policy.learn(policy.models[b.url], 100_000, 1.0)
+    fleet = policy.fleet.rate
+    assert fleet == pytest.approx(125_000, rel=0.05)
+    # One window of its own samples against one of the fleet's: halfway, not its own 100k.
+    assert policy.rate(policy.models[b.url]) == pytest.approx((100_000 + fleet) / 2, rel=0.02)
+    # So an idle b beats a with a queue of a third of the prompt's work (at b's own rate,
+    # 1.5x slower than a, it lost).
+    prompt = text(16_000, 19)  # 4,000 tokens
+    queue(policy, a, 3_000)
+    assert policy.select([a, b], RouteKey(text=prompt)) is b

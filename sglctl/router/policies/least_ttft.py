@@ -142,6 +142,12 @@ DRAIN_QUEUE = True
 #: A worker not timed yet is predicted at the fleet's learned rate (:meth:`LeastTTFTPolicy.
 #: rate`); false: at :data:`PRIOR_RATE` (``--set SHARE_RATE=0``).
 SHARE_RATE = True
+#: Samples' worth of the fleet's rate in every worker's (:meth:`LeastTTFTPolicy.rate`): one
+#: EWMA window (1 / :data:`EWMA_ALPHA`), so a worker's own rate and the fleet's weigh alike
+#: once it has a window of samples. A time to first byte also holds what the router cannot
+#: see (the decode step in flight, a batch's fixed costs), so alike GPUs learned rates 20%
+#: apart and the one that looked slowest sat idle; 0: each worker's own rate alone.
+FLEET_WEIGHT = 1 / EWMA_ALPHA
 #: Predicted times this close (seconds) are a tie.
 TIE_SECS = 1e-6
 
@@ -382,11 +388,17 @@ class LeastTTFTPolicy(Policy):
         return model
 
     def rate(self, model: _WorkerModel) -> float:
-        """A worker's prefill rate: its own once it has been timed, the fleet's until then.
-        A worker's rate was learned only from the answers it gave, so one that the first
-        requests missed kept :data:`PRIOR_RATE`, looked several times slower than it was and
-        was avoided while idle (``benchmarks/offline_replay.py --diagnose``)."""
-        return model.rate if model.samples or not SHARE_RATE else self.fleet.rate
+        """A worker's prefill rate: the fleet's until it has been timed, then its own and the
+        fleet's weighted by samples (:data:`FLEET_WEIGHT`). A worker's rate was learned only
+        from the answers it gave, so one that the first requests missed kept
+        :data:`PRIOR_RATE`, looked several times slower than it was and was avoided while idle
+        (``benchmarks/offline_replay.py --diagnose``)."""
+        if not SHARE_RATE:
+            return model.rate
+        own = min(model.samples, 1 / EWMA_ALPHA)
+        if not own:
+            return self.fleet.rate
+        return (own * model.rate + FLEET_WEIGHT * self.fleet.rate) / (own + FLEET_WEIGHT)
 
     def learn(self, model: _WorkerModel, tokens: float, seconds: float) -> None:
         """One timed prefill: into the worker's rate (from the fleet's, if it is its first)
@@ -459,7 +471,7 @@ class LeastTTFTPolicy(Policy):
                 self.backlog(worker, model, now)
                 + UNCACHED_WEIGHT * prefill_work(uncached, prompt)
                 + OVERHEAD_TOKENS
-            ) / (model.rate if model.samples or not SHARE_RATE else self.fleet.rate)
+            ) / self.rate(model)
             if chosen is None or cost < best_cost - TIE_SECS:
                 better = True
             elif cost <= best_cost + TIE_SECS:  # a tie: the longer match, then the less loaded

@@ -48,10 +48,15 @@ Deterministic is not robust: a p99 of 350 requests is the 4th-worst TTFT, and mo
 long prompt by a millisecond can move it by 30%. ``--jitter-ms J --seeds N`` replays each
 placement N times with every send delayed by up to J ms (seeded) and prints the medians and
 the p99's range: compare placements on those, not on one draw. ``--set NAME=VALUE`` changes
-a ``least_ttft`` constant for the run (how its variants were tried).
+a ``least_ttft`` constant for the run (how its variants were tried). ``--diagnose FILE``
+replays ``least_ttft`` once more per point and logs, per decision and worker, its predicted
+first token cut into its terms beside the oracle's (:func:`diagnose`, :func:`oracle_terms`)
+and the pick's actual first token (JSONL), and prints where they part (:func:`summarize`).
 
     .venv/bin/python benchmarks/offline_replay.py --point synthetic:444000:2      # ~10 s
     .venv/bin/python benchmarks/offline_replay.py --five --jitter-ms 5 --seeds 5  # ~5 min
+    .venv/bin/python benchmarks/offline_replay.py --point conversation:444000:2 \
+        --placements cache_aware --diagnose /tmp/diag.jsonl
 """
 
 from __future__ import annotations

@@ -15,7 +15,12 @@ with a miss is not free for the fleet).
   yet -- each request's uncached tokens there (from the tree at dispatch) plus
   :data:`OVERHEAD_TOKENS` for its fixed per-prefill cost. A request leaves the queue at its
   first streamed chunk; a non-streamed one, whose first byte is the whole answer, at its
-  predicted prefill time (or its answer, if that comes first).
+  predicted prefill time (or its answer, if that comes first). What is queued *drains*: the
+  worker prefills back to back (prefill has priority over decode), so the work counted is
+  what is left at ``rate(w)`` since dispatch, and a first byte says everything sent before
+  it is done (:meth:`_WorkerModel.ahead`). Counted whole until its first byte, a long chunked
+  prompt 90% done weighed all of it: the queue was 0.4-1.2 s too long at p90 (RESULTS.md,
+  "least_ttft's estimate against the oracle's").
 * ``uncached(w)``: the prefill work of this request's prompt tokens beyond the longest
   prefix the tree has for ``w`` (tree units to tokens: :mod:`~sglctl.router.policies.
   reports`): those tokens plus attention's quadratic share (:func:`prefill_work`,
@@ -36,9 +41,13 @@ with a miss is not free for the fleet).
   prefixes included, which says how full the cache is, not how heavy the decode batch is.
   Time is the same learned ``rate(w)``: one model, its constant learned per worker.
 * ``rate(w)``: prefill tokens per second *learned per worker* from what the router sees:
-  for each streamed answer, (the work ahead of it at dispatch + its own) / time to its first
-  byte, an EWMA (:data:`EWMA_ALPHA`) starting from :data:`PRIOR_RATE` weighted as one sample,
-  so the first few answers move it quickly and a stray one cannot swing it later.
+  for each streamed answer, (the work still ahead of it at dispatch + its own) / time to its
+  first byte, an EWMA (:data:`EWMA_ALPHA`) starting from the fleet's rate weighted as one
+  sample, so the first few answers move it quickly and a stray one cannot swing it later.
+  The fleet's rate (every worker's samples, from :data:`PRIOR_RATE`) is what a worker not
+  timed yet is predicted with, and weighs :data:`FLEET_WEIGHT` samples in every worker's:
+  alike GPUs learned rates 20% apart, and one that no answer had timed kept a prior 5-8x
+  too slow, so the slowest-looking worker sat idle.
 
 A long match is followed: when one worker holds at least :data:`FOLLOW_MATCH_FRACTION` of
 the prompt and its predicted time is within :data:`FOLLOW_COST_FACTOR` x the best plus

@@ -48,16 +48,22 @@ Deterministic is not robust: a p99 of 350 requests is the 4th-worst TTFT, and mo
 long prompt by a millisecond can move it by 30%. ``--jitter-ms J --seeds N`` replays each
 placement N times with every send delayed by up to J ms (seeded) and prints the medians and
 the p99's range: compare placements on those, not on one draw. ``--set NAME=VALUE`` changes
-a ``least_ttft`` constant for the run (how its variants were tried).
+a ``least_ttft`` constant for the run (how its variants were tried). ``--diagnose FILE``
+replays ``least_ttft`` once more per point and logs, per decision and worker, its predicted
+first token cut into its terms beside the oracle's (:func:`diagnose`, :func:`oracle_terms`)
+and the pick's actual first token (JSONL), and prints where they part (:func:`summarize`).
 
     .venv/bin/python benchmarks/offline_replay.py --point synthetic:444000:2      # ~10 s
     .venv/bin/python benchmarks/offline_replay.py --five --jitter-ms 5 --seeds 5  # ~5 min
+    .venv/bin/python benchmarks/offline_replay.py --point conversation:444000:2 \
+        --placements cache_aware --diagnose /tmp/diag.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import logging
 import math
 import random
@@ -91,7 +97,13 @@ from sglctl.router.policies.reports import CORRECTION_INTERVAL_SECS  # noqa: E40
 from sglctl.router.workers import Worker  # noqa: E402
 from sglctl.sim import tokenizer  # noqa: E402
 from sglctl.sim.config import SimConfig  # noqa: E402
-from sglctl.sim.engine import Engine, RequestRejected, SimRequest, _PrefillBatch  # noqa: E402
+from sglctl.sim.engine import (  # noqa: E402
+    Engine,
+    RequestRejected,
+    SimRequest,
+    _DecodeStep,
+    _PrefillBatch,
+)
 from sglctl.sim.output import plan_output  # noqa: E402
 from sglctl.sim.radix import RadixCache, _common_prefix_len  # noqa: E402
 from sglctl.sim.timing import TimingModel  # noqa: E402
@@ -214,6 +226,19 @@ def predicted_first_token(
     """(seconds to the first token, cached tokens, own prefill seconds alone) of a request with
     ``ids`` sent to ``engine`` at ``now``: the batch in flight ends, then the prefill queued
     ahead, then this one (prefill has priority over decode; memory waits are ignored)."""
+    start, work = queued_work(engine, now)
+    cache = engine.cache
+    have = cached_prefix(cache, ids[:-1])
+    work.append([have, len(ids) - have])
+    budget = engine.config.chunked_prefill_size
+    first = prefill_done_at(start, work, engine.timing, budget)[-1] - now
+    alone = prefill_done_at(0.0, [[have, len(ids) - have]], engine.timing, budget)[-1]
+    return first, have, alone
+
+
+def queued_work(engine: Engine, now: float) -> tuple[float, list[list[int]]]:
+    """(when the GPU is free of its batch in flight, the prefill work queued there as
+    [tokens in KV, tokens to compute], FCFS)."""
     pending = engine._pending
     start = now if pending is None else max(now, pending.end)
     work: list[list[int]] = []
@@ -231,12 +256,7 @@ def predicted_first_token(
     for req in engine.waiting:
         have = cached_prefix(cache, req.input_ids[:-1])
         work.append([have, req.prompt_tokens - have])
-    have = cached_prefix(cache, ids[:-1])
-    work.append([have, len(ids) - have])
-    budget = engine.config.chunked_prefill_size
-    first = prefill_done_at(start, work, engine.timing, budget)[-1] - now
-    alone = prefill_done_at(0.0, [[have, len(ids) - have]], engine.timing, budget)[-1]
-    return first, have, alone
+    return start, work
 
 
 # --- placements ----------------------------------------------------------------------------
@@ -276,10 +296,21 @@ class PolicyPlacement(Placement):
             policy.on_worker_added(worker)
         self.tickets: dict[int, object] = {}
         self.next_poll = 0.0
+        #: ``--diagnose``: one record per decision (:func:`diagnose`), the actual first token
+        #: added when it comes.
+        self.records: list[dict[str, object]] | None = None
+        self.pending: dict[int, dict[str, object]] = {}
 
     def choose(self, job: Job, now: float) -> int:
+        record = None
+        if self.records is not None and isinstance(self.policy, LeastTTFTPolicy):
+            record = diagnose(self.policy, self.workers, self.engines, job, now)
         worker = self.policy.select(self.workers, RouteKey(text=job.text))
         assert worker is not None
+        if record is not None and self.records is not None:
+            record["chosen"] = self.index[worker.url]
+            self.records.append(record)
+            self.pending[job.index] = record
         ticket = self.policy.begin_attempt(worker)
         if ticket is not None:
             self.tickets[job.index] = ticket
@@ -287,6 +318,9 @@ class PolicyPlacement(Placement):
         return self.index[worker.url]
 
     def first_token(self, worker: int, job: Job, req: SimRequest) -> None:
+        record = self.pending.pop(job.index, None)
+        if record is not None:
+            record["actual"] = req.first_token_time - req.arrival  # type: ignore[operator]
         ticket = self.tickets.get(job.index)
         if ticket is not None:
             ticket.first_byte(True)  # type: ignore[attr-defined]
@@ -349,6 +383,72 @@ class OraclePlacement(Placement):
         return best
 
 
+def oracle_terms(engine: Engine, ids: Sequence[int], now: float) -> dict[str, float]:
+    """:func:`predicted_first_token` cut into its terms (s): the batch in flight (``busy``,
+    and whether it is a decode step), the prefill queued ahead (``ahead``: the chunked
+    prompt's rest and the waiting requests) and this request's own prefill (``own``)."""
+    first, have, _ = predicted_first_token(engine, ids, now)
+    pending = engine._pending
+    start, work = queued_work(engine, now)
+    busy = start - now
+    budget = engine.config.chunked_prefill_size
+    ahead = prefill_done_at(start, work, engine.timing, budget)[-1] - start if work else 0.0
+    return {
+        "first": first,
+        "busy": busy,
+        "decoding": float(isinstance(pending, _DecodeStep)),
+        "ahead": ahead,
+        "own": first - busy - ahead,
+        "cached": float(have),
+        "running": float(engine.num_running),
+        "waiting": float(engine.num_waiting + (engine.chunked is not None)),
+    }
+
+
+def diagnose(
+    policy: LeastTTFTPolicy,
+    workers: Sequence[Worker],
+    engines: Sequence[Engine],
+    job: Job,
+    now: float,
+) -> dict[str, object]:
+    """``least_ttft``'s predicted first token per worker, cut into its terms (s: the queue it
+    counts, decode pressure, this prompt's own prefill), beside the oracle's
+    (:func:`oracle_terms`): where the estimate departs from the truth."""
+    prefixes = policy.prefixes(RouteKey(text=job.text))
+    prompt = least_ttft.units_to_tokens(prefixes.length, True)
+    rows = []
+    for worker, engine in zip(workers, engines, strict=True):
+        model = policy.model(worker.url)
+        backlog = policy.backlog(worker, model, now)
+        decode = model.decode_pressure(_reported_running(policy, worker.url, now))
+        blocks = policy.tree.match_blocks(prefixes, worker.url)
+        uncached = least_ttft.units_to_tokens(
+            prefixes.length - prefixes.matched_length(blocks), True
+        )
+        own = least_ttft.prefill_work(uncached, prompt) + least_ttft.OVERHEAD_TOKENS
+        rate = policy.rate(model)
+        rows.append(
+            {
+                "queue": (backlog - decode) / rate,
+                "decode": decode / rate,
+                "own": own / rate,
+                "predicted": (backlog + own) / rate,
+                "rate": rate,
+                "tree_cached": float(prompt - uncached),
+                "oracle": oracle_terms(engine, job.ids, now),
+            }
+        )
+    return {"job": job.index, "at": now, "prompt": len(job.ids), "workers": rows}
+
+
+def _reported_running(policy: LeastTTFTPolicy, url: str, now: float) -> int:
+    load = policy.worker_loads.get(url)
+    if load is None or now - load.at >= least_ttft.LOAD_STALE_SECS:
+        return 0
+    return load.num_reqs - load.num_waiting_reqs
+
+
 def make_placement(name: str, engines: Sequence[Engine], clock: VirtualClock) -> Placement:
     if name.startswith("oracle"):
         return OraclePlacement(engines, name)
@@ -407,14 +507,17 @@ def replay(
     kv_tokens: int,
     sim_speedup: float,
     make: Callable[[str, Sequence[Engine], VirtualClock], Placement] = make_placement,
+    records: list[dict[str, object]] | None = None,
 ) -> Result:
     """Run ``jobs`` (in arrival order) through ``workers`` engines under one placement, in
-    virtual time."""
+    virtual time. ``records`` (``least_ttft`` only) receives :func:`diagnose`'s records."""
     if any(b.arrival < a.arrival for a, b in itertools.pairwise(jobs)):
         raise ValueError("jobs must be in arrival order")
     clock = VirtualClock()
     engines = make_engines(workers, kv_tokens, sim_speedup, clock)
     placement = make(placement_name, engines, clock)
+    if records is not None and isinstance(placement, PolicyPlacement):
+        placement.records = records
     by_rid: dict[str, Job] = {}
     reqs: list[SimRequest] = []
     sent = [0] * workers
@@ -560,6 +663,68 @@ def table(point: grid.Point, name: str, floor_p99: float, rows: Sequence[Row]) -
     return "\n".join(lines)
 
 
+def summarize(records: Sequence[dict[str, object]]) -> str:
+    """Where ``least_ttft``'s estimate departs from the oracle's (:func:`diagnose`): per term,
+    the median and p90 of predicted - true (ms) over every (decision, worker), and over the
+    decisions whose pick was the most costly, what the policy believed of its pick and of
+    the oracle's."""
+    terms: dict[str, list[float]] = {
+        "first (all)": [],
+        "queue vs busy+ahead": [],
+        "queue vs ahead (idle GPU)": [],
+        "decode vs busy (decode step)": [],
+        "own vs own": [],
+        "actual - oracle (pick)": [],
+    }
+    regrets = []
+    for rec in records:
+        rows: list[dict] = rec["workers"]  # type: ignore[assignment]
+        for row in rows:
+            o = row["oracle"]
+            terms["first (all)"].append(1000 * (row["predicted"] - o["first"]))
+            terms["queue vs busy+ahead"].append(1000 * (row["queue"] - o["busy"] - o["ahead"]))
+            if not o["busy"]:
+                terms["queue vs ahead (idle GPU)"].append(1000 * (row["queue"] - o["ahead"]))
+            if o["decoding"]:
+                terms["decode vs busy (decode step)"].append(1000 * (row["decode"] - o["busy"]))
+            terms["own vs own"].append(1000 * (row["own"] - o["own"]))
+        chosen = rows[int(rec["chosen"])]  # type: ignore[call-overload]
+        if "actual" in rec:
+            terms["actual - oracle (pick)"].append(
+                1000 * (float(rec["actual"]) - chosen["oracle"]["first"])  # type: ignore[arg-type]
+            )
+        best = min(rows, key=lambda r: r["oracle"]["first"])
+        regrets.append((chosen["oracle"]["first"] - best["oracle"]["first"], rec, chosen, best))
+    lines = ["| predicted - true (ms) | n | p10 | median | p90 |", "|---|---|---|---|---|"]
+    for name, values in terms.items():
+        if values:
+            lines.append(
+                f"| {name} | {len(values)} | {percentile(values, 10):+,.0f} | "
+                f"{percentile(values, 50):+,.0f} | {percentile(values, 90):+,.0f} |"
+            )
+    regrets.sort(key=lambda x: -x[0])
+    lines += [
+        "",
+        "Costliest picks (ms; pick / oracle's best: queue, decode, own as predicted | busy, "
+        "ahead, own as true):",
+    ]
+    for regret, rec, chosen, best in regrets[:8]:
+
+        def cut(r: dict) -> str:
+            o = r["oracle"]
+            return (
+                f"{1000 * r['queue']:,.0f} {1000 * r['decode']:,.0f} {1000 * r['own']:,.0f} | "
+                f"{1000 * o['busy']:,.0f} {1000 * o['ahead']:,.0f} {1000 * o['own']:,.0f}"
+                f" (run {o['running']:.0f} wait {o['waiting']:.0f} cached {o['cached']:,.0f})"
+            )
+
+        lines.append(
+            f"- job {rec['job']} prompt {rec['prompt']:,} regret {1000 * regret:,.0f}: "
+            f"pick {cut(chosen)}; best {cut(best)}"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -582,6 +747,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="NAME=VALUE",
         help="Set a least_ttft module constant for this run (e.g. PAIR_WEIGHT=0: the policy "
         "before the attention term); repeatable.",
+    )
+    parser.add_argument(
+        "--diagnose",
+        type=Path,
+        metavar="JSONL",
+        help="Also replay least_ttft once per point (no jitter) logging, per decision and "
+        "worker, its predicted first token by term beside the oracle's and the actual one: "
+        "records to JSONL, a summary printed.",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)  # the engines' "KV cache full" warnings: no news
@@ -607,6 +780,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             seeds=args.seeds,
         )
         print(table(point, name, floor_p99, results))
+        if args.diagnose is not None:
+            _, jobs = point_jobs(point, args.slice or None, args.speedup)
+            records: list[dict[str, object]] = []
+            replay(
+                jobs,
+                "least_ttft",
+                args.workers,
+                point.kv_tokens,
+                args.speedup / point.load,
+                records=records,
+            )
+            with args.diagnose.open("a") as out:
+                for rec in records:
+                    out.write(json.dumps({"point": point.name, **rec}) + "\n")
+            print(f"\nleast_ttft's estimate against the oracle, {point.name}:\n")
+            print(summarize(records))
         print(f"({time.monotonic() - started:.1f} s)\n", flush=True)
     return 0
 

@@ -34,6 +34,16 @@ def make(n: int) -> tuple[LeastTTFTPolicy, list[Worker]]:
     return policy, workers
 
 
+def queue(policy: LeastTTFTPolicy, worker: Worker, tokens: int, requests: int = 1) -> None:
+    """``tokens`` of prefill queued at ``worker`` just now, with the policy's clock stopped
+    there (the queue drains with time: a test comparing costs must not see it move)."""
+    now = policy.clock()
+    policy.clock = lambda: now
+    model = policy.models[worker.url]
+    model.queued_tokens, model.queued = tokens, requests
+    model.left, model.left_at = float(tokens), now
+
+
 def route(policy: LeastTTFTPolicy, workers: list[Worker], key: RouteKey) -> Worker:
     """What the proxy does: select, then begin the attempt (the ticket joins the queue)."""
     chosen = policy.select(workers, key)
@@ -72,8 +82,7 @@ def test_a_deep_queue_outweighs_a_short_match() -> None:
     shared = text(256, 2)
     first = policy.select(workers, RouteKey(text=shared))
     assert first is not None
-    policy.models[first.url].queued_tokens = 50_000  # a long prefill queued there
-    policy.models[first.url].queued = 1
+    queue(policy, first, 50_000)  # a long prefill queued there
     other = policy.select(workers, RouteKey(text=shared + text(2000, 3)))
     assert other is not None and other is not first
 
@@ -85,7 +94,7 @@ def test_ties_go_to_the_longer_match() -> None:
     assert first is not None
     second = next(w for w in workers if w is not first)
     # Same cost: the matched worker has exactly the (weighted) matched tokens more queued.
-    policy.models[first.url].queued_tokens = int(UNCACHED_WEIGHT * 160)
+    queue(policy, first, int(UNCACHED_WEIGHT * 160))
     prompt = shared + text(640, 5)
     assert policy.predict(first, 160) == policy.predict(second, 320)
     assert policy.select(workers, RouteKey(text=prompt)) is first
@@ -101,8 +110,7 @@ def test_learned_rate_moves_work_to_the_faster_worker() -> None:
     assert policy.models[slow.url].rate == pytest.approx(5_000, rel=0.15)
     # Equal queues of 20k tokens: 0.5 s at the fast one, 4 s at the slow one.
     for w in workers:
-        policy.models[w.url].queued_tokens = 20_000
-        policy.models[w.url].queued = 10
+        queue(policy, w, 20_000, 10)
     assert policy.select(workers, RouteKey(text=text(400, 6))) is fast
 
 
@@ -349,3 +357,86 @@ def test_prefill_work_counts_attention_pairs() -> None:
     assert prefill_work(0, 0) == 0
     assert prefill_work(127_000, 127_000) > 2.5 * 127_000
     assert prefill_work(1000, 9000) > prefill_work(1000, 1000) > 1000
+
+
+class Clock:
+    """A clock the test moves (the policy's ``clock`` seam)."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_worker_not_timed_yet_is_predicted_at_the_fleets_rate() -> None:
+    policy, (timed, idle) = make(2)
+    for _ in range(30):  # answers from one worker only: it prefills 200k tokens/s
+        policy.learn(policy.models[timed.url], 200_000, 1.0)
+    assert policy.rate(policy.models[idle.url]) == pytest.approx(200_000, rel=0.05)
+    # A short queue at the timed worker; the idle one, never timed, is as fast: it wins.
+    # (At PRIOR_RATE it looked 10x slower and lost to the queue: 2,300 tokens / 20k/s =
+    # 0.115 s against (10,000 + 2,300) / 200k/s = 0.06 s.)
+    queue(policy, timed, 10_000)
+    assert policy.select([timed, idle], RouteKey(text=text(4000, 11))) is idle
+    # Its first own sample starts from the fleet's rate, not the prior.
+    policy.learn(policy.models[idle.url], 100_000, 1.0)
+    assert policy.models[idle.url].rate == pytest.approx((200_000 + 100_000) / 2, rel=0.05)
+
+
+def test_the_queue_drains_at_the_rate_from_dispatch() -> None:
+    policy, (a, b) = make(2)
+    clock = policy.clock = Clock()
+    rate = policy.rate(policy.models[a.url])
+    route(policy, [a], RouteKey(text=text(200_000, 12)))  # a long prompt: chunked prefill
+    work = policy.models[a.url].queued_tokens
+    assert policy.backlog(a, policy.models[a.url], clock.now) == pytest.approx(work)
+    clock.now += 0.75 * work / rate  # three quarters of it computed by now, no first byte yet
+    assert policy.backlog(a, policy.models[a.url], clock.now) == pytest.approx(work / 4)
+    # A shorter prompt sent to b just now is more work ahead than a's remaining quarter:
+    # the next request goes to a (counting a's prompt whole until its first byte sent it to b).
+    route(policy, [b], RouteKey(text=text(4 * work // 3, 13)))
+    assert policy.select([a, b], RouteKey(text=text(400, 14))) is a
+    clock.now += 0.5 * work / rate  # past its predicted end: nothing left, though queued
+    assert policy.backlog(a, policy.models[a.url], clock.now) == 0
+    assert policy.models[a.url].queued == 1
+
+
+def test_a_first_byte_says_the_work_sent_before_it_is_done() -> None:
+    policy, workers = make(1)
+    policy.clock = Clock()  # stopped: no drain, only the first byte moves the queue
+    route(policy, workers, RouteKey(text=text(40_000, 15)))
+    route(policy, workers, RouteKey(text=text(8000, 16)))
+    model = policy.models[workers[0].url]
+    first, second = sorted((t for _, _, t in model.expiry), key=lambda t: -t.tokens)
+    assert model.ahead(policy.clock(), model.rate) == first.tokens + second.tokens
+    first.first_byte(True)
+    assert model.ahead(policy.clock(), model.rate) == second.tokens
+
+
+def test_a_rate_is_learned_from_the_undrained_work_ahead() -> None:
+    policy, workers = make(1)
+    clock = policy.clock = Clock()
+    route(policy, workers, RouteKey(text=text(40_000, 17)))
+    model = policy.models[workers[0].url]
+    (big,) = [t for _, _, t in model.expiry]
+    clock.now += 0.5 * big.tokens / model.rate  # half of it done when the next one is sent
+    route(policy, workers, RouteKey(text=text(8000, 18)))
+    small = next(t for _, _, t in model.expiry if t is not big)
+    assert small.work == pytest.approx(big.tokens / 2 + small.tokens)
+
+
+def test_a_workers_rate_leans_on_the_fleets() -> None:
+    policy, (a, b) = make(2)
+    for _ in range(40):  # alike GPUs, timed apart: b's answers had more unseen waits in them
+        policy.learn(policy.models[a.url], 150_000, 1.0)
+        policy.learn(policy.models[b.url], 100_000, 1.0)
+    fleet = policy.fleet.rate
+    assert fleet == pytest.approx(125_000, rel=0.05)
+    # One window of its own samples against one of the fleet's: halfway, not its own 100k.
+    assert policy.rate(policy.models[b.url]) == pytest.approx((100_000 + fleet) / 2, rel=0.02)
+    # So an idle b beats a with a queue of a third of the prompt's work (at b's own rate,
+    # 1.5x slower than a, it lost).
+    prompt = text(16_000, 19)  # 4,000 tokens
+    queue(policy, a, 3_000)
+    assert policy.select([a, b], RouteKey(text=prompt)) is b

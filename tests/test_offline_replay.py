@@ -100,3 +100,24 @@ def test_real_slice_is_deterministic_and_the_oracle_beats_round_robin() -> None:
         assert first == second  # same figures, request by request
     assert runs["oracle"][0].ttft_p99 <= runs["round_robin"][0].ttft_p99
     assert runs["oracle"][0].hit_ratio > runs["round_robin"][0].hit_ratio
+
+
+def test_diagnose_logs_the_policys_terms_beside_the_oracles() -> None:
+    a = [-i for i in range(1, 3001)]
+    b = [-i for i in range(4001, 7001)]
+    jobs = [replay.Job(0, 0.0, "x" * 12_000, a, 1), replay.Job(1, 0.001, "y" * 12_000, b, 1)]
+    records: list[dict[str, object]] = []
+    replay.replay(jobs, "least_ttft", workers=2, kv_tokens=20_000, sim_speedup=1.0, records=records)
+    assert [r["job"] for r in records] == [0, 1]
+    first, second = records
+    # The oracle's terms add up; the second request sees the first one's prefill in flight
+    # on the worker it went to, and its actual first token is what the oracle predicted.
+    for rec in records:
+        for row in rec["workers"]:  # type: ignore[attr-defined]
+            o = row["oracle"]
+            assert o["busy"] + o["ahead"] + o["own"] == pytest.approx(o["first"])
+    busy = second["workers"][first["chosen"]]["oracle"]["busy"]  # type: ignore[index]
+    assert busy == pytest.approx(prefill(0, 3000) - 0.001)
+    chosen = second["workers"][second["chosen"]]["oracle"]  # type: ignore[index]
+    assert second["actual"] == pytest.approx(chosen["first"])
+    assert "| own vs own | 4 |" in replay.summarize(records)

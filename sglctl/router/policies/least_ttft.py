@@ -15,7 +15,12 @@ with a miss is not free for the fleet).
   yet -- each request's uncached tokens there (from the tree at dispatch) plus
   :data:`OVERHEAD_TOKENS` for its fixed per-prefill cost. A request leaves the queue at its
   first streamed chunk; a non-streamed one, whose first byte is the whole answer, at its
-  predicted prefill time (or its answer, if that comes first).
+  predicted prefill time (or its answer, if that comes first). What is queued *drains*: the
+  worker prefills back to back (prefill has priority over decode), so the work counted is
+  what is left at ``rate(w)`` since dispatch, and a first byte says everything sent before
+  it is done (:meth:`_WorkerModel.ahead`). Counted whole until its first byte, a long chunked
+  prompt 90% done weighed all of it: the queue was 0.4-1.2 s too long at p90 (RESULTS.md,
+  "least_ttft's estimate against the oracle's").
 * ``uncached(w)``: the prefill work of this request's prompt tokens beyond the longest
   prefix the tree has for ``w`` (tree units to tokens: :mod:`~sglctl.router.policies.
   reports`): those tokens plus attention's quadratic share (:func:`prefill_work`,
@@ -36,9 +41,13 @@ with a miss is not free for the fleet).
   prefixes included, which says how full the cache is, not how heavy the decode batch is.
   Time is the same learned ``rate(w)``: one model, its constant learned per worker.
 * ``rate(w)``: prefill tokens per second *learned per worker* from what the router sees:
-  for each streamed answer, (the work ahead of it at dispatch + its own) / time to its first
-  byte, an EWMA (:data:`EWMA_ALPHA`) starting from :data:`PRIOR_RATE` weighted as one sample,
-  so the first few answers move it quickly and a stray one cannot swing it later.
+  for each streamed answer, (the work still ahead of it at dispatch + its own) / time to its
+  first byte, an EWMA (:data:`EWMA_ALPHA`) starting from the fleet's rate weighted as one
+  sample, so the first few answers move it quickly and a stray one cannot swing it later.
+  The fleet's rate (every worker's samples, from :data:`PRIOR_RATE`) is what a worker not
+  timed yet is predicted with, and weighs :data:`FLEET_WEIGHT` samples in every worker's:
+  alike GPUs learned rates 20% apart, and one that no answer had timed kept a prior 5-8x
+  too slow, so the slowest-looking worker sat idle.
 
 A long match is followed: when one worker holds at least :data:`FOLLOW_MATCH_FRACTION` of
 the prompt and its predicted time is within :data:`FOLLOW_COST_FACTOR` x the best plus
@@ -135,6 +144,19 @@ FOLLOW_SLACK_SECS = 0.05
 #: that is where the TTFT tail came from (``benchmarks/offline_replay.py``, RESULTS.md
 #: "How low TTFT p99 can go with queues"). 0 makes work linear in uncached tokens.
 PAIR_WEIGHT = 1.06e-9 / 32e-6
+#: The queue this router sent a worker drains at its rate from dispatch (:meth:`_WorkerModel.
+#: ahead`); false counts every queued token until its first byte (the policy before issue 14's
+#: offline diagnosis; ``offline_replay.py --set DRAIN_QUEUE=0``).
+DRAIN_QUEUE = True
+#: A worker not timed yet is predicted at the fleet's learned rate (:meth:`LeastTTFTPolicy.
+#: rate`); false: at :data:`PRIOR_RATE` (``--set SHARE_RATE=0``).
+SHARE_RATE = True
+#: Samples' worth of the fleet's rate in every worker's (:meth:`LeastTTFTPolicy.rate`): one
+#: EWMA window (1 / :data:`EWMA_ALPHA`), so a worker's own rate and the fleet's weigh alike
+#: once it has a window of samples. A time to first byte also holds what the router cannot
+#: see (the decode step in flight, a batch's fixed costs), so alike GPUs learned rates 20%
+#: apart and the one that looked slowest sat idle; 0: each worker's own rate alone.
+FLEET_WEIGHT = 1 / EWMA_ALPHA
 #: Predicted times this close (seconds) are a tie.
 TIE_SECS = 1e-6
 
@@ -152,6 +174,8 @@ class _WorkerModel:
 
     __slots__ = (
         "expiry",
+        "left",
+        "left_at",
         "queued",
         "queued_tokens",
         "rate",
@@ -166,6 +190,9 @@ class _WorkerModel:
         #: Requests (tickets) waiting for a first byte, and their tokens (with overheads).
         self.queued = 0
         self.queued_tokens = 0
+        #: Of those tokens, what is left to prefill at ``left_at`` (:meth:`ahead`).
+        self.left = 0.0
+        self.left_at = 0.0
         #: (expiry time, sequence, ticket): non-streamed requests leave the queue by then.
         self.expiry: list[tuple[float, int, _Ticket]] = []
         #: Requests past their first byte (decoding) and the sum of their prompt tokens.
@@ -183,9 +210,37 @@ class _WorkerModel:
             running = reported_running
         return running * DECODE_TOKENS + DECODE_CONTEXT_WEIGHT * context
 
-    def learn(self, tokens: int, seconds: float) -> None:
+    def ahead(self, now: float, rate: float) -> float:
+        """Queued prefill tokens still to compute at ``now``: the worker prefills its queue
+        back to back (prefill has priority over decode), so what this router sent drains at
+        ``rate`` from when it was sent; a long chunked prompt is counted whole until its first
+        byte otherwise, though most of it may be done. Never more than what is queued."""
+        if not DRAIN_QUEUE:
+            return float(self.queued_tokens)
+        return min(float(self.queued_tokens), max(0.0, self.left - rate * (now - self.left_at)))
+
+    def add(self, tokens: int, now: float, rate: float) -> None:
+        self.left, self.left_at = self.ahead(now, rate) + tokens, now
+        self.queued += 1
+        self.queued_tokens += tokens
+
+    def remove(self, tokens: int, now: float, rate: float, done_ahead: bool) -> None:
+        """A ticket left the queue; with ``done_ahead`` (its first byte: FCFS, all that was
+        sent before it is done too) what is left is at most what is still queued after it."""
+        self.queued -= 1
+        self.queued_tokens -= tokens
+        left = self.ahead(now, rate)
+        if done_ahead:
+            left = min(left, float(self.queued_tokens))
+        self.left, self.left_at = left, now
+
+    def learn(self, tokens: float, seconds: float, prior: float | None = None) -> None:
+        """One sample of tokens / seconds into the EWMA; a first sample starts from ``prior``
+        (the fleet's rate) when given, else from this worker's own prior."""
         if seconds <= 0:
             return
+        if prior is not None and not self.samples:
+            self.rate = prior
         sample = min(max(tokens / seconds, PRIOR_RATE / RATE_CLAMP), PRIOR_RATE * RATE_CLAMP)
         alpha = max(EWMA_ALPHA, 1.0 / (self.samples + 2))
         self.rate += alpha * (sample - self.rate)
@@ -242,7 +297,7 @@ class _Ticket:
         #: Prompt tokens: what this request weighs on the worker's decode batch.
         self.context = context
         self.decoding = False
-        self.work = 0
+        self.work = 0.0
         self.started = 0.0
         self.queued = False
         self.closed = False
@@ -250,25 +305,26 @@ class _Ticket:
         self.streamed = False
 
     def enqueue(self) -> None:
-        model = self.model
-        now = self.policy.clock()
+        model, policy = self.model, self.policy
+        now = policy.clock()
+        rate = policy.rate(model)
         self.started = now
-        self.work = model.queued_tokens + self.tokens
-        self.old_tick = self.policy.corrector.start(self.url, id(self), self.old_tick)
-        model.queued += 1
-        model.queued_tokens += self.tokens
+        # What the worker has to compute before this first token: the undrained queue ahead.
+        self.work = model.ahead(now, rate) + self.tokens
+        self.old_tick = policy.corrector.start(self.url, id(self), self.old_tick)
+        model.add(self.tokens, now, rate)
         self.queued = True
-        expires = now + EXPIRY_FACTOR * self.work / model.rate
-        heapq.heappush(model.expiry, (expires, next(self.policy.seq), self))
+        expires = now + EXPIRY_FACTOR * self.work / rate
+        heapq.heappush(model.expiry, (expires, next(policy.seq), self))
 
-    def dequeue(self) -> None:
+    def dequeue(self, first_byte: bool = False) -> None:
         """Past its prefill (first byte or expiry): from the queue to the decode batch."""
         if self.queued:
             self.queued = False
-            self.policy.corrector.prefilled(self.url, id(self))
+            policy = self.policy
+            policy.corrector.prefilled(self.url, id(self))
             model = self.model
-            model.queued -= 1
-            model.queued_tokens -= self.tokens
+            model.remove(self.tokens, policy.clock(), policy.rate(model), first_byte)
             if not self.closed:
                 self.decoding = True
                 model.running += 1
@@ -288,10 +344,10 @@ class _Ticket:
             return
         was_queued = self.queued
         self.streamed = streamed
-        self.dequeue()
+        self.dequeue(first_byte=True)
         # Only a streamed first chunk times the prefill; a whole answer includes its decode.
         if streamed and was_queued and self.tokens - OVERHEAD_TOKENS >= MIN_LEARN_TOKENS:
-            self.model.learn(self.work, self.policy.clock() - self.started)
+            self.policy.learn(self.model, self.work, self.policy.clock() - self.started)
 
     def done(self, ok: bool, tail: bytes) -> None:
         if self.closed:
@@ -318,6 +374,9 @@ class LeastTTFTPolicy(Policy):
         self.hasher = PrefixHasher(block)
         self.tree = PrefixTree(block)
         self.models: dict[str, _WorkerModel] = {}
+        #: Every worker's samples in one rate: what a worker that has not been timed yet is
+        #: predicted with (the fleet's GPUs are alike; a lone prior was 5-8x off).
+        self.fleet = _WorkerModel()
         #: The workers' own load (``/get_load``), kept up to date by the router's poller.
         self.worker_loads: Mapping[str, WorkerLoad] = {}
         self.seq = count()
@@ -337,17 +396,37 @@ class LeastTTFTPolicy(Policy):
             model = self.models[url] = _WorkerModel()
         return model
 
+    def rate(self, model: _WorkerModel) -> float:
+        """A worker's prefill rate: the fleet's until it has been timed, then its own and the
+        fleet's weighted by samples (:data:`FLEET_WEIGHT`). A worker's rate was learned only
+        from the answers it gave, so one that the first requests missed kept
+        :data:`PRIOR_RATE`, looked several times slower than it was and was avoided while idle
+        (``benchmarks/offline_replay.py --diagnose``)."""
+        if not SHARE_RATE:
+            return model.rate
+        own = min(model.samples, 1 / EWMA_ALPHA)
+        if not own:
+            return self.fleet.rate
+        return (own * model.rate + FLEET_WEIGHT * self.fleet.rate) / (own + FLEET_WEIGHT)
+
+    def learn(self, model: _WorkerModel, tokens: float, seconds: float) -> None:
+        """One timed prefill: into the worker's rate (from the fleet's, if it is its first)
+        and the fleet's."""
+        model.learn(tokens, seconds, self.fleet.rate if SHARE_RATE else None)
+        self.fleet.learn(tokens, seconds)
+
     def backlog(self, worker: Worker, model: _WorkerModel, now: float) -> float:
         """Tokens of work ahead of a new request at ``worker``: its queue and decode pressure."""
         model.expire(now)
-        queued_reqs, queued_tokens = model.queued, model.queued_tokens
+        queued_reqs = model.queued
+        queued_tokens = model.ahead(now, self.rate(model))
         reported_running = 0
         load = self.worker_loads.get(worker.url)
         if load is not None and now - load.at < LOAD_STALE_SECS:
             reported_running = load.num_reqs - load.num_waiting_reqs
             extra = load.num_waiting_reqs - queued_reqs
             if extra > 0:  # requests queued there that this router did not send
-                mean = queued_tokens // queued_reqs if queued_reqs else OVERHEAD_TOKENS
+                mean = model.queued_tokens // queued_reqs if queued_reqs else OVERHEAD_TOKENS
                 queued_tokens += extra * mean
         return queued_tokens + model.decode_pressure(reported_running)
 
@@ -355,7 +434,7 @@ class LeastTTFTPolicy(Policy):
         """Predicted seconds to the first token of a request with that many uncached tokens."""
         model = self.model(worker.url)
         backlog = self.backlog(worker, model, self.clock() if now is None else now)
-        return (backlog + UNCACHED_WEIGHT * uncached_tokens + OVERHEAD_TOKENS) / model.rate
+        return (backlog + UNCACHED_WEIGHT * uncached_tokens + OVERHEAD_TOKENS) / self.rate(model)
 
     def prefixes(self, key: RouteKey) -> Prefixes:
         if key.input_ids:
@@ -401,7 +480,7 @@ class LeastTTFTPolicy(Policy):
                 self.backlog(worker, model, now)
                 + UNCACHED_WEIGHT * prefill_work(uncached, prompt)
                 + OVERHEAD_TOKENS
-            ) / model.rate
+            ) / self.rate(model)
             if chosen is None or cost < best_cost - TIE_SECS:
                 better = True
             elif cost <= best_cost + TIE_SECS:  # a tie: the longer match, then the less loaded

@@ -268,8 +268,17 @@ class Placement:
     #: Virtual seconds between :meth:`tick` calls (0: never).
     tick_secs = 0.0
 
-    def choose(self, job: Job, now: float) -> int:
+    def choose(self, job: Job, now: float) -> int | None:
+        """The worker for ``job``, or None to decide later (:meth:`take_due`)."""
         raise NotImplementedError
+
+    def next_due(self) -> float:
+        """When the next deferred decision is due (virtual s; inf: none)."""
+        return math.inf
+
+    def take_due(self, now: float) -> list[tuple[Job, int]]:
+        """The deferred jobs decided by ``now`` and their workers."""
+        return []
 
     def first_token(self, worker: int, job: Job, req: SimRequest) -> None:
         """``req`` (``job``) produced its first token on ``worker``."""
@@ -528,10 +537,29 @@ def replay(
     inf = math.inf
     n, nxt = len(jobs), 0
     next_tick = placement.tick_secs or inf
+
+    def submit(job: Job, w: int, t: float) -> None:
+        nonlocal errors
+        engine = engines[w]
+        plan = plan_output(job.ids, seed=engine.config.seed, max_new_tokens=job.output_tokens)
+        req = SimRequest(str(job.index), job.ids, plan, stream=True)
+        by_rid[req.rid] = job
+        try:
+            engine.submit(req)
+        except RequestRejected:
+            errors += 1
+            placement.finished(w, job, req)
+            return
+        sent[w] += 1
+        reqs.append(req)
+        if engine._pending is None:
+            engine._gpu_free_at = max(engine._gpu_free_at, t)
+            engine._advance(t)
+
     while True:
         t_arrival = jobs[nxt].arrival if nxt < n else inf
         t_batch = min((e._pending.end for e in engines if e._pending is not None), default=inf)
-        t = min(t_arrival, t_batch)
+        t = min(t_arrival, t_batch, placement.next_due())
         if t == inf:
             break
         if next_tick <= t:
@@ -547,24 +575,15 @@ def replay(
             job = jobs[nxt]
             nxt += 1
             w = placement.choose(job, t)
-            engine = engines[w]
-            plan = plan_output(job.ids, seed=engine.config.seed, max_new_tokens=job.output_tokens)
-            req = SimRequest(str(job.index), job.ids, plan, stream=True)
-            by_rid[req.rid] = job
-            try:
-                engine.submit(req)
-            except RequestRejected:
-                errors += 1
-                placement.finished(w, job, req)
-                continue
-            sent[w] += 1
-            reqs.append(req)
-            if engine._pending is None:
-                engine._gpu_free_at = max(engine._gpu_free_at, t)
-                engine._advance(t)
+            if w is not None:
+                submit(job, w, t)
+        for job, w in placement.take_due(t):
+            submit(job, w, t)
     done = [r for r in reqs if r.first_token_time is not None and r.finish_time is not None]
-    ttfts = [(r.first_token_time - r.arrival) * 1000 for r in done]  # type: ignore[operator]
-    e2es = [(r.finish_time - r.arrival) * 1000 for r in done]  # type: ignore[operator]
+    # From the job's arrival, not the engine's: a placement may decide later (take_due).
+    sent_at = {r.rid: by_rid[r.rid].arrival for r in done}
+    ttfts = [(r.first_token_time - sent_at[r.rid]) * 1000 for r in done]  # type: ignore[operator]
+    e2es = [(r.finish_time - sent_at[r.rid]) * 1000 for r in done]  # type: ignore[operator]
     prompt = sum(r.prompt_tokens for r in done)
     return Result(
         placement_name,

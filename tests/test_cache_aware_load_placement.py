@@ -90,30 +90,75 @@ def test_load_is_the_default_and_tree_still_a_flag() -> None:
         CacheAwarePolicy(placement="nearest")
 
 
-def test_with_router_peers_misses_spread_over_near_least_loaded_workers_not_one() -> None:
-    """Router peers (``tie_rng``): replicas hold the same trees and learn each other's
-    dispatches a moment late, so the smallest-tree tie-break sent concurrent misses of two
-    replicas to one worker. With the jitter, two replicas that see the same loads place the
-    same misses on different workers most of the time, and never on a worker two requests
-    above the least loaded."""
-    import random
+def test_router_peers_stagger_misses_by_rank_and_never_hits() -> None:
+    """Router peers (``stagger_by``): replica r of N waits ``r * secs`` before placing a
+    request that no tree holds (a miss, or the imbalance fallback), so that a burst reaching
+    every replica at once is placed in turn; a hit, the first rank, a lone replica and an
+    unstaggered policy choose at once."""
+    from sglctl.router.policies.cache_aware import STAGGER_SECS
 
-    def replica(seed: int) -> tuple[CacheAwarePolicy, list[Worker]]:
-        policy, ws = fleet(8, placement="load")
-        policy.tie_rng = random.Random(seed)
-        for i, w in enumerate(ws):
-            w.in_flight = 2 if i < 4 else 4  # four least loaded, four two above
-        return policy, ws
+    policy, ws = fleet(4, placement="load")
+    new, old = key("a new conversation " * 20), key("an old conversation " * 20)
+    policy.select(ws, old)
+    assert not policy.miss_delays and policy.miss_delay(ws, new) == 0.0  # not staggered
+    rank = (2, 3)
+    policy.stagger_by(lambda: rank)
+    assert policy.miss_delays and policy.stagger_secs == STAGGER_SECS > 0
+    assert policy.miss_delay(ws, new) == pytest.approx(2 * STAGGER_SECS)
+    assert policy.miss_delay(ws, old) == 0.0  # a hit: its worker is known, nothing to wait
+    assert policy.miss_delay(ws[:1], new) == 0.0  # one worker: no choice to make
+    assert policy.miss_delay(ws, RouteKey()) == 0.0  # no text: no prefix to place
+    ws[0].in_flight = 100  # the fallback places by load too, so it waits its turn as well
+    assert policy.miss_delay(ws, old) == pytest.approx(2 * STAGGER_SECS)
+    ws[0].in_flight = 0
+    rank = (0, 3)
+    assert policy.miss_delay(ws, new) == 0.0  # the first rank never waits
+    # The select after the delay reuses the prompt's hashes (no second hashing of it) and
+    # places it as one router would.
+    policy.stagger_by(lambda: (1, 2), secs=0.25)
+    assert policy.miss_delay(ws, new) == 0.25
+    assert policy.prefixes(new) is policy._hashed[1]  # type: ignore[index]
+    chosen = policy.select(ws, new)
+    assert chosen is not None and policy.last_decision == "cache_miss"
+    policy.stagger_by(lambda: (1, 2), secs=0.0)  # --router-peers-stagger-secs 0: off
+    assert not policy.miss_delays and policy.miss_delay(ws, key("another " * 20)) == 0.0
 
-    (a, wa), (b, wb) = replica(1), replica(2)
-    same = 0
-    for i in range(200):
-        text = f"fresh conversation {i} " * 20
-        pa, pb = a.select(wa, key(text)), b.select(wb, key(text))
-        assert pa is not None and pb is not None
-        assert wa.index(pa) < 4 and wb.index(pb) < 4  # never two above the least loaded
-        same += wa.index(pa) == wb.index(pb)
-        a.tree.clear()
-        b.tree.clear()
-    # Without the jitter both pick the same (smallest tree, then order): 200 of 200.
-    assert same < 100, same
+
+def test_a_staggered_burst_is_placed_as_one_router_places_it() -> None:
+    """Two replicas that see the same loads and trees, each given two misses of one burst:
+    unstaggered, both place theirs on the same two least loaded workers (each blind to the
+    other's picks); staggered, the second rank decides after the first's routes and loads
+    reached it, and the four misses land on four workers, as through one router."""
+
+    def burst(staggered: bool) -> set[int]:
+        (a, wa), (b, wb) = fleet(4, placement="load"), fleet(4, placement="load")
+        for policy, rank in ((a, 0), (b, 1)):
+            policy.current_loads = True
+            if staggered:
+                policy.stagger_by(lambda rank=rank: (rank, 2))  # type: ignore[misc]
+        texts = [f"burst prompt {i} " * 20 for i in range(4)]
+        picks: list[tuple[int, str]] = []
+        later: list[RouteKey] = []
+        for i, text in enumerate(texts):  # a gets 0 and 2, b gets 1 and 3, all at once
+            policy, ws = (a, wa) if i % 2 == 0 else (b, wb)
+            if policy.miss_delay(ws, key(text)) > 0:
+                later.append(key(text))
+                continue
+            w = policy.select(ws, key(text))
+            assert w is not None
+            w.in_flight += 1
+            picks.append((0 if policy is a else 1, w.url))
+        # What the peers tell each other: routes (observe) and in-flight counts.
+        for src, url in picks:
+            for w in wb if src == 0 else wa:
+                if w.url == url:
+                    w.told_in_flight += 1
+        for k in later:  # b's deferred misses, after a's word arrived
+            w = b.select(wb, k)
+            assert w is not None
+            w.in_flight += 1
+            picks.append((1, w.url))
+        return {int(url.split(".")[3].split(":")[0]) for _, url in picks}
+
+    assert len(burst(staggered=True)) == 4
+    assert len(burst(staggered=False)) == 2  # the herd the stagger prevents

@@ -387,3 +387,86 @@ def test_a_replica_counts_the_others_requests_in_flight_until_they_end(procs, cl
             raise AssertionError(f"{exc}; {views}") from None
     # The client hung up: a cancels it upstream, and tells b its in-flight count fell.
     wait_until(lambda: told_on_b() == 0, timeout=10, what="b no longer counting a's stream")
+
+
+def test_ranks_order_the_live_replicas_by_instance_id() -> None:
+    """Every replica computes the same order (by instance id) over itself and the peers that
+    answer; one alone is rank 0 of 1 (it never waits)."""
+    import asyncio
+
+    from sglctl.router.peers import Link, Peers
+
+    async def go() -> None:
+        mine = Peers([], 5.0, "m", apply=lambda m: None)
+        assert mine.rank() == (0, 1)
+        for i, (peer_id, connected) in enumerate([("a", True), ("z", True), ("b", False)]):
+            link = Link(mine, "127.0.0.1", 9000 + i, f"peer{i}")
+            link.peer_id, link.connected = peer_id, connected
+            mine.links[("127.0.0.1", 9000 + i)] = link
+        assert mine.rank() == (1, 3)  # a, m, z: b does not answer
+        assert mine.snapshot()["rank"] == 1 and mine.snapshot()["replicas"] == 3
+        await mine.client.aclose()
+
+    asyncio.run(go())
+
+
+def test_a_burst_through_two_replicas_is_placed_in_turn(procs, client) -> None:
+    """Two new prompts sent at once, one through each replica, with the workers idle: the
+    second rank waits ``--router-peers-stagger-secs`` before placing its own, by which time
+    the first rank's route and in-flight count reached it, so the two land on different
+    workers (unstaggered, both would take the same least loaded, smallest-tree worker: the
+    replicas list the workers in the same order). Whole answers take the callback path's
+    detour to the task path; streams wait on the task path."""
+    import concurrent.futures
+    import threading
+
+    stagger = 0.5
+    urls = [procs.sim_worker().url for _ in range(2)]  # real time: answers outlast the test
+    ports = [find_free_port(), find_free_port()]
+    peers = ",".join(f"127.0.0.1:{p}" for p in ports)
+    flags = ["--router-peers", peers, "--router-peers-refresh-secs", "0.5"]
+    stagger_flag = ["--router-peers-stagger-secs", str(stagger)]
+    routers = [
+        procs.router(urls, "--placement", "load", *flags, *stagger_flag, port=p) for p in ports
+    ]
+    for r in routers:
+        wait_connected(client, r, 1)
+    first, late = sorted(routers, key=lambda r: peers_view(client, r)["rank"])
+    assert [peers_view(client, r)["rank"] for r in (first, late)] == [0, 1]
+
+    placed: dict[str, tuple[str, float]] = {}
+    both = threading.Barrier(3)  # the two streams placed, and the test read them
+    done = threading.Event()
+
+    def open_stream(router: ManagedProcess, text: str) -> None:
+        body = {"text": text, "stream": True, "sampling_params": {"max_new_tokens": 4000}}
+        sent = time.monotonic()
+        with (
+            httpx.Client(timeout=60, trust_env=False) as c,
+            c.stream("POST", router.url + "/generate", json=body) as r,
+        ):
+            assert r.status_code == 200
+            next(r.iter_raw())  # the first chunk: it is on its worker
+            placed[router.name] = (r.headers["x-sglctl-worker"], time.monotonic() - sent)
+            both.wait(30)
+            done.wait(30)  # in flight until the test has read both
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        futures = [
+            pool.submit(open_stream, late, conversation(11, 1)),  # the late one sent first
+            pool.submit(open_stream, first, conversation(12, 1)),
+        ]
+        try:
+            both.wait(30)
+        finally:
+            done.set()
+        for f in futures:
+            f.result(timeout=30)
+    late_worker, late_waited = placed[late.name]
+    first_worker, first_waited = placed[first.name]
+    assert late_waited >= stagger > first_waited, (late_waited, first_waited)
+    assert late_worker != first_worker
+    # A whole answer on the rank that waits: the callback path hands it to the task path.
+    sent = time.monotonic()
+    generate(client, late.url, conversation(13, 1))
+    assert time.monotonic() - sent >= stagger

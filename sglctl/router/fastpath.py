@@ -340,8 +340,14 @@ class LeanCycle:
                 raise RouterError(413, f"request body exceeds the limit of {limit} bytes")
             parsed, priority = inference.checked(router, route, body)
             admission = router.admission
-            if parsed.stream or not admission.try_acquire():
-                # A stream, or a queue to wait in: the task path from here.
+            fw = router.forwarder
+            if (
+                parsed.stream
+                or (fw is not None and fw.policy.miss_delays and fw.miss_delay(parsed.key) > 0)
+                or not admission.try_acquire()
+            ):
+                # A stream, a miss to place later (router replicas), or a queue to wait in:
+                # the task path from here.
                 finish = inference.begin(router, route, started)
                 self.spawn(
                     finish,

@@ -504,6 +504,15 @@ def build_parser(prog: str = "sglctl router") -> argparse.ArgumentParser:
         help="--router-peers: seconds between DNS re-resolutions of the peers (and hellos "
         "that notice a restarted peer)",
     )
+    g.add_argument(
+        "--router-peers-stagger-secs",
+        type=argtypes.non_negative_float,
+        default=d.router_peers_stagger_secs,
+        metavar="SECS",
+        help="--router-peers: seconds each rank of replica waits before placing a new prefix, "
+        "so that a burst reaching every replica at once is placed in turn (0: off); more than "
+        "a route takes to reach the peers",
+    )
 
     g = p.add_argument_group("request handling")
     g.add_argument(

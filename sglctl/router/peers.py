@@ -89,8 +89,10 @@ RING_BYTES = 256 * 1024 * 1024
 QUEUE_BYTES = 64 * 1024 * 1024
 #: A batch closes at this many bytes of prompt text (a POST well under --max-payload-size).
 BATCH_BYTES = 4 * 1024 * 1024
-#: Seconds routes gather after one POST before the next (bounds POSTs per second).
-GATHER_SECS = 0.01
+#: Seconds routes gather after one POST before the next (bounds POSTs per second). Short:
+#: a route is what the replicas of later rank wait for before placing their misses
+#: (``cache_aware.STAGGER_SECS``, 5 ms a rank), so it must arrive within that.
+GATHER_SECS = 0.002
 #: Seconds between two posts of a changed load without routes (a finished request): a
 #: request lasts seconds, so a tenth of one is fresh enough.
 LOAD_CHANGE_SECS = 0.1
@@ -298,11 +300,11 @@ class Link:
                 self.wake.set()
             # Routes gather for a moment before the next POST: at most ~1/GATHER_SECS POSTs a
             # second per peer whatever the request rate (one route per POST cost ~1.5-2 ms
-            # of CPU a request on each side on long prompts). 10 ms, not the first 50: the
-            # routes are also the other replicas' load (Worker.told_dispatches), and at 50 ms
-            # misses arriving together still piled on one worker (quiet machine, synth 600k,
-            # 2,000 requests: TTFT p99 1.14x one router's at 50 ms, 0.99x at 10 ms;
-            # benchmarks/RESULTS.md, "Router peers, the load told").
+            # of CPU a request on each side on long prompts). 2 ms, down from 50 and then 10:
+            # the routes are the other replicas' knowledge of this one's picks, and the ranks
+            # after this one wait only cache_aware.STAGGER_SECS for them (at 50 ms misses
+            # arriving together piled on one worker: quiet machine, synth 600k, TTFT p99
+            # 1.14x one router's, 0.99x at 10 ms; benchmarks/RESULTS.md, "Router peers").
             await asyncio.sleep(GATHER_SECS)
 
     async def _post(self, batch: list[Message]) -> None:
@@ -405,6 +407,21 @@ class Peers:
         self.ring.add(message)
         for link in self.links.values():
             link.offer(message)
+
+    def rank(self) -> tuple[int, int]:
+        """This replica's place among the live replicas (itself and the peers that answer),
+        ordered by instance id, and their count: the same order on every replica, which
+        staggers their misses by it (``CacheAwarePolicy.stagger``). A peer not known yet
+        (starting, or cut off) is left out until it answers: two replicas may then share a
+        rank for a moment, which costs a herd, never a request."""
+        ids = {self.id}
+        for link in self.links.values():
+            if link.connected and not link.is_self and link.peer_id is not None:
+                ids.add(link.peer_id)
+        if len(ids) == 1:
+            return 0, 1
+        order = sorted(ids)
+        return order.index(self.id), len(order)
 
     # -- receiving ------------------------------------------------------------------------
     def receive(self, sender: str, batch: list[Message]) -> int:
@@ -510,8 +527,12 @@ class Peers:
         }
 
     def snapshot(self) -> dict[str, Any]:
+        rank, replicas = self.rank()
         return {
             "id": self.id,
+            # This replica's place among the live ones, which staggers its misses.
+            "rank": rank,
+            "replicas": replicas,
             "ring": len(self.ring),
             **self.stats(),
             "rejected": self.rejected,

@@ -306,7 +306,13 @@ class Forwarder:
         plan = SinglePlan(
             self, method.encode("latin-1"), path.encode("latin-1"), body, headers, key
         )
-        return self.run(plan, finish)
+        delay = self.miss_delay(key) if self.policy.miss_delays else 0.0
+        return self.run(plan, finish, backoff=delay)
+
+    def miss_delay(self, key: RouteKey) -> float:
+        """Seconds the policy wants to wait before choosing for ``key`` (router replicas'
+        staggered misses: :meth:`~sglctl.router.policies.base.Policy.miss_delay`)."""
+        return self.policy.miss_delay(self.registry.routable(), key)
 
     def begin_run(self) -> tuple[RetryAttempts, float]:
         """A request's attempt book-keeping and deadline (and its deposit in the budget)."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import signal
 import time
 from collections.abc import Coroutine
@@ -233,10 +232,10 @@ class Router:
             # 1.38x), and requests another replica finished counted until then (p99 1.15-1.26x
             # on the conversation trace; benchmarks/RESULTS.md, "Router peers").
             policy.current_loads = True
-            # A miss goes to the least load plus a random jitter under two requests, not to
-            # the smallest tree every replica computes alike (seeded by the instance id, so
-            # replicas differ; CacheAwarePolicy.tie_rng).
-            policy.tie_rng = random.Random(found.id)
+            # Misses are placed in turn by rank, each replica after the routes of the ranks
+            # before it arrived (CacheAwarePolicy.stagger): a burst reaching every replica at
+            # once no longer herds onto the one least loaded worker.
+            policy.stagger_by(found.rank, config.router_peers_stagger_secs)
             # The workers' own num_reqs (/get_load) raise it only with
             # --worker-load-correction, for load no replica sees (clients that talk to a
             # worker directly): the report lags the counts the replicas tell, and raising the

@@ -80,11 +80,23 @@ class Policy(ABC):
     #: Whether the router polls the workers' own load (``/get_load``) for this policy; the
     #: poller then keeps :attr:`worker_loads` (worker URL -> its latest report) fresh.
     uses_worker_loads = False
+    #: Whether :meth:`miss_delay` may be more than 0 (router peers' staggered misses): the
+    #: proxy asks it only then, so that other routers pay nothing for it.
+    miss_delays = False
     worker_loads: Mapping[str, WorkerLoad] = MappingProxyType({})
 
     @abstractmethod
     def select(self, workers: Sequence[Worker], key: RouteKey = NO_KEY) -> Worker | None:
         """Pick one of ``workers`` (all routable, non-empty) or None if it cannot."""
+
+    def miss_delay(self, workers: Sequence[Worker], key: RouteKey = NO_KEY) -> float:
+        """Seconds to wait before choosing for ``key`` among ``workers`` (0: choose now).
+
+        Router replicas (``--router-peers``) stagger their *misses* by rank, so that a burst
+        of new prompts arriving at every replica at once is placed one replica after the
+        other, each knowing where the ones before it went (:class:`CacheAwarePolicy`).
+        """
+        return 0.0
 
     def begin_attempt(self, worker: Worker) -> Ticket | None:
         """The proxy sends an attempt to ``worker``, the last ``select``'s pick.

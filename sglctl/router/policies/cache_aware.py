@@ -73,7 +73,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from operator import attrgetter
@@ -99,9 +98,10 @@ def _load_and_told(worker: Worker) -> int:
 _url = attrgetter("url")
 #: ``placement.PLACEMENTS`` plus ``"load"``, which needs no shared computation across replicas.
 _PLACEMENTS = (*placement.PLACEMENTS, "load")
-#: Requests of jitter on the load when router peers place a miss (:attr:`tie_rng`): a worker
-#: one request above the least loaded wins now and then, two above never.
-TIE_JITTER = 1.5
+#: Seconds each rank of router replica waits before placing a miss (:attr:`CacheAwarePolicy.
+#: stagger`): more than a route takes to reach the other replicas (a POST on the router's port,
+#: a millisecond or two, and ``peers.GATHER_SECS``).
+STAGGER_SECS = 0.005
 
 
 class _Ticket:
@@ -207,13 +207,20 @@ class CacheAwarePolicy(Policy):
         #: and the greedy placement, instead of the max of report and own count: set with
         #: router peers (:func:`~sglctl.router.load_poll.current_load`).
         self.current_loads = False
-        #: Set with router peers: a miss goes to the least ``load + U(0, TIE_JITTER)``, not
-        #: the least loaded with the smallest tree. Replicas hold the same trees (they tell
-        #: each other every route) and learn each other's dispatches a POST late, so misses
-        #: through two replicas within that moment went to the same worker: a herd one
-        #: router never makes (its own pick raises that worker's load at once). The jitter
-        #: spreads them over the workers within a request of the least loaded.
-        self.tie_rng: random.Random | None = None
+        #: Set with router peers: this replica's rank among the live replicas and their
+        #: count (:meth:`~sglctl.router.peers.Peers.rank`). Replicas hold the same trees and
+        #: loads (they tell each other every route and their in-flight counts) but learn each
+        #: other's picks a POST late; the traces' clients send requests in bursts (the
+        #: conversation trace: ~9 at one timestamp), so misses arriving at every replica at
+        #: once all went to the one least loaded worker, a herd one router never makes (its
+        #: own pick raises that worker's load before the next). Rank r places its misses
+        #: ``r * STAGGER_SECS`` late (:meth:`miss_delay`), after the routes of the ranks
+        #: before it arrived: the burst is placed in turn, as one router places it.
+        self.stagger: Callable[[], tuple[int, int]] | None = None
+        self.stagger_secs = STAGGER_SECS
+        #: The last :meth:`miss_delay`'s key and its prefixes, so that the ``select`` right
+        #: after it does not hash the prompt again.
+        self._hashed: tuple[RouteKey, Prefixes] | None = None
         self.worker_loads: Mapping[str, WorkerLoad] = {}
         self._next: _Ticket | None = None
         #: Requests routed to a worker because of a prefix match, and the others; exported
@@ -238,6 +245,9 @@ class CacheAwarePolicy(Policy):
         self.uses_worker_loads = True
 
     def prefixes(self, key: RouteKey) -> Prefixes:
+        hashed = self._hashed
+        if hashed is not None and hashed[0] is key:
+            return hashed[1]
         if key.input_ids:
             return self.hasher.tokens(key.input_ids)
         return self.hasher.text(key.text or "")
@@ -261,6 +271,32 @@ class CacheAwarePolicy(Policy):
         if current:
             return lambda w: current_load(w.in_flight, loads.get(w.url), now, w.told_in_flight)
         return lambda w: effective_load(w.in_flight, loads.get(w.url), now)
+
+    def stagger_by(self, rank: Callable[[], tuple[int, int]], secs: float | None = None) -> None:
+        """Stagger misses by ``rank()`` (this replica's rank and the replicas' count),
+        ``secs`` a rank (default :data:`STAGGER_SECS`; 0: not at all)."""
+        secs = STAGGER_SECS if secs is None else secs
+        self.stagger = rank if secs > 0 else None
+        self.stagger_secs = secs
+        self.miss_delays = secs > 0
+
+    def miss_delay(self, workers: Sequence[Worker], key: RouteKey = NO_KEY) -> float:
+        """``rank * STAGGER_SECS`` for a request :meth:`select` would place by load (a miss or
+        the imbalance fallback) on a replica of rank ``rank`` (:attr:`stagger`); else 0."""
+        stagger = self.stagger
+        if stagger is None or key.empty or len(workers) < 2:
+            return 0.0
+        rank, _ = stagger()
+        if rank == 0:
+            return 0.0
+        prefixes = self.prefixes(key)
+        self._hashed = (key, prefixes)
+        load = self.load_of()
+        if not self.is_imbalanced(workers, load):
+            _, ratio = self._best_match(key, prefixes, workers)
+            if ratio > self.cache_threshold:
+                return 0.0
+        return rank * self.stagger_secs
 
     def is_imbalanced(
         self, workers: Sequence[Worker], load: Callable[[Worker], int] = _load
@@ -391,9 +427,6 @@ class CacheAwarePolicy(Policy):
                     hash_key, by_load, self.placement_epsilon, self.shared_load()
                 )
         elif self.placement == "load":
-            if self.tie_rng is not None:
-                jitter = self.tie_rng.random
-                return min(by_load, key=lambda w: load(w) + TIE_JITTER * jitter())
             # The least loaded, and among those the smallest tree: when the fleet is idle
             # (all loads 0) the tree size still spreads new prefixes instead of worker 0
             # taking them all.

@@ -293,7 +293,9 @@ class CacheAwarePolicy(Policy):
         self._hashed = (key, prefixes)
         load = self.load_of()
         if not self.is_imbalanced(workers, load):
+            counted = self.kv_matched, self.last_match  # select counts this request, not this
             _, ratio = self._best_match(key, prefixes, workers)
+            self.kv_matched, self.last_match = counted
             if ratio > self.cache_threshold:
                 return 0.0
         return rank * self.stagger_secs

@@ -37,6 +37,7 @@ from sglctl.spawn import (
     spawn,
     spawn_router,
     spawn_sim_worker,
+    stop_together,
 )
 
 
@@ -63,10 +64,10 @@ class Procs:
         return proc
 
     def stop_all(self) -> None:
-        for proc in reversed(self.started):
-            proc.stop()
+        started, self.started = list(reversed(self.started)), []
+        stop_together(started)  # all at once: each takes ~0.2 s to exit
+        for proc in started:
             print(f"----- {proc.name} (pid {proc.pid}) log tail -----\n{proc.log_tail()}")
-        self.started.clear()
 
 
 @pytest.fixture

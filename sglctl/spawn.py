@@ -11,11 +11,17 @@ import os
 import subprocess
 import sys
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sglctl.net import find_free_port, wait_for_http
 from sglctl.proctree import terminate_tree
+
+#: How often :func:`spawn` asks a starting process for its health. A refused connection costs
+#: well under a millisecond (~0.3 ms CPU), and the suite starts hundreds: at 50 ms each start waited
+#: 25 ms on average after the process was ready, at 10 ms 5 ms.
+READY_POLL_SECS = 0.01
 
 
 class ProcessStartError(RuntimeError):
@@ -60,6 +66,21 @@ class ManagedProcess:
             self._log_file = None
 
 
+def stop_together(procs: Sequence[ManagedProcess], timeout: float = 10.0) -> None:
+    """Stop ``procs`` at the same time instead of one after the other.
+
+    A uvicorn server takes ~0.2 s from SIGTERM to exit (it notices the signal on its next
+    0.1 s tick, then shuts down), so a router and four workers stopped in turn spent a second
+    only waiting. Each process is stopped as :meth:`ManagedProcess.stop` does, in a thread.
+    """
+    if len(procs) <= 1:
+        for proc in procs:
+            proc.stop(timeout)
+        return
+    with ThreadPoolExecutor(len(procs), thread_name_prefix="stop") as pool:
+        list(pool.map(lambda proc: proc.stop(timeout), procs))
+
+
 def spawn(
     name: str,
     args: Sequence[str],
@@ -84,7 +105,9 @@ def spawn(
         stdin=subprocess.DEVNULL,
     )
     proc = ManagedProcess(name, popen, url, log_path, log_file)
-    if wait and not wait_for_http(url + health_path, ready_timeout, alive=proc.alive):
+    if wait and not wait_for_http(
+        url + health_path, ready_timeout, interval=READY_POLL_SECS, alive=proc.alive
+    ):
         tail = proc.log_tail()
         proc.stop()
         raise ProcessStartError(f"{name} did not become healthy at {url}{health_path}:\n{tail}")

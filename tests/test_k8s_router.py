@@ -24,7 +24,7 @@ import orjson
 import pytest
 
 from sglctl.net import find_free_port, port_is_free
-from sglctl.spawn import ManagedProcess, spawn
+from sglctl.spawn import ManagedProcess, spawn, stop_together
 from tests.support import wait_until
 from tests.test_k8s_discovery import NS, KubeApi  # skips this module without kmock
 
@@ -68,8 +68,7 @@ def pod_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
             started.append(sim(ip, port, log_dir))
         yield port
     finally:
-        for proc in started:
-            proc.stop()
+        stop_together(started)
 
 
 @pytest.fixture
@@ -107,8 +106,8 @@ class Routers:
         return proc
 
     def stop(self) -> None:
+        stop_together(self.started)
         for proc in self.started:
-            proc.stop()
             print(f"----- {proc.name} log tail -----\n{proc.log_tail(60)}")
 
 

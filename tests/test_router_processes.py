@@ -131,10 +131,12 @@ def test_get_loads_is_the_whole_routers_in_flight(procs) -> None:
     workers = [procs.sim_worker("--speedup", "1") for _ in range(4)]
     router = router2(procs, [w.url for w in workers], "--policy", "round_robin")
     n = 16
-    # Slow requests (~2000 decode steps of >= 6.5 ms) on new connections, from both processes.
+    # Slow requests (~1000 decode steps of >= 6.5 ms: >= 6.5 s, sim time never runs ahead of
+    # the wall clock) on new connections, from both processes. They only have to outlast the
+    # checks below (a few HTTP calls, ~1 s even under load); 2000 steps waited 6.5 s more.
     with ThreadPoolExecutor(n) as pool:
         futures = [
-            pool.submit(generate, router.url, f"slow request {i}", 2000, 120) for i in range(n)
+            pool.submit(generate, router.url, f"slow request {i}", 1000, 120) for i in range(n)
         ]
         with both(router.url) as (c0, c1):
 

@@ -110,14 +110,25 @@ def test_a_restarted_replica_catches_up_without_new_traffic(procs, client) -> No
     placed = {conv: generate(client, a.url, conversation(conv, 1)) for conv in range(8)}
     assert len(set(placed.values())) >= 2
     b.stop()
+
+    def retry_in() -> float:
+        link = next(p for p in peers_view(client, a)["peers"] if f":{ports[1]}/" in p["url"])
+        return float(link["retry_in"])
+
+    # Down until a's link to b backs off for seconds (0.2, 0.4, 0.8, 1.6, then 3.2 s) ...
+    if PEERS:
+        wait_until(lambda: retry_in() > 2.5, timeout=30, what="a's link to b backing off")
     b = replica(procs, urls, ports[1], ports)
-    # No request through a from here on: b learns a's recent decisions from a's ring.
+    up = time.monotonic()
+    # No request through a from here on: b learns a's recent decisions from a's ring, sent as
+    # soon as b's first POST to a says it is back (a's link does not wait out its backoff).
     if PEERS:
         wait_until(
             lambda: peers_view(client, b)["received"] >= len(placed),
             timeout=30,
             what="the restarted replica receiving a's ring",
         )
+        assert time.monotonic() - up < 1.2  # not the ~2 s left of a's backoff
     for conv in range(100, 103):  # b's own new traffic: its placement differs from a's
         generate(client, b.url, conversation(conv, 1))
     for conv, worker in placed.items():

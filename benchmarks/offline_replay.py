@@ -598,6 +598,21 @@ def replay(
     )
 
 
+def set_constant(assignment: str, *modules: object) -> bool:
+    """``--set NAME=VALUE``: set the first of ``modules``' upper-case constants ``NAME`` to
+    ``VALUE`` (of the constant's own type); False when none has it."""
+    name, _, value = assignment.partition("=")
+    for module in modules:
+        if name.isupper() and hasattr(module, name):
+            kind = type(getattr(module, name))
+            if kind is bool:  # bool("0") is True
+                setattr(module, name, value.lower() not in ("0", "false", "no", "off", ""))
+            else:
+                setattr(module, name, float(value) if kind is int and "." in value else kind(value))
+            return True
+    return False
+
+
 def point_jobs(point: grid.Point, slice_count: int | None, speedup: float) -> tuple[str, list[Job]]:
     workload = grid.middle_slice(trace_workload(point.trace), slice_count)
     return workload.name, build_jobs(workload, speedup)
@@ -778,10 +793,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)  # the engines' "KV cache full" warnings: no news
     for item in args.set:
-        name, _, value = item.partition("=")
-        if not hasattr(least_ttft, name) or not name.isupper():
-            parser.error(f"--set {item!r}: least_ttft has no constant {name!r}")
-        setattr(least_ttft, name, float(value))
+        if not set_constant(item, least_ttft):
+            parser.error(f"--set {item!r}: least_ttft has no such constant")
     texts = list(args.point) + (list(FIVE) if args.five else [])
     if not texts:
         parser.error("no points: --point TRACE:KV:LOAD or --five")

@@ -272,18 +272,6 @@ def make(name: str, replicas: int, latency_s: float) -> Callable[..., off.Placem
     return build
 
 
-def set_constant(assignment: str) -> None:
-    name, _, value = assignment.partition("=")
-    if name in ("JITTER", "SHARD_BIAS"):
-        globals()[name] = float(value)
-        return
-    for module in (peers, cache_aware):
-        if hasattr(module, name):
-            setattr(module, name, type(getattr(module, name))(value))
-            return
-    raise SystemExit(f"--set: no constant {name!r} in peers or cache_aware")
-
-
 def run(name: str, jobs: list[off.Job], args: argparse.Namespace) -> off.Result:
     """One replay of ``jobs`` under setup ``name``."""
     build = make(name, args.replicas, args.latency_ms / 1000)
@@ -308,7 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
     args = parser.parse_args(argv)
     for assignment in args.set:
-        set_constant(assignment)
+        if not off.set_constant(assignment, peers, cache_aware, sys.modules[__name__]):
+            parser.error(f"--set {assignment!r}: no such constant in peers, cache_aware or here")
     workload = trace_workload(TRACES[args.trace], limit=args.max_requests)
     jobs = off.build_jobs(workload, args.speedup)
     variants = [

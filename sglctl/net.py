@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 from collections.abc import Callable
 
@@ -9,10 +10,29 @@ import httpx
 
 from sglctl.polling import PollTimeout, poll_sync
 
+#: Below Linux's ephemeral range (32768-60999 by default), where only listeners compete.
+LISTEN_PORTS = range(20000, 32768)
+#: Ports this process handed out lately: a port picked but not bound yet looks free.
+_handed_out: set[int] = set()
+
 
 def find_free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port that was free a moment ago (the OS picks it; races are possible)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    """A TCP port that was free a moment ago, for a server about to listen on it.
+
+    Picked at random below the ephemeral range rather than by binding port 0: the OS hands
+    ephemeral ports to outgoing connections at any moment, so one it picked could be a client
+    socket's before the server bound it (a rare test failure, "address already in use"). Not
+    the same port twice in one process, since a port handed out may not be bound yet.
+    """
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(LISTEN_PORTS.start, LISTEN_PORTS.stop)
+        if port not in _handed_out and port_is_free(host, port):
+            if len(_handed_out) > 2000:
+                _handed_out.clear()
+            _handed_out.add(port)
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # a crowded host
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
@@ -65,6 +85,8 @@ def find_free_port_block(count: int, host: str = "127.0.0.1", start: int = 20000
     found there can lose a port between the check and its use; below it, only listeners compete.
     """
     for base in range(start, 32768 - count, count + 8):
-        if all(port_is_free(host, base + i) for i in range(count)):
+        ports = range(base, base + count)
+        if not _handed_out.intersection(ports) and all(port_is_free(host, p) for p in ports):
+            _handed_out.update(ports)
             return base
     raise RuntimeError(f"no {count} consecutive free ports between {start} and 32768")

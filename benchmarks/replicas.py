@@ -503,10 +503,30 @@ def run_setup(
 
     try:
         result = asyncio.run(go())
+        if setup.peers:
+            print_lateness(routers)
     finally:
         for r in routers:
             r.stop()
     return result, transport, restart
+
+
+def print_lateness(routers: Sequence[ManagedProcess]) -> None:
+    """Each peered replica's route lateness per link (``GET /peers``, ``late_ms``): how late
+    the others learned its picks, against the stagger a rank waits (5 ms by default)."""
+    for i, router in enumerate(routers):
+        try:
+            info = httpx.get(f"{router.url}/peers", timeout=5.0).json()
+        except (httpx.HTTPError, ValueError) as exc:
+            console.print(f"    replica {i}: GET /peers failed: {exc}")
+            continue
+        links = [
+            f"{p['address']} " + " ".join(f"{k} {v}" for k, v in p.get("late_ms", {}).items())
+            for p in info.get("peers", [])
+            if not p.get("self")
+        ]
+        rank = info.get("rank")
+        console.print(f"    replica {i} (rank {rank}) route lateness ms: " + "; ".join(links))
 
 
 # --- a restarted replica, window by window ---------------------------------------------------

@@ -171,6 +171,8 @@ def test_a_peer_down_neither_slows_nor_fails_requests(procs, client) -> None:
         (b'[{"t": "route", "w": "http://a"}]', "needs"),
         (b'[{"t": "load", "l": [1]}]', "requests in flight"),
         (b'[{"t": "load", "l": {"http://a": -1}}]', "requests in flight"),
+        (b'[{"t": "load", "l": {}, "late": -0.1}]', "late"),
+        (b'[{"t": "load", "l": {}, "late": "soon"}]', "late"),
     ],
 )
 def test_bad_batches_are_named(body: bytes, needle: str) -> None:
@@ -178,6 +180,7 @@ def test_bad_batches_are_named(body: bytes, needle: str) -> None:
         valid_batch(body)
     assert valid_batch(b'[{"t": "route", "w": "http://a", "i": [1, 2]}]')
     assert valid_batch(b'[{"t": "load", "l": {"http://a": 2}}]')
+    assert valid_batch(b'[{"t": "load", "l": {"http://a": 2}, "late": 0.012}]')
 
 
 def test_the_endpoint_answers_bad_input_with_4xx_json(procs, client) -> None:
@@ -419,6 +422,87 @@ def test_ranks_order_the_live_replicas_by_instance_id() -> None:
         await mine.client.aclose()
 
     asyncio.run(go())
+
+
+def test_the_wait_a_rank_follows_the_latest_routes_any_replica_told() -> None:
+    """``stagger_step`` is the largest lateness (p90 of a link's batches, seconds) this
+    replica measured or another told, within [--router-peers-stagger-secs, STAGGER_MAX_SECS];
+    too few batches of its own count as none; 0 keeps the stagger off. The policy waits
+    rank x step; the batch this replica posts tells its own; a silent sender's is forgotten."""
+    import asyncio
+
+    from sglctl.router.peers import LATENESS_MIN_BATCHES, LOAD_STALE_SECS, Link, Peers
+    from sglctl.router.peers import STAGGER_MAX_SECS as STAGGER_MAX
+    from sglctl.router.policies import CacheAwarePolicy, RouteKey
+    from sglctl.router.workers import WorkerRegistry
+
+    async def go() -> None:
+        mine = Peers([], 5.0, "m", apply=lambda m: None, stagger_secs=0.005)
+        link = Link(mine, "127.0.0.1", 9000, "peer0")
+        link.peer_id, link.connected = "z", True
+        mine.links[("127.0.0.1", 9000)] = link
+        mine.restep()
+        assert mine.stagger_step() == 0.005 and mine.own_late is None
+        link.lateness.extend([0.001] * (LATENESS_MIN_BATCHES - 1))
+        mine.restep()
+        assert mine.own_late is None, "too few batches to trust"
+        link.lateness.extend([0.001] * 80 + [0.02] * 20)  # p90: 0.02
+        mine.restep()
+        assert mine.own_late == pytest.approx(0.02) and mine.stagger_step() == pytest.approx(0.02)
+        mine.take_load("z", {}, late=0.03)  # z's routes reach others later still
+        mine.restep()
+        assert mine.stagger_step() == pytest.approx(0.03)
+        assert mine.snapshot()["stagger_ms"] == 30.0
+        mine.take_load("z", {}, late=7.0)
+        mine.restep()
+        assert mine.stagger_step() == STAGGER_MAX
+        mine.expire(now=time.monotonic() + LOAD_STALE_SECS + 0.1)  # z went silent
+        mine.restep()
+        assert mine.stagger_step() == pytest.approx(0.02)
+        off = Peers([], 5.0, "m", apply=lambda m: None, stagger_secs=0.0)
+        off.take_load("z", {}, late=0.03)
+        off.restep()
+        assert off.stagger_step() == 0.0
+
+        # The policy: rank 1 waits one step on a miss, none on a hit.
+        registry = WorkerRegistry()
+        workers = [registry.add(f"http://127.0.0.1:{9100 + i}", source="admin") for i in range(2)]
+        policy = CacheAwarePolicy()
+        policy.stagger_by(lambda: (1, 2), 0.005, mine.stagger_step)
+        text = "a long document " * 50
+        assert policy.miss_delay(workers, RouteKey(text=text)) == pytest.approx(0.02)
+        policy.observe(RouteKey(text=text), workers[0].url)
+        assert policy.miss_delay(workers, RouteKey(text=text + " more")) == 0.0
+        await mine.client.aclose()
+        await off.client.aclose()
+
+    asyncio.run(go())
+
+
+def test_a_link_measures_how_late_its_routes_arrive_and_tells_it(procs, client) -> None:
+    """Routes through ``a`` reach ``b``: ``a``'s ``/peers`` shows the lateness of its batches
+    (``late_ms``) and, once it has enough, ``b`` hears ``a``'s figure with the load."""
+    from sglctl.router.peers import LATENESS_MIN_BATCHES
+
+    urls = sims(procs, 2)
+    ports = [find_free_port(), find_free_port()]
+    a, b = (replica(procs, urls, port, ports) for port in ports)
+    wait_connected(client, a, 1)
+    wait_connected(client, b, 1)
+    a_id = peers_view(client, a)["id"]
+    for conv in range(LATENESS_MIN_BATCHES):  # one at a time, each told before the next
+        sent = peers_view(client, a)["sent"]
+        generate(client, a.url, conversation(200 + conv, 1))
+        wait_until(lambda n=sent: peers_view(client, a)["sent"] > n, timeout=10, what="a telling b")
+    links = [p for p in peers_view(client, a)["peers"] if not p["self"]]
+    late = links[0]["late_ms"]
+    assert late["n"] >= LATENESS_MIN_BATCHES and 0 < late["p50"] <= late["max"] < 10_000, late
+    wait_until(
+        lambda: a_id in peers_view(client, b)["late_ms_told"],
+        timeout=10,
+        what="b hearing a's route lateness",
+    )
+    assert peers_view(client, b)["stagger_ms"] >= 5.0  # the flag's 5 ms at least
 
 
 def test_a_burst_through_two_replicas_is_placed_in_turn(procs, client) -> None:

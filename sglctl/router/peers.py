@@ -100,6 +100,15 @@ LOAD_CHANGE_SECS = 0.1
 #: and the age past which a sender's last one counts no more (several refreshes missed).
 LOAD_REFRESH_SECS = 0.5
 LOAD_STALE_SECS = 2.0
+#: Batches whose lateness a link remembers (``GET /peers``: ``late_ms``), and the fewest a
+#: replica needs before it trusts its own figure for the stagger.
+LATENESS_BATCHES = 256
+LATENESS_MIN_BATCHES = 8
+#: The quantile of its links' lateness a replica tells, and the longest wait a rank: a rank
+#: waits the largest lateness any live replica told, between ``--router-peers-stagger-secs``
+#: and this (rank 2 of 3 waits twice as long on a miss).
+LATENESS_QUANTILE = 0.9
+STAGGER_MAX_SECS = 0.05
 #: Seconds a POST to a peer may take; backoff bounds after a failure.
 POST_TIMEOUT = 10.0
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 5.0
@@ -223,6 +232,12 @@ class Link:
         self.hello = True
         self._warned = 0.0
         self.task: asyncio.Task[None] | None = None
+        #: When the oldest route still queued was offered (time.monotonic(); None: none).
+        self.oldest_at: float | None = None
+        #: Seconds from a batch's oldest route being offered to the peer's answer, for the
+        #: last batches: how late the peer learns this replica's picks at most, which the
+        #: ranks after this one must wait out (``CacheAwarePolicy.stagger``).
+        self.lateness: collections.deque[float] = collections.deque(maxlen=LATENESS_BATCHES)
 
     def offer(self, message: Message) -> None:
         if self.is_self:
@@ -233,6 +248,8 @@ class Link:
             # the ring catches the peer up when it answers again.
             self._drop(1)
             return
+        if not self.queue:
+            self.oldest_at = time.monotonic()
         self.queue.append(message)
         self.queued_bytes += size
         self.wake.set()
@@ -283,8 +300,14 @@ class Link:
             if not self._due(now, load):
                 continue
             batch = self._take()
+            oldest, self.oldest_at = self.oldest_at, (now if self.queue else None)
             try:
-                await self._post([*batch, {"t": "load", "l": load}])
+                told: Message = {"t": "load", "l": load}
+                if owner.own_late is not None:
+                    told["late"] = round(owner.own_late, 5)
+                await self._post([*batch, told])
+                if batch and oldest is not None:
+                    self.lateness.append(time.monotonic() - oldest)
                 self.sent += 0 if self.is_self else len(batch)
                 self.told, self.told_at, self.hello = load, now, False
                 backoff = BACKOFF_MIN
@@ -345,6 +368,7 @@ class Link:
                 # First in the queue, in batches like any (a ring is larger than one POST).
                 self.queue.extendleft(reversed(owner.ring.snapshot()))
                 self.queued_bytes += owner.ring.bytes
+                self.oldest_at = time.monotonic()
                 log.info(
                     "router peer %s (%s): sending it %d recent routes",
                     self.name,
@@ -382,13 +406,15 @@ class Peers:
         api_key: str | None = None,
         own_load: Callable[[], dict[str, int]] = dict,
         set_told: Callable[[str, int], None] = lambda url, n: None,
+        stagger_secs: float = 0.0,
     ) -> None:
         """``apply`` learns one received route (the policy's ``observe``); ``relay`` hands a
         received batch on to this replica's sibling processes (None with one process).
         ``api_key``: the router's ``--api-key``, sent to the peers (every replica of one
         Deployment has the same), which ask it as their admin endpoints do. ``own_load``:
         this replica's requests in flight per worker URL (only those with some);
-        ``set_told``: sets a worker's ``told_in_flight``, the other replicas' sum."""
+        ``set_told``: sets a worker's ``told_in_flight``, the other replicas' sum.
+        ``stagger_secs``: ``--router-peers-stagger-secs``, the least :meth:`stagger_step`."""
         self.addresses = list(addresses)
         self.refresh_secs = refresh_secs
         self.id = replica_id
@@ -401,6 +427,13 @@ class Peers:
         self.set_told = set_told
         #: Each sender's last ``load`` (requests in flight per worker) and when it came.
         self.told: dict[str, tuple[float, dict[str, int]]] = {}
+        #: Each live sender's route lateness as it last told (seconds, its links' p90).
+        self.told_late: dict[str, float] = {}
+        self.stagger_secs = stagger_secs
+        #: This process's own links' lateness (None: too few batches yet) and the wait a
+        #: rank that follows from all the replicas' (:meth:`restep`, off the request path).
+        self.own_late: float | None = None
+        self.step_secs = stagger_secs
         self.received = 0
         self.rejected = 0
         self.senders: set[str] = set()
@@ -437,6 +470,32 @@ class Peers:
         order = sorted(ids)
         return order.index(self.id), len(order)
 
+    def stagger_step(self) -> float:
+        """Seconds each rank waits before placing a miss (``CacheAwarePolicy.stagger``)."""
+        return self.step_secs
+
+    def restep(self) -> None:
+        """Set :meth:`stagger_step` from how late routes arrive: the largest lateness any live
+        replica told (this one's included), within ``[stagger_secs, STAGGER_MAX_SECS]``.
+
+        Why measured: a rank must wait until the routes of the ranks before it arrived, and
+        how long that takes is the deployment's, not a constant's. On a quiet network a POST
+        takes a millisecond or two; three replicas, 8 sims and the client on 2 cores took 12
+        ms at the median and 27 ms at p90 (the receiver's event loop is busy streaming), and
+        a 5 ms stagger then herded half the burst again (TTFT p50 +24-90 ms against one
+        router). Every replica takes the same maximum, so they keep one order of turns."""
+        samples = [x for link in self.links.values() if not link.is_self for x in link.lateness]
+        if len(samples) >= LATENESS_MIN_BATCHES:
+            samples.sort()
+            self.own_late = samples[min(len(samples) - 1, int(LATENESS_QUANTILE * len(samples)))]
+        else:
+            self.own_late = None
+        if self.stagger_secs <= 0:
+            self.step_secs = 0.0
+            return
+        late = max((self.own_late or 0.0, *self.told_late.values()))
+        self.step_secs = max(self.stagger_secs, min(STAGGER_MAX_SECS, late))
+
     # -- receiving ------------------------------------------------------------------------
     def receive(self, sender: str, batch: list[Message]) -> int:
         """Apply a peer's batch (and relay it to the siblings); the routes applied."""
@@ -452,17 +511,28 @@ class Peers:
         relayed: list[Message] = routes
         for message in batch:
             if message.get("t") == "load":
-                self.take_load(sender, message["l"])
-                relayed = [*routes, {"t": "peer_load", "s": sender, "l": message["l"]}]
+                late = message.get("late")
+                self.take_load(sender, message["l"], late=late)
+                told = {"t": "peer_load", "s": sender, "l": message["l"], "late": late}
+                relayed = [*routes, told]
         if relayed and self.relay is not None:
             self.relay(relayed)
         self.received += len(routes)
         return len(routes)
 
-    def take_load(self, sender: str, load: dict[str, int], now: float | None = None) -> None:
+    def take_load(
+        self,
+        sender: str,
+        load: dict[str, int],
+        now: float | None = None,
+        late: float | None = None,
+    ) -> None:
         """``sender``'s requests in flight per worker (its last word replaces the one before);
-        the workers it names now or named before get their new ``told_in_flight``."""
+        the workers it names now or named before get their new ``told_in_flight``. ``late``:
+        the sender's route lateness, if it told one (:meth:`restep`)."""
         now = time.monotonic() if now is None else now
+        if late is not None:
+            self.told_late[sender] = float(late)
         before = self.told.get(sender)
         self.told[sender] = (now, load)
         self._retell({*load, *(before[1] if before else ())})
@@ -475,6 +545,7 @@ class Peers:
         urls: set[str] = set()
         for sender in old:
             urls.update(self.told.pop(sender)[1])
+            self.told_late.pop(sender, None)
             log.info("router peer instance %s silent: its in-flight counts no longer count", sender)
         self._retell(urls)
 
@@ -494,6 +565,7 @@ class Peers:
                     await self._refresh()
                     refreshed = now
                 self.expire(now)
+                self.restep()
                 await asyncio.sleep(min(self.refresh_secs, LOAD_STALE_SECS / 4))
         finally:
             for link in self.links.values():
@@ -548,6 +620,9 @@ class Peers:
             "rank": rank,
             "replicas": replicas,
             "ring": len(self.ring),
+            # Milliseconds a rank waits before placing a miss, from the replicas' lateness.
+            "stagger_ms": round(1000 * self.step_secs, 2),
+            "late_ms_told": {s: round(1000 * x, 2) for s, x in self.told_late.items()},
             **self.stats(),
             "rejected": self.rejected,
             # What the others have in flight, as they last told (sender -> worker -> n).
@@ -564,10 +639,25 @@ class Peers:
                     "dropped": link.dropped,
                     # Seconds until the next try after a failed POST (0: not backing off).
                     "retry_in": round(max(0.0, link.retry_at - time.monotonic()), 3),
+                    # How late the peer learned this replica's picks, over the last batches.
+                    "late_ms": lateness_ms(link.lateness),
                 }
                 for link in self.links.values()
             ],
         }
+
+
+def lateness_ms(samples: Iterable[float]) -> dict[str, float]:
+    """Quantiles in milliseconds of a link's route lateness (seconds); empty: none yet."""
+    ordered = sorted(samples)
+    if not ordered:
+        return {}
+    n = len(ordered)
+
+    def at(q: float) -> float:
+        return round(1000 * ordered[min(n - 1, int(q * n))], 2)
+
+    return {"n": n, "p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "max": at(1.0)}
 
 
 def valid_batch(body: bytes) -> list[Message]:
@@ -585,6 +675,9 @@ def valid_batch(body: bytes) -> list[Message]:
                 type(v) is int and v >= 0 for v in load.values()
             ):
                 raise ValueError(f'item {n}: "l" must map worker URLs to requests in flight')
+            late = message.get("late")
+            if late is not None and not (type(late) in (int, float) and 0 <= late <= 60):
+                raise ValueError(f'item {n}: "late" must be seconds between 0 and 60')
             continue
         if not isinstance(message, dict) or message.get("t") != "route":
             raise ValueError(f'item {n}: not a route or load message ({{"t": "route", ...}})')

@@ -221,6 +221,7 @@ class Router:
             api_key=config.api_key,
             own_load=self._own_load,
             set_told=self._set_told,
+            stagger_secs=config.router_peers_stagger_secs,
         )
         self.metrics.peer_stats = found.stats
         policy = self.policy
@@ -235,7 +236,9 @@ class Router:
             # Misses are placed in turn by rank, each replica after the routes of the ranks
             # before it arrived (CacheAwarePolicy.stagger): a burst reaching every replica at
             # once no longer herds onto the one least loaded worker.
-            policy.stagger_by(found.rank, config.router_peers_stagger_secs)
+            # The wait a rank follows how late routes arrive (Peers.restep), at least
+            # --router-peers-stagger-secs.
+            policy.stagger_by(found.rank, config.router_peers_stagger_secs, found.stagger_step)
             # The workers' own num_reqs (/get_load) raise it only with
             # --worker-load-correction, for load no replica sees (clients that talk to a
             # worker directly): the report lags the counts the replicas tell, and raising the

@@ -209,7 +209,12 @@ def apply(router: Router, message: Message) -> None:
         # Another replica's in flight (--router-peers), relayed by the sibling that heard it.
         peers = getattr(router, "peers", None)
         if peers is not None:
-            peers.take_load(str(message.get("s", "")), dict(message.get("l") or {}))
+            late = message.get("late")
+            peers.take_load(
+                str(message.get("s", "")),
+                dict(message.get("l") or {}),
+                late=float(late) if isinstance(late, int | float) else None,
+            )
     elif kind == "add":
         worker = registry.get(url)
         if worker is None:

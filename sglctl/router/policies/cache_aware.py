@@ -218,6 +218,7 @@ class CacheAwarePolicy(Policy):
         #: before it arrived: the burst is placed in turn, as one router places it.
         self.stagger: Callable[[], tuple[int, int]] | None = None
         self.stagger_secs = STAGGER_SECS
+        self.stagger_step: Callable[[], float] | None = None
         #: The last :meth:`miss_delay`'s key and its prefixes, so that the ``select`` right
         #: after it does not hash the prompt again.
         self._hashed: tuple[RouteKey, Prefixes] | None = None
@@ -272,17 +273,25 @@ class CacheAwarePolicy(Policy):
             return lambda w: current_load(w.in_flight, loads.get(w.url), now, w.told_in_flight)
         return lambda w: effective_load(w.in_flight, loads.get(w.url), now)
 
-    def stagger_by(self, rank: Callable[[], tuple[int, int]], secs: float | None = None) -> None:
+    def stagger_by(
+        self,
+        rank: Callable[[], tuple[int, int]],
+        secs: float | None = None,
+        step: Callable[[], float] | None = None,
+    ) -> None:
         """Stagger misses by ``rank()`` (this replica's rank and the replicas' count),
-        ``secs`` a rank (default :data:`STAGGER_SECS`; 0: not at all)."""
+        ``secs`` a rank (default :data:`STAGGER_SECS`; 0: not at all), or ``step()`` a rank
+        when given (the peers' measured wait, :meth:`~sglctl.router.peers.Peers.stagger_step`,
+        which is at least ``secs``)."""
         secs = STAGGER_SECS if secs is None else secs
         self.stagger = rank if secs > 0 else None
         self.stagger_secs = secs
+        self.stagger_step = step
         self.miss_delays = secs > 0
 
     def miss_delay(self, workers: Sequence[Worker], key: RouteKey = NO_KEY) -> float:
-        """``rank * STAGGER_SECS`` for a request :meth:`select` would place by load (a miss or
-        the imbalance fallback) on a replica of rank ``rank`` (:attr:`stagger`); else 0."""
+        """``rank * step`` (:meth:`stagger_by`) for a request :meth:`select` would place by
+        load (a miss or the imbalance fallback) on a replica of rank ``rank``; else 0."""
         stagger = self.stagger
         if stagger is None or key.empty or len(workers) < 2:
             return 0.0
@@ -298,7 +307,8 @@ class CacheAwarePolicy(Policy):
             self.kv_matched, self.last_match = counted
             if ratio > self.cache_threshold:
                 return 0.0
-        return rank * self.stagger_secs
+        step = self.stagger_step
+        return rank * (step() if step is not None else self.stagger_secs)
 
     def is_imbalanced(
         self, workers: Sequence[Worker], load: Callable[[Worker], int] = _load

@@ -38,6 +38,10 @@ their lateness; it equals ``one`` exactly). What it showed (RESULTS.md, "Router 
 offline"): the traces' clients send in bursts (conversation: ~9 requests per timestamp), and
 replicas blind to each other's picks within a burst herded its misses onto the least loaded
 worker; staggering the misses by rank brings TTFT p50 and p99 back to one router's.
+The real replicas wait a measured step a rank (``Peers.restep``: the routes' lateness); here
+the step is ``STAGGER_SECS``: ``--latency-ms 6 --set STAGGER_SECS=0.025`` is the 2-core
+benchmark machine (routes 12-30 ms late, RESULTS.md "Router replicas wait as long as their
+routes take").
 ``--set NAME=VALUE`` changes a constant of :mod:`sglctl.router.peers`, of
 :mod:`sglctl.router.policies.cache_aware` (``STAGGER_SECS``) or of this script for the run.
 

@@ -513,7 +513,7 @@ def run_setup(
 
 def print_lateness(routers: Sequence[ManagedProcess]) -> None:
     """Each peered replica's route lateness per link (``GET /peers``, ``late_ms``): how late
-    the others learned its picks, against the stagger a rank waits (5 ms by default)."""
+    the others learned its picks, and the wait a rank that follows from it (``stagger_ms``)."""
     for i, router in enumerate(routers):
         try:
             info = httpx.get(f"{router.url}/peers", timeout=5.0).json()
@@ -525,8 +525,11 @@ def print_lateness(routers: Sequence[ManagedProcess]) -> None:
             for p in info.get("peers", [])
             if not p.get("self")
         ]
-        rank = info.get("rank")
-        console.print(f"    replica {i} (rank {rank}) route lateness ms: " + "; ".join(links))
+        rank, step = info.get("rank"), info.get("stagger_ms")
+        console.print(
+            f"    replica {i} (rank {rank}, waits {step} ms a rank) route lateness ms: "
+            + "; ".join(links)
+        )
 
 
 # --- a restarted replica, window by window ---------------------------------------------------

@@ -82,7 +82,8 @@ class RouterConfig:
     #: --router-peers (issue 16, peers.py): the other replicas, told every routing decision.
     router_peers: list[PeerAddress] = field(default_factory=list)
     router_peers_refresh_secs: float = 5.0
-    #: Seconds each rank of replica waits before placing a miss (cache_aware.STAGGER_SECS).
+    #: The least seconds each rank of replica waits before placing a miss (more when routes
+    #: are measured to arrive later: peers.Peers.restep; cache_aware.STAGGER_SECS).
     router_peers_stagger_secs: float = 0.005
 
     # Prefill/decode disaggregation.

@@ -509,9 +509,10 @@ def build_parser(prog: str = "sglctl router") -> argparse.ArgumentParser:
         type=argtypes.non_negative_float,
         default=d.router_peers_stagger_secs,
         metavar="SECS",
-        help="--router-peers: seconds each rank of replica waits before placing a new prefix, "
-        "so that a burst reaching every replica at once is placed in turn (0: off); more than "
-        "a route takes to reach the peers",
+        help="--router-peers: the least seconds each rank of replica waits before placing a "
+        "new prefix, so that a burst reaching every replica at once is placed in turn (0: "
+        "off); the replicas wait longer when their routes are measured to arrive later (GET "
+        "/peers: stagger_ms, late_ms; 50 ms at most)",
     )
 
     g = p.add_argument_group("request handling")

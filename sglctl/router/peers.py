@@ -36,6 +36,12 @@ second old: telling dispatches alone, another replica's finished requests counte
 workers' next ``/get_load`` report, and three replicas stayed at 1.15-1.26x one router's
 TTFT p99 on the conversation trace (``benchmarks/RESULTS.md``, "Router peers, the load told").
 
+Lateness: each link times its batches, from the oldest route's offer to the peer's answer
+(``GET /peers``: ``late_ms``); the p90 goes out with the load (``"late"``), and every replica
+waits, a rank, the largest lateness told before placing a miss (:meth:`Peers.restep`,
+``CacheAwarePolicy.stagger``): a route takes 1-2 ms on a quiet network and 12-30 ms on a
+loaded 2-core machine, and a rank must wait for the routes of the ranks before it.
+
 Catch-up: each process keeps a ring of its own recent decisions (:data:`RING_ROUTES`); when
 a peer (re)appears with a new instance id -- a restarted replica -- it gets the ring first,
 so it knows the live conversations at once instead of after a minute of misses.
@@ -481,9 +487,9 @@ class Peers:
         Why measured: a rank must wait until the routes of the ranks before it arrived, and
         how long that takes is the deployment's, not a constant's. On a quiet network a POST
         takes a millisecond or two; three replicas, 8 sims and the client on 2 cores took 12
-        ms at the median and 27 ms at p90 (the receiver's event loop is busy streaming), and
-        a 5 ms stagger then herded half the burst again (TTFT p50 +24-90 ms against one
-        router). Every replica takes the same maximum, so they keep one order of turns."""
+        ms at the median and 27 ms at p90 (every process waits its turn for a core), and a
+        5 ms stagger left the replicas' TTFT p50 24-90 ms above one router's, 6-18 ms with
+        this rule. Every replica takes the same maximum, so they keep one order of turns."""
         samples = [x for link in self.links.values() if not link.is_self for x in link.lateness]
         if len(samples) >= LATENESS_MIN_BATCHES:
             samples.sort()

@@ -99,8 +99,9 @@ _url = attrgetter("url")
 #: ``placement.PLACEMENTS`` plus ``"load"``, which needs no shared computation across replicas.
 _PLACEMENTS = (*placement.PLACEMENTS, "load")
 #: Seconds each rank of router replica waits before placing a miss (:attr:`CacheAwarePolicy.
-#: stagger`): more than a route takes to reach the other replicas (a POST on the router's port,
-#: a millisecond or two, and ``peers.GATHER_SECS``).
+#: stagger`) at least: more than a route takes to reach the other replicas on a quiet network
+#: (a POST on the router's port, a millisecond or two, and ``peers.GATHER_SECS``); with peers
+#: the wait follows the routes' measured lateness (``peers.Peers.restep``).
 STAGGER_SECS = 0.005
 
 
@@ -214,8 +215,9 @@ class CacheAwarePolicy(Policy):
         #: conversation trace: ~9 at one timestamp), so misses arriving at every replica at
         #: once all went to the one least loaded worker, a herd one router never makes (its
         #: own pick raises that worker's load before the next). Rank r places its misses
-        #: ``r * STAGGER_SECS`` late (:meth:`miss_delay`), after the routes of the ranks
-        #: before it arrived: the burst is placed in turn, as one router places it.
+        #: ``r * step`` late (:meth:`miss_delay`; the step: :meth:`stagger_by`), after the
+        #: routes of the ranks before it arrived: the burst is placed in turn, as one router
+        #: places it.
         self.stagger: Callable[[], tuple[int, int]] | None = None
         self.stagger_secs = STAGGER_SECS
         self.stagger_step: Callable[[], float] | None = None

@@ -24,9 +24,8 @@ def find_free_port(host: str = "127.0.0.1") -> int:
     socket's before the server bound it (a rare test failure, "address already in use"). Not
     the same port twice in one process, since a port handed out may not be bound yet.
     """
-    rng = random.Random()
     for _ in range(1000):
-        port = rng.randrange(LISTEN_PORTS.start, LISTEN_PORTS.stop)
+        port = random.randrange(LISTEN_PORTS.start, LISTEN_PORTS.stop)
         if port not in _handed_out and port_is_free(host, port):
             if len(_handed_out) > 2000:
                 _handed_out.clear()

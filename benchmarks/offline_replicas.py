@@ -16,10 +16,10 @@ its own :class:`~sglctl.router.workers.Worker` objects (its own in-flight counts
 to the replicas round-robin (``replicas.py``'s ``--spread request``). What a replica learns of
 the others is what :mod:`sglctl.router.peers` tells, when it tells it:
 
-* every link (one per ordered pair of replicas) posts one batch at a time; a POST arrives
-  ``--latency-ms`` after it leaves and the link is free again a round trip later, then gathers
-  for ``GATHER_SECS``; a batch holds every route queued and ends with the sender's in-flight
-  counts per worker (the ``load`` message);
+* every link (one per ordered pair of replicas) keeps up to ``POSTS_IN_FLIGHT`` batches out
+  at once; a POST arrives ``--latency-ms`` after it leaves and its slot is free again a round
+  trip later; a batch holds every route queued and ends with the sender's in-flight counts
+  per worker (the ``load`` message);
 * an idle link posts its load alone when it changed, ``LOAD_CHANGE_SECS`` after the last post
   at the earliest, and every ``LOAD_REFRESH_SECS`` while it is non-zero;
 * the receiver applies routes with ``observe`` (its tree learns the prefix) and keeps each
@@ -89,7 +89,7 @@ JITTER = 1.5
 #: ``replicas_shard``: replica r prefers the workers i with i % N == r by this many requests.
 SHARD_BIAS = 3.0
 #: Virtual seconds between two looks at the links (the real links wake on a route at once;
-#: here a route waits for the next look, so keep it small against GATHER_SECS).
+#: here a route waits for the next look, so keep it small against the latency).
 TICK_SECS = 0.001
 
 
@@ -133,7 +133,8 @@ class Link:
     def __init__(self, src: int, dst: int) -> None:
         self.src, self.dst = src, dst
         self.queue: list[tuple[RouteKey, str]] = []
-        self.ready_at = 0.0
+        #: When each POST out on this link is answered (its slot free again).
+        self.out: list[float] = []
         self.told: dict[str, int] = {}
         self.told_at = -1e9
 
@@ -222,7 +223,9 @@ class ReplicasPlacement(off.Placement):
             return
         self._arrive(now)
         for link in self.links:
-            if now < link.ready_at:
+            if link.out:
+                link.out = [t for t in link.out if t > now]
+            if len(link.out) >= peers.POSTS_IN_FLIGHT:
                 continue
             load = self.own_load(link.src)
             if self.latency_s is None:
@@ -245,7 +248,7 @@ class ReplicasPlacement(off.Placement):
             heapq.heappush(
                 self.posts, (now + self.latency_s, self.seq, link.dst, link.src, routes, load)
             )
-            link.ready_at = now + 2 * self.latency_s + peers.GATHER_SECS
+            link.out.append(now + 2 * self.latency_s)
         self._arrive(now)
 
     def _arrive(self, now: float) -> None:

@@ -173,6 +173,9 @@ def test_a_peer_down_neither_slows_nor_fails_requests(procs, client) -> None:
         (b'[{"t": "load", "l": {"http://a": -1}}]', "requests in flight"),
         (b'[{"t": "load", "l": {}, "late": -0.1}]', "late"),
         (b'[{"t": "load", "l": {}, "late": "soon"}]', "late"),
+        (b'[{"t": "load", "l": {}, "at": "now"}]', "clock"),
+        (b'[{"t": "load", "l": {}, "at": NaN}]', "not JSON"),
+        (b'[{"t": "load", "l": {}, "at": true}]', "clock"),
     ],
 )
 def test_bad_batches_are_named(body: bytes, needle: str) -> None:
@@ -288,7 +291,7 @@ def test_a_name_resolving_to_several_addresses_means_all_of_them() -> None:
         for link in peers.links.values():
             assert link.task is not None
             link.task.cancel()
-        await peers.client.aclose()
+        peers.pool.close_all()
 
     asyncio.run(go())
 
@@ -340,6 +343,15 @@ def test_the_peers_in_flight_add_up_per_worker_and_a_silent_one_expires() -> Non
         # a's next word: one of its requests on w1 finished, the one on w2 too.
         peers.receive("a", [{"t": "load", "l": {w1.url: 2}}])
         assert (w1.told_in_flight, w2.told_in_flight) == (4, 0)
+        # Two POSTs of a link are out at once: a load read earlier and arriving later is
+        # ignored, the newer one stands.
+        peers.receive("a", [{"t": "load", "l": {w1.url: 2}, "at": 100.5}])
+        peers.receive("a", [{"t": "load", "l": {w1.url: 7}, "at": 100.4}])
+        assert w1.told_in_flight == 4
+        peers.receive("a", [{"t": "load", "l": {w1.url: 1}, "at": 100.6}])
+        assert w1.told_in_flight == 3
+        peers.receive("a", [{"t": "load", "l": {w1.url: 2}}])  # a sender without a clock
+        assert w1.told_in_flight == 4
         peers.take_load("b", {w1.url: 2}, now=time.monotonic() + LOAD_STALE_SECS / 2)
         peers.expire(now=time.monotonic() + LOAD_STALE_SECS + 0.1)  # a is silent, b is not
         assert (w1.told_in_flight, w2.told_in_flight) == (2, 0)
@@ -348,8 +360,8 @@ def test_the_peers_in_flight_add_up_per_worker_and_a_silent_one_expires() -> Non
         assert relayed[0][0] == route and relayed[0][1]["t"] == "peer_load"
         siblings.apply(sibling, relayed[0][1])  # type: ignore[arg-type]
         assert s1.told_in_flight == 3
-        await peers.client.aclose()
-        await sibling.peers.client.aclose()
+        peers.pool.close_all()
+        sibling.peers.pool.close_all()
 
     asyncio.run(go())
 
@@ -419,7 +431,7 @@ def test_ranks_order_the_live_replicas_by_instance_id() -> None:
             mine.links[("127.0.0.1", 9000 + i)] = link
         assert mine.rank() == (1, 3)  # a, m, z: b does not answer
         assert mine.snapshot()["rank"] == 1 and mine.snapshot()["replicas"] == 3
-        await mine.client.aclose()
+        mine.pool.close_all()
 
     asyncio.run(go())
 
@@ -473,8 +485,67 @@ def test_the_wait_a_rank_follows_the_latest_routes_any_replica_told() -> None:
         assert policy.miss_delay(workers, RouteKey(text=text)) == pytest.approx(0.02)
         policy.observe(RouteKey(text=text), workers[0].url)
         assert policy.miss_delay(workers, RouteKey(text=text + " more")) == 0.0
-        await mine.client.aclose()
-        await off.client.aclose()
+        mine.pool.close_all()
+        off.pool.close_all()
+
+    asyncio.run(go())
+
+
+def test_a_route_leaves_while_the_post_before_it_is_still_unanswered() -> None:
+    """A link keeps two POSTs out at once: a route offered while the peer sits on the first
+    batch reaches it before that batch is answered (with one POST at a time it waited out the
+    peer's answer, most of a route's lateness). The peer here answers the first POST only
+    once the second has come, within a deadline."""
+    import asyncio
+
+    from sglctl.router.peers import PATH, Peers, RouteKey, parse_peer
+
+    async def go() -> None:
+        bodies: list[bytes] = []
+        second = asyncio.Event()
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                assert head.startswith(b"POST " + PATH.encode())
+                bodies.append(await reader.readexactly(length))
+                if len(bodies) == 1:
+                    await asyncio.wait_for(second.wait(), 5.0)  # the first waits for the next
+                else:
+                    second.set()
+                answer = b'{"id": "peer", "applied": 0}'
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                    b"content-length: %d\r\n\r\n%s" % (len(answer), answer)
+                )
+                await writer.drain()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        peers = Peers([parse_peer(f"127.0.0.1:{port}")], 5.0, "me", apply=lambda m: None)
+        await peers._refresh()  # the link starts with a hello (its load), which is held
+        (link,) = peers.links.values()
+        try:
+            deadline = time.monotonic() + 5.0
+            while not bodies and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+            assert len(bodies) == 1, "the hello never came"
+            peers.tell_route(RouteKey(text="a route " * 10), "http://127.0.0.1:9")
+            await asyncio.wait_for(second.wait(), 5.0)  # came while the hello was held
+            assert b"a route" in bodies[1] and b"a route" not in bodies[0]
+            while link.sent < 1 and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+            assert link.sent == 1 and link.connected and link.failure is None
+        finally:
+            if link.task is not None:
+                link.task.cancel()
+            peers.pool.close_all()
+            server.close()
 
     asyncio.run(go())
 

@@ -11,13 +11,16 @@ every routing decision (the siblings' ``route`` message, :mod:`~sglctl.router.si
 
 Transport: batches POSTed to the peer's own HTTP port, ``POST /peers/routes`` (an orjson
 list of ``route`` messages, header :data:`SENDER_HEADER` with the sender's instance id; the
-answer names the receiver's). Why HTTP on the router's port rather than a port of its own:
-one port to expose and to allow in a Kubernetes NetworkPolicy, and the router already
-defends that port against bad clients. Why batches: one request in flight per peer, the next
-batch gathering while it is in flight, so that the cost per request shrinks as the rate
-grows (one POST per peer per round trip, whatever the request rate). A peer that is down
-costs nothing on the request path: its queue is bounded (routes beyond are dropped and
-counted, with a rate-limited warning), and its link retries with a backoff.
+answer names the receiver's), sent with the router's lean client (the proxy's,
+:mod:`~sglctl.router.upstream_native`: ~45-80 µs of the sender's CPU a POST against ~480 µs
+with httpx; the receiver spends ~200). Why HTTP on the router's port rather than a port of
+its own: one port to expose and to allow in a Kubernetes NetworkPolicy, and the router
+already defends that port against bad clients. Why batches: at most
+:data:`POSTS_IN_FLIGHT` (two) POSTs out per peer, and what queues while both are out goes
+together, so that the cost per request shrinks as the rate grows (two POSTs per peer per
+round trip, whatever the request rate), while a route offered when one is out leaves at once.
+A peer that is down costs nothing on the request path: its queue is bounded (routes beyond
+are dropped and counted, with a rate-limited warning), and its link retries with a backoff.
 
 Membership: ``--router-peers`` names addresses (``http://host:port`` or ``host:port``). A
 hostname resolving to several addresses means all of them (a Kubernetes headless Service),
@@ -25,16 +28,19 @@ re-resolved every ``--router-peers-refresh-secs``. Every replica may get the sam
 address whose answer carries this replica's own instance id is itself, and skipped.
 
 Load: every batch ends with a ``load`` message, the sender's requests in flight per worker
-(``{"t": "load", "l": {url: n}}``, the whole replica's with ``--router-processes``). A link
-also posts one alone when they changed (a finished request), every :data:`LOAD_CHANGE_SECS`
-at most (a POST costs a millisecond or two of CPU on each side: at one per change, three
-replicas on two cores took a core and doubled TTFT), and, while some are in flight, every
+and when it read them (``{"t": "load", "l": {url: n}, "at": its monotonic clock}``, the whole
+replica's with ``--router-processes``; a receiver ignores one read before the last it applied,
+since two POSTs can arrive out of order). A link also posts one alone when they changed (a
+finished request), every :data:`LOAD_CHANGE_SECS` at most (20 ms: with httpx, a POST cost a
+millisecond or two of CPU on each side, and at one per change three replicas on two cores took
+a core and doubled TTFT; it was 100 ms then), and, while some are in flight, every
 :data:`LOAD_REFRESH_SECS`. A receiver keeps each sender's last one and adds them up per
 worker (``Worker.told_in_flight``); one older than :data:`LOAD_STALE_SECS` (the sender died
-or is cut off) counts no more. So a replica's load is every replica's, at most a tenth of a
-second old: telling dispatches alone, another replica's finished requests counted until the
-workers' next ``/get_load`` report, and three replicas stayed at 1.15-1.26x one router's
-TTFT p99 on the conversation trace (``benchmarks/RESULTS.md``, "Router peers, the load told").
+or is cut off) counts no more. So a replica's load is every replica's, a few tens of
+milliseconds old at most: telling dispatches alone, another replica's finished requests
+counted until the workers' next ``/get_load`` report, and three replicas stayed at
+1.15-1.26x one router's TTFT p99 on the conversation trace (``benchmarks/RESULTS.md``,
+"Router peers, the load told").
 
 Lateness: each link times its batches, from the oldest route's offer to the peer's answer
 (``GET /peers``: ``late_ms``); the p90 goes out with the load (``"late"``), and every replica
@@ -60,6 +66,7 @@ import collections
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import socket
 import time
@@ -69,7 +76,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
@@ -77,6 +83,8 @@ from starlette.responses import Response
 from sglctl.router.api_key import check_api_key
 from sglctl.router.errors import error_response
 from sglctl.router.policies.base import RouteKey
+from sglctl.router.upstream import UpstreamError
+from sglctl.router.upstream_native import UpstreamPool
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +92,7 @@ Message = dict[str, Any]
 
 #: The endpoint peers POST their batches to.
 PATH = "/peers/routes"
+PATH_BYTES = PATH.encode()
 #: Request header: the sender's instance id (the answer's ``id`` is the receiver's).
 SENDER_HEADER = "x-sglctl-peer"
 #: Characters of a prompt sent to peers (as to siblings: the whole of a 128k-token prompt).
@@ -95,13 +104,15 @@ RING_BYTES = 256 * 1024 * 1024
 QUEUE_BYTES = 64 * 1024 * 1024
 #: A batch closes at this many bytes of prompt text (a POST well under --max-payload-size).
 BATCH_BYTES = 4 * 1024 * 1024
-#: Seconds routes gather after one POST before the next (bounds POSTs per second). Short:
-#: a route is what the replicas of later rank wait for before placing their misses
-#: (``cache_aware.STAGGER_SECS``, 5 ms a rank), so it must arrive within that.
-GATHER_SECS = 0.002
-#: Seconds between two posts of a changed load without routes (a finished request): a
-#: request lasts seconds, so a tenth of one is fresh enough.
-LOAD_CHANGE_SECS = 0.1
+#: POSTs a link keeps in flight at once (:meth:`Link.run` says why two).
+POSTS_IN_FLIGHT = 2
+#: Seconds between two posts of a changed load without routes (a finished request), and how
+#: often an idle link looks: the other replicas place their misses on the least loaded
+#: worker, so a finish they learn late is a worker they skip. 20 ms, down from 100 once a
+#: POST cost ~350 µs of CPU on both sides together, not 1-2 ms (httpx then): in the offline
+#: model a tenth of a second of it cost synthetic 600k TTFT p50 89 ms against one router's
+#: 64 (70 at once).
+LOAD_CHANGE_SECS = 0.02
 #: While requests are in flight, seconds between two ``load`` messages when nothing changed,
 #: and the age past which a sender's last one counts no more (several refreshes missed).
 LOAD_REFRESH_SECS = 0.5
@@ -217,15 +228,19 @@ class Link:
 
     def __init__(self, owner: Peers, ip: str, port: int, name: str) -> None:
         self.owner = owner
-        self.url = f"http://{ip if ':' not in ip else f'[{ip}]'}:{port}{PATH}"
+        self.origin = f"http://{ip if ':' not in ip else f'[{ip}]'}:{port}"
+        self.url = self.origin + PATH
         self.name = name
         self.queue: collections.deque[Message] = collections.deque()
         self.queued_bytes = 0
         self.wake = asyncio.Event()
         #: Set by :meth:`ping`: ends a backoff at once (the peer is back).
         self.revived = asyncio.Event()
-        #: When the backoff after a failed POST ends (time.monotonic(); 0: not backing off).
+        #: When the backoff after a failed POST ends (time.monotonic(); 0: not backing off),
+        #: the next backoff's length, and the failure :meth:`run` has yet to back off from.
         self.retry_at = 0.0
+        self.backoff = BACKOFF_MIN
+        self.failure: Exception | None = None
         self.peer_id: str | None = None
         self.is_self = False
         self.connected = False
@@ -293,72 +308,111 @@ class Link:
         return age >= self.owner.refresh_secs or (bool(load) and age >= LOAD_REFRESH_SECS)
 
     async def run(self) -> None:
-        backoff = BACKOFF_MIN
+        """Send batches, up to :data:`POSTS_IN_FLIGHT` at once, until the peer is this router.
+
+        Why more than one POST at a time: with one, a route offered while a POST was out
+        waited for that POST's answer and the gathering after it before it left, and that
+        wait was most of a route's lateness (4-5 ms at the median on a quiet 2-core machine,
+        12-14 ms on a busy one), which every later rank then waits out on its misses. With
+        two, it leaves at once on the other. Batching still happens, by itself, when the
+        peer answers slower than routes come: what queues while both are out goes together.
+        """
         owner = self.owner
-        while not self.is_self:
-            # Woken by a route, else a look at the load every LOAD_CHANGE_SECS: a finished
-            # request is load off a worker, and no route says so.
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), LOAD_CHANGE_SECS)
-            self.wake.clear()
-            now = time.monotonic()
-            load = owner.own_load()
-            if not self._due(now, load):
-                continue
-            batch = self._take()
-            oldest, self.oldest_at = self.oldest_at, (now if self.queue else None)
-            try:
-                load_message: Message = {"t": "load", "l": load}
+        slots = asyncio.Semaphore(POSTS_IN_FLIGHT)
+        sending: set[asyncio.Task[None]] = set()
+        try:
+            while not self.is_self:
+                # Woken by a route or an answer, else a look at the load every
+                # LOAD_CHANGE_SECS: a finished request is load off a worker, and no route
+                # says so.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), LOAD_CHANGE_SECS)
+                self.wake.clear()
+                if self.failure is not None:
+                    await self._back_off()
+                    continue
+                if not self._due(time.monotonic(), owner.own_load()):
+                    continue
+                await slots.acquire()
+                if self.is_self or self.failure is not None:
+                    slots.release()
+                    continue
+                now = time.monotonic()  # what queued while both slots were out goes too
+                load = owner.own_load()
+                batch = self._take()
+                oldest, self.oldest_at = self.oldest_at, (now if self.queue else None)
+                load_message: Message = {"t": "load", "l": load, "at": round(now, 6)}
                 if owner.own_late is not None:
                     load_message["late"] = round(owner.own_late, 5)
-                await self._post([*batch, load_message])
-                if batch and oldest is not None:
-                    self.lateness.append(time.monotonic() - oldest)
-                self.sent += 0 if self.is_self else len(batch)
+                # Told as sent, not as answered: the other slot must not post it again.
                 self.told, self.told_at, self.hello = load, now, False
-                backoff = BACKOFF_MIN
-            except (httpx.HTTPError, ValueError, KeyError) as exc:
-                if self.connected:
-                    log.warning("router peer %s (%s) lost: %s", self.name, self.url, exc)
-                else:  # not up yet (replicas start in any order), or still down
-                    log.debug("router peer %s (%s) not answering: %s", self.name, self.url, exc)
-                self.connected = False
-                self.peer_id = None  # what it missed meanwhile: the ring, when it answers
-                self._drop(len(batch))
-                # The backoff ends early when the peer is heard from again (a restarted
-                # replica's first POST here: ping): waiting out up to BACKOFF_MAX instead left
-                # it routing blind, its tree empty until this link sent it the ring (2-3 s of
-                # a replica's traffic on the restart benchmark).
-                self.revived.clear()
-                self.retry_at = time.monotonic() + backoff
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self.revived.wait(), backoff)
-                self.retry_at = 0.0
-                backoff = min(BACKOFF_MAX, backoff * 2)
+                task = asyncio.create_task(self._send(batch, load_message, oldest, slots))
+                sending.add(task)
+                task.add_done_callback(sending.discard)
+        finally:
+            for task in sending:
+                task.cancel()
+
+    async def _send(
+        self,
+        batch: list[Message],
+        load_message: Message,
+        oldest: float | None,
+        slots: asyncio.Semaphore,
+    ) -> None:
+        """One POST of ``batch`` and the load; a failure is left for :meth:`run` to back off."""
+        try:
+            await self._post([*batch, load_message])
+            if batch and oldest is not None:
+                self.lateness.append(time.monotonic() - oldest)
+            self.sent += 0 if self.is_self else len(batch)
+            self.backoff = BACKOFF_MIN
+        except (UpstreamError, ValueError, KeyError, TypeError) as exc:
+            if self.connected:
+                log.warning("router peer %s (%s) lost: %s", self.name, self.url, exc)
+            elif self.failure is None:  # not up yet (replicas start in any order), or down
+                log.debug("router peer %s (%s) not answering: %s", self.name, self.url, exc)
+            self.connected = False
+            self.peer_id = None  # what it missed meanwhile: the ring, when it answers
+            self.hello = True  # the first post after the backoff asks whether it is back
+            self._drop(len(batch))
+            self.failure = exc
+        finally:
+            slots.release()
+            if self.queue or self.failure is not None:
                 self.wake.set()
-                continue
-            if self.queue:
-                self.wake.set()
-            # Routes gather for a moment before the next POST: at most ~1/GATHER_SECS POSTs a
-            # second per peer whatever the request rate (one route per POST cost ~1.5-2 ms
-            # of CPU a request on each side on long prompts). 2 ms, down from 50 and then 10:
-            # the routes are the other replicas' knowledge of this one's picks, and the ranks
-            # after this one wait only cache_aware.STAGGER_SECS for them (at 50 ms misses
-            # arriving together piled on one worker: quiet machine, synth 600k, TTFT p99
-            # 1.14x one router's, 0.99x at 10 ms; benchmarks/RESULTS.md, "Router peers").
-            await asyncio.sleep(GATHER_SECS)
+
+    async def _back_off(self) -> None:
+        """Wait before the next POST after a failure, doubling up to :data:`BACKOFF_MAX`.
+
+        The backoff ends early when the peer is heard from again (a restarted replica's first
+        POST here: :meth:`ping`): waiting out up to BACKOFF_MAX instead left it routing blind,
+        its tree empty until this link sent it the ring (2-3 s of a replica's traffic on the
+        restart benchmark)."""
+        self.revived.clear()
+        self.retry_at = time.monotonic() + self.backoff
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.revived.wait(), self.backoff)
+        self.retry_at = 0.0
+        self.backoff = min(BACKOFF_MAX, self.backoff * 2)
+        self.failure = None
+        self.wake.set()
 
     async def _post(self, batch: list[Message]) -> None:
         owner = self.owner
         body = orjson.dumps(batch)
-        r = await owner.client.post(
-            self.url,
-            content=body,
-            headers=owner.headers,
+        deadline = asyncio.get_running_loop().time() + POST_TIMEOUT
+        response = await owner.pool.request(
+            self.origin, b"POST", PATH_BYTES, owner.raw_headers, body, deadline
         )
-        if r.status_code != 200:
-            raise ValueError(f"HTTP {r.status_code}: {r.text[:200]}")
-        peer_id = str(r.json()["id"])
+        try:
+            answer = await response.read()
+        finally:
+            await response.aclose()
+        if response.status != 200:
+            text = answer[:200].decode("utf-8", "replace")
+            raise ValueError(f"HTTP {response.status}: {text}")
+        peer_id = str(orjson.loads(answer)["id"])
         if peer_id == owner.id:
             self.is_self = True
             self.queue.clear()
@@ -433,6 +487,8 @@ class Peers:
         self.set_told = set_told
         #: Each sender's last ``load`` (requests in flight per worker) and when it came.
         self.told: dict[str, tuple[float, dict[str, int]]] = {}
+        #: Each sender's clock when it read its last load applied here (``at``, seconds).
+        self.told_clock: dict[str, float] = {}
         #: Each live sender's route lateness as it last told (seconds, its links' p90).
         self.told_late: dict[str, float] = {}
         self.stagger_secs = stagger_secs
@@ -446,11 +502,10 @@ class Peers:
         self.headers = {SENDER_HEADER: replica_id, "content-type": "application/json"}
         if api_key:
             self.headers["authorization"] = f"Bearer {api_key}"
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(POST_TIMEOUT, connect=2.0),
-            limits=httpx.Limits(max_keepalive_connections=64),
-            trust_env=False,
-        )
+        self.raw_headers = [(k.encode(), v.encode("latin-1")) for k, v in self.headers.items()]
+        #: The router's lean HTTP client (the proxy's, :mod:`~sglctl.router.upstream_native`):
+        #: a POST cost the sender ~480 µs of CPU with httpx, ~45-80 µs with it.
+        self.pool = UpstreamPool(connect_timeout=2.0)
 
     # -- the request path: own decisions ----------------------------------------------------
     def tell_route(self, key: RouteKey, url: str) -> None:
@@ -516,9 +571,9 @@ class Peers:
         relayed: list[Message] = routes
         for message in batch:
             if message.get("t") == "load":
-                late = message.get("late")
-                self.take_load(sender, message["l"], late=late)
-                told = {"t": "peer_load", "s": sender, "l": message["l"], "late": late}
+                late, at = message.get("late"), message.get("at")
+                self.take_load(sender, message["l"], late=late, at=at)
+                told = {"t": "peer_load", "s": sender, "l": message["l"], "late": late, "at": at}
                 relayed = [*routes, told]
         if relayed and self.relay is not None:
             self.relay(relayed)
@@ -531,10 +586,17 @@ class Peers:
         load: dict[str, int],
         now: float | None = None,
         late: float | None = None,
+        at: float | None = None,
     ) -> None:
         """``sender``'s requests in flight per worker (its last word replaces the one before);
         the workers it names now or named before get their new ``told_in_flight``. ``late``:
-        the sender's route lateness, if it told one (:meth:`restep`)."""
+        the sender's route lateness, if it told one (:meth:`restep`). ``at``: when the sender
+        read it (its ``time.monotonic()``, shared by its processes): a link has two POSTs out
+        at once, so an older load can arrive after a newer one, and is then ignored."""
+        if at is not None:
+            if at < self.told_clock.get(sender, at):
+                return
+            self.told_clock[sender] = at
         now = time.monotonic() if now is None else now
         if late is not None:
             self.told_late[sender] = float(late)
@@ -551,6 +613,7 @@ class Peers:
         for sender in old:
             urls.update(self.told.pop(sender)[1])
             self.told_late.pop(sender, None)
+            self.told_clock.pop(sender, None)
             log.info("router peer instance %s silent: its in-flight counts no longer count", sender)
         self._retell(urls)
 
@@ -576,7 +639,7 @@ class Peers:
             for link in self.links.values():
                 if link.task is not None:
                     link.task.cancel()
-            await self.client.aclose()
+            self.pool.close_all()
 
     async def _refresh(self) -> None:
         current: dict[tuple[str, int], str] = {}
@@ -687,6 +750,9 @@ def valid_batch(body: bytes) -> list[Message]:
             late = message.get("late")
             if late is not None and not (type(late) in (int, float) and 0 <= late <= 60):
                 raise ValueError(f'item {n}: "late" must be seconds between 0 and 60')
+            at = message.get("at")
+            if at is not None and not (type(at) in (int, float) and math.isfinite(at)):
+                raise ValueError(f'item {n}: "at" must be the sender\'s clock in seconds')
             continue
         if not isinstance(message, dict) or message.get("t") != "route":
             raise ValueError(f'item {n}: not a route or load message ({{"t": "route", ...}})')

@@ -209,11 +209,12 @@ def apply(router: Router, message: Message) -> None:
         # Another replica's in flight (--router-peers), relayed by the sibling that heard it.
         peers = getattr(router, "peers", None)
         if peers is not None:
-            late = message.get("late")
+            late, at = message.get("late"), message.get("at")
             peers.take_load(
                 str(message.get("s", "")),
                 dict(message.get("l") or {}),
                 late=float(late) if isinstance(late, int | float) else None,
+                at=float(at) if isinstance(at, int | float) else None,
             )
     elif kind == "add":
         worker = registry.get(url)

@@ -100,7 +100,7 @@ _url = attrgetter("url")
 _PLACEMENTS = (*placement.PLACEMENTS, "load")
 #: Seconds each rank of router replica waits before placing a miss (:attr:`CacheAwarePolicy.
 #: stagger`) at least: more than a route takes to reach the other replicas on a quiet network
-#: (a POST on the router's port, a millisecond or two, and ``peers.GATHER_SECS``); with peers
+#: (a POST on the router's port, a millisecond or two); with peers
 #: the wait follows the routes' measured lateness (``peers.Peers.restep``).
 STAGGER_SECS = 0.005
 

@@ -62,11 +62,13 @@ import hashlib
 import itertools
 import json
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -81,7 +83,7 @@ from compare_routers import spawn_sglang_router  # noqa: E402
 
 from sglctl.bench.report import fmt_ms  # noqa: E402
 from sglctl.bench.runner import BenchResult, RunConfig, run_workload  # noqa: E402
-from sglctl.bench.stats import RequestResult  # noqa: E402
+from sglctl.bench.stats import RequestResult, percentile  # noqa: E402
 from sglctl.bench.textgen import PromptBuilder  # noqa: E402
 from sglctl.bench.workload import Workload  # noqa: E402
 from sglctl.bench.workloads import trace_workload  # noqa: E402
@@ -692,8 +694,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--restart-at", type=float, default=0.3, help="fraction of the trace")
     parser.add_argument("--window", type=float, default=30.0, help="trace seconds per window")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the whole matrix this many times and end with each point's figures over "
+        "all rounds (TTFT p99 of every round's requests together): one round's p99 is the "
+        "20th slowest of 2,000 requests, and one router's own moves 10-40%% between rounds",
+    )
     parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     base = QUICK if args.quick else FULL
     settings = Settings(
         workers=args.workers or base.workers,
@@ -755,19 +767,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         "points": [],
     }
     points: list[dict[str, object]] = out["points"]  # type: ignore[assignment]
-    for trace in traces:
-        workload = trace_workload(trace, limit=settings.max_requests)
-        for kv in kv_sizes:
-            point = Settings(**{**settings.__dict__, "kv_cache_tokens": kv})
-            console.rule(
-                f"{settings.max_requests} requests of {trace.name}, {point.workers} sim workers "
-                f"(--kv-cache-tokens {kv}, --speedup {point.sim_speedup:g}), trace time / "
-                f"{point.speedup:g}, policy {args.policy} {' '.join(args.router_flag)}"
-            )
-            rows = run_point(
-                point, setups, workload, builder, log_dir, args, sglang_python, trace.name
-            )
-            points += rows
+    workloads = {trace: trace_workload(trace, limit=settings.max_requests) for trace in traces}
+    for round_no in range(1, args.rounds + 1):
+        for trace in traces:
+            for kv in kv_sizes:
+                point = Settings(**{**settings.__dict__, "kv_cache_tokens": kv})
+                console.rule(
+                    (f"round {round_no} of {args.rounds}: " if args.rounds > 1 else "")
+                    + f"{settings.max_requests} requests of {trace.name}, {point.workers} sim "
+                    f"workers (--kv-cache-tokens {kv}, --speedup {point.sim_speedup:g}), trace "
+                    f"time / {point.speedup:g}, policy {args.policy} {' '.join(args.router_flag)}"
+                )
+                rows = run_point(
+                    point, setups, workloads[trace], builder, log_dir, args, sglang_python,
+                    trace.name,
+                )  # fmt: skip
+                for row in rows:
+                    row["round"] = round_no
+                points += rows
+    if args.rounds > 1:
+        out["over_rounds"] = print_over_rounds(points, args.rounds)
     console.print(
         f"took {time.monotonic() - started:.0f} s; load average before "
         f"{load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} (2-core machine)"
@@ -864,6 +883,9 @@ def run_point(
             "hit_ratio_raw": s.hit_ratio,
             "ttft_p99_raw": s.ttft_p99,
             "ideal": s.ideal.token_weighted if s.ideal else None,
+            "setup": setup.label,
+            "baseline": setup.single.label if setup.replicas > 1 else None,
+            "ttfts_s": [round(r.ttft, 4) for r in result.results if r.ok and r.ttft is not None],
         }
         if restart is not None:
             row["restart"] = restart_windows(
@@ -873,6 +895,64 @@ def run_point(
         rows.append(row)
     console.print(table)
     return rows
+
+
+def print_over_rounds(rows: Sequence[dict[str, Any]], rounds: int) -> list[dict[str, object]]:
+    """Each point's setups over all rounds: the mean hit ratio, the TTFT p50/p99 of every
+    round's requests together, and each replica setup against its one router on those (the
+    issue's targets: hits >= 95%, p99 <= 1.10x), with the per-round p99 ratios beside."""
+    groups: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["trace"], row["kv_cache_tokens"], row["setup"]), []).append(row)
+    pooled: dict[tuple[str, int, str], dict[str, Any]] = {}
+    for key, group in groups.items():
+        ttfts = [t for row in group for t in row["ttfts_s"]]
+        pooled[key] = {
+            "hit": statistics.fmean(row["hit_ratio_raw"] for row in group),
+            "p50": percentile(ttfts, 50),
+            "p99": percentile(ttfts, 99),
+            "rounds": {row["round"]: row for row in group},
+        }
+    table = Table(title=f"over {rounds} rounds: TTFT of every round's requests together")
+    for name in ("trace, KV", "setup", "hit ratio", "hits kept", "TTFT p50", "TTFT p99",
+                 "p99 vs 1", "p99 vs 1 by round", "verdict"):  # fmt: skip
+        table.add_column(name, justify="left" if name in ("trace, KV", "setup") else "right")
+    summary: list[dict[str, object]] = []
+    for (trace, kv, setup), fig in pooled.items():
+        baseline = next(iter(fig["rounds"].values()))["baseline"]
+        one = pooled.get((trace, kv, baseline)) if baseline else None
+        kept = p99 = float("nan")
+        by_round: list[float] = []
+        verdict = "-"
+        if one is not None:
+            kept = fig["hit"] / one["hit"] if one["hit"] else float("nan")
+            p99 = fig["p99"] / one["p99"] if one["p99"] else float("nan")
+            for n, row in fig["rounds"].items():
+                base = one["rounds"].get(n)
+                if base is not None and base["ttft_p99_raw"]:
+                    by_round.append(row["ttft_p99_raw"] / base["ttft_p99_raw"])
+            verdict = (
+                f"hits {'met' if kept >= 0.95 else 'missed'}, "
+                f"p99 {'met' if p99 <= 1.10 else 'missed'}"
+            )
+        table.add_row(
+            f"{trace.removesuffix('.jsonl')}, {kv // 1000}k",
+            setup,
+            f"{fig['hit']:.3f}",
+            "-" if kept != kept else f"{kept:.0%}",
+            fmt_ms(fig["p50"]),
+            fmt_ms(fig["p99"]),
+            "-" if p99 != p99 else f"{p99:.2f}x",
+            " ".join(f"{x:.2f}" for x in by_round) or "-",
+            verdict,
+        )
+        summary.append(
+            {"trace": trace, "kv_cache_tokens": kv, "setup": setup, "hit_ratio": fig["hit"],
+             "ttft_p50_s": fig["p50"], "ttft_p99_s": fig["p99"], "hits_kept": kept,
+             "p99_vs_one": p99, "p99_vs_one_by_round": by_round, "verdict": verdict}
+        )  # fmt: skip
+    console.print(table)
+    return summary
 
 
 def print_restart(setup: Setup, info: dict[str, object]) -> None:

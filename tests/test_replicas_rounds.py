@@ -1,0 +1,52 @@
+"""``benchmarks/replicas.py --rounds``: each point's figures over all rounds, the TTFT p99 of
+every round's requests together, against its one router."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import replicas
+
+
+def row(setup: str, round_no: int, ttfts: list[float], hit: float) -> dict[str, Any]:
+    from sglctl.bench.stats import percentile
+
+    return {
+        "trace": "t.jsonl",
+        "kv_cache_tokens": 600_000,
+        "setup": setup,
+        "baseline": "one" if setup == "three" else None,
+        "round": round_no,
+        "ttfts_s": ttfts,
+        "hit_ratio_raw": hit,
+        "ttft_p99_raw": percentile(ttfts, 99),
+    }
+
+
+def test_rounds_pool_every_request_and_compare_with_the_one_router() -> None:
+    fast = [0.1] * 95
+    rows = [
+        row("one", 1, [*fast, *[1.0] * 5], 0.20),
+        row("three", 1, [*fast, *[2.0] * 5], 0.18),  # round 1: its tail twice one router's
+        row("one", 2, [*fast, *[3.0] * 5], 0.20),
+        row("three", 2, [*fast, *[1.5] * 5], 0.20),  # round 2: half
+    ]
+    summary = {s["setup"]: s for s in replicas.print_over_rounds(rows, 2)}
+    three = summary["three"]
+    assert three["hits_kept"] == pytest.approx(0.95)
+    by_round = [rows[1]["ttft_p99_raw"] / rows[0]["ttft_p99_raw"],
+                rows[3]["ttft_p99_raw"] / rows[2]["ttft_p99_raw"]]  # fmt: skip
+    assert three["p99_vs_one_by_round"] == pytest.approx(by_round)
+    assert by_round[0] > 1.0 > by_round[1]
+    # Together, 200 requests each: the p99 is the slower round's tail, 3.0 s against 2.0 s.
+    assert summary["one"]["ttft_p99_s"] == pytest.approx(3.0)
+    assert three["ttft_p99_s"] == pytest.approx(2.0)
+    assert three["p99_vs_one"] == pytest.approx(2.0 / 3.0)
+    assert three["verdict"].startswith("hits met")
+    assert summary["one"]["verdict"] == "-"

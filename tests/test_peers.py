@@ -352,6 +352,10 @@ def test_the_peers_in_flight_add_up_per_worker_and_a_silent_one_expires() -> Non
         assert w1.told_in_flight == 3
         peers.receive("a", [{"t": "load", "l": {w1.url: 2}}])  # a sender without a clock
         assert w1.told_in_flight == 4
+        peers.receive("a", [{"t": "load", "l": {w1.url: 1}, "at": 3.0}])  # seconds behind:
+        assert w1.told_in_flight == 3  # not overtaken, a clock that started again
+        peers.receive("a", [{"t": "load", "l": {w1.url: 2}, "at": 3.1}])
+        assert w1.told_in_flight == 4
         peers.take_load("b", {w1.url: 2}, now=time.monotonic() + LOAD_STALE_SECS / 2)
         peers.expire(now=time.monotonic() + LOAD_STALE_SECS + 0.1)  # a is silent, b is not
         assert (w1.told_in_flight, w2.told_in_flight) == (2, 0)

@@ -592,9 +592,11 @@ class Peers:
         the workers it names now or named before get their new ``told_in_flight``. ``late``:
         the sender's route lateness, if it told one (:meth:`restep`). ``at``: when the sender
         read it (its ``time.monotonic()``, shared by its processes): a link has two POSTs out
-        at once, so an older load can arrive after a newer one, and is then ignored."""
+        at once, so an older load can arrive after a newer one, and is then ignored (one
+        :data:`LOAD_STALE_SECS` or more behind is a clock that started again, and counts)."""
         if at is not None:
-            if at < self.told_clock.get(sender, at):
+            last = self.told_clock.get(sender, at)
+            if last - LOAD_STALE_SECS < at < last:  # overtaken; far behind: a new clock
                 return
             self.told_clock[sender] = at
         now = time.monotonic() if now is None else now

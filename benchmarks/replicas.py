@@ -58,6 +58,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -549,20 +550,36 @@ def restart_windows(
     restart: Restart,
     window: float,
     speedup: float,
+    control: tuple[BenchResult, SpreadTransport] | None = None,
 ) -> dict[str, object]:
     """The restarted replica's hit ratio against the others', per ``window`` trace seconds
     after it rejoined, and since it rejoined; and the trace time until the cumulative one is
     no more than 5% below the others' (and stays so).
 
     The same split for a replica that was *not* restarted (replica 0 against the rest) is the
-    noise floor: windows of a few dozen requests swing by more than 5% on their own.
+    noise floor: windows of a few dozen requests swing by more than 5% on their own. And the
+    replicas differ for good: requests go to them round-robin in trace order, so which
+    conversations a replica sees is fixed by its place (on conversation 600k, two replicas
+    never restarted: 0.222 against 0.175). So ``control`` (the same setup run without the
+    restart, same requests) gives the fair comparison too: the restarted replica against
+    *itself* unrestarted, over the same windows (``unrestarted_cumulative``).
     """
     by_index = {req.index: _digest(builder.prompt(req)) for req in result.workload.requests}
-    tagged = []
-    for r in result.results:
-        if r.ok and r.index in by_index and by_index[r.index] in transport.sent_to:
-            replica, epoch = transport.sent_to[by_index[r.index]]
-            tagged.append((r, replica, epoch))
+
+    def tag(run: BenchResult, spread: SpreadTransport) -> list[tuple[RequestResult, int, int]]:
+        tagged = []
+        for r in run.results:
+            if r.ok and r.index in by_index and by_index[r.index] in spread.sent_to:
+                replica, epoch = spread.sent_to[by_index[r.index]]
+                tagged.append((r, replica, epoch))
+        return tagged
+
+    tagged = tag(result, transport)
+    itself = (
+        [r for r, i, _ in tag(*control) if i == restart.replica and r.start >= restart.up_at]
+        if control is not None
+        else []
+    )
     after = [t for t in tagged if t[0].start >= restart.up_at]
     rejoined = [r for r, i, e in after if i == restart.replica and e > 0]
     others = [r for r, i, _ in after if i != restart.replica]
@@ -587,6 +604,7 @@ def restart_windows(
                 "others_hit": _ratio(b),
                 "restarted_cumulative": _ratio(ca),
                 "others_cumulative": _ratio(cb),
+                "unrestarted_cumulative": _ratio([r for r in itself if r.start < hi]),
             }
         )
         k += 1
@@ -599,6 +617,14 @@ def restart_windows(
         ):
             converged_at = j * window
             break
+    converged_itself: float | None = None
+    for j in range(len(rows)) if itself else ():
+        if all(
+            x["restarted_cumulative"] >= 0.95 * x["unrestarted_cumulative"]  # type: ignore[operator]
+            for x in rows[j:]
+        ):
+            converged_itself = j * window
+            break
     return {
         "replica": restart.replica,
         "down_at_s_wall": restart.down_at,
@@ -607,8 +633,10 @@ def restart_windows(
         "others_hit_since": _ratio(others),
         "control_replica0_hit_since": _ratio(control),
         "control_rest_hit_since": _ratio(rest),
+        "unrestarted_hit_since": _ratio(itself) if itself else None,
         "windows": rows,
         "converged_within_5pct_after_trace_s": converged_at,
+        "converged_within_5pct_of_itself_after_trace_s": converged_itself if itself else None,
     }
 
 
@@ -735,17 +763,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if (args.kv_events or args.peers) and args.spread == "both":
         spreads = ("request",)  # the trees' worst case (--spread session: that one)
     if args.restart:
+        # Each restarted setup after the same setup unrestarted: the control for the
+        # restarted replica is itself, on the same requests, without the restart.
         setups = [
             Setup(
                 "sglctl",
                 settings.replicas,
                 "request",
                 p,
-                True,
+                restart,
                 events=args.kv_events,
                 peers=args.peers,
             )
             for p in placements
+            for restart in (False, True)
         ]
     else:
         setups = matrix(
@@ -888,8 +919,15 @@ def run_point(
             "ttfts_s": [round(r.ttft, 4) for r in result.results if r.ok and r.ttft is not None],
         }
         if restart is not None:
+            unrestarted = done.get(dataclasses.replace(setup, restart=False))
             row["restart"] = restart_windows(
-                result, transport, builder, restart, args.window, settings.speedup
+                result,
+                transport,
+                builder,
+                restart,
+                args.window,
+                settings.speedup,
+                control=None if unrestarted is None else unrestarted[:2],
             )
             print_restart(setup, row["restart"])  # type: ignore[arg-type]
         rows.append(row)
@@ -958,8 +996,9 @@ def print_over_rounds(rows: Sequence[dict[str, Any]], rounds: int) -> list[dict[
 def print_restart(setup: Setup, info: dict[str, object]) -> None:
     table = Table(title=f"{setup.label}: replica {info['replica']} after it rejoined")
     for name in ("trace s after rejoin", "its requests", "its hit", "others' hit",
-                 "its since rejoin", "others' since rejoin"):  # fmt: skip
+                 "its since rejoin", "others' since rejoin", "it unrestarted, since"):  # fmt: skip
         table.add_column(name, justify="right")
+    itself = info.get("unrestarted_hit_since") is not None
     for w in info["windows"]:  # type: ignore[attr-defined]
         table.add_row(
             w["window_trace_s"],
@@ -968,6 +1007,7 @@ def print_restart(setup: Setup, info: dict[str, object]) -> None:
             f"{w['others_hit']:.3f}",
             f"{w['restarted_cumulative']:.3f}",
             f"{w['others_cumulative']:.3f}",
+            f"{w['unrestarted_cumulative']:.3f}" if itself else "-",
         )
     console.print(table)
     console.print(
@@ -978,6 +1018,13 @@ def print_restart(setup: Setup, info: dict[str, object]) -> None:
         f"{info['control_rest_hit_since']:.3f}); cumulative within 5% (or above) from "
         f"{info['converged_within_5pct_after_trace_s']} trace s after rejoin"
     )
+    if itself:
+        console.print(
+            f"against itself unrestarted (the same replica, same requests, no restart): "
+            f"{info['restarted_hit_since']:.3f} vs {info['unrestarted_hit_since']:.3f} since "
+            f"rejoin; cumulative within 5% (or above) from "
+            f"{info['converged_within_5pct_of_itself_after_trace_s']} trace s after rejoin"
+        )
 
 
 if __name__ == "__main__":

@@ -135,6 +135,34 @@ def test_a_restarted_replica_catches_up_without_new_traffic(procs, client) -> No
         assert generate(client, b.url, conversation(conv, 2)) == worker, f"conversation {conv}"
 
 
+def test_a_restarted_replica_gets_back_the_routes_it_made_itself(procs, client) -> None:
+    """Conversations placed through ``b`` only; ``b`` restarts: the ring ``a`` sends it holds
+    what ``a`` heard, so ``b`` sends their next turns where it had placed them."""
+    urls = sims(procs, 3)
+    ports = [find_free_port(), find_free_port()]
+    a, b = (replica(procs, urls, port, ports) for port in ports)
+    wait_connected(client, a, 1)
+    wait_connected(client, b, 1)
+    placed = {conv: generate(client, b.url, conversation(conv, 1)) for conv in range(300, 308)}
+    assert len(set(placed.values())) >= 2
+    if PEERS:
+        wait_until(
+            lambda: peers_view(client, a)["received"] >= len(placed), timeout=10, what="a told"
+        )
+    b.stop()
+    b = replica(procs, urls, ports[1], ports)
+    if PEERS:
+        wait_until(
+            lambda: peers_view(client, b)["received"] >= len(placed),
+            timeout=30,
+            what="the restarted replica receiving its own routes back in a's ring",
+        )
+    for conv in range(400, 403):  # b's new traffic: its placement differs from before
+        generate(client, b.url, conversation(conv, 1))
+    for conv, worker in placed.items():
+        assert generate(client, b.url, conversation(conv, 2)) == worker, f"conversation {conv}"
+
+
 def test_a_peer_down_neither_slows_nor_fails_requests(procs, client) -> None:
     urls = sims(procs, 2)
     port = find_free_port()

@@ -609,6 +609,10 @@ def restart_windows(
         k += 1
     converged_at = _converged_at(rows, "others_cumulative", window)
     converged_itself = _converged_at(rows, "unrestarted_cumulative", window) if itself else None
+    settled = [
+        _settled(rejoined, itself, restart.up_at, after_s, speedup)
+        for after_s in (SETTLE_TRACE_S, SETTLE_TRACE_S * speedup)
+    ]
     return {
         "replica": restart.replica,
         "down_at_s_wall": restart.down_at,
@@ -621,6 +625,37 @@ def restart_windows(
         "windows": rows,
         "converged_within_5pct_after_trace_s": converged_at,
         "converged_within_5pct_of_itself_after_trace_s": converged_itself if itself else None,
+        "settled": settled if itself else [],
+    }
+
+
+#: Issue 16's restart target: the hit ratio back within 5% "within one minute of traffic". A
+#: minute of the trace's own traffic (60 trace-s; 7.5 s of the benchmark's at --speedup 8) is
+#: the strict reading; a minute of the benchmark's compressed traffic is the other.
+SETTLE_TRACE_S = 60.0
+
+
+def _settled(
+    rejoined: Sequence[RequestResult],
+    itself: Sequence[RequestResult],
+    up_at: float,
+    after_trace_s: float,
+    speedup: float,
+) -> dict[str, object]:
+    """The restarted replica's hit ratio over its requests from ``after_trace_s`` after it
+    rejoined to the end, against itself unrestarted over the same requests: what "back within
+    5% after a minute" asks. The cumulative ratio since rejoining never forgets the first
+    seconds' misses, so it says "converged" later than the replica did."""
+    since = up_at + after_trace_s / speedup
+    mine = [r for r in rejoined if r.start >= since]
+    control = [r for r in itself if r.start >= since]
+    hit, base = _ratio(mine), _ratio(control)
+    return {
+        "after_trace_s": after_trace_s,
+        "requests": len(mine),
+        "restarted_hit": hit,
+        "unrestarted_hit": base,
+        "kept": hit / base if base else float("nan"),
     }
 
 
@@ -1019,6 +1054,13 @@ def print_restart(setup: Setup, info: dict[str, object]) -> None:
             f"rejoin; cumulative within 5% (or above) from "
             f"{info['converged_within_5pct_of_itself_after_trace_s']} trace s after rejoin"
         )
+        for settled in info["settled"]:  # type: ignore[attr-defined]
+            console.print(
+                f"from {settled['after_trace_s']:g} trace s after rejoin on "
+                f"({settled['requests']} requests): {settled['restarted_hit']:.3f} vs "
+                f"{settled['unrestarted_hit']:.3f} unrestarted, {settled['kept']:.0%} kept "
+                f"({'within' if settled['kept'] >= 0.95 else 'NOT within'} 5%)"
+            )
 
 
 if __name__ == "__main__":

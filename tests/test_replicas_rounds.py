@@ -50,3 +50,25 @@ def test_rounds_pool_every_request_and_compare_with_the_one_router() -> None:
     assert three["p99_vs_one"] == pytest.approx(2.0 / 3.0)
     assert three["verdict"].startswith("hits met")
     assert summary["one"]["verdict"] == "-"
+
+
+def test_a_restarted_replica_is_judged_on_its_requests_from_a_minute_after_it_rejoined() -> None:
+    """``--restart``'s "settled" figure: only the requests from ``after_trace_s`` after the
+    rejoin count, the restarted replica's against its own unrestarted on the same requests;
+    the misses of its first seconds back do not (the cumulative figure keeps them)."""
+    from sglctl.bench.stats import RequestResult
+
+    def result(index: int, start: float, cached: int) -> RequestResult:
+        return RequestResult(index, start, ok=True, prompt_tokens=100, cached_tokens=cached)
+
+    up_at, speedup = 10.0, 8.0  # 60 trace-s after the rejoin is 7.5 s of wall clock
+    early = [result(i, up_at + 1.0, 0) for i in range(5)]  # cold: nothing cached
+    late = [result(5 + i, up_at + 8.0, 40) for i in range(5)]
+    itself = [result(i, up_at + 1.0, 50) for i in range(5)]
+    itself += [result(5 + i, up_at + 8.0, 41) for i in range(5)]
+    settled = replicas._settled([*early, *late], itself, up_at, 60.0, speedup)
+    assert settled["requests"] == 5
+    assert settled["restarted_hit"] == pytest.approx(0.40)
+    assert settled["unrestarted_hit"] == pytest.approx(0.41)
+    assert settled["kept"] == pytest.approx(40 / 41)  # within 5%; since the rejoin, 44%
+    assert replicas._ratio([*early, *late]) / replicas._ratio(itself) < 0.5

@@ -41,9 +41,10 @@ the grid's speed-up) with no sockets, no asyncio and no wall clock:
     later than the best (future turns hit only where a conversation stays).
 
 Per point and placement it prints TTFT p50/p99, E2E p50/p99 (ms of the grid's wall clock,
-as ``grid.py`` prints them), the hit ratio, max/mean requests per worker, and the TTFT p99
-against the ``cache_aware`` replay of the same point. It is deterministic: the same point
-gives the same figures (``tests/test_offline_replay.py``), whatever else the machine runs.
+as ``grid.py`` prints them), the hit ratio, max/mean requests and prefill work (uncached
+prompt tokens) per worker, and the TTFT p99 against the ``cache_aware`` replay of the same
+point. It is deterministic: the same point gives the same figures
+(``tests/test_offline_replay.py``), whatever else the machine runs.
 Deterministic is not robust: a p99 of 350 requests is the 4th-worst TTFT, and moving one
 long prompt by a millisecond can move it by 30%. ``--jitter-ms J --seeds N`` replays each
 placement N times with every send delayed by up to J ms (seeded) and prints the medians and
@@ -491,6 +492,9 @@ class Result:
     imbalance: float
     errors: int
     ttfts: tuple[float, ...]
+    #: max/mean of the workers' prefill work (prompt tokens not found cached): what a
+    #: TTFT-first placement balances, beside ``imbalance`` (requests), which it need not.
+    work_imbalance: float = float("nan")
 
 
 def make_engines(
@@ -530,6 +534,7 @@ def replay(
     by_rid: dict[str, Job] = {}
     reqs: list[SimRequest] = []
     sent = [0] * workers
+    worker_of: dict[str, int] = {}
     errors = 0
     for i, engine in enumerate(engines):
         engine.on_first_token = lambda r, i=i: placement.first_token(i, by_rid[r.rid], r)
@@ -551,6 +556,7 @@ def replay(
             placement.finished(w, job, req)
             return
         sent[w] += 1
+        worker_of[req.rid] = w
         reqs.append(req)
         if engine._pending is None:
             engine._gpu_free_at = max(engine._gpu_free_at, t)
@@ -585,6 +591,9 @@ def replay(
     ttfts = [(r.first_token_time - sent_at[r.rid]) * 1000 for r in done]  # type: ignore[operator]
     e2es = [(r.finish_time - sent_at[r.rid]) * 1000 for r in done]  # type: ignore[operator]
     prompt = sum(r.prompt_tokens for r in done)
+    work = [0] * workers
+    for r in done:
+        work[worker_of[r.rid]] += r.prompt_tokens - r.cached_tokens
     return Result(
         placement_name,
         percentile(ttfts, 50),
@@ -595,6 +604,7 @@ def replay(
         max_over_mean(sent),
         errors + len(reqs) - len(done),
         tuple(ttfts),
+        max_over_mean(work),
     )
 
 
@@ -643,6 +653,7 @@ def median_row(runs: Sequence[Result]) -> Row:
         mid("imbalance"),
         max(r.errors for r in runs),
         first.ttfts,
+        mid("work_imbalance"),
     )
     p99s = [r.ttft_p99 for r in runs]
     return Row(median, min(p99s), max(p99s), len(runs))
@@ -680,8 +691,8 @@ def table(point: grid.Point, name: str, floor_p99: float, rows: Sequence[Row]) -
         + ")",
         "",
         "| placement | TTFT p50 | TTFT p99 | E2E p50 | E2E p99 | hit | max/mean req "
-        "| p99 / cache_aware |",
-        "|---|---|---|---|---|---|---|---|",
+        "| max/mean prefill | p99 / cache_aware |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         r = row.median
@@ -691,8 +702,8 @@ def table(point: grid.Point, name: str, floor_p99: float, rows: Sequence[Row]) -
             p99 += f" ({row.p99_low:,.0f}-{row.p99_high:,.0f})"
         lines.append(
             f"| {r.placement} | {r.ttft_p50:,.0f} | {p99} | {r.e2e_p50:,.0f} | "
-            f"{r.e2e_p99:,.0f} | {r.hit_ratio:.3f} | {r.imbalance:.2f} | {ratio} |"
-            + (f" errors {r.errors}" if r.errors else "")
+            f"{r.e2e_p99:,.0f} | {r.hit_ratio:.3f} | {r.imbalance:.2f} | "
+            f"{r.work_imbalance:.2f} | {ratio} |" + (f" errors {r.errors}" if r.errors else "")
         )
     return "\n".join(lines)
 

@@ -39,6 +39,8 @@ def test_hand_made_trace_gives_the_timing_models_figures() -> None:
     )
     assert oracle.hit_ratio == pytest.approx(1000 / 3100)
     assert oracle.imbalance == pytest.approx(2 / 1.5)
+    # Prefill work: a's 1,000 tokens and c's 100 new on worker 0, b's 1,000 on worker 1.
+    assert oracle.work_imbalance == pytest.approx(1100 / 1050)
     # Round robin over 3 workers: a, b, b again (idle worker 2: no queue), then c back on
     # worker 0, which holds a's prompt.
     rr = replay.replay(

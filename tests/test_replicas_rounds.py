@@ -72,3 +72,17 @@ def test_a_restarted_replica_is_judged_on_its_requests_from_a_minute_after_it_re
     assert settled["unrestarted_hit"] == pytest.approx(0.41)
     assert settled["kept"] == pytest.approx(40 / 41)  # within 5%; since the rejoin, 44%
     assert replicas._ratio([*early, *late]) / replicas._ratio(itself) < 0.5
+
+
+def test_hit_diff_tells_which_long_reuses_the_replicas_lost() -> None:
+    one = {1: 60_000, 2: 50_000, 3: 100, 4: 200}
+    three = {1: 60_000, 3: 100, 5: 7_000}  # lost request 2's 50k-token hit, gained 5's
+    diff = replicas.hit_diff(one, three, top=2)
+    assert diff == {
+        "top": 2,
+        "kept": 1,
+        "top_tokens": 110_000,
+        "kept_tokens": 60_000,
+        "only_one": 50_200,
+        "only_replicas": 7_000,
+    }

@@ -979,7 +979,7 @@ def run_point(
             console.print(
                 f"  {row['setup']} against {row['baseline']}, request by request: of its "
                 f"{diff['top']} largest hits, {diff['kept']} kept ({diff['kept_tokens']:,} of "
-                f"{diff['top_tokens']:,} tokens); cached tokens only one had "
+                f"{diff['top_tokens']:,} tokens); cached tokens where only the one router hit "
                 f"{diff['only_one']:,}, only the replicas {diff['only_replicas']:,}"
             )
     return rows

@@ -259,13 +259,15 @@ def ttft_floor_ms(
 
 
 def verdicts(
-    ours: BenchSummary, sglang: BenchSummary | None, bound: float, floor_p99: float = 0.0
+    ours: BenchSummary, sglang: BenchSummary | None, bound: float, floor_p99_ms: float = 0.0
 ) -> list[tuple[str, str, bool | None]]:
     """The issue's targets for one row: (target, measured, met; None when not measurable).
 
-    ``floor_p99`` is the point's :func:`ttft_floor_ms` p99: where it is above 0.75x the SGLang
-    Router's p99, the figure says the TTFT p99 target is out of any router's reach there.
+    ``floor_p99_ms`` is the point's :func:`ttft_floor_ms` p99, in milliseconds (the summaries'
+    times are seconds): where it is above 0.75x the SGLang Router's p99, the figure says the
+    TTFT p99 target is out of any router's reach there.
     """
+    floor_p99 = floor_p99_ms / 1000
     out: list[tuple[str, str, bool | None]] = []
 
     def check(name: str, figure: str, met: bool | None) -> None:
@@ -538,7 +540,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for spec, run in runs:
             if spec.kind == "sglctl" and spec.policy != "round_robin":
                 all_verdicts.append(
-                    (point.name, spec.label, verdicts(run.summary, sglang, bound, floor_p99))
+                    (
+                        point.name,
+                        spec.label,
+                        verdicts(run.summary, sglang, bound, floor_p99_ms=floor_p99),
+                    )
                 )
         results.append(
             {

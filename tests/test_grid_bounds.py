@@ -59,12 +59,13 @@ def test_ttft_floor_counts_only_uncached_tokens_in_chunks() -> None:
 
 
 def test_ttft_p99_verdict_says_when_the_floor_is_above_the_target() -> None:
-    # Only the fields the verdict reads matter: a stand-in for a run's Summary.
+    # Only the fields the verdict reads matter: a stand-in for a run's Summary, whose times
+    # are seconds, while the floor is in milliseconds (as ttft_floor_ms returns it).
     class Fake:
-        ttft_p99, ttft_p50, latency_p50, hit_ratio, request_imbalance = 1000.0, 1, 1, 0.1, 1.0
+        ttft_p99, ttft_p50, latency_p50, hit_ratio, request_imbalance = 1.0, 0.1, 1, 0.1, 1.0
 
     ours: Any = Fake()
-    reachable = {n: f for n, f, _ in grid.verdicts(ours, ours, 0.1, floor_p99=700.0)}
-    unreachable = {n: f for n, f, _ in grid.verdicts(ours, ours, 0.1, floor_p99=800.0)}
+    reachable = {n: f for n, f, _ in grid.verdicts(ours, ours, 0.1, floor_p99_ms=700.0)}
+    unreachable = {n: f for n, f, _ in grid.verdicts(ours, ours, 0.1, floor_p99_ms=800.0)}
     assert "unreachable" not in reachable["TTFT p99 <= 0.75x SGLang"]
     assert unreachable["TTFT p99 <= 0.75x SGLang"] == "1.00x; unreachable: floor 0.80x"

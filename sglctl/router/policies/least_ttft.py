@@ -5,11 +5,13 @@ threshold, the tree a guess. What a user waits for is the time to first token, a
 SGLang worker that is mostly the prefill work queued ahead of the request plus its own
 uncached prompt. So, for every routable worker ``w``:
 
-    cost(w) = (queued(w) + UNCACHED_WEIGHT * uncached(w) + OVERHEAD + decode(w)) / rate(w)
+    cost(w) = (queued(w) + (UNCACHED_WEIGHT + STALL_WEIGHT * running(w)) * uncached(w)
+               + OVERHEAD + decode(w)) / rate(w)
 
-(with ``UNCACHED_WEIGHT`` 1 this is the predicted TTFT itself; it is 2 because an uncached
-prompt also delays every later request on that worker by as much, so dodging a short queue
-with a miss is not free for the fleet).
+(with ``UNCACHED_WEIGHT`` 1 and no stall this is the predicted TTFT itself; it is 2 because
+an uncached prompt also delays every later request on that worker by as much, so dodging a
+short queue with a miss is not free for the fleet; and the ``running(w)`` answers decoding
+there wait for its prefill too, since prefill has priority: :data:`STALL_WEIGHT`).
 
 * ``queued(w)``: prefill tokens this router sent to ``w`` that have not produced a first byte
   yet -- each request's uncached tokens there (from the tree at dispatch) plus
@@ -133,7 +135,9 @@ FOLLOW_MATCH_FRACTION = 0.5
 #: prefill, not the later turns of the same conversation, which hit only where it stays, so
 #: a slightly shorter queue elsewhere kept winning over a long match (hit ratio 0.07-0.10
 #: against cache_aware's 0.11 on the issue-14 grid).
-FOLLOW_COST_FACTOR = 2.0
+#: 2 before :data:`STALL_WEIGHT`; with it, 4 kept 0.003-0.005 more hits at load x3 and at
+#: 200k tokens (``offline_replay.py`` sweep, RESULTS.md).
+FOLLOW_COST_FACTOR = 4.0
 FOLLOW_SLACK_SECS = 0.05
 #: Prefill work of one (query, key) pair of attention, in prefill tokens: a prompt's work is
 #: ``new + PAIR_WEIGHT x (new x cached + new x (new + 1) / 2)``, as a GPU's (and the sim's)
@@ -159,6 +163,15 @@ SHARE_RATE = True
 FLEET_WEIGHT = 1 / EWMA_ALPHA
 #: Predicted times this close (seconds) are a tie.
 TIE_SECS = 1e-6
+#: Weight, per answer decoding on a worker, of the stall a request's own prefill puts on
+#: it: prefill has priority (SGLang's scheduler, and the sim's, runs a ready prefill before
+#: the next decode step), so every running answer there ends that much later. Priced for its
+#: own first token alone (0), a long miss went to the shortest queue however many answers it
+#: froze, and end-to-end p50 was 1.4x ``cache_aware``'s at load x3. 1 (every stalled answer
+#: weighed like this request's wait) halves that E2E but doubles TTFT p99: misses pile onto
+#: the few workers decoding little. 0.1 was chosen from a sweep (0.01-1, RESULTS.md
+#: "least_ttft prices the stall"). ``running(w)`` is what this router knows is decoding there.
+STALL_WEIGHT = 0.1
 
 
 def prefill_work(uncached: int, prompt: int) -> float:
@@ -476,9 +489,10 @@ class LeastTTFTPolicy(Policy):
                     uncached = -(-uncached // CHARS_PER_TOKEN)
             else:
                 uncached = 0
+            own = prefill_work(uncached, prompt)
             cost = (
                 self.backlog(worker, model, now)
-                + UNCACHED_WEIGHT * prefill_work(uncached, prompt)
+                + (UNCACHED_WEIGHT + STALL_WEIGHT * model.running) * own
                 + OVERHEAD_TOKENS
             ) / self.rate(model)
             if chosen is None or cost < best_cost - TIE_SECS:

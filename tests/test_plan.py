@@ -181,8 +181,17 @@ def test_up_help_gives_every_flag_a_help_text_and_one_default() -> None:
 def test_router_address_flags_shown_by_up_still_reach_the_router() -> None:
     cfg = parse_up_args(["--host", "127.0.0.2", "--port", "30124", "--metrics-port", "29124"])
     assert (cfg.host, cfg.port, cfg.metrics_port) == ("127.0.0.2", 30124, 29124)
-    assert cfg.router_args == ["--host", "127.0.0.2", "--port", "30124", "--metrics-port", "29124"]
-    assert parse_up_args([]).router_args == []  # router defaults stay the router's
+    up_policy = ["--policy", "least_ttft"]
+    address = ["--host", "127.0.0.2", "--port", "30124", "--metrics-port", "29124"]
+    assert cfg.router_args == [*up_policy, *address]
+    # Router defaults stay the router's, but for the policy: sglctl up runs least_ttft ...
+    assert parse_up_args([]).router_args == up_policy
+    # ... unless told otherwise, in either spelling, and PD mode keeps the router's default.
+    assert parse_up_args(["--policy", "round_robin"]).router_args == ["--policy", "round_robin"]
+    assert parse_up_args(["--policy=random"]).router_args == ["--policy", "random"]
+    pd = parse_up_args(["--prefill-dp", "1", "--decode-dp", "1"])
+    assert "--policy" not in pd.router_args
+    assert "--policy" not in parse_up_args(["--kv-events"]).router_args
 
 
 def test_every_port_conflict_is_reported_at_once() -> None:

@@ -55,11 +55,24 @@ ROUTER_FLAGS_SHOWN = (
     ("--port", "30000", "the router's port; also names this run (state table sglctl_<port>)"),
     ("--metrics-port", "29000", "Prometheus /metrics port"),
     (
+        "--policy",
+        "least_ttft; cache_aware in PD mode, with --kv-events, and for `sglctl router`",
+        "routing policy (any of the router's)",
+    ),
+    (
         "--router-processes",
         "one per two usable cores, 1 to 8",
         "router processes on the port, acting as one router",
     ),
 )
+
+
+#: The policy ``sglctl up`` runs when ``--policy`` is not given (``sglctl router`` keeps the
+#: SGLang Router's ``cache_aware``, so its scripts behave as documented). ``least_ttft`` beat
+#: ``cache_aware`` and the SGLang Router on TTFT p50/p99 and E2E p50 over issue 14's grid
+#: (benchmarks/RESULTS.md, "least_ttft prices the stall"). PD mode and ``--kv-events`` (which
+#: feeds ``cache_aware``'s tree) keep ``cache_aware``.
+UP_DEFAULT_POLICY = "least_ttft"
 
 
 class UsageError(ValueError):
@@ -365,6 +378,9 @@ def parse_up_args(argv: Sequence[str]) -> UpConfig:
             router_args = [flag, value, *router_args]
     _check_layout(ns, router_args, worker_args)
     pd = hasattr(ns, "prefill_dp")
+    # --kv-events feeds cache_aware's tree: asked for, it keeps the router's cache_aware.
+    if not (pd or has_flag(router_args, "--policy") or has_flag(router_args, "--kv-events")):
+        router_args = ["--policy", UP_DEFAULT_POLICY, *router_args]
     router = _validate_router_args(router_args, pd=pd)
     if router.is_pd and not pd:
         raise UsageError(

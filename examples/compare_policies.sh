@@ -33,7 +33,7 @@ for i in 0 1 2 3; do
 done
 for i in 0 1 2 3; do wait_healthy "${urls[$i]}/health" "${pids[$i]}"; done
 
-for policy in cache_aware round_robin power_of_two; do
+for policy in least_ttft cache_aware round_robin power_of_two; do
   $SGLCTL router --port "$PORT" --metrics-port $((PORT + 1)) --worker-urls "${urls[@]}" \
     --policy "$policy" --log-level warning &
   router=$!

@@ -116,7 +116,7 @@ def test_compare_policies_example_runs_every_policy(tmp_path: Path, clone_venv: 
     with _Script(args, env, tmp_path, tmp_path) as script:
         returncode = script.proc.wait(timeout=180)
     assert returncode == 0, script.stdout[-2000:] + script.stderr[-2000:]
-    for policy in ("cache_aware", "round_robin", "power_of_two"):
+    for policy in ("least_ttft", "cache_aware", "round_robin", "power_of_two"):
         assert f"== {policy}" in script.stdout
 
 
